@@ -1,0 +1,118 @@
+//! # gm-models
+//!
+//! gm's model families. Every model implements [`Model`]: it owns its loss (with named parts),
+//! evaluates per-image metrics in the field's units, and samples. A model is described entirely
+//! by its [`ModelConfig`], which is what checkpoints store, so a checkpoint alone rebuilds it.
+
+pub mod classifier;
+pub mod nn;
+pub mod vae;
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use gm_core::GmRng;
+use serde::{Deserialize, Serialize};
+
+/// One batch of data as the models see it.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// `(B, C, H, W)` f32 images, already pre-processed (binarised or dequantised in `[0, 1]`).
+    pub x: Tensor,
+    /// `(B,)` u32 class labels, where the data set has them.
+    pub labels: Option<Tensor>,
+}
+
+/// A training objective: the scalar to minimise and its named parts (all batch means, nats).
+#[derive(Clone, Debug)]
+pub struct Loss {
+    pub total: Tensor,
+    pub parts: Vec<(&'static str, Tensor)>,
+}
+
+/// Options for evaluation-time estimators.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// Importance samples per image for IWAE-style bounds.
+    pub iwae_k: usize,
+    /// Most (sample, image) pairs pushed through a decoder at once.
+    pub max_pairs: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            iwae_k: 1000,
+            max_pairs: 20_000,
+        }
+    }
+}
+
+/// Per-image metrics of one batch: `(name, (B,) tensor)`. Names end in their unit (`_nats`,
+/// `_bits`) or are unit-less rates; the trainer averages them over the split.
+pub type Metrics = Vec<(String, Tensor)>;
+
+/// What every gm model offers the trainer and the CLI.
+pub trait Model {
+    /// The `kind` string used in configs and checkpoints.
+    fn kind(&self) -> &'static str;
+
+    /// The training loss on one batch. Randomness (reparameterisation noise, …) comes from `rng`.
+    fn loss(&self, batch: &Batch, rng: &mut GmRng) -> Result<Loss>;
+
+    /// Per-image evaluation metrics.
+    fn eval_metrics(&self, batch: &Batch, rng: &mut GmRng, opts: &EvalOptions) -> Result<Metrics>;
+
+    /// The metric that selects the best checkpoint (lower is better), e.g. `elbo_nats`.
+    fn primary_metric(&self) -> &'static str;
+
+    /// `n` samples as `(n, C, H, W)` images in `[0, 1]`; `None` for models that do not sample.
+    fn sample(&self, n: usize, rng: &mut GmRng) -> Result<Option<Tensor>>;
+
+    /// Reconstructions `(B, C, H, W)` in `[0, 1]`, for models that have them.
+    fn reconstruct(&self, _batch: &Batch, _rng: &mut GmRng) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Penultimate features `(B, F)`, for models used as feature extractors (the FID classifier).
+    fn features(&self, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Class logits `(B, K)`, for classifiers.
+    fn class_logits(&self, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Every model gm can build, tagged by `kind` (TOML: `[model] kind = "vae"`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ModelConfig {
+    Vae(vae::VaeConfig),
+    Classifier(classifier::ClassifierConfig),
+}
+
+impl ModelConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Vae(_) => "vae",
+            Self::Classifier(_) => "classifier",
+        }
+    }
+
+    /// Checks values a deserialiser cannot (zero sizes, negative weights); errors name the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self {
+            Self::Vae(c) => c.validate(),
+            Self::Classifier(c) => c.validate(),
+        }
+    }
+
+    /// Builds the model; its parameters are created through `vb` under PyTorch `state_dict` names.
+    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Model>> {
+        Ok(match self {
+            Self::Vae(c) => Box::new(vae::Vae::new(c.clone(), vb)?),
+            Self::Classifier(c) => Box::new(classifier::Classifier::new(c.clone(), vb)?),
+        })
+    }
+}

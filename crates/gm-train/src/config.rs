@@ -1,0 +1,303 @@
+//! Run configuration: TOML presets under `models/`, dotted `--set key=value` overrides, and
+//! validation whose errors name the offending key.
+
+use anyhow::{anyhow, bail, Context, Result};
+use gm_models::ModelConfig;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// How pixels are turned into the values a model is trained on.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Binarize {
+    /// Grey levels in `[0, 1]` as they are.
+    #[default]
+    None,
+    /// A fresh Bernoulli(pixel) draw every time an image is used (Salakhutdinov & Murray, 2008).
+    Dynamic,
+    /// One Bernoulli draw per image, fixed for the whole run (seeded by `data.static_seed`).
+    Static,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `mnist` (downloaded into the cache) or `idx` (the folder given by `dir` / `--data-dir`).
+    pub dataset: String,
+    /// A folder of IDX files (`train-images-idx3-ubyte[.gz]`, …); overrides `dataset`.
+    pub dir: Option<String>,
+    pub binarize: Binarize,
+    /// Seed of the one draw used by static binarisation, and of evaluation's binarisation.
+    pub static_seed: u64,
+    /// Add `U(0, 1)` noise to the 256 grey levels and divide by 256 (for continuous densities).
+    pub dequantize: bool,
+    /// Use at most this many training images (0 = all).
+    pub max_train: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: "mnist".into(),
+            dir: None,
+            binarize: Binarize::None,
+            static_seed: 1234,
+            dequantize: false,
+            max_train: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub steps: usize,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (AdamW); 0 gives Adam.
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    /// `constant` or `cosine` (decays to `min_lr_ratio · lr` at the last step).
+    pub schedule: String,
+    pub min_lr_ratio: f64,
+    /// Clip the global gradient norm to this value (0 = no clipping).
+    pub grad_clip: f64,
+    /// EMA decay of the weights used for evaluation and sampling (0 = no EMA).
+    pub ema_decay: f64,
+    pub log_every: usize,
+    pub eval_every: usize,
+    /// Test images used by the periodic evaluation (0 = the whole split).
+    pub eval_images: usize,
+    pub sample_every: usize,
+    pub checkpoint_every: usize,
+    pub keep_last: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 64,
+            steps: 100,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: "constant".into(),
+            min_lr_ratio: 0.0,
+            grad_clip: 0.0,
+            ema_decay: 0.0,
+            log_every: 10,
+            eval_every: 0,
+            eval_images: 1000,
+            sample_every: 0,
+            checkpoint_every: 0,
+            keep_last: 2,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Importance samples per image for `gm eval` (IWAE-k).
+    pub iwae_k: usize,
+    /// Importance samples per image during training's periodic evaluation.
+    pub train_iwae_k: usize,
+    pub batch_size: usize,
+    /// Most (sample, image) pairs decoded at once.
+    pub max_pairs: usize,
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { iwae_k: 1000, train_iwae_k: 10, batch_size: 100, max_pairs: 20_000, seed: 4321 }
+    }
+}
+
+/// A whole run: what to build, on which data, how to train and evaluate it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML, else taken as a string.
+pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set expects key=value, got '{assignment}'"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set: malformed key '{key}'");
+    }
+    let mut table = root;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("--set {key}: '{p}' is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl RunConfig {
+    /// Parses TOML text (after applying overrides) and validates it.
+    pub fn from_toml_str(text: &str, overrides: &[String], origin: &str) -> Result<Self> {
+        let mut table: toml::Table =
+            toml::from_str(text).with_context(|| format!("{origin}: not valid TOML"))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let cfg: RunConfig = RunConfig::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
+        cfg.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::from_toml_str(&text, overrides, &path.display().to_string())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configs serialise")
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.model.validate()?;
+        let t = &self.train;
+        let positive = [
+            ("train.batch_size", t.batch_size),
+            ("train.steps", t.steps),
+            ("eval.batch_size", self.eval.batch_size),
+            ("eval.iwae_k", self.eval.iwae_k),
+            ("eval.train_iwae_k", self.eval.train_iwae_k),
+            ("eval.max_pairs", self.eval.max_pairs),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err(format!("{k} must be > 0"));
+            }
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(format!("train.lr must be a positive number, got {}", t.lr));
+        }
+        for (k, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.ema_decay", t.ema_decay)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("{k} must be in [0, 1), got {v}"));
+            }
+        }
+        if !(t.eps > 0.0) {
+            return Err(format!("train.eps must be > 0, got {}", t.eps));
+        }
+        for (k, v) in [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip), ("train.min_lr_ratio", t.min_lr_ratio)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("{k} must be >= 0, got {v}"));
+            }
+        }
+        if !["constant", "cosine"].contains(&t.schedule.as_str()) {
+            return Err(format!("train.schedule must be 'constant' or 'cosine', got '{}'", t.schedule));
+        }
+        if t.keep_last == 0 {
+            return Err("train.keep_last must be >= 1".into());
+        }
+        if self.data.dir.is_none() && !["mnist", "fashion-mnist"].contains(&self.data.dataset.as_str()) {
+            return Err(format!(
+                "data.dataset must be 'mnist' or 'fashion-mnist' (or give data.dir), got '{}'",
+                self.data.dataset
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The learning rate at `step` (0-based): linear warm-up, then constant or cosine decay.
+pub fn lr_at(t: &TrainConfig, step: usize) -> f64 {
+    if t.warmup_steps > 0 && step < t.warmup_steps {
+        return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
+    }
+    match t.schedule.as_str() {
+        "cosine" => {
+            let span = t.steps.saturating_sub(t.warmup_steps).max(1) as f64;
+            let p = ((step - t.warmup_steps.min(step)) as f64 / span).min(1.0);
+            let floor = t.lr * t.min_lr_ratio;
+            floor + (t.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+        }
+        _ => t.lr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[model]\nkind = \"vae\"\nlatent_dim = 4\n[train]\nsteps = 10\n";
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_fail_with_their_name() {
+        let c = RunConfig::from_toml_str(BASE, &["train.lr=3e-4".into(), "model.arch=conv".into()], "t").unwrap();
+        assert_eq!(c.train.lr, 3e-4);
+        let e = RunConfig::from_toml_str(BASE, &["train.lrr=1".into()], "t").unwrap_err().to_string();
+        assert!(e.contains("lrr"), "{e}");
+        let e = RunConfig::from_toml_str(&format!("{BASE}bogus = 1\n"), &[], "t").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = RunConfig::from_toml_str(BASE, &["model.hiddn=[3]".into()], "t").unwrap_err().to_string();
+        assert!(e.contains("hiddn"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        for (o, key) in [
+            ("train.batch_size=0", "train.batch_size"),
+            ("train.lr=-1e-3", "train.lr"),
+            ("model.latent_dim=0", "model.latent_dim"),
+            ("train.schedule=\"linear\"", "train.schedule"),
+        ] {
+            let e = RunConfig::from_toml_str(BASE, &[o.into()], "t").unwrap_err().to_string();
+            assert!(e.contains(key), "{o}: {e}");
+        }
+        let e = RunConfig::from_toml_str("[model]\nkind = \"nope\"\n", &[], "t").unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = RunConfig::from_toml_str(BASE, &[], "t").unwrap();
+        let back = RunConfig::from_toml_str(&c.to_toml(), &[], "t").unwrap();
+        assert_eq!(c, back);
+    }
+
+    #[test]
+    fn schedule_warms_up_and_decays() {
+        let t = TrainConfig { lr: 1.0, steps: 110, warmup_steps: 10, schedule: "cosine".into(), ..Default::default() };
+        assert!((lr_at(&t, 0) - 0.1).abs() < 1e-12);
+        assert!((lr_at(&t, 9) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&t, 10) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&t, 60) - 0.5).abs() < 1e-12);
+        assert!(lr_at(&t, 109) < 0.01);
+    }
+}
