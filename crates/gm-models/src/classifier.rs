@@ -101,6 +101,10 @@ impl Model for Classifier {
         "nll_nats"
     }
 
+    fn likelihood_metric(&self) -> Option<&'static str> {
+        None
+    }
+
     fn sample(&self, _n: usize, _rng: &mut GmRng) -> Result<Option<Tensor>> {
         Ok(None)
     }

@@ -65,6 +65,10 @@ pub trait Model {
     /// The metric that selects the best checkpoint (lower is better), e.g. `elbo_nats`.
     fn primary_metric(&self) -> &'static str;
 
+    /// The metric that best estimates `−log p(x)` in nats per image, from which `bits_per_dim`
+    /// is derived; `None` for models that are not density models.
+    fn likelihood_metric(&self) -> Option<&'static str>;
+
     /// `n` samples as `(n, C, H, W)` images in `[0, 1]`; `None` for models that do not sample.
     fn sample(&self, n: usize, rng: &mut GmRng) -> Result<Option<Tensor>>;
 

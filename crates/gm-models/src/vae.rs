@@ -340,6 +340,10 @@ impl Model for Vae {
         "elbo_nats"
     }
 
+    fn likelihood_metric(&self) -> Option<&'static str> {
+        Some("nll_iwae_nats")
+    }
+
     fn sample(&self, n: usize, rng: &mut GmRng) -> Result<Option<Tensor>> {
         let dev = self.fc_mu.weight().device();
         let dtype = self.fc_mu.weight().dtype();

@@ -1,1 +1,17 @@
-//! placeholder
+//! # gm-train
+//!
+//! Everything around a model: data ([`data`], [`fetch`]), configuration ([`config`]), the
+//! optimizer ([`optim`]), the training loop ([`trainer`]), checkpoints ([`checkpoint`]),
+//! evaluation and sample quality ([`eval`]), PNG output ([`images`]) and the `gm` command line.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod fetch;
+pub mod images;
+pub mod optim;
+pub mod trainer;
+
+pub use config::RunConfig;
+pub use trainer::{load_checkpoint, train, TrainOptions, TrainSummary};

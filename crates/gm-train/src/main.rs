@@ -1,1 +1,217 @@
-fn main(){}
+//! `gm`: train, sample, evaluate and fetch data from the command line.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+use gm_core::{select_device, DeviceChoice, GmRng};
+use gm_models::EvalOptions;
+use gm_train::data::{load_split, Split};
+use gm_train::eval::{evaluate, sample_quality};
+use gm_train::images::save_grid;
+use gm_train::trainer::{load_checkpoint, resolve_data};
+use gm_train::{RunConfig, TrainOptions};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "gm", version, about = "Deep generative models on Candle")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct DeviceArg {
+    /// auto (CUDA, then Metal, then CPU), cpu, cuda or metal.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Train a model from a TOML preset (or resume a run).
+    Train {
+        /// A preset such as models/vae-mnist.toml.
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// A folder of MNIST-style IDX files; default: download MNIST into the cache.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The run directory (default runs/<preset name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override a config value, e.g. --set train.lr=3e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Seed of the run (same as --set train.seed=N).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Continue the run in this directory from its latest checkpoint.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+    /// Write a PNG grid of samples.
+    Sample {
+        /// A run directory or a .safetensors checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        n: usize,
+        #[arg(long, default_value = "samples.png")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+    /// Evaluate a checkpoint on a split; prints one JSON object.
+    Eval {
+        /// A run directory or a .safetensors checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "test")]
+        split: Split,
+        /// Importance samples per image (default: the config's eval.iwae_k).
+        #[arg(long)]
+        iwae_k: Option<usize>,
+        /// Evaluate only the first N images (0 = all).
+        #[arg(long, default_value_t = 0)]
+        max_images: usize,
+        /// Also report sample quality (fid_mnist, class histogram) through gm's classifier.
+        #[arg(long)]
+        fid: bool,
+        /// Number of generated images for --fid.
+        #[arg(long, default_value_t = 1000)]
+        fid_n: usize,
+        /// The classifier checkpoint for --fid (train it with models/classifier-mnist.toml).
+        #[arg(long, default_value = "runs/classifier-mnist")]
+        classifier: PathBuf,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+    /// Download a data set into gm's cache and print its folder.
+    Fetch {
+        #[arg(long, default_value = "mnist")]
+        dataset: String,
+    },
+}
+
+fn device(d: &DeviceArg) -> Result<Device> {
+    let (dev, desc) = select_device(d.device)?;
+    eprintln!("gm: device {desc}");
+    Ok(dev)
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Train { config, data_dir, out, mut overrides, seed, resume, quiet, device: d } => {
+            if let Some(s) = seed {
+                overrides.push(format!("train.seed={s}"));
+            }
+            let (cfg, out) = match (&resume, config) {
+                (Some(run), _) => {
+                    let cfg = RunConfig::load(&run.join("config.toml"), &overrides)?;
+                    (cfg, run.clone())
+                }
+                (None, Some(path)) => {
+                    let cfg = RunConfig::load(&path, &overrides)?;
+                    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("run".into());
+                    (cfg, out.unwrap_or_else(|| PathBuf::from("runs").join(stem)))
+                }
+                (None, None) => bail!("give --config PRESET or --resume RUN_DIR"),
+            };
+            if let Some(d) = &data_dir {
+                if !d.is_dir() {
+                    bail!("--data-dir {} is not a directory", d.display());
+                }
+            }
+            let dev = device(&d)?;
+            let opts = TrainOptions { out: out.clone(), device: dev, data_dir, resume: resume.is_some(), progress: !quiet };
+            let s = gm_train::train(&cfg, &opts)?;
+            let first = s.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
+            let last = s.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
+            eprintln!("gm: done: {} steps, loss {first:.3} -> {last:.3}; checkpoint {}", s.steps, s.checkpoint.display());
+            eprintln!("gm: data used: {}", s.data_source);
+            if let Some(m) = s.last_eval {
+                println!("{}", serde_json::to_string(&m)?);
+            }
+            eprintln!("gm: run directory {} (metrics.jsonl, samples/, loss_curve.png)", out.display());
+        }
+        Cmd::Sample { checkpoint, n, out, seed, device: d } => {
+            if n == 0 {
+                bail!("--n must be > 0");
+            }
+            let dev = device(&d)?;
+            let ck = load_checkpoint(&checkpoint, &dev)?;
+            let t0 = std::time::Instant::now();
+            let s = ck
+                .built
+                .model
+                .sample(n, &mut GmRng::new(seed))?
+                .ok_or_else(|| anyhow!("a '{}' model does not sample", ck.built.model.kind()))?;
+            let dt = t0.elapsed().as_secs_f64();
+            save_grid(&s, (n as f64).sqrt().ceil() as usize, &out)?;
+            eprintln!("gm: {n} samples in {dt:.2}s ({:.1} images/s) from {} -> {}", n as f64 / dt, ck.path.display(), out.display());
+        }
+        Cmd::Eval { checkpoint, data_dir, split, iwae_k, max_images, fid, fid_n, classifier, device: d } => {
+            let dev = device(&d)?;
+            let ck = load_checkpoint(&checkpoint, &dev)?;
+            let cfg = &ck.built.cfg;
+            let (dir, source) = resolve_data(cfg, data_dir.as_deref())?;
+            let ds = load_split(&dir, split)?;
+            let opts = EvalOptions { iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k), max_pairs: cfg.eval.max_pairs };
+            if opts.iwae_k == 0 {
+                bail!("--iwae-k must be > 0");
+            }
+            let model = ck.built.model.as_ref();
+            let mut m = serde_json::Map::new();
+            for (k, v) in evaluate(model, &ds, &cfg.data, &opts, cfg.eval.batch_size, max_images, cfg.eval.seed, &dev)? {
+                m.insert(k, serde_json::json!(v));
+            }
+            if model.likelihood_metric().is_some() {
+                m.insert("iwae_k".into(), serde_json::json!(opts.iwae_k));
+                m.insert("binarization".into(), serde_json::to_value(cfg.data.binarize)?);
+            }
+            if fid {
+                let cls = load_checkpoint(&classifier, &dev).with_context(|| {
+                    format!("--fid needs gm's classifier at {} (gm train --config models/classifier-mnist.toml)", classifier.display())
+                })?;
+                let samples = model
+                    .sample(fid_n, &mut GmRng::new(cfg.eval.seed))?
+                    .ok_or_else(|| anyhow!("--fid: a '{}' model does not sample", model.kind()))?;
+                let n_real = fid_n.min(ds.len());
+                let (raw, _) = ds.gather(&(0..n_real).collect::<Vec<_>>())?;
+                let real = (raw / 255.0)?.to_device(&dev)?;
+                let q = sample_quality(cls.built.model.as_ref(), &samples, &real)?;
+                for (k, v) in serde_json::to_value(&q)?.as_object().expect("struct").iter() {
+                    m.insert(k.clone(), v.clone());
+                }
+                m.insert("fid_n".into(), serde_json::json!(fid_n));
+            }
+            m.insert("split".into(), serde_json::json!(format!("{split:?}").to_lowercase()));
+            m.insert("step".into(), serde_json::json!(ck.step));
+            m.insert("checkpoint".into(), serde_json::json!(ck.path.display().to_string()));
+            m.insert("data".into(), serde_json::json!(source));
+            println!("{}", serde_json::Value::Object(m));
+        }
+        Cmd::Fetch { dataset } => {
+            let (dir, src) = gm_train::fetch::ensure_dataset(&dataset)?;
+            eprintln!("gm: {src}");
+            println!("{}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("gm: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,160 @@
+//! Checkpoints: safetensors files with metadata, written atomically.
+//!
+//! A run directory holds `checkpoints/step-00001000.safetensors` (the weights to use — the EMA
+//! weights when EMA is on — under PyTorch `state_dict` names, plus metadata: model kind, the
+//! resolved config, step, gm version, data source) and `step-00001000.state.safetensors` (Adam
+//! moments, raw weights when EMA is on, RNG state, best metric). `best.safetensors` is the
+//! weights file of the best evaluation. Every file is written to a temporary name, fsynced and
+//! renamed, so a kill at any moment leaves the previous checkpoint intact.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: &str = "gm-checkpoint-1";
+
+/// Writes `bytes` to `path` atomically: temp file in the same folder, fsync, rename, fsync dir.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path.file_name().ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Serialises named tensors and string metadata to safetensors bytes.
+pub fn to_safetensors(tensors: &HashMap<String, Tensor>, meta: &HashMap<String, String>) -> Result<Vec<u8>> {
+    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let cpu: Vec<(String, Tensor)> = sorted
+        .into_iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(safetensors::serialize(cpu, Some(meta.clone()))?)
+}
+
+/// A safetensors file read back: tensors and metadata.
+pub struct Loaded {
+    pub tensors: HashMap<String, Tensor>,
+    pub meta: HashMap<String, String>,
+}
+
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<Loaded> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .with_context(|| format!("{}: cannot decode tensors", path.display()))?;
+    Ok(Loaded { tensors, meta })
+}
+
+pub fn checkpoint_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+pub fn weights_path(run: &Path, step: usize) -> PathBuf {
+    checkpoint_dir(run).join(format!("step-{step:08}.safetensors"))
+}
+
+pub fn state_path(run: &Path, step: usize) -> PathBuf {
+    checkpoint_dir(run).join(format!("step-{step:08}.state.safetensors"))
+}
+
+/// Steps that have both a weights file and a state file, ascending.
+pub fn complete_steps(run: &Path) -> Vec<usize> {
+    let Ok(rd) = std::fs::read_dir(checkpoint_dir(run)) else { return vec![] };
+    let mut steps: Vec<usize> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()
+        })
+        .filter(|s| state_path(run, *s).is_file())
+        .collect();
+    steps.sort();
+    steps
+}
+
+/// Resolves `--checkpoint`: a weights file, or a run directory (its latest checkpoint).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        if let Some(s) = complete_steps(path).last() {
+            return Ok(weights_path(path, *s));
+        }
+        let best = checkpoint_dir(path).join("best.safetensors");
+        if best.is_file() {
+            return Ok(best);
+        }
+        bail!("{}: no checkpoint found (expected checkpoints/step-*.safetensors)", path.display());
+    }
+    bail!("checkpoint {} does not exist", path.display())
+}
+
+/// Deletes all but the newest `keep` complete checkpoints.
+pub fn prune(run: &Path, keep: usize) -> Result<()> {
+    let steps = complete_steps(run);
+    if steps.len() > keep {
+        for s in &steps[..steps.len() - keep] {
+            std::fs::remove_file(weights_path(run, *s))?;
+            std::fs::remove_file(state_path(run, *s))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_with_metadata_and_atomic_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.safetensors");
+        let mut t = HashMap::new();
+        t.insert("w".to_string(), Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap());
+        let mut m = HashMap::new();
+        m.insert("gm.step".to_string(), "12".to_string());
+        atomic_write(&p, &to_safetensors(&t, &m).unwrap()).unwrap();
+        let l = read_safetensors(&p, &Device::Cpu).unwrap();
+        assert_eq!(l.meta["gm.step"], "12");
+        assert_eq!(l.tensors["w"].to_vec2::<f32>().unwrap(), vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
+        // No temp files left behind.
+        let n = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(n, 1);
+        std::fs::write(&p, b"garbage").unwrap();
+        let e = read_safetensors(&p, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("a.safetensors") && e.contains("not a safetensors"), "{e}");
+    }
+
+    #[test]
+    fn resolve_and_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        assert!(resolve(run).is_err());
+        for s in [5, 10, 15] {
+            atomic_write(&weights_path(run, s), b"x").unwrap();
+            atomic_write(&state_path(run, s), b"x").unwrap();
+        }
+        // A weights file without its state (a crash between the two writes) is not "complete".
+        atomic_write(&weights_path(run, 20), b"x").unwrap();
+        assert_eq!(complete_steps(run), vec![5, 10, 15]);
+        assert_eq!(resolve(run).unwrap(), weights_path(run, 15));
+        prune(run, 2).unwrap();
+        assert_eq!(complete_steps(run), vec![10, 15]);
+    }
+}

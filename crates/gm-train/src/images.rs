@@ -1,0 +1,77 @@
+//! PNG output: image grids and a loss-curve plot.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use std::path::Path;
+
+/// Saves `(N, C, H, W)` images in `[0, 1]` as a grid with `ncols` columns and 2-pixel gutters.
+pub fn save_grid(images: &Tensor, ncols: usize, path: &Path) -> Result<()> {
+    let (n, c, h, w) = images.dims4().context("save_grid expects (N, C, H, W)")?;
+    if n == 0 || ncols == 0 {
+        bail!("save_grid: nothing to draw");
+    }
+    let data = images.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let rows = n.div_ceil(ncols);
+    let pad = 2;
+    let (gw, gh) = ((w + pad) * ncols + pad, (h + pad) * rows + pad);
+    let px = |i: usize, ch: usize, y: usize, x: usize| {
+        (data[((i * c + ch) * h + y) * w + x].clamp(0.0, 1.0) * 255.0).round() as u8
+    };
+    let mut img = RgbImage::from_pixel(gw as u32, gh as u32, Rgb([40, 40, 40]));
+    for i in 0..n {
+        let (ox, oy) = (pad + (i % ncols) * (w + pad), pad + (i / ncols) * (h + pad));
+        for y in 0..h {
+            for x in 0..w {
+                let v = if c == 3 {
+                    [px(i, 0, y, x), px(i, 1, y, x), px(i, 2, y, x)]
+                } else {
+                    let g = px(i, 0, y, x);
+                    [g, g, g]
+                };
+                img.put_pixel((ox + x) as u32, (oy + y) as u32, Rgb(v));
+            }
+        }
+    }
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).ok();
+    }
+    img.save(path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Draws `points` (x, y) as a polyline on a white canvas with axes, y on a linear scale between
+/// the 1st and 99th percentile (so the first steps do not flatten the curve).
+pub fn save_curve(points: &[(f64, f64)], path: &Path) -> Result<()> {
+    let (w, h, m) = (640u32, 400u32, 40i64);
+    let mut img = GrayImage::from_pixel(w, h, Luma([255]));
+    let pts: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.1.is_finite()).collect();
+    if pts.len() < 2 {
+        bail!("save_curve: need at least two finite points");
+    }
+    let mut ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
+    ys.sort_by(|a, b| a.total_cmp(b));
+    let (ylo, yhi) = (ys[ys.len() / 100], ys[ys.len() - 1 - ys.len() / 100]);
+    let (ylo, yhi) = if yhi > ylo { (ylo, yhi) } else { (ylo - 1.0, ylo + 1.0) };
+    let (xlo, xhi) = (pts[0].0, pts[pts.len() - 1].0.max(pts[0].0 + 1.0));
+    let to_px = |p: (f64, f64)| {
+        let x = m as f64 + (p.0 - xlo) / (xhi - xlo) * (w as i64 - 2 * m) as f64;
+        let y = (h as i64 - m) as f64 - ((p.1.clamp(ylo, yhi) - ylo) / (yhi - ylo)) * (h as i64 - 2 * m) as f64;
+        (x.round() as i64, y.round() as i64)
+    };
+    let mut line = |a: (i64, i64), b: (i64, i64), v: u8| {
+        let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).max(1);
+        for s in 0..=steps {
+            let x = a.0 + (b.0 - a.0) * s / steps;
+            let y = a.1 + (b.1 - a.1) * s / steps;
+            if x >= 0 && y >= 0 && (x as u32) < w && (y as u32) < h {
+                img.put_pixel(x as u32, y as u32, Luma([v]));
+            }
+        }
+    };
+    line((m, h as i64 - m), (w as i64 - m, h as i64 - m), 0);
+    line((m, m), (m, h as i64 - m), 0);
+    for pair in pts.windows(2) {
+        line(to_px(pair[0]), to_px(pair[1]), 60);
+    }
+    img.save(path).with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,362 @@
+//! One model-agnostic training loop. Nothing here knows what a VAE is: it asks the model for a
+//! loss, steps the optimizer, and evaluates, samples and checkpoints on a schedule.
+
+use crate::checkpoint::{self, atomic_write, read_safetensors, to_safetensors};
+use crate::config::{lr_at, RunConfig};
+use crate::data::{load_split, make_batch, Batcher, ImageDataset, Split};
+use crate::eval::evaluate;
+use crate::images::{save_curve, save_grid};
+use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use gm_core::{GmRng, RngState};
+use gm_models::{EvalOptions, Model};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where the data is: an explicit folder, `data.dir`, or the named data set fetched into the cache.
+pub fn resolve_data(cfg: &RunConfig, data_dir: Option<&Path>) -> Result<(PathBuf, String)> {
+    if let Some(d) = data_dir {
+        return Ok((d.to_path_buf(), format!("IDX folder {}", d.display())));
+    }
+    if let Some(d) = &cfg.data.dir {
+        return Ok((PathBuf::from(d), format!("IDX folder {d}")));
+    }
+    crate::fetch::ensure_dataset(&cfg.data.dataset)
+}
+
+/// A model with its variables and configuration.
+pub struct Built {
+    pub model: Box<dyn Model>,
+    pub varmap: VarMap,
+    pub cfg: RunConfig,
+}
+
+pub fn build(cfg: &RunConfig, device: &Device) -> Result<Built> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = cfg.model.build(vb).with_context(|| format!("building model '{}'", cfg.model.kind()))?;
+    Ok(Built { model, varmap, cfg: cfg.clone() })
+}
+
+/// Copies `tensors[prefix + name]` into every variable; errors name the file and the tensor.
+pub fn set_vars(vm: &VarMap, tensors: &HashMap<String, Tensor>, prefix: &str, origin: &Path, strict: bool) -> Result<()> {
+    let vars = named_vars(vm);
+    for (name, var) in &vars {
+        let key = format!("{prefix}{name}");
+        let t = tensors
+            .get(&key)
+            .ok_or_else(|| anyhow!("{}: missing tensor '{key}'", origin.display()))?;
+        if t.dims() != var.dims() {
+            bail!("{}: tensor '{key}' has shape {:?}, the model expects {:?}", origin.display(), t.dims(), var.dims());
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    if strict {
+        let known: std::collections::HashSet<&String> = vars.iter().map(|(n, _)| n).collect();
+        let extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k)).collect();
+        if !extra.is_empty() {
+            bail!("{}: unexpected tensors {:?} for this model", origin.display(), extra);
+        }
+    }
+    Ok(())
+}
+
+/// A model loaded from a checkpoint file, with the metadata it carried.
+pub struct LoadedCheckpoint {
+    pub built: Built,
+    pub step: usize,
+    pub meta: HashMap<String, String>,
+    pub path: PathBuf,
+}
+
+/// Rebuilds a model from a weights file or run directory: the file's metadata holds the config.
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+    let path = checkpoint::resolve(path)?;
+    let l = read_safetensors(&path, device)?;
+    let text = l
+        .meta
+        .get("gm.config")
+        .ok_or_else(|| anyhow!("{}: no gm.config metadata (not a gm checkpoint?)", path.display()))?;
+    let cfg = RunConfig::from_toml_str(text, &[], &format!("{} (gm.config)", path.display()))?;
+    let built = build(&cfg, device)?;
+    set_vars(&built.varmap, &l.tensors, "", &path, true)?;
+    let step = l.meta.get("gm.step").and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok(LoadedCheckpoint { built, step, meta: l.meta, path })
+}
+
+/// How to run [`train`].
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub out: PathBuf,
+    pub device: Device,
+    pub data_dir: Option<PathBuf>,
+    /// Continue from the latest complete checkpoint in `out`.
+    pub resume: bool,
+    pub progress: bool,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub steps: usize,
+    /// `(step, loss)` of every step run in this call.
+    pub losses: Vec<(usize, f64)>,
+    pub last_eval: Option<BTreeMap<String, f64>>,
+    pub checkpoint: PathBuf,
+    pub data_source: String,
+}
+
+struct Ema {
+    decay: f64,
+    shadow: Vec<Tensor>,
+}
+
+fn swap_in(vars: &[(String, Var)], values: &[Tensor]) -> Result<Vec<Tensor>> {
+    let mut old = Vec::with_capacity(vars.len());
+    for ((_, v), t) in vars.iter().zip(values) {
+        old.push(v.as_tensor().copy()?);
+        v.set(t)?;
+    }
+    Ok(old)
+}
+
+fn jsonl(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{v}")?;
+    Ok(())
+}
+
+/// Trains `cfg` into `opts.out`.
+pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+    let t = &cfg.train;
+    let dev = &opts.device;
+    let run = &opts.out;
+    let (data_dir, data_source) = resolve_data(cfg, opts.data_dir.as_deref())?;
+    let mut train_ds = load_split(&data_dir, Split::Train)?;
+    train_ds.truncate(cfg.data.max_train);
+    let test_ds: Option<ImageDataset> = match load_split(&data_dir, Split::Test) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("gm: no test split ({e:#}); periodic evaluation is off");
+            None
+        }
+    };
+    eprintln!("gm: data: {data_source} — {} training images", train_ds.len());
+
+    std::fs::create_dir_all(run).with_context(|| format!("cannot create run directory {}", run.display()))?;
+    let cfg_text = cfg.to_toml();
+    let built = build(cfg, dev)?;
+    let model = built.model.as_ref();
+    let vars = named_vars(&built.varmap);
+    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = Adam::new(
+        vars.clone(),
+        AdamConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+    )?;
+    let mut ema = if t.ema_decay > 0.0 {
+        Some(Ema { decay: t.ema_decay, shadow: vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()? })
+    } else {
+        None
+    };
+    let mut rng = GmRng::new(t.seed);
+    let mut start = 0usize;
+    let mut best = f64::INFINITY;
+    if opts.resume {
+        let Some(&step) = checkpoint::complete_steps(run).last() else {
+            bail!("--resume: {} has no complete checkpoint", run.display());
+        };
+        let saved_cfg = std::fs::read_to_string(run.join("config.toml")).unwrap_or_default();
+        let saved = RunConfig::from_toml_str(&saved_cfg, &[], "config.toml").ok();
+        if saved.as_ref().map(|s| &s.model) != Some(&cfg.model) {
+            bail!("--resume: the model config differs from {}/config.toml", run.display());
+        }
+        let wp = checkpoint::weights_path(run, step);
+        let sp = checkpoint::state_path(run, step);
+        let w = read_safetensors(&wp, dev)?;
+        let s = read_safetensors(&sp, dev)?;
+        match &mut ema {
+            Some(e) => {
+                set_vars(&built.varmap, &w.tensors, "", &wp, true)?;
+                e.shadow = vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+                set_vars(&built.varmap, &s.tensors, "param.", &sp, false)?;
+            }
+            None => set_vars(&built.varmap, &w.tensors, "", &wp, true)?,
+        }
+        let adam_t = s.meta.get("gm.adam_t").and_then(|v| v.parse().ok()).unwrap_or(step);
+        opt.load_state(&s.tensors, adam_t)?;
+        let rs: RngState = serde_json::from_str(s.meta.get("gm.rng").map(String::as_str).unwrap_or(""))
+            .with_context(|| format!("{}: bad gm.rng metadata", sp.display()))?;
+        rng = GmRng::from_state(rs);
+        best = s.meta.get("gm.best").and_then(|v| v.parse().ok()).unwrap_or(f64::INFINITY);
+        start = step;
+        eprintln!("gm: resuming {} at step {step}", run.display());
+    }
+    atomic_write(&run.join("config.toml"), cfg_text.as_bytes())?;
+    eprintln!("gm: model {} with {n_params} parameters; {} steps of batch {}", cfg.model.kind(), t.steps, t.batch_size);
+
+    let mut batcher = Batcher::new(t.seed, train_ds.len(), t.batch_size)?;
+    let metrics_path = run.join("metrics.jsonl");
+    let eval_opts = EvalOptions { iwae_k: cfg.eval.train_iwae_k, max_pairs: cfg.eval.max_pairs };
+    let pb = if opts.progress {
+        indicatif::ProgressBar::new(t.steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]")
+            .expect("valid template"),
+    );
+    pb.set_position(start as u64);
+    let clock = Instant::now();
+    let mut losses = Vec::new();
+    let mut last_eval = None;
+    let mut last_ckpt = checkpoint::complete_steps(run).last().map(|s| checkpoint::weights_path(run, *s));
+
+    // Everything a checkpoint needs, as a closure over the current state.
+    let save = |step: usize, opt: &Adam, ema: &Option<Ema>, rng: &GmRng, best: f64| -> Result<PathBuf> {
+        let mut meta = HashMap::from([
+            ("gm.format".to_string(), checkpoint::FORMAT.to_string()),
+            ("gm.kind".to_string(), cfg.model.kind().to_string()),
+            ("gm.config".to_string(), cfg_text.clone()),
+            ("gm.step".to_string(), step.to_string()),
+            ("gm.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("gm.data".to_string(), data_source.clone()),
+            ("gm.ema".to_string(), ema.is_some().to_string()),
+        ]);
+        let mut weights = HashMap::new();
+        let mut state = opt.state();
+        for (i, (name, v)) in vars.iter().enumerate() {
+            match ema {
+                Some(e) => {
+                    weights.insert(name.clone(), e.shadow[i].clone());
+                    state.insert(format!("param.{name}"), v.as_tensor().clone());
+                }
+                None => {
+                    weights.insert(name.clone(), v.as_tensor().clone());
+                }
+            }
+        }
+        let smeta = HashMap::from([
+            ("gm.step".to_string(), step.to_string()),
+            ("gm.adam_t".to_string(), opt.steps().to_string()),
+            ("gm.rng".to_string(), serde_json::to_string(&rng.state())?),
+            ("gm.best".to_string(), best.to_string()),
+        ]);
+        // State first: a weights file is only "complete" once its state exists beside it.
+        atomic_write(&checkpoint::state_path(run, step), &to_safetensors(&state, &smeta)?)?;
+        let wp = checkpoint::weights_path(run, step);
+        meta.insert("gm.best".to_string(), best.to_string());
+        atomic_write(&wp, &to_safetensors(&weights, &meta)?)?;
+        checkpoint::prune(run, t.keep_last)?;
+        Ok(wp)
+    };
+    let eval_now = |ema: &Option<Ema>| -> Result<Option<BTreeMap<String, f64>>> {
+        let Some(test) = &test_ds else { return Ok(None) };
+        let old = match ema {
+            Some(e) => Some(swap_in(&vars, &e.shadow)?),
+            None => None,
+        };
+        let m = evaluate(model, test, &cfg.data, &eval_opts, cfg.eval.batch_size, t.eval_images, cfg.eval.seed, dev);
+        if let Some(old) = old {
+            swap_in(&vars, &old)?;
+        }
+        m.map(Some)
+    };
+    let sample_now = |step: usize, ema: &Option<Ema>| -> Result<()> {
+        let old = match ema {
+            Some(e) => Some(swap_in(&vars, &e.shadow)?),
+            None => None,
+        };
+        let s = model.sample(64, &mut GmRng::new(t.seed.wrapping_add(1)));
+        if let Some(old) = old {
+            swap_in(&vars, &old)?;
+        }
+        if let Some(s) = s? {
+            save_grid(&s, 8, &run.join(format!("samples/step-{step:08}.png")))?;
+        }
+        Ok(())
+    };
+
+    for step in start..t.steps {
+        let done = step + 1;
+        let lr = lr_at(t, step);
+        let idx = batcher.indices(step);
+        let batch = make_batch(&train_ds, &idx, &cfg.data, &mut rng, dev)?;
+        let loss = model.loss(&batch, &mut rng)?;
+        let total = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut parts = Vec::new();
+        for (name, p) in &loss.parts {
+            parts.push((*name, p.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+        }
+        if !total.is_finite() {
+            let bad: Vec<String> = parts.iter().filter(|p| !p.1.is_finite()).map(|p| format!("'{}' = {}", p.0, p.1)).collect();
+            let keep = last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
+            bail!(
+                "non-finite loss at step {done}: total = {total}; parts {}; training stopped, last good checkpoint: {keep}",
+                if bad.is_empty() { "all finite".into() } else { bad.join(", ") }
+            );
+        }
+        let mut grads = loss.total.backward()?;
+        let gnorm = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
+        if !gnorm.is_finite() {
+            let keep = last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
+            bail!("non-finite gradient norm at step {done} (loss {total}); training stopped, last good checkpoint: {keep}");
+        }
+        opt.step(&grads, lr)?;
+        if let Some(e) = &mut ema {
+            for (i, (_, v)) in vars.iter().enumerate() {
+                e.shadow[i] = ((&e.shadow[i] * e.decay)? + (v.as_tensor() * (1.0 - e.decay))?)?;
+            }
+        }
+        losses.push((done, total));
+        pb.inc(1);
+        let part_msg: Vec<String> = parts.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
+        pb.set_message(format!("loss {total:.3} ({})", part_msg.join(", ")));
+        if t.log_every > 0 && (done % t.log_every == 0 || done == t.steps) {
+            let mut rec = serde_json::json!({"step": done, "loss": total, "lr": lr, "grad_norm": gnorm,
+                "elapsed_s": clock.elapsed().as_secs_f64()});
+            for (n, v) in &parts {
+                rec[*n] = serde_json::json!(v);
+            }
+            jsonl(&metrics_path, &rec)?;
+        }
+        let eval_due = t.eval_every > 0 && done % t.eval_every == 0;
+        let ckpt_due = (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) || done == t.steps;
+        if eval_due || done == t.steps {
+            if let Some(m) = eval_now(&ema)? {
+                let mut rec = serde_json::json!({"step": done, "split": "test"});
+                for (k, v) in &m {
+                    rec[k] = serde_json::json!(v);
+                }
+                jsonl(&metrics_path, &rec)?;
+                let shown: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+                pb.println(format!("step {done}: test {}", shown.join(" ")));
+                if let Some(&p) = m.get(model.primary_metric()) {
+                    if p < best {
+                        best = p;
+                        let wp = save(done, &opt, &ema, &rng, best)?;
+                        std::fs::copy(&wp, checkpoint::checkpoint_dir(run).join("best.safetensors"))?;
+                        last_ckpt = Some(wp);
+                    }
+                }
+                last_eval = Some(m);
+            }
+        }
+        if ckpt_due && last_ckpt.as_ref() != Some(&checkpoint::weights_path(run, done)) {
+            last_ckpt = Some(save(done, &opt, &ema, &rng, best)?);
+        }
+        if (t.sample_every > 0 && done % t.sample_every == 0) || done == t.steps {
+            sample_now(done, &ema)?;
+        }
+    }
+    pb.finish_and_clear();
+    if losses.len() >= 2 {
+        save_curve(&losses.iter().map(|&(s, l)| (s as f64, l)).collect::<Vec<_>>(), &run.join("loss_curve.png"))?;
+    }
+    let checkpoint = last_ckpt.ok_or_else(|| anyhow!("no checkpoint was written"))?;
+    Ok(TrainSummary { steps: t.steps, losses, last_eval, checkpoint, data_source })
+}
