@@ -1,1 +1,32 @@
-//! gm
+//! # gm — deep generative models on Candle
+//!
+//! One import for research code: `use gm::...`. The crates underneath:
+//! - [`gm_core`]: distributions, likelihood losses (NLL, MSE as Gaussian MLE, KL, ELBO, IWAE),
+//!   bits per dimension, the seeded RNG, EM;
+//! - [`gm_models`]: the model families behind one [`Model`] trait;
+//! - [`gm_train`]: data, configs, the trainer, checkpoints, evaluation, the `gm` CLI.
+//!
+//! ```no_run
+//! use gm::{train, RunConfig, TrainOptions};
+//! let cfg = RunConfig::load("models/vae-tiny.toml".as_ref(), &[]).unwrap();
+//! let opts = TrainOptions {
+//!     out: "runs/my-vae".into(),
+//!     device: gm::select_device(gm::DeviceChoice::Auto).unwrap().0,
+//!     data_dir: None,
+//!     resume: false,
+//!     progress: true,
+//! };
+//! let summary = train(&cfg, &opts).unwrap();
+//! println!("{:?}", summary.last_eval);
+//! ```
+
+pub use candle_core as candle;
+pub use candle_nn;
+pub use gm_core;
+pub use gm_models;
+pub use gm_train;
+
+pub use gm_core::{bits_per_dim, dist, em, loss, select_device, sum_per_sample, DeviceChoice, GmRng, RngState};
+pub use gm_models::{classifier, vae, Batch, EvalOptions, Loss, Model, ModelConfig};
+pub use gm_train::{checkpoint, config, data, eval, fetch, images, optim, trainer};
+pub use gm_train::{load_checkpoint, train, RunConfig, TrainOptions, TrainSummary};

@@ -299,6 +299,19 @@ impl Vae {
     }
 }
 
+impl Vae {
+    /// The single-sample ELBO per image with the reparameterisation noise given, `(B,)` nats
+    /// (on the data's own scale). Used to compare with other implementations bit for bit.
+    ///
+    /// # Shapes
+    /// - `x`: `(B, C, H, W)`; `eps`: `(B, latent_dim)`.
+    pub fn elbo_with_noise(&self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        let q = self.encode(x)?;
+        let out = self.decode(&q.rsample(eps)?)?;
+        gm_core::loss::elbo(&self.log_px_given_z(&out, x)?, &q.kl_std_normal()?, self.cfg.beta)
+    }
+}
+
 impl Model for Vae {
     fn kind(&self) -> &'static str {
         "vae"

@@ -1,0 +1,129 @@
+//! The trainer's promises: exact resume, checkpoint round trips, NaN stops, falling loss.
+
+mod common;
+
+use gm::candle::{DType, Device, Tensor};
+use gm::{load_checkpoint, train, GmRng, TrainOptions};
+use std::path::Path;
+
+fn opts(out: &Path, data: &Path, resume: bool) -> TrainOptions {
+    TrainOptions { out: out.into(), device: Device::Cpu, data_dir: Some(data.into()), resume, progress: false }
+}
+
+fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let l = gm::checkpoint::read_safetensors(path, &Device::Cpu).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = l
+        .tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn interrupted_and_resumed_equals_uninterrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_idx(&data, 256, 64);
+    for ema in ["0.0", "0.9"] {
+        let cfg = common::tiny_vae_config(&[
+            "train.steps=16",
+            "train.batch_size=32",
+            "train.checkpoint_every=8",
+            "train.eval_every=0",
+            "train.sample_every=0",
+            "train.keep_last=5",
+            &format!("train.ema_decay={ema}"),
+        ]);
+        let a = tmp.path().join(format!("a{ema}"));
+        let full = train(&cfg, &opts(&a, &data, false)).unwrap();
+        // "Kill" run b after step 8: copy a's directory and drop everything after step 8.
+        let b = tmp.path().join(format!("b{ema}"));
+        std::fs::create_dir_all(b.join("checkpoints")).unwrap();
+        std::fs::copy(a.join("config.toml"), b.join("config.toml")).unwrap();
+        for f in ["step-00000008.safetensors", "step-00000008.state.safetensors"] {
+            std::fs::copy(a.join("checkpoints").join(f), b.join("checkpoints").join(f)).unwrap();
+        }
+        let resumed = train(&cfg, &opts(&b, &data, true)).unwrap();
+        assert_eq!(resumed.losses.len(), 8);
+        assert_eq!(&full.losses[8..], &resumed.losses[..], "ema {ema}: losses after resume differ");
+        for f in ["step-00000016.safetensors", "step-00000016.state.safetensors"] {
+            assert_eq!(
+                weights(&a.join("checkpoints").join(f)),
+                weights(&b.join("checkpoints").join(f)),
+                "ema {ema}: {f} differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn checkpoint_round_trip_gives_identical_outputs_and_loss_falls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_idx(&data, 256, 64);
+    let cfg = common::tiny_vae_config(&["train.steps=40", "train.batch_size=32", "train.eval_every=20"]);
+    let run = tmp.path().join("run");
+    let s = train(&cfg, &opts(&run, &data, false)).unwrap();
+    let head: f64 = s.losses[..5].iter().map(|l| l.1).sum::<f64>() / 5.0;
+    let tail: f64 = s.losses[35..].iter().map(|l| l.1).sum::<f64>() / 5.0;
+    assert!(tail < 0.7 * head, "loss did not fall: {head} -> {tail}");
+    assert!(run.join("metrics.jsonl").is_file() && run.join("loss_curve.png").is_file());
+    assert!(run.join("checkpoints/best.safetensors").is_file());
+    assert!(run.join("samples/step-00000040.png").is_file());
+
+    let a = load_checkpoint(&run, &Device::Cpu).unwrap();
+    let b = load_checkpoint(&s.checkpoint, &Device::Cpu).unwrap();
+    assert_eq!(a.step, 40);
+    let x = GmRng::new(5).bernoulli(&Tensor::full(0.3f32, (4, 1, 28, 28), &Device::Cpu).unwrap()).unwrap();
+    let batch = gm::Batch { x, labels: None };
+    let la = a.built.model.loss(&batch, &mut GmRng::new(1)).unwrap().total.to_scalar::<f32>().unwrap();
+    let lb = b.built.model.loss(&batch, &mut GmRng::new(1)).unwrap().total.to_scalar::<f32>().unwrap();
+    assert_eq!(la, lb);
+    let sa = a.built.model.sample(3, &mut GmRng::new(2)).unwrap().unwrap();
+    let sb = b.built.model.sample(3, &mut GmRng::new(2)).unwrap().unwrap();
+    assert_eq!(
+        sa.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        sb.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    // The resolved config in the checkpoint rebuilds exactly the configured model.
+    assert_eq!(a.built.cfg, cfg);
+    assert_eq!(a.meta["gm.kind"], "vae");
+}
+
+#[test]
+fn non_finite_loss_stops_with_step_part_and_kept_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_idx(&data, 64, 16);
+    // An absurd learning rate blows the weights up after the first update.
+    let cfg = common::tiny_vae_config(&[
+        "train.steps=10",
+        "train.batch_size=16",
+        "train.lr=1e30",
+        "train.warmup_steps=0",
+        "train.schedule=\"constant\"",
+        "train.checkpoint_every=1",
+        "train.eval_every=0",
+        "train.sample_every=0",
+    ]);
+    let run = tmp.path().join("run");
+    let err = train(&cfg, &opts(&run, &data, false)).unwrap_err().to_string();
+    assert!(err.contains("non-finite"), "{err}");
+    assert!(err.contains("step 2"), "{err}");
+    assert!(err.contains("step-00000001.safetensors"), "{err}");
+    // The last good checkpoint still loads and gives finite outputs.
+    let ck = load_checkpoint(&run, &Device::Cpu).unwrap();
+    assert_eq!(ck.step, 1);
+    let _ = DType::F32;
+}
+
+#[test]
+fn bad_checkpoint_files_are_named_in_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("x.safetensors");
+    std::fs::write(&p, b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").unwrap();
+    let e = load_checkpoint(&p, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("x.safetensors"), "{e}");
+}
