@@ -26,7 +26,9 @@ pub use gm_core;
 pub use gm_models;
 pub use gm_train;
 
-pub use gm_core::{bits_per_dim, dist, em, loss, select_device, sum_per_sample, DeviceChoice, GmRng, RngState};
+pub use gm_core::{
+    bits_per_dim, dist, em, loss, select_device, sum_per_sample, DeviceChoice, GmRng, RngState,
+};
 pub use gm_models::{classifier, vae, Batch, EvalOptions, Loss, Model, ModelConfig};
 pub use gm_train::{checkpoint, config, data, eval, fetch, images, optim, trainer};
 pub use gm_train::{load_checkpoint, train, RunConfig, TrainOptions, TrainSummary};

@@ -7,7 +7,13 @@ use gm::{load_checkpoint, train, GmRng, TrainOptions};
 use std::path::Path;
 
 fn opts(out: &Path, data: &Path, resume: bool) -> TrainOptions {
-    TrainOptions { out: out.into(), device: Device::Cpu, data_dir: Some(data.into()), resume, progress: false }
+    TrainOptions {
+        out: out.into(),
+        device: Device::Cpu,
+        data_dir: Some(data.into()),
+        resume,
+        progress: false,
+    }
 }
 
 fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
@@ -42,13 +48,23 @@ fn interrupted_and_resumed_equals_uninterrupted() {
         let b = tmp.path().join(format!("b{ema}"));
         std::fs::create_dir_all(b.join("checkpoints")).unwrap();
         std::fs::copy(a.join("config.toml"), b.join("config.toml")).unwrap();
-        for f in ["step-00000008.safetensors", "step-00000008.state.safetensors"] {
+        for f in [
+            "step-00000008.safetensors",
+            "step-00000008.state.safetensors",
+        ] {
             std::fs::copy(a.join("checkpoints").join(f), b.join("checkpoints").join(f)).unwrap();
         }
         let resumed = train(&cfg, &opts(&b, &data, true)).unwrap();
         assert_eq!(resumed.losses.len(), 8);
-        assert_eq!(&full.losses[8..], &resumed.losses[..], "ema {ema}: losses after resume differ");
-        for f in ["step-00000016.safetensors", "step-00000016.state.safetensors"] {
+        assert_eq!(
+            &full.losses[8..],
+            &resumed.losses[..],
+            "ema {ema}: losses after resume differ"
+        );
+        for f in [
+            "step-00000016.safetensors",
+            "step-00000016.state.safetensors",
+        ] {
             assert_eq!(
                 weights(&a.join("checkpoints").join(f)),
                 weights(&b.join("checkpoints").join(f)),
@@ -63,7 +79,11 @@ fn checkpoint_round_trip_gives_identical_outputs_and_loss_falls() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     common::synthetic_idx(&data, 256, 64);
-    let cfg = common::tiny_vae_config(&["train.steps=40", "train.batch_size=32", "train.eval_every=20"]);
+    let cfg = common::tiny_vae_config(&[
+        "train.steps=40",
+        "train.batch_size=32",
+        "train.eval_every=20",
+    ]);
     let run = tmp.path().join("run");
     let s = train(&cfg, &opts(&run, &data, false)).unwrap();
     let head: f64 = s.losses[..5].iter().map(|l| l.1).sum::<f64>() / 5.0;
@@ -76,13 +96,39 @@ fn checkpoint_round_trip_gives_identical_outputs_and_loss_falls() {
     let a = load_checkpoint(&run, &Device::Cpu).unwrap();
     let b = load_checkpoint(&s.checkpoint, &Device::Cpu).unwrap();
     assert_eq!(a.step, 40);
-    let x = GmRng::new(5).bernoulli(&Tensor::full(0.3f32, (4, 1, 28, 28), &Device::Cpu).unwrap()).unwrap();
+    let x = GmRng::new(5)
+        .bernoulli(&Tensor::full(0.3f32, (4, 1, 28, 28), &Device::Cpu).unwrap())
+        .unwrap();
     let batch = gm::Batch { x, labels: None };
-    let la = a.built.model.loss(&batch, &mut GmRng::new(1)).unwrap().total.to_scalar::<f32>().unwrap();
-    let lb = b.built.model.loss(&batch, &mut GmRng::new(1)).unwrap().total.to_scalar::<f32>().unwrap();
+    let la = a
+        .built
+        .model
+        .loss(&batch, &mut GmRng::new(1))
+        .unwrap()
+        .total
+        .to_scalar::<f32>()
+        .unwrap();
+    let lb = b
+        .built
+        .model
+        .loss(&batch, &mut GmRng::new(1))
+        .unwrap()
+        .total
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(la, lb);
-    let sa = a.built.model.sample(3, &mut GmRng::new(2)).unwrap().unwrap();
-    let sb = b.built.model.sample(3, &mut GmRng::new(2)).unwrap().unwrap();
+    let sa = a
+        .built
+        .model
+        .sample(3, &mut GmRng::new(2))
+        .unwrap()
+        .unwrap();
+    let sb = b
+        .built
+        .model
+        .sample(3, &mut GmRng::new(2))
+        .unwrap()
+        .unwrap();
     assert_eq!(
         sa.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         sb.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -109,7 +155,9 @@ fn non_finite_loss_stops_with_step_part_and_kept_checkpoint() {
         "train.sample_every=0",
     ]);
     let run = tmp.path().join("run");
-    let err = train(&cfg, &opts(&run, &data, false)).unwrap_err().to_string();
+    let err = train(&cfg, &opts(&run, &data, false))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("non-finite"), "{err}");
     assert!(err.contains("step 2"), "{err}");
     assert!(err.contains("step-00000001.safetensors"), "{err}");

@@ -27,8 +27,18 @@ pub fn synthetic_idx(dir: &Path, n_train: usize, n_test: usize) {
             }
             labels.push(label);
         }
-        gm::fetch::write_idx_gz(&dir.join(format!("{split}-images-idx3-ubyte.gz")), &[n, 28, 28], &px).unwrap();
-        gm::fetch::write_idx_gz(&dir.join(format!("{split}-labels-idx1-ubyte.gz")), &[n], &labels).unwrap();
+        gm::fetch::write_idx_gz(
+            &dir.join(format!("{split}-images-idx3-ubyte.gz")),
+            &[n, 28, 28],
+            &px,
+        )
+        .unwrap();
+        gm::fetch::write_idx_gz(
+            &dir.join(format!("{split}-labels-idx1-ubyte.gz")),
+            &[n],
+            &labels,
+        )
+        .unwrap();
     }
 }
 
@@ -39,7 +49,9 @@ pub fn mnist_5k() -> Option<PathBuf> {
 }
 
 pub fn tiny_vae_config(extra: &[&str]) -> gm::RunConfig {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/vae-tiny.toml")).unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/vae-tiny.toml"))
+            .unwrap();
     let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     gm::RunConfig::from_toml_str(&text, &overrides, "vae-tiny.toml").unwrap()
 }

@@ -237,7 +237,11 @@ mod tests {
     fn gaussian_log_prob_matches_closed_form() {
         // N(x=1 | 0.5, var=2): -0.5 (log 2π + log 2 + 0.25/2)
         let g = DiagonalGaussian::new(t(&[0.5], &[1, 1]), t(&[2f64.ln()], &[1, 1]));
-        let lp = g.log_prob(&t(&[1.0], &[1, 1])).unwrap().to_vec1::<f64>().unwrap()[0];
+        let lp = g
+            .log_prob(&t(&[1.0], &[1, 1]))
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
         let want = -0.5 * ((2.0 * PI).ln() + 2f64.ln() + 0.125);
         assert!((lp - want).abs() < 1e-12, "{lp} vs {want}");
     }
@@ -276,7 +280,9 @@ mod tests {
     fn softplus_is_stable() {
         let x = t(&[-1000.0, 0.0, 1000.0], &[3]);
         let v = softplus(&x).unwrap().to_vec1::<f64>().unwrap();
-        assert!(v[0].abs() < 1e-300 && (v[1] - 2f64.ln()).abs() < 1e-15 && (v[2] - 1000.0).abs() < 1e-9);
+        assert!(
+            v[0].abs() < 1e-300 && (v[1] - 2f64.ln()).abs() < 1e-15 && (v[2] - 1000.0).abs() < 1e-9
+        );
     }
 
     #[test]
@@ -293,7 +299,11 @@ mod tests {
         let h = c.entropy().unwrap().to_vec1::<f64>().unwrap()[0];
         assert!(h > 3f64.ln() && h < 2.0 * 3f64.ln());
         // Sampling frequencies follow softmax.
-        let c1 = Categorical::new(t(&[0.0, 1.0, 2.0], &[1, 3]).to_dtype(DType::F32).unwrap(), 1).unwrap();
+        let c1 = Categorical::new(
+            t(&[0.0, 1.0, 2.0], &[1, 3]).to_dtype(DType::F32).unwrap(),
+            1,
+        )
+        .unwrap();
         let mut rng = GmRng::new(0);
         let mut counts = [0usize; 3];
         for _ in 0..20000 {

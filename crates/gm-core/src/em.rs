@@ -104,7 +104,9 @@ impl GaussianMixture {
         let d = means[0].len();
         for (i, (m, c)) in means.iter().zip(&covariances).enumerate() {
             if m.len() != d || c.nrows() != d || c.ncols() != d {
-                return Err(format!("GaussianMixture: component {i} has inconsistent dimensions"));
+                return Err(format!(
+                    "GaussianMixture: component {i} has inconsistent dimensions"
+                ));
             }
         }
         Ok(Self {

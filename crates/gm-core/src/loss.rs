@@ -107,15 +107,31 @@ mod tests {
         let x = Var::from_tensor(&Tensor::from_vec(x0.to_vec(), shape, &dev).unwrap()).unwrap();
         let y = f(x.as_tensor()).unwrap().sum_all().unwrap();
         let g = y.backward().unwrap();
-        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let h = 1e-6;
         for i in 0..x0.len() {
             let mut xp = x0.to_vec();
             let mut xm = x0.to_vec();
             xp[i] += h;
             xm[i] -= h;
-            let fp = f(&Tensor::from_vec(xp, shape, &dev).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-            let fm = f(&Tensor::from_vec(xm, shape, &dev).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            let fp = f(&Tensor::from_vec(xp, shape, &dev).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let fm = f(&Tensor::from_vec(xm, shape, &dev).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             let fd = (fp - fm) / (2.0 * h);
             assert!(
                 (fd - g[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
@@ -146,7 +162,9 @@ mod tests {
     #[test]
     fn grad_gaussian_nll_mean_and_learned_log_var() {
         let x = cpu(&[0.1, 0.2, -0.3, 0.4, 1.5, -2.0], &[2, 3]);
-        check_grad(&X6, &[2, 3], |m| gaussian_nll(m, &x, Variance::FixedStd(0.7)));
+        check_grad(&X6, &[2, 3], |m| {
+            gaussian_nll(m, &x, Variance::FixedStd(0.7))
+        });
         let mean = cpu(&[0.0, 0.5, -0.5, 1.0, 1.0, -1.0], &[2, 3]);
         check_grad(&[0.2, -0.4, 1.1], &[1, 3], |lv| {
             gaussian_nll(&mean, &x, Variance::LogVar(lv))
@@ -156,7 +174,9 @@ mod tests {
     #[test]
     fn grad_kl_closed_form_and_iwae() {
         let lv = cpu(&[0.1, -0.2, 0.3, 0.0, 0.5, -1.0], &[2, 3]);
-        check_grad(&X6, &[2, 3], |m| DiagonalGaussian::new(m.clone(), lv.clone()).kl_std_normal());
+        check_grad(&X6, &[2, 3], |m| {
+            DiagonalGaussian::new(m.clone(), lv.clone()).kl_std_normal()
+        });
         let m = cpu(&X6, &[2, 3]);
         check_grad(&[0.1, -0.2, 0.3, 0.0, 0.5, -1.0], &[2, 3], |lv| {
             let p = DiagonalGaussian::new(m.affine(0.5, 0.1).unwrap(), m.affine(0.0, 0.3).unwrap());
@@ -174,7 +194,11 @@ mod tests {
         check_grad(&[0.1, -0.3, 0.8, 0.2, -0.1, 0.4], &[2, 3], |p| {
             let q = DiagonalGaussian::new(p.get(0)?.unsqueeze(0)?, p.get(1)?.unsqueeze(0)?);
             let z = q.rsample(&eps)?;
-            elbo(&bernoulli_nll(&(z * 2.0)?, &x)?.neg()?, &q.kl_std_normal()?, 1.0)
+            elbo(
+                &bernoulli_nll(&(z * 2.0)?, &x)?.neg()?,
+                &q.kl_std_normal()?,
+                1.0,
+            )
         });
     }
 
@@ -186,8 +210,18 @@ mod tests {
         let p0 = cpu(&[0.0, 0.1, 0.5, 1.0, -0.3, -0.1, 0.6, 0.2], &[2, 4]);
         let grad = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
             let v = Var::from_tensor(&p0).unwrap();
-            let g = f(v.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-            g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            let g = f(v.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            g.get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
         };
         let g_nll = grad(&|p| gaussian_nll(p, &x, Variance::FixedStd(1.0)));
         let g_mse = grad(&|p| mse(p, &x));
@@ -196,16 +230,30 @@ mod tests {
         }
         // Same minimiser: gradient descent on each objective lands on x.
         for f in [
-            &(|p: &Tensor| gaussian_nll(p, &x, Variance::FixedStd(1.0))) as &dyn Fn(&Tensor) -> Result<Tensor>,
+            &(|p: &Tensor| gaussian_nll(p, &x, Variance::FixedStd(1.0)))
+                as &dyn Fn(&Tensor) -> Result<Tensor>,
             &|p: &Tensor| mse(p, &x),
         ] {
             let v = Var::from_tensor(&p0).unwrap();
             for _ in 0..500 {
-                let g = f(v.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = f(v.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
                 let g = g.get(v.as_tensor()).unwrap();
-                v.set(&(v.as_tensor() - (g * 0.2).unwrap()).unwrap()).unwrap();
+                v.set(&(v.as_tensor() - (g * 0.2).unwrap()).unwrap())
+                    .unwrap();
             }
-            let d = (v.as_tensor() - &x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let d = (v.as_tensor() - &x)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             assert!(d < 1e-8, "minimiser off by {d}");
         }
         let _ = dev;
@@ -214,13 +262,26 @@ mod tests {
     #[test]
     fn kl_closed_form_agrees_with_monte_carlo() {
         let dev = Device::Cpu;
-        let q = DiagonalGaussian::new(cpu(&[0.5, -1.0, 0.2], &[1, 3]), cpu(&[-0.5, 0.3, 0.0], &[1, 3]));
-        let p = DiagonalGaussian::new(cpu(&[0.0, 0.5, -0.2], &[1, 3]), cpu(&[0.2, -0.1, 0.4], &[1, 3]));
+        let q = DiagonalGaussian::new(
+            cpu(&[0.5, -1.0, 0.2], &[1, 3]),
+            cpu(&[-0.5, 0.3, 0.0], &[1, 3]),
+        );
+        let p = DiagonalGaussian::new(
+            cpu(&[0.0, 0.5, -0.2], &[1, 3]),
+            cpu(&[0.2, -0.1, 0.4], &[1, 3]),
+        );
         let closed = q.kl(&p).unwrap().to_vec1::<f64>().unwrap()[0];
         let mut rng = GmRng::new(11);
         let s = 200_000;
-        let eps = rng.randn((s, 1, 3), &dev).unwrap().to_dtype(DType::F64).unwrap();
-        let mc = kl_monte_carlo(&q, &p, &eps).unwrap().to_vec1::<f64>().unwrap()[0];
+        let eps = rng
+            .randn((s, 1, 3), &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let mc = kl_monte_carlo(&q, &p, &eps)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
         // MC standard error here is about 0.003.
         assert!((closed - mc).abs() < 0.015, "closed {closed} vs MC {mc}");
     }

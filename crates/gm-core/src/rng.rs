@@ -177,7 +177,11 @@ mod tests {
     #[test]
     fn randn_moments() {
         let mut r = GmRng::new(0);
-        let v = r.randn(100_000, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let v = r
+            .randn(100_000, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let m = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64;
         assert!(m.abs() < 0.01, "mean {m}");

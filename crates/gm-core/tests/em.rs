@@ -22,15 +22,29 @@ fn vecs(v: &serde_json::Value) -> Vec<Vec<f64>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
         .collect()
 }
 
 #[test]
 fn em_matches_scikit_learn() {
     let (x, r) = load();
-    let w: Vec<f64> = r["weights_init"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    let means = vecs(&r["means_init"]).into_iter().map(DVector::from_vec).collect();
+    let w: Vec<f64> = r["weights_init"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let means = vecs(&r["means_init"])
+        .into_iter()
+        .map(DVector::from_vec)
+        .collect();
     let covs = r["covariances_init"]
         .as_array()
         .unwrap()

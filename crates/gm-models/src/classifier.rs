@@ -24,7 +24,12 @@ pub struct ClassifierConfig {
 
 impl Default for ClassifierConfig {
     fn default() -> Self {
-        Self { image_shape: [1, 28, 28], channels: [8, 16], features: 32, num_classes: 10 }
+        Self {
+            image_shape: [1, 28, 28],
+            channels: [8, 16],
+            features: 32,
+            num_classes: 10,
+        }
     }
 }
 
@@ -32,10 +37,15 @@ impl ClassifierConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let [c, h, w] = self.image_shape;
         if c == 0 || h % 4 != 0 || w % 4 != 0 || h == 0 || w == 0 {
-            return Err(format!("model.image_shape must be positive with H, W divisible by 4, got {:?}", self.image_shape));
+            return Err(format!(
+                "model.image_shape must be positive with H, W divisible by 4, got {:?}",
+                self.image_shape
+            ));
         }
         if self.channels.contains(&0) || self.features == 0 || self.num_classes < 2 {
-            return Err("model.channels and model.features must be > 0, model.num_classes >= 2".into());
+            return Err(
+                "model.channels and model.features must be > 0, model.num_classes >= 2".into(),
+            );
         }
         Ok(())
     }
@@ -54,7 +64,11 @@ impl Classifier {
     pub fn new(cfg: ClassifierConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let [c, h, w] = cfg.image_shape;
-        let conv = Conv2dConfig { stride: 2, padding: 2, ..Default::default() };
+        let conv = Conv2dConfig {
+            stride: 2,
+            padding: 2,
+            ..Default::default()
+        };
         let v = vb.pp("net");
         Ok(Self {
             c1: conv2d(c, cfg.channels[0], 5, conv, v.pp("0"))?,
@@ -86,14 +100,20 @@ impl Model for Classifier {
     fn loss(&self, batch: &Batch, _rng: &mut GmRng) -> Result<Loss> {
         let logits = self.head.forward(&self.feats(&batch.x)?)?;
         let nll = categorical_nll(&logits, self.labels(batch)?, 1)?.mean(0)?;
-        Ok(Loss { total: nll.clone(), parts: vec![("nll", nll)] })
+        Ok(Loss {
+            total: nll.clone(),
+            parts: vec![("nll", nll)],
+        })
     }
 
     fn eval_metrics(&self, batch: &Batch, _rng: &mut GmRng, _o: &EvalOptions) -> Result<Metrics> {
         let y = self.labels(batch)?;
         let logits = self.head.forward(&self.feats(&batch.x)?)?;
         let nll = categorical_nll(&logits, y, 1)?.to_dtype(DType::F64)?;
-        let wrong = logits.argmax(1)?.ne(&y.to_dtype(DType::U32)?)?.to_dtype(DType::F64)?;
+        let wrong = logits
+            .argmax(1)?
+            .ne(&y.to_dtype(DType::U32)?)?
+            .to_dtype(DType::F64)?;
         Ok(vec![("nll_nats".into(), nll), ("error_rate".into(), wrong)])
     }
 

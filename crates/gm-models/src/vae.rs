@@ -20,8 +20,8 @@ use crate::nn::Mlp;
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{
-    conv2d, conv_transpose2d, linear, Conv2d, Conv2dConfig, ConvTranspose2d,
-    ConvTranspose2dConfig, Linear, VarBuilder,
+    conv2d, conv_transpose2d, linear, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig,
+    Linear, VarBuilder,
 };
 use gm_core::dist::{log_mean_exp, Bernoulli, DiagonalGaussian, StandardNormal};
 use gm_core::GmRng;
@@ -84,17 +84,25 @@ impl VaeConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let [c, h, w] = self.image_shape;
         if c == 0 || h == 0 || w == 0 {
-            return Err(format!("model.image_shape must be positive, got {:?}", self.image_shape));
+            return Err(format!(
+                "model.image_shape must be positive, got {:?}",
+                self.image_shape
+            ));
         }
         if self.latent_dim == 0 {
             return Err("model.latent_dim must be > 0".into());
         }
         if self.hidden.is_empty() || self.hidden.contains(&0) {
-            return Err(format!("model.hidden must be non-empty and positive, got {:?}", self.hidden));
+            return Err(format!(
+                "model.hidden must be non-empty and positive, got {:?}",
+                self.hidden
+            ));
         }
         if self.arch == Arch::Conv {
             if h % 4 != 0 || w % 4 != 0 {
-                return Err(format!("model.image_shape: conv VAE needs H, W divisible by 4, got {h}x{w}"));
+                return Err(format!(
+                    "model.image_shape: conv VAE needs H, W divisible by 4, got {h}x{w}"
+                ));
             }
             if self.channels.contains(&0) {
                 return Err("model.channels must be positive".into());
@@ -125,7 +133,12 @@ enum Encoder {
 #[derive(Clone, Debug)]
 enum Decoder {
     Mlp(Mlp),
-    Conv { fc1: Linear, fc2: Linear, t1: ConvTranspose2d, t2: ConvTranspose2d },
+    Conv {
+        fc1: Linear,
+        fc2: Linear,
+        t1: ConvTranspose2d,
+        t2: ConvTranspose2d,
+    },
 }
 
 /// The variational autoencoder.
@@ -145,8 +158,16 @@ impl Vae {
         let [c, h, w] = cfg.image_shape;
         let d = cfg.dims();
         let l = cfg.latent_dim;
-        let down = Conv2dConfig { stride: 2, padding: 1, ..Default::default() };
-        let up = ConvTranspose2dConfig { stride: 2, padding: 1, ..Default::default() };
+        let down = Conv2dConfig {
+            stride: 2,
+            padding: 1,
+            ..Default::default()
+        };
+        let up = ConvTranspose2dConfig {
+            stride: 2,
+            padding: 1,
+            ..Default::default()
+        };
         let (encoder, enc_out, decoder) = match cfg.arch {
             Arch::Mlp => {
                 let mut dims = vec![d];
@@ -156,7 +177,11 @@ impl Vae {
                 ddims.extend(cfg.hidden.iter().rev());
                 ddims.push(d);
                 let dec = Mlp::new(&ddims, false, vb.pp("decoder"))?;
-                (Encoder::Mlp(enc), *cfg.hidden.last().unwrap(), Decoder::Mlp(dec))
+                (
+                    Encoder::Mlp(enc),
+                    *cfg.hidden.last().unwrap(),
+                    Decoder::Mlp(dec),
+                )
             }
             Arch::Conv => {
                 let [c1, c2] = cfg.channels;
@@ -188,7 +213,14 @@ impl Vae {
             )?),
             _ => None,
         };
-        Ok(Self { cfg, encoder, fc_mu, fc_logvar, decoder, decoder_log_var })
+        Ok(Self {
+            cfg,
+            encoder,
+            fc_mu,
+            fc_logvar,
+            decoder,
+            decoder_log_var,
+        })
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -208,7 +240,10 @@ impl Vae {
                 fc.forward(&h.flatten_from(1)?)?.relu()?
             }
         };
-        Ok(DiagonalGaussian::new(self.fc_mu.forward(&h)?, self.fc_logvar.forward(&h)?))
+        Ok(DiagonalGaussian::new(
+            self.fc_mu.forward(&h)?,
+            self.fc_logvar.forward(&h)?,
+        ))
     }
 
     /// The decoder's output (Bernoulli logits or Gaussian means) for latents `(N, latent_dim)`,
@@ -283,12 +318,18 @@ impl Vae {
         while done < k {
             let kc = chunk.min(k - done);
             let eps = rng.randn((kc, b, l), x.device())?.to_dtype(x.dtype())?;
-            let z = q.mean.unsqueeze(0)?.broadcast_add(&std.unsqueeze(0)?.broadcast_mul(&eps)?)?;
+            let z = q
+                .mean
+                .unsqueeze(0)?
+                .broadcast_add(&std.unsqueeze(0)?.broadcast_mul(&eps)?)?;
             let zf = z.reshape((kc * b, l))?;
             let out = self.decode(&zf)?;
             let mut xs_shape = vec![kc];
             xs_shape.extend(x.dims());
-            let xs = x.unsqueeze(0)?.broadcast_as(xs_shape)?.reshape(out.shape())?;
+            let xs = x
+                .unsqueeze(0)?
+                .broadcast_as(xs_shape)?
+                .reshape(out.shape())?;
             let lpx = self.log_px_given_z(&out, &xs)?.reshape((kc, b))?;
             let lpz = StandardNormal.log_prob(&zf)?.reshape((kc, b))?;
             let lq = ((eps.sqr()?.sum(2)? * -0.5)?.broadcast_add(&lq_const.unsqueeze(0)?))?;
@@ -308,7 +349,11 @@ impl Vae {
     pub fn elbo_with_noise(&self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let q = self.encode(x)?;
         let out = self.decode(&q.rsample(eps)?)?;
-        gm_core::loss::elbo(&self.log_px_given_z(&out, x)?, &q.kl_std_normal()?, self.cfg.beta)
+        gm_core::loss::elbo(
+            &self.log_px_given_z(&out, x)?,
+            &q.kl_std_normal()?,
+            self.cfg.beta,
+        )
     }
 }
 
@@ -327,7 +372,10 @@ impl Model for Vae {
         let rec = self.log_px_given_z(&out, x)?.neg()?.mean(0)?;
         let kl = q.kl_std_normal()?.mean(0)?;
         let total = (&rec + (&kl * self.cfg.beta)?)?;
-        Ok(Loss { total, parts: vec![("rec", rec), ("kl", kl)] })
+        Ok(Loss {
+            total,
+            parts: vec![("rec", rec), ("kl", kl)],
+        })
     }
 
     /// `elbo_nats` (−ELBO, averaged over the `k` samples), `nll_iwae_nats` (−IWAE-k bound, an
@@ -335,7 +383,9 @@ impl Model for Vae {
     fn eval_metrics(&self, batch: &Batch, rng: &mut GmRng, opts: &EvalOptions) -> Result<Metrics> {
         let x = &batch.x;
         let k = opts.iwae_k.max(1);
-        let lw = self.log_weights(x, k, rng, opts.max_pairs)?.to_dtype(DType::F64)?;
+        let lw = self
+            .log_weights(x, k, rng, opts.max_pairs)?
+            .to_dtype(DType::F64)?;
         let off = self.discrete_offset();
         let elbo = (lw.mean(0)?.neg()? + off)?;
         let iwae = (log_mean_exp(&lw, 0)?.neg()? + off)?;
@@ -379,14 +429,23 @@ mod tests {
     fn tiny(arch: Arch, likelihood: Likelihood) -> (VarMap, Vae) {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let cfg = VaeConfig { arch, likelihood, hidden: vec![32], latent_dim: 4, ..Default::default() };
+        let cfg = VaeConfig {
+            arch,
+            likelihood,
+            hidden: vec![32],
+            latent_dim: 4,
+            ..Default::default()
+        };
         let v = Vae::new(cfg, vb).unwrap();
         (vm, v)
     }
 
     fn batch(rng: &mut GmRng) -> Batch {
         let p = rng.uniform((3, 1, 28, 28), 0.0, 1.0, &Device::Cpu).unwrap();
-        Batch { x: rng.bernoulli(&p).unwrap(), labels: None }
+        Batch {
+            x: rng.bernoulli(&p).unwrap(),
+            labels: None,
+        }
     }
 
     #[test]
@@ -401,9 +460,23 @@ mod tests {
                 let s = v.sample(5, &mut rng).unwrap().unwrap();
                 assert_eq!(s.dims(), &[5, 1, 28, 28]);
                 let m = v
-                    .eval_metrics(&b, &mut rng, &EvalOptions { iwae_k: 50, max_pairs: 40 })
+                    .eval_metrics(
+                        &b,
+                        &mut rng,
+                        &EvalOptions {
+                            iwae_k: 50,
+                            max_pairs: 40,
+                        },
+                    )
                     .unwrap();
-                let get = |n: &str| m.iter().find(|(k, _)| k == n).unwrap().1.to_vec1::<f64>().unwrap();
+                let get = |n: &str| {
+                    m.iter()
+                        .find(|(k, _)| k == n)
+                        .unwrap()
+                        .1
+                        .to_vec1::<f64>()
+                        .unwrap()
+                };
                 for (e, i) in get("elbo_nats").iter().zip(get("nll_iwae_nats")) {
                     assert!(i <= *e + 1e-9, "{arch:?}/{lik:?}: IWAE {i} above ELBO {e}");
                 }
@@ -421,8 +494,16 @@ mod tests {
             let data = vm.data().lock().unwrap();
             for (name, var) in data.iter() {
                 let gv: &Var = var;
-                let gr = g.get(gv.as_tensor()).unwrap_or_else(|| panic!("{arch:?}: no grad for {name}"));
-                let n = gr.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let gr = g
+                    .get(gv.as_tensor())
+                    .unwrap_or_else(|| panic!("{arch:?}: no grad for {name}"));
+                let n = gr
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(n > 0.0, "{arch:?}: zero grad for {name}");
             }
         }

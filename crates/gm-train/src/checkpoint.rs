@@ -17,16 +17,28 @@ pub const FORMAT: &str = "gm-checkpoint-1";
 
 /// Writes `bytes` to `path` atomically: temp file in the same folder, fsync, rename, fsync dir.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = path.file_name().ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -34,7 +46,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Serialises named tensors and string metadata to safetensors bytes.
-pub fn to_safetensors(tensors: &HashMap<String, Tensor>, meta: &HashMap<String, String>) -> Result<Vec<u8>> {
+pub fn to_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    meta: &HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let cpu: Vec<(String, Tensor)> = sorted
@@ -74,12 +89,17 @@ pub fn state_path(run: &Path, step: usize) -> PathBuf {
 
 /// Steps that have both a weights file and a state file, ascending.
 pub fn complete_steps(run: &Path) -> Vec<usize> {
-    let Ok(rd) = std::fs::read_dir(checkpoint_dir(run)) else { return vec![] };
+    let Ok(rd) = std::fs::read_dir(checkpoint_dir(run)) else {
+        return vec![];
+    };
     let mut steps: Vec<usize> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let n = e.file_name().to_string_lossy().to_string();
-            n.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()
+            n.strip_prefix("step-")?
+                .strip_suffix(".safetensors")?
+                .parse()
+                .ok()
         })
         .filter(|s| state_path(run, *s).is_file())
         .collect();
@@ -100,7 +120,10 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         if best.is_file() {
             return Ok(best);
         }
-        bail!("{}: no checkpoint found (expected checkpoints/step-*.safetensors)", path.display());
+        bail!(
+            "{}: no checkpoint found (expected checkpoints/step-*.safetensors)",
+            path.display()
+        );
     }
     bail!("checkpoint {} does not exist", path.display())
 }
@@ -126,19 +149,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.safetensors");
         let mut t = HashMap::new();
-        t.insert("w".to_string(), Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap());
+        t.insert(
+            "w".to_string(),
+            Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap(),
+        );
         let mut m = HashMap::new();
         m.insert("gm.step".to_string(), "12".to_string());
         atomic_write(&p, &to_safetensors(&t, &m).unwrap()).unwrap();
         let l = read_safetensors(&p, &Device::Cpu).unwrap();
         assert_eq!(l.meta["gm.step"], "12");
-        assert_eq!(l.tensors["w"].to_vec2::<f32>().unwrap(), vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
+        assert_eq!(
+            l.tensors["w"].to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, 2.0], vec![3.0, 4.0]]
+        );
         // No temp files left behind.
         let n = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(n, 1);
         std::fs::write(&p, b"garbage").unwrap();
-        let e = read_safetensors(&p, &Device::Cpu).err().unwrap().to_string();
-        assert!(e.contains("a.safetensors") && e.contains("not a safetensors"), "{e}");
+        let e = read_safetensors(&p, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("a.safetensors") && e.contains("not a safetensors"),
+            "{e}"
+        );
     }
 
     #[test]

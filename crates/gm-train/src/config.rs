@@ -118,7 +118,13 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { iwae_k: 1000, train_iwae_k: 10, batch_size: 100, max_pairs: 20_000, seed: 4321 }
+        Self {
+            iwae_k: 1000,
+            train_iwae_k: 10,
+            batch_size: 100,
+            max_pairs: 20_000,
+            seed: 4321,
+        }
     }
 }
 
@@ -206,7 +212,11 @@ impl RunConfig {
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return Err(format!("train.lr must be a positive number, got {}", t.lr));
         }
-        for (k, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.ema_decay", t.ema_decay)] {
+        for (k, v) in [
+            ("train.beta1", t.beta1),
+            ("train.beta2", t.beta2),
+            ("train.ema_decay", t.ema_decay),
+        ] {
             if !(0.0..1.0).contains(&v) {
                 return Err(format!("{k} must be in [0, 1), got {v}"));
             }
@@ -214,18 +224,27 @@ impl RunConfig {
         if !(t.eps > 0.0) {
             return Err(format!("train.eps must be > 0, got {}", t.eps));
         }
-        for (k, v) in [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip), ("train.min_lr_ratio", t.min_lr_ratio)] {
+        for (k, v) in [
+            ("train.weight_decay", t.weight_decay),
+            ("train.grad_clip", t.grad_clip),
+            ("train.min_lr_ratio", t.min_lr_ratio),
+        ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("{k} must be >= 0, got {v}"));
             }
         }
         if !["constant", "cosine"].contains(&t.schedule.as_str()) {
-            return Err(format!("train.schedule must be 'constant' or 'cosine', got '{}'", t.schedule));
+            return Err(format!(
+                "train.schedule must be 'constant' or 'cosine', got '{}'",
+                t.schedule
+            ));
         }
         if t.keep_last == 0 {
             return Err("train.keep_last must be >= 1".into());
         }
-        if self.data.dir.is_none() && !["mnist", "fashion-mnist"].contains(&self.data.dataset.as_str()) {
+        if self.data.dir.is_none()
+            && !["mnist", "fashion-mnist"].contains(&self.data.dataset.as_str())
+        {
             return Err(format!(
                 "data.dataset must be 'mnist' or 'fashion-mnist' (or give data.dir), got '{}'",
                 self.data.dataset
@@ -259,13 +278,24 @@ mod tests {
 
     #[test]
     fn overrides_apply_and_unknown_keys_fail_with_their_name() {
-        let c = RunConfig::from_toml_str(BASE, &["train.lr=3e-4".into(), "model.arch=conv".into()], "t").unwrap();
+        let c = RunConfig::from_toml_str(
+            BASE,
+            &["train.lr=3e-4".into(), "model.arch=conv".into()],
+            "t",
+        )
+        .unwrap();
         assert_eq!(c.train.lr, 3e-4);
-        let e = RunConfig::from_toml_str(BASE, &["train.lrr=1".into()], "t").unwrap_err().to_string();
+        let e = RunConfig::from_toml_str(BASE, &["train.lrr=1".into()], "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lrr"), "{e}");
-        let e = RunConfig::from_toml_str(&format!("{BASE}bogus = 1\n"), &[], "t").unwrap_err().to_string();
+        let e = RunConfig::from_toml_str(&format!("{BASE}bogus = 1\n"), &[], "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e = RunConfig::from_toml_str(BASE, &["model.hiddn=[3]".into()], "t").unwrap_err().to_string();
+        let e = RunConfig::from_toml_str(BASE, &["model.hiddn=[3]".into()], "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hiddn"), "{e}");
     }
 
@@ -277,10 +307,14 @@ mod tests {
             ("model.latent_dim=0", "model.latent_dim"),
             ("train.schedule=\"linear\"", "train.schedule"),
         ] {
-            let e = RunConfig::from_toml_str(BASE, &[o.into()], "t").unwrap_err().to_string();
+            let e = RunConfig::from_toml_str(BASE, &[o.into()], "t")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key), "{o}: {e}");
         }
-        let e = RunConfig::from_toml_str("[model]\nkind = \"nope\"\n", &[], "t").unwrap_err().to_string();
+        let e = RunConfig::from_toml_str("[model]\nkind = \"nope\"\n", &[], "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope"), "{e}");
     }
 
@@ -293,7 +327,13 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_and_decays() {
-        let t = TrainConfig { lr: 1.0, steps: 110, warmup_steps: 10, schedule: "cosine".into(), ..Default::default() };
+        let t = TrainConfig {
+            lr: 1.0,
+            steps: 110,
+            warmup_steps: 10,
+            schedule: "cosine".into(),
+            ..Default::default()
+        };
         assert!((lr_at(&t, 0) - 0.1).abs() < 1e-12);
         assert!((lr_at(&t, 9) - 1.0).abs() < 1e-12);
         assert!((lr_at(&t, 10) - 1.0).abs() < 1e-12);

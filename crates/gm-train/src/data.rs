@@ -13,15 +13,26 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum IdxError {
     #[error("{path}: cannot read: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not an IDX file (magic {magic:#010x}; expected 0x00000801 for labels or 0x00000803 for images)")]
     BadMagic { path: PathBuf, magic: u32 },
     #[error("{path}: IDX element type {0:#04x} unsupported (only unsigned bytes, 0x08)", .code)]
     BadType { path: PathBuf, code: u8 },
     #[error("{path}: expected a {want}-dimensional IDX array, found {got} dimensions")]
-    BadRank { path: PathBuf, want: usize, got: usize },
+    BadRank {
+        path: PathBuf,
+        want: usize,
+        got: usize,
+    },
     #[error("{path}: truncated: header promises {want} bytes of data, file has {got}")]
-    Truncated { path: PathBuf, want: usize, got: usize },
+    Truncated {
+        path: PathBuf,
+        want: usize,
+        got: usize,
+    },
     #[error("{path}: {extra} bytes after the data the header describes")]
     Trailing { path: PathBuf, extra: usize },
 }
@@ -35,11 +46,16 @@ pub struct IdxArray {
 
 /// Reads an IDX file of unsigned bytes, gzip-compressed or not (detected from the content).
 pub fn read_idx(path: &Path) -> Result<IdxArray, IdxError> {
-    let io = |source| IdxError::Io { path: path.to_path_buf(), source };
+    let io = |source| IdxError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let raw = std::fs::read(path).map_err(io)?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(io)?;
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(io)?;
         out
     } else {
         raw
@@ -51,19 +67,30 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, IdxError> {
 pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray, IdxError> {
     let p = || path.to_path_buf();
     if bytes.len() < 4 {
-        return Err(IdxError::Truncated { path: p(), want: 4, got: bytes.len() });
+        return Err(IdxError::Truncated {
+            path: p(),
+            want: 4,
+            got: bytes.len(),
+        });
     }
     let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     if bytes[0] != 0 || bytes[1] != 0 || bytes[3] == 0 || bytes[3] > 4 {
         return Err(IdxError::BadMagic { path: p(), magic });
     }
     if bytes[2] != 0x08 {
-        return Err(IdxError::BadType { path: p(), code: bytes[2] });
+        return Err(IdxError::BadType {
+            path: p(),
+            code: bytes[2],
+        });
     }
     let rank = bytes[3] as usize;
     let header = 4 + 4 * rank;
     if bytes.len() < header {
-        return Err(IdxError::Truncated { path: p(), want: header, got: bytes.len() });
+        return Err(IdxError::Truncated {
+            path: p(),
+            want: header,
+            got: bytes.len(),
+        });
     }
     let dims: Vec<usize> = (0..rank)
         .map(|i| {
@@ -74,12 +101,22 @@ pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray, IdxError> {
     let n: usize = dims.iter().product();
     let have = bytes.len() - header;
     if have < n {
-        return Err(IdxError::Truncated { path: p(), want: n, got: have });
+        return Err(IdxError::Truncated {
+            path: p(),
+            want: n,
+            got: have,
+        });
     }
     if have > n {
-        return Err(IdxError::Trailing { path: p(), extra: have - n });
+        return Err(IdxError::Trailing {
+            path: p(),
+            extra: have - n,
+        });
     }
-    Ok(IdxArray { dims, data: bytes[header..].to_vec() })
+    Ok(IdxArray {
+        dims,
+        data: bytes[header..].to_vec(),
+    })
 }
 
 /// Labelled 8-bit images held in memory as bytes, `(N, C, H, W)`.
@@ -143,14 +180,22 @@ pub fn load_idx_pair(images: &Path, labels: Option<&Path>, source: &str) -> Resu
     let shape = match im.dims.as_slice() {
         [_, h, w] => [1, *h, *w],
         [_, c, h, w] => [*c, *h, *w],
-        _ => bail!(IdxError::BadRank { path: images.to_path_buf(), want: 3, got: im.dims.len() }),
+        _ => bail!(IdxError::BadRank {
+            path: images.to_path_buf(),
+            want: 3,
+            got: im.dims.len()
+        }),
     };
     let n = im.dims[0];
     let labels = match labels {
         Some(lp) => {
             let l = read_idx(lp)?;
             if l.dims.len() != 1 {
-                bail!(IdxError::BadRank { path: lp.to_path_buf(), want: 1, got: l.dims.len() });
+                bail!(IdxError::BadRank {
+                    path: lp.to_path_buf(),
+                    want: 1,
+                    got: l.dims.len()
+                });
             }
             if l.dims[0] != n {
                 bail!(
@@ -165,7 +210,12 @@ pub fn load_idx_pair(images: &Path, labels: Option<&Path>, source: &str) -> Resu
         }
         None => None,
     };
-    Ok(ImageDataset { pixels: im.data, labels, shape, source: source.to_string() })
+    Ok(ImageDataset {
+        pixels: im.data,
+        labels,
+        shape,
+        source: source.to_string(),
+    })
 }
 
 /// `train` or `test`.
@@ -210,7 +260,10 @@ pub fn load_split(dir: &Path, split: Split) -> Result<ImageDataset> {
     }
     let stem = format!("{}-images-idx3-ubyte", split.prefix());
     let images = find_file(dir, &stem).with_context(|| {
-        format!("{}: no {stem} or {stem}.gz (expected an MNIST-style IDX folder)", dir.display())
+        format!(
+            "{}: no {stem} or {stem}.gz (expected an MNIST-style IDX folder)",
+            dir.display()
+        )
     })?;
     let labels = find_file(dir, &format!("{}-labels-idx1-ubyte", split.prefix()));
     load_idx_pair(&images, labels.as_deref(), &dir.display().to_string())
@@ -262,7 +315,12 @@ impl Batcher {
         if n < batch_size {
             bail!("the training set has {n} images, fewer than train.batch_size = {batch_size}");
         }
-        Ok(Self { seed_rng: GmRng::new(seed ^ 0x5eed_da7a), n, batch_size, epoch: None })
+        Ok(Self {
+            seed_rng: GmRng::new(seed ^ 0x5eed_da7a),
+            n,
+            batch_size,
+            epoch: None,
+        })
     }
 
     pub fn steps_per_epoch(&self) -> usize {
@@ -291,7 +349,10 @@ pub fn make_batch(
 ) -> Result<Batch> {
     let (raw, y) = ds.gather(idx)?;
     let x = preprocess(&raw, idx, cfg, rng)?.to_device(device)?;
-    Ok(Batch { x, labels: y.map(|t| t.to_device(device)).transpose()? })
+    Ok(Batch {
+        x,
+        labels: y.map(|t| t.to_device(device)).transpose()?,
+    })
 }
 
 /// 2-D toy densities for flows and CNFs.
@@ -311,7 +372,9 @@ impl std::str::FromStr for Toy2d {
             "8gaussians" | "eight-gaussians" => Ok(Self::EightGaussians),
             "checkerboard" => Ok(Self::Checkerboard),
             "spirals" | "2spirals" => Ok(Self::Spirals),
-            o => Err(format!("unknown toy density '{o}' (two-moons, 8gaussians, checkerboard, spirals)")),
+            o => Err(format!(
+                "unknown toy density '{o}' (two-moons, 8gaussians, checkerboard, spirals)"
+            )),
         }
     }
 }
@@ -330,12 +393,18 @@ impl Toy2d {
                     } else {
                         (1.0 - t.cos(), 0.5 - t.sin())
                     };
-                    ((x - 0.5) * 2.0 + noise(rng, 0.1), (y - 0.25) * 2.0 + noise(rng, 0.1))
+                    (
+                        (x - 0.5) * 2.0 + noise(rng, 0.1),
+                        (y - 0.25) * 2.0 + noise(rng, 0.1),
+                    )
                 }
                 Toy2d::EightGaussians => {
                     let k = (rng.uniform_f64() * 8.0).floor();
                     let a = k * std::f64::consts::PI / 4.0;
-                    (2.0 * a.cos() * 1.414 + noise(rng, 0.5) * 0.5, 2.0 * a.sin() * 1.414 + noise(rng, 0.5) * 0.5)
+                    (
+                        2.0 * a.cos() * 1.414 + noise(rng, 0.5) * 0.5,
+                        2.0 * a.sin() * 1.414 + noise(rng, 0.5) * 0.5,
+                    )
                 }
                 Toy2d::Checkerboard => {
                     let x1 = rng.uniform_f64() * 4.0 - 2.0;
@@ -347,7 +416,10 @@ impl Toy2d {
                     let t = rng.uniform_f64().sqrt() * 540.0 * (2.0 * std::f64::consts::PI) / 360.0;
                     let (sx, sy) = (-t.cos() * t, t.sin() * t);
                     let s = if rng.uniform_f64() < 0.5 { 1.0 } else { -1.0 };
-                    (s * sx / 3.0 + noise(rng, 0.1), s * sy / 3.0 + noise(rng, 0.1))
+                    (
+                        s * sx / 3.0 + noise(rng, 0.1),
+                        s * sy / 3.0 + noise(rng, 0.1),
+                    )
                 }
             };
             v.push(x as f32);
@@ -377,12 +449,21 @@ mod tests {
         assert_eq!(ok.dims, vec![2, 2, 2]);
         assert_eq!(ok.data[7], 8);
         let e = parse_idx(b"PK\x03\x04....", p).unwrap_err().to_string();
-        assert!(e.contains("x-images") && e.contains("not an IDX file"), "{e}");
-        let e = parse_idx(&idx_bytes(&[2, 2, 2], &[1, 2, 3], 8), p).unwrap_err().to_string();
+        assert!(
+            e.contains("x-images") && e.contains("not an IDX file"),
+            "{e}"
+        );
+        let e = parse_idx(&idx_bytes(&[2, 2, 2], &[1, 2, 3], 8), p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("truncated") && e.contains("8 bytes"), "{e}");
-        let e = parse_idx(&idx_bytes(&[2], &[1, 2], 0x0d), p).unwrap_err().to_string();
+        let e = parse_idx(&idx_bytes(&[2], &[1, 2], 0x0d), p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unsupported"), "{e}");
-        let e = parse_idx(&idx_bytes(&[1], &[1, 2], 8), p).unwrap_err().to_string();
+        let e = parse_idx(&idx_bytes(&[1], &[1, 2], 8), p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("after the data"), "{e}");
         let e = parse_idx(&[0, 0, 8, 3, 0], p).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
@@ -397,17 +478,23 @@ mod tests {
         std::fs::write(&im, gz.finish().unwrap()).unwrap();
         let lab = dir.path().join("train-labels-idx1-ubyte");
         std::fs::write(&lab, idx_bytes(&[2], &[1, 2], 8)).unwrap();
-        let e = load_split(dir.path(), Split::Train).unwrap_err().to_string();
+        let e = load_split(dir.path(), Split::Train)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2 labels") && e.contains("3 images"), "{e}");
         std::fs::write(&lab, idx_bytes(&[3], &[1, 2, 3], 8)).unwrap();
         let ds = load_split(dir.path(), Split::Train).unwrap();
         assert_eq!((ds.len(), ds.shape), (3, [1, 2, 2]));
         std::fs::write(&lab, idx_bytes(&[3, 1], &[1, 2, 3], 8)).unwrap();
-        let e = load_split(dir.path(), Split::Train).unwrap_err().to_string();
+        let e = load_split(dir.path(), Split::Train)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("1-dimensional") && e.contains("labels"), "{e}");
         let e = load_split(dir.path(), Split::Test).unwrap_err().to_string();
         assert!(e.contains("t10k-images-idx3-ubyte"), "{e}");
-        let e = load_split(&dir.path().join("nope"), Split::Test).unwrap_err().to_string();
+        let e = load_split(&dir.path().join("nope"), Split::Test)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist"), "{e}");
     }
 
@@ -429,19 +516,43 @@ mod tests {
 
     #[test]
     fn preprocessing_modes() {
-        let raw = Tensor::from_vec(vec![0f32, 255.0, 128.0, 64.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
+        let raw =
+            Tensor::from_vec(vec![0f32, 255.0, 128.0, 64.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
         let mut rng = GmRng::new(0);
-        let mut cfg = DataConfig { binarize: Binarize::Dynamic, ..Default::default() };
-        let b = preprocess(&raw, &[0], &cfg, &mut rng).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut cfg = DataConfig {
+            binarize: Binarize::Dynamic,
+            ..Default::default()
+        };
+        let b = preprocess(&raw, &[0], &cfg, &mut rng)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!((b[0], b[1]), (0.0, 1.0));
         assert!(b.iter().all(|v| *v == 0.0 || *v == 1.0));
         cfg.binarize = Binarize::Static;
-        let s1 = preprocess(&raw, &[7], &cfg, &mut rng).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let s2 = preprocess(&raw, &[7], &cfg, &mut GmRng::new(99)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let s1 = preprocess(&raw, &[7], &cfg, &mut rng)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let s2 = preprocess(&raw, &[7], &cfg, &mut GmRng::new(99))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(s1, s2, "static binarisation must not depend on the run rng");
         cfg.binarize = Binarize::None;
         cfg.dequantize = true;
-        let d = preprocess(&raw, &[0], &cfg, &mut rng).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = preprocess(&raw, &[0], &cfg, &mut rng)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(d[0] >= 0.0 && d[0] < 1.0 / 256.0 && d[1] >= 255.0 / 256.0 && d[1] < 1.0);
     }
 
@@ -452,12 +563,19 @@ mod tests {
             let toy: Toy2d = t.parse().unwrap();
             let x = toy.sample(2000, &mut rng, &Device::Cpu).unwrap();
             let v = x.to_vec2::<f32>().unwrap();
-            assert!(v.iter().all(|p| p[0].abs() < 6.0 && p[1].abs() < 6.0), "{t}");
+            assert!(
+                v.iter().all(|p| p[0].abs() < 6.0 && p[1].abs() < 6.0),
+                "{t}"
+            );
             let mx = v.iter().map(|p| p[0] as f64).sum::<f64>() / 2000.0;
             assert!(mx.abs() < 0.3, "{t}: mean x {mx}");
         }
         // The 8 Gaussians put mass near radius 2·1.414 and none near the origin.
-        let x = Toy2d::EightGaussians.sample(1000, &mut rng, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let x = Toy2d::EightGaussians
+            .sample(1000, &mut rng, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert!(x.iter().all(|p| (p[0] * p[0] + p[1] * p[1]).sqrt() > 1.0));
     }
 }

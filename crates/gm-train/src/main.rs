@@ -95,6 +95,19 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArg,
     },
+    /// Time the train step (forward, backward, Adam) of a preset on random data; prints JSON.
+    Bench {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
     /// Download a data set into gm's cache and print its folder.
     Fetch {
         #[arg(long, default_value = "mnist")]
@@ -110,7 +123,16 @@ fn device(d: &DeviceArg) -> Result<Device> {
 
 fn run() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Train { config, data_dir, out, mut overrides, seed, resume, quiet, device: d } => {
+        Cmd::Train {
+            config,
+            data_dir,
+            out,
+            mut overrides,
+            seed,
+            resume,
+            quiet,
+            device: d,
+        } => {
             if let Some(s) = seed {
                 overrides.push(format!("train.seed={s}"));
             }
@@ -121,7 +143,10 @@ fn run() -> Result<()> {
                 }
                 (None, Some(path)) => {
                     let cfg = RunConfig::load(&path, &overrides)?;
-                    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("run".into());
+                    let stem = path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().to_string())
+                        .unwrap_or("run".into());
                     (cfg, out.unwrap_or_else(|| PathBuf::from("runs").join(stem)))
                 }
                 (None, None) => bail!("give --config PRESET or --resume RUN_DIR"),
@@ -132,18 +157,37 @@ fn run() -> Result<()> {
                 }
             }
             let dev = device(&d)?;
-            let opts = TrainOptions { out: out.clone(), device: dev, data_dir, resume: resume.is_some(), progress: !quiet };
+            let opts = TrainOptions {
+                out: out.clone(),
+                device: dev,
+                data_dir,
+                resume: resume.is_some(),
+                progress: !quiet,
+            };
             let s = gm_train::train(&cfg, &opts)?;
             let first = s.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
             let last = s.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
-            eprintln!("gm: done: {} steps, loss {first:.3} -> {last:.3}; checkpoint {}", s.steps, s.checkpoint.display());
+            eprintln!(
+                "gm: done: {} steps, loss {first:.3} -> {last:.3}; checkpoint {}",
+                s.steps,
+                s.checkpoint.display()
+            );
             eprintln!("gm: data used: {}", s.data_source);
             if let Some(m) = s.last_eval {
                 println!("{}", serde_json::to_string(&m)?);
             }
-            eprintln!("gm: run directory {} (metrics.jsonl, samples/, loss_curve.png)", out.display());
+            eprintln!(
+                "gm: run directory {} (metrics.jsonl, samples/, loss_curve.png)",
+                out.display()
+            );
         }
-        Cmd::Sample { checkpoint, n, out, seed, device: d } => {
+        Cmd::Sample {
+            checkpoint,
+            n,
+            out,
+            seed,
+            device: d,
+        } => {
             if n == 0 {
                 bail!("--n must be > 0");
             }
@@ -157,26 +201,56 @@ fn run() -> Result<()> {
                 .ok_or_else(|| anyhow!("a '{}' model does not sample", ck.built.model.kind()))?;
             let dt = t0.elapsed().as_secs_f64();
             save_grid(&s, (n as f64).sqrt().ceil() as usize, &out)?;
-            eprintln!("gm: {n} samples in {dt:.2}s ({:.1} images/s) from {} -> {}", n as f64 / dt, ck.path.display(), out.display());
+            eprintln!(
+                "gm: {n} samples in {dt:.2}s ({:.1} images/s) from {} -> {}",
+                n as f64 / dt,
+                ck.path.display(),
+                out.display()
+            );
         }
-        Cmd::Eval { checkpoint, data_dir, split, iwae_k, max_images, fid, fid_n, classifier, device: d } => {
+        Cmd::Eval {
+            checkpoint,
+            data_dir,
+            split,
+            iwae_k,
+            max_images,
+            fid,
+            fid_n,
+            classifier,
+            device: d,
+        } => {
             let dev = device(&d)?;
             let ck = load_checkpoint(&checkpoint, &dev)?;
             let cfg = &ck.built.cfg;
             let (dir, source) = resolve_data(cfg, data_dir.as_deref())?;
             let ds = load_split(&dir, split)?;
-            let opts = EvalOptions { iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k), max_pairs: cfg.eval.max_pairs };
+            let opts = EvalOptions {
+                iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
+                max_pairs: cfg.eval.max_pairs,
+            };
             if opts.iwae_k == 0 {
                 bail!("--iwae-k must be > 0");
             }
             let model = ck.built.model.as_ref();
             let mut m = serde_json::Map::new();
-            for (k, v) in evaluate(model, &ds, &cfg.data, &opts, cfg.eval.batch_size, max_images, cfg.eval.seed, &dev)? {
+            for (k, v) in evaluate(
+                model,
+                &ds,
+                &cfg.data,
+                &opts,
+                cfg.eval.batch_size,
+                max_images,
+                cfg.eval.seed,
+                &dev,
+            )? {
                 m.insert(k, serde_json::json!(v));
             }
             if model.likelihood_metric().is_some() {
                 m.insert("iwae_k".into(), serde_json::json!(opts.iwae_k));
-                m.insert("binarization".into(), serde_json::to_value(cfg.data.binarize)?);
+                m.insert(
+                    "binarization".into(),
+                    serde_json::to_value(cfg.data.binarize)?,
+                );
             }
             if fid {
                 let cls = load_checkpoint(&classifier, &dev).with_context(|| {
@@ -189,16 +263,38 @@ fn run() -> Result<()> {
                 let (raw, _) = ds.gather(&(0..n_real).collect::<Vec<_>>())?;
                 let real = (raw / 255.0)?.to_device(&dev)?;
                 let q = sample_quality(cls.built.model.as_ref(), &samples, &real)?;
-                for (k, v) in serde_json::to_value(&q)?.as_object().expect("struct").iter() {
+                for (k, v) in serde_json::to_value(&q)?
+                    .as_object()
+                    .expect("struct")
+                    .iter()
+                {
                     m.insert(k.clone(), v.clone());
                 }
                 m.insert("fid_n".into(), serde_json::json!(fid_n));
             }
-            m.insert("split".into(), serde_json::json!(format!("{split:?}").to_lowercase()));
+            m.insert(
+                "split".into(),
+                serde_json::json!(format!("{split:?}").to_lowercase()),
+            );
             m.insert("step".into(), serde_json::json!(ck.step));
-            m.insert("checkpoint".into(), serde_json::json!(ck.path.display().to_string()));
+            m.insert(
+                "checkpoint".into(),
+                serde_json::json!(ck.path.display().to_string()),
+            );
             m.insert("data".into(), serde_json::json!(source));
             println!("{}", serde_json::Value::Object(m));
+        }
+        Cmd::Bench {
+            config,
+            overrides,
+            steps,
+            warmup,
+            device: d,
+        } => {
+            let cfg = RunConfig::load(&config, &overrides)?;
+            let dev = device(&d)?;
+            let r = gm_train::trainer::bench_train_step(&cfg, &dev, warmup, steps.max(1))?;
+            println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::Fetch { dataset } => {
             let (dir, src) = gm_train::fetch::ensure_dataset(&dataset)?;

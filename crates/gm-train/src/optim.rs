@@ -34,9 +34,21 @@ pub fn named_vars(vm: &VarMap) -> Vec<(String, Var)> {
 
 impl Adam {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamConfig) -> Result<Self> {
-        let m = params.iter().map(|(_, p)| p.zeros_like()).collect::<Result<Vec<_>>>()?;
-        let v = params.iter().map(|(_, p)| p.zeros_like()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { params, m, v, t: 0, cfg })
+        let m = params
+            .iter()
+            .map(|(_, p)| p.zeros_like())
+            .collect::<Result<Vec<_>>>()?;
+        let v = params
+            .iter()
+            .map(|(_, p)| p.zeros_like())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            params,
+            m,
+            v,
+            t: 0,
+            cfg,
+        })
     }
 
     /// Number of updates taken.
@@ -51,7 +63,9 @@ impl Adam {
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(p.as_tensor()) else { continue };
+            let Some(g) = grads.get(p.as_tensor()) else {
+                continue;
+            };
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
@@ -81,11 +95,15 @@ impl Adam {
         for (i, (name, p)) in self.params.iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("adam.{kind}.{name}");
-                let s = state
-                    .get(&key)
-                    .ok_or_else(|| candle_core::Error::msg(format!("optimizer state lacks {key}")))?;
+                let s = state.get(&key).ok_or_else(|| {
+                    candle_core::Error::msg(format!("optimizer state lacks {key}"))
+                })?;
                 if s.dims() != p.dims() {
-                    candle_core::bail!("optimizer state {key}: shape {:?}, parameter {:?}", s.dims(), p.dims())
+                    candle_core::bail!(
+                        "optimizer state {key}: shape {:?}, parameter {:?}",
+                        s.dims(),
+                        p.dims()
+                    )
                 }
                 *slot = s.to_device(p.device())?.to_dtype(p.dtype())?;
             }
@@ -97,7 +115,11 @@ impl Adam {
 
 /// Scales all gradients so their global L2 norm is at most `max_norm` (if `max_norm > 0`).
 /// Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, params: &[(String, Var)], max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    params: &[(String, Var)],
+    max_norm: f64,
+) -> Result<f64> {
     let mut sq = Vec::new();
     for (_, p) in params {
         if let Some(g) = grads.get(p.as_tensor()) {
@@ -129,12 +151,24 @@ mod tests {
     #[test]
     fn first_steps_match_the_formula() {
         let p = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap()).unwrap();
-        let cfg = AdamConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = Adam::new(vec![("w".into(), p.clone())], cfg).unwrap();
         // loss = Σ w²  → g = 2w
         let (mut m, mut v, mut w) = ([0.0f64; 2], [0.0f64; 2], [1.0f64, -2.0]);
         for t in 1..=3 {
-            let g = p.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g = p
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             opt.step(&g, 0.1).unwrap();
             for i in 0..2 {
                 let gi = 2.0 * w[i];
@@ -146,7 +180,12 @@ mod tests {
             }
             let got = p.as_tensor().to_vec1::<f64>().unwrap();
             for i in 0..2 {
-                assert!((got[i] - w[i]).abs() < 1e-12, "t={t}: {} vs {}", got[i], w[i]);
+                assert!(
+                    (got[i] - w[i]).abs() < 1e-12,
+                    "t={t}: {} vs {}",
+                    got[i],
+                    w[i]
+                );
             }
         }
     }
@@ -155,11 +194,25 @@ mod tests {
     fn clipping_bounds_the_norm() {
         let p = Var::from_tensor(&Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()).unwrap();
         let params = vec![("w".to_string(), p.clone())];
-        let mut g = (p.as_tensor() * 1.0).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut g = (p.as_tensor() * 1.0)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         // gradient is (1, 1), norm √2
         let n = clip_grad_norm(&mut g, &params, 0.5).unwrap();
         assert!((n - 2f64.sqrt()).abs() < 1e-6);
-        let after = g.get(p.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let after = g
+            .get(p.as_tensor())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
         assert!((after - 0.5).abs() < 1e-5, "{after}");
     }
 }

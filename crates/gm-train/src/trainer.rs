@@ -38,12 +38,25 @@ pub struct Built {
 pub fn build(cfg: &RunConfig, device: &Device) -> Result<Built> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let model = cfg.model.build(vb).with_context(|| format!("building model '{}'", cfg.model.kind()))?;
-    Ok(Built { model, varmap, cfg: cfg.clone() })
+    let model = cfg
+        .model
+        .build(vb)
+        .with_context(|| format!("building model '{}'", cfg.model.kind()))?;
+    Ok(Built {
+        model,
+        varmap,
+        cfg: cfg.clone(),
+    })
 }
 
 /// Copies `tensors[prefix + name]` into every variable; errors name the file and the tensor.
-pub fn set_vars(vm: &VarMap, tensors: &HashMap<String, Tensor>, prefix: &str, origin: &Path, strict: bool) -> Result<()> {
+pub fn set_vars(
+    vm: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    origin: &Path,
+    strict: bool,
+) -> Result<()> {
     let vars = named_vars(vm);
     for (name, var) in &vars {
         let key = format!("{prefix}{name}");
@@ -51,7 +64,12 @@ pub fn set_vars(vm: &VarMap, tensors: &HashMap<String, Tensor>, prefix: &str, or
             .get(&key)
             .ok_or_else(|| anyhow!("{}: missing tensor '{key}'", origin.display()))?;
         if t.dims() != var.dims() {
-            bail!("{}: tensor '{key}' has shape {:?}, the model expects {:?}", origin.display(), t.dims(), var.dims());
+            bail!(
+                "{}: tensor '{key}' has shape {:?}, the model expects {:?}",
+                origin.display(),
+                t.dims(),
+                var.dims()
+            );
         }
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
@@ -59,7 +77,11 @@ pub fn set_vars(vm: &VarMap, tensors: &HashMap<String, Tensor>, prefix: &str, or
         let known: std::collections::HashSet<&String> = vars.iter().map(|(n, _)| n).collect();
         let extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k)).collect();
         if !extra.is_empty() {
-            bail!("{}: unexpected tensors {:?} for this model", origin.display(), extra);
+            bail!(
+                "{}: unexpected tensors {:?} for this model",
+                origin.display(),
+                extra
+            );
         }
     }
     Ok(())
@@ -77,15 +99,26 @@ pub struct LoadedCheckpoint {
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
     let path = checkpoint::resolve(path)?;
     let l = read_safetensors(&path, device)?;
-    let text = l
-        .meta
-        .get("gm.config")
-        .ok_or_else(|| anyhow!("{}: no gm.config metadata (not a gm checkpoint?)", path.display()))?;
+    let text = l.meta.get("gm.config").ok_or_else(|| {
+        anyhow!(
+            "{}: no gm.config metadata (not a gm checkpoint?)",
+            path.display()
+        )
+    })?;
     let cfg = RunConfig::from_toml_str(text, &[], &format!("{} (gm.config)", path.display()))?;
     let built = build(&cfg, device)?;
     set_vars(&built.varmap, &l.tensors, "", &path, true)?;
-    let step = l.meta.get("gm.step").and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok(LoadedCheckpoint { built, step, meta: l.meta, path })
+    let step = l
+        .meta
+        .get("gm.step")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok(LoadedCheckpoint {
+        built,
+        step,
+        meta: l.meta,
+        path,
+    })
 }
 
 /// How to run [`train`].
@@ -125,7 +158,10 @@ fn swap_in(vars: &[(String, Var)], values: &[Tensor]) -> Result<Vec<Tensor>> {
 }
 
 fn jsonl(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     writeln!(f, "{v}")?;
     Ok(())
 }
@@ -145,9 +181,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             None
         }
     };
-    eprintln!("gm: data: {data_source} — {} training images", train_ds.len());
+    eprintln!(
+        "gm: data: {data_source} — {} training images",
+        train_ds.len()
+    );
 
-    std::fs::create_dir_all(run).with_context(|| format!("cannot create run directory {}", run.display()))?;
+    std::fs::create_dir_all(run)
+        .with_context(|| format!("cannot create run directory {}", run.display()))?;
     let cfg_text = cfg.to_toml();
     let built = build(cfg, dev)?;
     let model = built.model.as_ref();
@@ -155,10 +195,21 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = Adam::new(
         vars.clone(),
-        AdamConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+        AdamConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
     )?;
     let mut ema = if t.ema_decay > 0.0 {
-        Some(Ema { decay: t.ema_decay, shadow: vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()? })
+        Some(Ema {
+            decay: t.ema_decay,
+            shadow: vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+        })
     } else {
         None
     };
@@ -172,7 +223,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let saved_cfg = std::fs::read_to_string(run.join("config.toml")).unwrap_or_default();
         let saved = RunConfig::from_toml_str(&saved_cfg, &[], "config.toml").ok();
         if saved.as_ref().map(|s| &s.model) != Some(&cfg.model) {
-            bail!("--resume: the model config differs from {}/config.toml", run.display());
+            bail!(
+                "--resume: the model config differs from {}/config.toml",
+                run.display()
+            );
         }
         let wp = checkpoint::weights_path(run, step);
         let sp = checkpoint::state_path(run, step);
@@ -181,86 +235,128 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         match &mut ema {
             Some(e) => {
                 set_vars(&built.varmap, &w.tensors, "", &wp, true)?;
-                e.shadow = vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+                e.shadow = vars
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().copy())
+                    .collect::<candle_core::Result<_>>()?;
                 set_vars(&built.varmap, &s.tensors, "param.", &sp, false)?;
             }
             None => set_vars(&built.varmap, &w.tensors, "", &wp, true)?,
         }
-        let adam_t = s.meta.get("gm.adam_t").and_then(|v| v.parse().ok()).unwrap_or(step);
+        let adam_t = s
+            .meta
+            .get("gm.adam_t")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(step);
         opt.load_state(&s.tensors, adam_t)?;
-        let rs: RngState = serde_json::from_str(s.meta.get("gm.rng").map(String::as_str).unwrap_or(""))
-            .with_context(|| format!("{}: bad gm.rng metadata", sp.display()))?;
+        let rs: RngState =
+            serde_json::from_str(s.meta.get("gm.rng").map(String::as_str).unwrap_or(""))
+                .with_context(|| format!("{}: bad gm.rng metadata", sp.display()))?;
         rng = GmRng::from_state(rs);
-        best = s.meta.get("gm.best").and_then(|v| v.parse().ok()).unwrap_or(f64::INFINITY);
+        best = s
+            .meta
+            .get("gm.best")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::INFINITY);
         start = step;
         eprintln!("gm: resuming {} at step {step}", run.display());
     }
     atomic_write(&run.join("config.toml"), cfg_text.as_bytes())?;
-    eprintln!("gm: model {} with {n_params} parameters; {} steps of batch {}", cfg.model.kind(), t.steps, t.batch_size);
+    eprintln!(
+        "gm: model {} with {n_params} parameters; {} steps of batch {}",
+        cfg.model.kind(),
+        t.steps,
+        t.batch_size
+    );
 
     let mut batcher = Batcher::new(t.seed, train_ds.len(), t.batch_size)?;
     let metrics_path = run.join("metrics.jsonl");
-    let eval_opts = EvalOptions { iwae_k: cfg.eval.train_iwae_k, max_pairs: cfg.eval.max_pairs };
+    let eval_opts = EvalOptions {
+        iwae_k: cfg.eval.train_iwae_k,
+        max_pairs: cfg.eval.max_pairs,
+    };
     let pb = if opts.progress {
         indicatif::ProgressBar::new(t.steps as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]",
+        )
+        .expect("valid template"),
     );
     pb.set_position(start as u64);
     let clock = Instant::now();
     let mut losses = Vec::new();
     let mut last_eval = None;
-    let mut last_ckpt = checkpoint::complete_steps(run).last().map(|s| checkpoint::weights_path(run, *s));
+    let mut last_ckpt = checkpoint::complete_steps(run)
+        .last()
+        .map(|s| checkpoint::weights_path(run, *s));
 
     // Everything a checkpoint needs, as a closure over the current state.
-    let save = |step: usize, opt: &Adam, ema: &Option<Ema>, rng: &GmRng, best: f64| -> Result<PathBuf> {
-        let mut meta = HashMap::from([
-            ("gm.format".to_string(), checkpoint::FORMAT.to_string()),
-            ("gm.kind".to_string(), cfg.model.kind().to_string()),
-            ("gm.config".to_string(), cfg_text.clone()),
-            ("gm.step".to_string(), step.to_string()),
-            ("gm.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-            ("gm.data".to_string(), data_source.clone()),
-            ("gm.ema".to_string(), ema.is_some().to_string()),
-        ]);
-        let mut weights = HashMap::new();
-        let mut state = opt.state();
-        for (i, (name, v)) in vars.iter().enumerate() {
-            match ema {
-                Some(e) => {
-                    weights.insert(name.clone(), e.shadow[i].clone());
-                    state.insert(format!("param.{name}"), v.as_tensor().clone());
-                }
-                None => {
-                    weights.insert(name.clone(), v.as_tensor().clone());
+    let save =
+        |step: usize, opt: &Adam, ema: &Option<Ema>, rng: &GmRng, best: f64| -> Result<PathBuf> {
+            let mut meta = HashMap::from([
+                ("gm.format".to_string(), checkpoint::FORMAT.to_string()),
+                ("gm.kind".to_string(), cfg.model.kind().to_string()),
+                ("gm.config".to_string(), cfg_text.clone()),
+                ("gm.step".to_string(), step.to_string()),
+                (
+                    "gm.version".to_string(),
+                    env!("CARGO_PKG_VERSION").to_string(),
+                ),
+                ("gm.data".to_string(), data_source.clone()),
+                ("gm.ema".to_string(), ema.is_some().to_string()),
+            ]);
+            let mut weights = HashMap::new();
+            let mut state = opt.state();
+            for (i, (name, v)) in vars.iter().enumerate() {
+                match ema {
+                    Some(e) => {
+                        weights.insert(name.clone(), e.shadow[i].clone());
+                        state.insert(format!("param.{name}"), v.as_tensor().clone());
+                    }
+                    None => {
+                        weights.insert(name.clone(), v.as_tensor().clone());
+                    }
                 }
             }
-        }
-        let smeta = HashMap::from([
-            ("gm.step".to_string(), step.to_string()),
-            ("gm.adam_t".to_string(), opt.steps().to_string()),
-            ("gm.rng".to_string(), serde_json::to_string(&rng.state())?),
-            ("gm.best".to_string(), best.to_string()),
-        ]);
-        // State first: a weights file is only "complete" once its state exists beside it.
-        atomic_write(&checkpoint::state_path(run, step), &to_safetensors(&state, &smeta)?)?;
-        let wp = checkpoint::weights_path(run, step);
-        meta.insert("gm.best".to_string(), best.to_string());
-        atomic_write(&wp, &to_safetensors(&weights, &meta)?)?;
-        checkpoint::prune(run, t.keep_last)?;
-        Ok(wp)
-    };
+            let smeta = HashMap::from([
+                ("gm.step".to_string(), step.to_string()),
+                ("gm.adam_t".to_string(), opt.steps().to_string()),
+                ("gm.rng".to_string(), serde_json::to_string(&rng.state())?),
+                ("gm.best".to_string(), best.to_string()),
+            ]);
+            // State first: a weights file is only "complete" once its state exists beside it.
+            atomic_write(
+                &checkpoint::state_path(run, step),
+                &to_safetensors(&state, &smeta)?,
+            )?;
+            let wp = checkpoint::weights_path(run, step);
+            meta.insert("gm.best".to_string(), best.to_string());
+            atomic_write(&wp, &to_safetensors(&weights, &meta)?)?;
+            checkpoint::prune(run, t.keep_last)?;
+            Ok(wp)
+        };
     let eval_now = |ema: &Option<Ema>| -> Result<Option<BTreeMap<String, f64>>> {
-        let Some(test) = &test_ds else { return Ok(None) };
+        let Some(test) = &test_ds else {
+            return Ok(None);
+        };
         let old = match ema {
             Some(e) => Some(swap_in(&vars, &e.shadow)?),
             None => None,
         };
-        let m = evaluate(model, test, &cfg.data, &eval_opts, cfg.eval.batch_size, t.eval_images, cfg.eval.seed, dev);
+        let m = evaluate(
+            model,
+            test,
+            &cfg.data,
+            &eval_opts,
+            cfg.eval.batch_size,
+            t.eval_images,
+            cfg.eval.seed,
+            dev,
+        );
         if let Some(old) = old {
             swap_in(&vars, &old)?;
         }
@@ -293,8 +389,15 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             parts.push((*name, p.to_dtype(DType::F64)?.to_scalar::<f64>()?));
         }
         if !total.is_finite() {
-            let bad: Vec<String> = parts.iter().filter(|p| !p.1.is_finite()).map(|p| format!("'{}' = {}", p.0, p.1)).collect();
-            let keep = last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
+            let bad: Vec<String> = parts
+                .iter()
+                .filter(|p| !p.1.is_finite())
+                .map(|p| format!("'{}' = {}", p.0, p.1))
+                .collect();
+            let keep = last_ckpt
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none yet".into());
             bail!(
                 "non-finite loss at step {done}: total = {total}; parts {}; training stopped, last good checkpoint: {keep}",
                 if bad.is_empty() { "all finite".into() } else { bad.join(", ") }
@@ -303,7 +406,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let mut grads = loss.total.backward()?;
         let gnorm = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
         if !gnorm.is_finite() {
-            let keep = last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
+            let keep = last_ckpt
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none yet".into());
             bail!("non-finite gradient norm at step {done} (loss {total}); training stopped, last good checkpoint: {keep}");
         }
         opt.step(&grads, lr)?;
@@ -325,7 +431,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             jsonl(&metrics_path, &rec)?;
         }
         let eval_due = t.eval_every > 0 && done % t.eval_every == 0;
-        let ckpt_due = (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) || done == t.steps;
+        let ckpt_due =
+            (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) || done == t.steps;
         if eval_due || done == t.steps {
             if let Some(m) = eval_now(&ema)? {
                 let mut rec = serde_json::json!({"step": done, "split": "test"});
@@ -339,7 +446,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     if p < best {
                         best = p;
                         let wp = save(done, &opt, &ema, &rng, best)?;
-                        std::fs::copy(&wp, checkpoint::checkpoint_dir(run).join("best.safetensors"))?;
+                        std::fs::copy(
+                            &wp,
+                            checkpoint::checkpoint_dir(run).join("best.safetensors"),
+                        )?;
                         last_ckpt = Some(wp);
                     }
                 }
@@ -355,8 +465,100 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     pb.finish_and_clear();
     if losses.len() >= 2 {
-        save_curve(&losses.iter().map(|&(s, l)| (s as f64, l)).collect::<Vec<_>>(), &run.join("loss_curve.png"))?;
+        save_curve(
+            &losses
+                .iter()
+                .map(|&(s, l)| (s as f64, l))
+                .collect::<Vec<_>>(),
+            &run.join("loss_curve.png"),
+        )?;
     }
     let checkpoint = last_ckpt.ok_or_else(|| anyhow!("no checkpoint was written"))?;
-    Ok(TrainSummary { steps: t.steps, losses, last_eval, checkpoint, data_source })
+    Ok(TrainSummary {
+        steps: t.steps,
+        losses,
+        last_eval,
+        checkpoint,
+        data_source,
+    })
+}
+
+/// Timing of the train step, as `gm bench` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub batch_size: usize,
+    pub threads: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub steps: usize,
+    /// Peak resident memory of the process (Linux `VmHWM`), MiB.
+    pub peak_rss_mb: Option<f64>,
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Times `steps` train steps (loss, backward, Adam update) on random binary images of the
+/// configured batch size after `warmup` untimed ones.
+pub fn bench_train_step(
+    cfg: &RunConfig,
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchReport> {
+    let built = build(cfg, device)?;
+    let vars = named_vars(&built.varmap);
+    let t = &cfg.train;
+    let mut opt = Adam::new(
+        vars,
+        AdamConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+    )?;
+    let mut rng = GmRng::new(0);
+    let shape = match &cfg.model {
+        gm_models::ModelConfig::Vae(c) => c.image_shape,
+        gm_models::ModelConfig::Classifier(c) => c.image_shape,
+    };
+    let [c, h, w] = shape;
+    let p = rng.uniform((t.batch_size, c, h, w), 0.0, 1.0, device)?;
+    let labels = Tensor::from_vec(
+        (0..t.batch_size as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        t.batch_size,
+        device,
+    )?;
+    let batch = gm_models::Batch {
+        x: rng.bernoulli(&p)?,
+        labels: Some(labels),
+    };
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let loss = built.model.loss(&batch, &mut rng)?;
+        let grads = loss.total.backward()?;
+        opt.step(&grads, t.lr)?;
+        // Wait for the device so the time covers the whole step.
+        let _ = loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(BenchReport {
+        model: cfg.model.kind().to_string(),
+        batch_size: t.batch_size,
+        threads: candle_core::utils::get_num_threads(),
+        median_ms: times[times.len() / 2],
+        min_ms: times[0],
+        steps,
+        peak_rss_mb: peak_rss_mb(),
+    })
 }

@@ -1,0 +1,192 @@
+//! The `gm` binary end to end: train → sample → eval on a tiny preset, plus its error messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn gm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gm"))
+        .args(args)
+        .output()
+        .expect("gm runs")
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Real digits when the checkout has `../shared/data/mnist-5k` beside it, else a small IDX set
+/// made here (so the test always runs).
+fn data_dir(tmp: &Path) -> PathBuf {
+    let shared = root().join("../shared/data/mnist-5k");
+    if shared.join("train-images-idx3-ubyte.gz").is_file() {
+        return shared;
+    }
+    let d = tmp.join("data");
+    std::fs::create_dir_all(&d).unwrap();
+    let mut rng = gm_core::GmRng::new(1);
+    for (split, n) in [("train", 300usize), ("t10k", 100)] {
+        let px: Vec<u8> = (0..n * 784)
+            .map(|i| {
+                if (i % 28) / 7 == (i / 784) % 4 {
+                    230
+                } else {
+                    (rng.next_u64() % 20) as u8
+                }
+            })
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 4) as u8).collect();
+        gm_train::fetch::write_idx_gz(
+            &d.join(format!("{split}-images-idx3-ubyte.gz")),
+            &[n, 28, 28],
+            &px,
+        )
+        .unwrap();
+        gm_train::fetch::write_idx_gz(
+            &d.join(format!("{split}-labels-idx1-ubyte.gz")),
+            &[n],
+            &labels,
+        )
+        .unwrap();
+    }
+    d
+}
+
+#[test]
+fn train_sample_eval_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let run = tmp.path().join("run");
+    let cfg = root().join("models/vae-tiny.toml");
+    let o = gm(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--set",
+        "train.steps=60",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "train failed: {err}");
+    assert!(err.contains("device cpu"), "{err}");
+    assert!(run.join("config.toml").is_file());
+
+    let png = tmp.path().join("grid.png");
+    let o = gm(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--n",
+        "16",
+        "--out",
+        png.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        o.status.success(),
+        "sample failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (4 * 30 + 2, 4 * 30 + 2));
+
+    let o = gm(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--iwae-k",
+        "20",
+        "--max-images",
+        "50",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        o.status.success(),
+        "eval failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+    let elbo = v["elbo_nats"].as_f64().unwrap();
+    let iwae = v["nll_iwae_nats"].as_f64().unwrap();
+    assert!(iwae <= elbo && elbo > 0.0 && elbo < 600.0, "{v}");
+    assert_eq!(v["iwae_k"], 20);
+    assert_eq!(v["n_images"], 50.0);
+    assert!(v["bits_per_dim"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn user_errors_are_messages_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = root().join("models/vae-tiny.toml");
+    let c = cfg.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["train", "--config", c, "--set", "train.batch_size=0"],
+            "train.batch_size",
+        ),
+        (
+            vec!["train", "--config", c, "--set", "train.lr=-1"],
+            "train.lr",
+        ),
+        (
+            vec!["train", "--config", c, "--set", "train.bogus=1"],
+            "bogus",
+        ),
+        (
+            vec!["train", "--config", "/nonexistent.toml"],
+            "/nonexistent.toml",
+        ),
+        (
+            vec!["train", "--config", c, "--data-dir", "/nonexistent-dir"],
+            "/nonexistent-dir",
+        ),
+        (
+            vec!["eval", "--checkpoint", "/nonexistent-ckpt"],
+            "/nonexistent-ckpt",
+        ),
+        (vec!["train", "--config", c, "--device", "tpu"], "tpu"),
+    ];
+    for (args, needle) in cases {
+        let o = gm(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(
+            err.contains(needle),
+            "{args:?}: message lacks '{needle}': {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    // A file that is not IDX, named in the error.
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(
+        bad.join("train-images-idx3-ubyte"),
+        b"not an idx file at all",
+    )
+    .unwrap();
+    let o = gm(&[
+        "train",
+        "--config",
+        c,
+        "--data-dir",
+        bad.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("train-images-idx3-ubyte")
+            && err.contains("not an IDX file"),
+        "{err}"
+    );
+}
