@@ -108,11 +108,11 @@ impl VaeConfig {
                 return Err("model.channels must be positive".into());
             }
         }
-        if !(self.beta >= 0.0) {
+        if self.beta.is_nan() || self.beta < 0.0 {
             return Err(format!("model.beta must be >= 0, got {}", self.beta));
         }
         if let Some(s) = self.decoder_std {
-            if !(s > 0.0) {
+            if s.is_nan() || s <= 0.0 {
                 return Err(format!("model.decoder_std must be > 0, got {s}"));
             }
         }

@@ -209,7 +209,7 @@ impl RunConfig {
                 return Err(format!("{k} must be > 0"));
             }
         }
-        if !(t.lr > 0.0 && t.lr.is_finite()) {
+        if !t.lr.is_finite() || t.lr <= 0.0 {
             return Err(format!("train.lr must be a positive number, got {}", t.lr));
         }
         for (k, v) in [
@@ -221,7 +221,7 @@ impl RunConfig {
                 return Err(format!("{k} must be in [0, 1), got {v}"));
             }
         }
-        if !(t.eps > 0.0) {
+        if t.eps.is_nan() || t.eps <= 0.0 {
             return Err(format!("train.eps must be > 0, got {}", t.eps));
         }
         for (k, v) in [
@@ -229,7 +229,7 @@ impl RunConfig {
             ("train.grad_clip", t.grad_clip),
             ("train.min_lr_ratio", t.min_lr_ratio),
         ] {
-            if !(v >= 0.0 && v.is_finite()) {
+            if !v.is_finite() || v < 0.0 {
                 return Err(format!("{k} must be >= 0, got {v}"));
             }
         }

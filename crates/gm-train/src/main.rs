@@ -36,7 +36,7 @@ enum Cmd {
         /// A folder of MNIST-style IDX files; default: download MNIST into the cache.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// The run directory (default runs/<preset name>).
+        /// The run directory (default runs/PRESET_NAME).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Override a config value, e.g. --set train.lr=3e-4 (repeatable).
