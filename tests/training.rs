@@ -92,6 +92,11 @@ fn checkpoint_round_trip_gives_identical_outputs_and_loss_falls() {
     assert!(run.join("metrics.jsonl").is_file() && run.join("loss_curve.png").is_file());
     assert!(run.join("checkpoints/best.safetensors").is_file());
     assert!(run.join("samples/step-00000040.png").is_file());
+    assert!(run.join("samples/recon-step-00000040.png").is_file());
+
+    // The same seed gives the same run.
+    let again = train(&cfg, &opts(&tmp.path().join("again"), &data, false)).unwrap();
+    assert_eq!(s.losses, again.losses);
 
     let a = load_checkpoint(&run, &Device::Cpu).unwrap();
     let b = load_checkpoint(&s.checkpoint, &Device::Cpu).unwrap();

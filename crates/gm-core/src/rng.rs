@@ -188,3 +188,97 @@ mod tests {
         assert!((var - 1.0).abs() < 0.02, "var {var}");
     }
 }
+
+/// A `VarBuilder` backend that creates missing variables in a `VarMap` with values drawn from a
+/// [`GmRng`] (candle's own initialisers use its unseedable RNG). The initialiser hints of candle's
+/// layers are honoured exactly; only the source of randomness changes. Variables are drawn in
+/// creation order, so the same model, config and seed give the same initial weights.
+struct SeededInit {
+    varmap: candle_nn::VarMap,
+    rng: std::sync::Mutex<GmRng>,
+}
+
+fn init_tensor(s: &Shape, init: candle_nn::Init, rng: &mut GmRng, dev: &Device) -> Result<Tensor> {
+    use candle_nn::init::{Init, NormalOrUniform};
+    let normal =
+        |rng: &mut GmRng, mean: f64, std: f64| rng.randn(s.clone(), dev)?.affine(std, mean);
+    match init {
+        Init::Const(c) => Tensor::ones(s.clone(), DType::F32, dev)?.affine(c, 0.0),
+        Init::Randn { mean, stdev } => normal(rng, mean, stdev),
+        Init::Uniform { lo, up } => rng.uniform(s.clone(), lo as f32, up as f32, dev),
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(s) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Uniform => {
+                    let b = (3f64.sqrt() * std) as f32;
+                    rng.uniform(s.clone(), -b, b, dev)
+                }
+                NormalOrUniform::Normal => normal(rng, 0.0, std),
+            }
+        }
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededInit {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let mut data = self.varmap.data().lock().expect("varmap lock");
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("shape mismatch on {name}: {s:?} <> {:?}", v.shape())
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let mut rng = self.rng.lock().expect("rng lock");
+        let t = init_tensor(&s, h, &mut rng, dev)?.to_dtype(dtype)?;
+        let var = candle_core::Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("seeded var builder: '{name}' must be created with a shape")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .contains_key(name)
+    }
+}
+
+/// A `VarBuilder` whose new variables land in `varmap`, initialised reproducibly from `seed`.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::VarMap;
+/// let (a, b) = (VarMap::new(), VarMap::new());
+/// let la = candle_nn::linear(4, 3, gm_core::rng::seeded_var_builder(&a, 5, DType::F32, &Device::Cpu)).unwrap();
+/// let lb = candle_nn::linear(4, 3, gm_core::rng::seeded_var_builder(&b, 5, DType::F32, &Device::Cpu)).unwrap();
+/// assert_eq!(la.weight().to_vec2::<f32>().unwrap(), lb.weight().to_vec2::<f32>().unwrap());
+/// ```
+pub fn seeded_var_builder(
+    varmap: &candle_nn::VarMap,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> candle_nn::VarBuilder<'static> {
+    let backend = SeededInit {
+        varmap: varmap.clone(),
+        rng: std::sync::Mutex::new(GmRng::new(seed).derive(0x1417)),
+    };
+    candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+}

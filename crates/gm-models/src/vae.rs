@@ -484,6 +484,48 @@ mod tests {
         }
     }
 
+    /// IWAE-1 is the single-sample ELBO; the bound tightens (the NLL estimate falls) as k grows.
+    #[test]
+    fn iwae_bound_tightens_with_k() {
+        let (_vm, v) = tiny(Arch::Mlp, Likelihood::Bernoulli);
+        let mut rng = GmRng::new(3);
+        let p = rng
+            .uniform((20, 1, 28, 28), 0.0, 1.0, &Device::Cpu)
+            .unwrap();
+        let b = Batch {
+            x: rng.bernoulli(&p).unwrap(),
+            labels: None,
+        };
+        let nll = |k: usize, rng: &mut GmRng| {
+            let m = v
+                .eval_metrics(
+                    &b,
+                    rng,
+                    &EvalOptions {
+                        iwae_k: k,
+                        max_pairs: 4000,
+                    },
+                )
+                .unwrap();
+            let get = |n: &str| {
+                let t = &m.iter().find(|(name, _)| name == n).unwrap().1;
+                t.mean_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            (get("elbo_nats"), get("nll_iwae_nats"))
+        };
+        let (e1, i1) = nll(1, &mut rng);
+        assert!(
+            (e1 - i1).abs() < 1e-9,
+            "IWAE-1 {i1} must equal the ELBO {e1}"
+        );
+        let mut prev = i1;
+        for k in [10, 100, 1000] {
+            let (_, ik) = nll(k, &mut rng);
+            assert!(ik < prev, "IWAE-{k} NLL {ik} not below the previous {prev}");
+            prev = ik;
+        }
+    }
+
     #[test]
     fn every_parameter_gets_a_gradient() {
         for arch in [Arch::Mlp, Arch::Conv] {

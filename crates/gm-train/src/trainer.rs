@@ -9,7 +9,7 @@ use crate::images::{save_curve, save_grid};
 use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use gm_core::{GmRng, RngState};
 use gm_models::{EvalOptions, Model};
 use std::collections::{BTreeMap, HashMap};
@@ -37,7 +37,7 @@ pub struct Built {
 
 pub fn build(cfg: &RunConfig, device: &Device) -> Result<Built> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let vb = gm_core::rng::seeded_var_builder(&varmap, cfg.train.seed, DType::F32, device);
     let model = cfg
         .model
         .build(vb)
@@ -368,11 +368,30 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             None => None,
         };
         let s = model.sample(64, &mut GmRng::new(t.seed.wrapping_add(1)));
+        // Reconstructions of the first 32 test images: originals on top, reconstructions below.
+        let recon = match &test_ds {
+            Some(test) if test.len() >= 32 => {
+                let idx: Vec<usize> = (0..32).collect();
+                let mut r = GmRng::new(cfg.eval.seed);
+                let batch = make_batch(test, &idx, &cfg.data, &mut r, dev)?;
+                model
+                    .reconstruct(&batch, &mut r)
+                    .and_then(|rec| rec.map(|rec| Tensor::cat(&[&batch.x, &rec], 0)).transpose())
+            }
+            _ => Ok(None),
+        };
         if let Some(old) = old {
             swap_in(&vars, &old)?;
         }
         if let Some(s) = s? {
             save_grid(&s, 8, &run.join(format!("samples/step-{step:08}.png")))?;
+        }
+        if let Some(r) = recon? {
+            save_grid(
+                &r,
+                8,
+                &run.join(format!("samples/recon-step-{step:08}.png")),
+            )?;
         }
         Ok(())
     };

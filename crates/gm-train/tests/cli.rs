@@ -122,6 +122,79 @@ fn train_sample_eval_end_to_end() {
     assert_eq!(v["iwae_k"], 20);
     assert_eq!(v["n_images"], 50.0);
     assert!(v["bits_per_dim"].as_f64().unwrap() > 0.0);
+
+    // Sample quality through a (tiny) classifier trained by gm.
+    let cls = tmp.path().join("classifier");
+    let ccfg = root().join("models/classifier-tiny.toml");
+    let o = gm(&[
+        "train",
+        "--config",
+        ccfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        cls.to_str().unwrap(),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        o.status.success(),
+        "classifier train failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = gm(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--iwae-k",
+        "2",
+        "--max-images",
+        "20",
+        "--fid",
+        "--fid-n",
+        "60",
+        "--classifier",
+        cls.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "eval --fid failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let fid = v["fid_mnist"].as_f64().unwrap();
+    assert!(fid.is_finite() && fid > 0.0, "{v}");
+    let hist: f64 = v["class_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .sum();
+    assert!((hist - 1.0).abs() < 1e-9, "{v}");
+    assert!(v["classes_ge_5pct"].as_u64().unwrap() >= 1);
+    // Without a classifier, --fid says what to do.
+    let o = gm(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--iwae-k",
+        "2",
+        "--max-images",
+        "20",
+        "--fid",
+        "--classifier",
+        "/nonexistent-classifier",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("classifier-mnist.toml"),
+        "{err}"
+    );
 }
 
 #[test]
