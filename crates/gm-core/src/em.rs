@@ -50,6 +50,24 @@ pub fn coin_mle_gradient_ascent(
 }
 
 /// A mixture of `K` full-covariance Gaussians in `D` dimensions.
+///
+/// ```
+/// use gm_core::em::{EmOptions, GaussianMixture};
+/// use nalgebra::{DMatrix, DVector};
+/// // Two well-separated 1-D clusters.
+/// let pts = [-2.1, -1.9, -2.0, -2.2, 3.0, 3.1, 2.9, 3.2];
+/// let x = DMatrix::from_column_slice(8, 1, &pts);
+/// let mut gmm = GaussianMixture::new(
+///     vec![0.5, 0.5],
+///     vec![DVector::from_vec(vec![-1.0]), DVector::from_vec(vec![1.0])],
+///     vec![DMatrix::identity(1, 1), DMatrix::identity(1, 1)],
+/// )
+/// .unwrap();
+/// let before = gmm.score(&x).unwrap();
+/// let report = gmm.fit_em(&x, &EmOptions { tol: 1e-10, ..Default::default() }).unwrap();
+/// assert!(report.converged && gmm.score(&x).unwrap() > before);
+/// assert!((gmm.means[0][0] + 2.05).abs() < 1e-6 && (gmm.means[1][0] - 3.05).abs() < 1e-6);
+/// ```
 #[derive(Clone, Debug)]
 pub struct GaussianMixture {
     pub weights: Vec<f64>,
