@@ -31,16 +31,7 @@ fn bench(c: &mut Criterion) {
             .model
             .build(VarBuilder::from_varmap(&vm, DType::F32, &dev))
             .unwrap();
-        let mut opt = Adam::new(
-            named_vars(&vm),
-            AdamConfig {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-            },
-        )
-        .unwrap();
+        let mut opt = Adam::new(named_vars(&vm), AdamConfig::from(&cfg.train)).unwrap();
         let mut rng = GmRng::new(0);
         let b = cfg.train.batch_size;
         let p = rng.uniform((b, 1, 28, 28), 0.0, 1.0, &dev).unwrap();

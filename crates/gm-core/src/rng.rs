@@ -145,50 +145,6 @@ impl GmRng {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_round_trip_continues_the_stream() {
-        let mut a = GmRng::new(3);
-        let _ = a.randn(17, &Device::Cpu).unwrap();
-        let s = a.state();
-        let x = a.randn(5, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
-        let json = serde_json::to_string(&s).unwrap();
-        let mut b = GmRng::from_state(serde_json::from_str(&json).unwrap());
-        let y = b.randn(5, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(x, y);
-    }
-
-    #[test]
-    fn derived_streams_differ_and_repeat() {
-        let a = GmRng::new(1);
-        let p1 = a.derive(0).permutation(50);
-        let p2 = a.derive(0).permutation(50);
-        let p3 = a.derive(1).permutation(50);
-        assert_eq!(p1, p2);
-        assert_ne!(p1, p3);
-        let mut sorted = p1.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn randn_moments() {
-        let mut r = GmRng::new(0);
-        let v = r
-            .randn(100_000, &Device::Cpu)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let m = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
-        let var = v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64;
-        assert!(m.abs() < 0.01, "mean {m}");
-        assert!((var - 1.0).abs() < 0.02, "var {var}");
-    }
-}
-
 /// A `VarBuilder` backend that creates missing variables in a `VarMap` with values drawn from a
 /// [`GmRng`] (candle's own initialisers use its unseedable RNG). The initialiser hints of candle's
 /// layers are honoured exactly; only the source of randomness changes. Variables are drawn in
@@ -281,4 +237,48 @@ pub fn seeded_var_builder(
         rng: std::sync::Mutex::new(GmRng::new(seed).derive(0x1417)),
     };
     candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trip_continues_the_stream() {
+        let mut a = GmRng::new(3);
+        let _ = a.randn(17, &Device::Cpu).unwrap();
+        let s = a.state();
+        let x = a.randn(5, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        let mut b = GmRng::from_state(serde_json::from_str(&json).unwrap());
+        let y = b.randn(5, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(x, y);
+    }
+
+    #[test]
+    fn derived_streams_differ_and_repeat() {
+        let a = GmRng::new(1);
+        let p1 = a.derive(0).permutation(50);
+        let p2 = a.derive(0).permutation(50);
+        let p3 = a.derive(1).permutation(50);
+        assert_eq!(p1, p2);
+        assert_ne!(p1, p3);
+        let mut sorted = p1.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn randn_moments() {
+        let mut r = GmRng::new(0);
+        let v = r
+            .randn(100_000, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!(m.abs() < 0.01, "mean {m}");
+        assert!((var - 1.0).abs() < 0.02, "var {var}");
+    }
 }

@@ -104,6 +104,14 @@ impl ModelConfig {
         }
     }
 
+    /// `[C, H, W]` of the images the model reads.
+    pub fn image_shape(&self) -> [usize; 3] {
+        match self {
+            Self::Vae(c) => c.image_shape,
+            Self::Classifier(c) => c.image_shape,
+        }
+    }
+
     /// Checks values a deserialiser cannot (zero sizes, negative weights); errors name the key.
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self {

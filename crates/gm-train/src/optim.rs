@@ -15,6 +15,17 @@ pub struct AdamConfig {
     pub weight_decay: f64,
 }
 
+impl From<&crate::config::TrainConfig> for AdamConfig {
+    fn from(t: &crate::config::TrainConfig) -> Self {
+        Self {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        }
+    }
+}
+
 /// Adam over named parameters (sorted by name, so the order is stable).
 pub struct Adam {
     params: Vec<(String, Var)>,

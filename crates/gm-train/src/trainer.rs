@@ -193,15 +193,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let model = built.model.as_ref();
     let vars = named_vars(&built.varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = Adam::new(
-        vars.clone(),
-        AdamConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    )?;
+    let mut opt = Adam::new(vars.clone(), AdamConfig::from(t))?;
     let mut ema = if t.ema_decay > 0.0 {
         Some(Ema {
             decay: t.ema_decay,
@@ -533,21 +525,9 @@ pub fn bench_train_step(
     let built = build(cfg, device)?;
     let vars = named_vars(&built.varmap);
     let t = &cfg.train;
-    let mut opt = Adam::new(
-        vars,
-        AdamConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    )?;
+    let mut opt = Adam::new(vars, AdamConfig::from(t))?;
     let mut rng = GmRng::new(0);
-    let shape = match &cfg.model {
-        gm_models::ModelConfig::Vae(c) => c.image_shape,
-        gm_models::ModelConfig::Classifier(c) => c.image_shape,
-    };
-    let [c, h, w] = shape;
+    let [c, h, w] = cfg.model.image_shape();
     let p = rng.uniform((t.batch_size, c, h, w), 0.0, 1.0, device)?;
     let labels = Tensor::from_vec(
         (0..t.batch_size as u32).map(|i| i % 10).collect::<Vec<_>>(),
