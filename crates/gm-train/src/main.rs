@@ -253,6 +253,11 @@ fn run() -> Result<()> {
                 );
             }
             if fid {
+                if fid_n < 2 {
+                    bail!(
+                        "--fid-n must be at least 2 (a covariance needs two samples), got {fid_n}"
+                    );
+                }
                 let cls = load_checkpoint(&classifier, &dev).with_context(|| {
                     format!("--fid needs gm's classifier at {} (gm train --config models/classifier-mnist.toml)", classifier.display())
                 })?;

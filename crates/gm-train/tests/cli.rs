@@ -228,6 +228,10 @@ fn user_errors_are_messages_not_panics() {
             "/nonexistent-ckpt",
         ),
         (vec!["train", "--config", c, "--device", "tpu"], "tpu"),
+        (
+            vec!["sample", "--checkpoint", "/nonexistent-ckpt", "--n", "0"],
+            "--n",
+        ),
     ];
     for (args, needle) in cases {
         let o = gm(&args);
