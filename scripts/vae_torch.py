@@ -5,6 +5,9 @@ Modes:
          prints the per-image single-sample ELBO (nats) for the batch's x and eps as JSON.
   init   --config JSON --out W.safetensors --seed N
          writes a freshly initialised PyTorch state_dict as safetensors.
+  iwae   --config JSON --weights W.safetensors --data-dir DIR [--iwae-k K]
+         evaluates a gm checkpoint with this file's estimators (test ELBO and IWAE-k, nats) on
+         the test split, binarised with torch's generator seeded 4321.
   train  --data-dir DIR [--steps N --batch-size B --lr LR --threads T --iwae-k K]
          trains the `models/vae-mnist.toml` architecture the way gm does (dynamic binarisation,
          Adam, warm-up + cosine, the same steps and batch) and prints test ELBO and IWAE-k NLL in
@@ -120,7 +123,6 @@ def train(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     xtr = torch.tensor(read_idx(find(args.data_dir, "train-images-idx3-ubyte")), dtype=torch.float32).unsqueeze(1) / 255
-    xte = torch.tensor(read_idx(find(args.data_dir, "t10k-images-idx3-ubyte")), dtype=torch.float32).unsqueeze(1) / 255
     model = VAE(arch=args.arch, latent_dim=32, hidden=(512, 256) if args.arch == "mlp" else (256,), channels=(32, 64))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     warm, steps, floor = 100, args.steps, 0.05
@@ -151,23 +153,31 @@ def train(args):
         if (s + 1) % 500 == 0:
             print(f"step {s + 1}: loss {loss.item():.2f}", flush=True)
     model.eval()
-    g = torch.Generator().manual_seed(4321)
-    xb = torch.bernoulli(xte, generator=g)
-    elbos, iwaes = [], []
-    for i in range(0, xb.shape[0], 100):
-        e, w = model.iwae(xb[i:i + 100], args.iwae_k, max(1, 50000 // 100))
-        elbos.append(e)
-        iwaes.append(w)
+    elbo, iwae = evaluate(model, test_bits(args.data_dir), args.iwae_k)
     print(json.dumps({
         "framework": "pytorch " + torch.__version__, "threads": args.threads, "steps": steps, "batch_size": b,
-        "test_elbo_nats": torch.cat(elbos).mean().item(), "test_nll_iwae_nats": torch.cat(iwaes).mean().item(),
+        "test_elbo_nats": elbo, "test_nll_iwae_nats": iwae,
         "iwae_k": args.iwae_k, "median_step_ms": 1000 * float(np.median(times[10:])),
     }))
 
 
+def test_bits(data_dir):
+    xte = torch.tensor(read_idx(find(data_dir, "t10k-images-idx3-ubyte")), dtype=torch.float32).unsqueeze(1) / 255
+    return torch.bernoulli(xte, generator=torch.Generator().manual_seed(4321))
+
+
+def evaluate(model, xb, k):
+    elbos, iwaes = [], []
+    for i in range(0, xb.shape[0], 100):
+        e, w = model.iwae(xb[i:i + 100], k, max(1, 50000 // 100))
+        elbos.append(e)
+        iwaes.append(w)
+    return torch.cat(elbos).mean().item(), torch.cat(iwaes).mean().item()
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["elbo", "init", "train"])
+    ap.add_argument("mode", choices=["elbo", "init", "iwae", "train"])
     ap.add_argument("--config")
     ap.add_argument("--weights")
     ap.add_argument("--batch")
@@ -191,6 +201,14 @@ def main():
     model = VAE(**cfg)
     if args.mode == "init":
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
+        return
+    if args.mode == "iwae":
+        torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(args.threads)
+        model = VAE(**cfg)
+        model.load_state_dict(load_file(args.weights), strict=True)
+        elbo, iwae = evaluate(model, test_bits(args.data_dir), args.iwae_k)
+        print(json.dumps({"test_elbo_nats": elbo, "test_nll_iwae_nats": iwae, "iwae_k": args.iwae_k}))
         return
     sd = {k: v.double() for k, v in load_file(args.weights).items()}
     model.load_state_dict(sd, strict=True)
