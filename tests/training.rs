@@ -54,7 +54,37 @@ fn interrupted_and_resumed_equals_uninterrupted() {
         ] {
             std::fs::copy(a.join("checkpoints").join(f), b.join("checkpoints").join(f)).unwrap();
         }
+        // The killed run had logged past its checkpoint; resuming drops those lines.
+        std::fs::copy(a.join("metrics.jsonl"), b.join("metrics.jsonl")).unwrap();
         let resumed = train(&cfg, &opts(&b, &data, true)).unwrap();
+        // (step, split): a training line and a test-evaluation line may share a step.
+        let logged: Vec<(u64, String)> = std::fs::read_to_string(b.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["step"].as_u64().unwrap(),
+                    v["split"].as_str().unwrap_or("train").to_string(),
+                )
+            })
+            .collect();
+        let mut unique = logged.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            logged.len(),
+            unique.len(),
+            "ema {ema}: a line is logged twice after resume: {logged:?}"
+        );
+        assert_eq!(
+            logged,
+            vec![
+                (10, "train".into()),
+                (16, "train".into()),
+                (16, "test".into())
+            ]
+        );
         assert_eq!(resumed.losses.len(), 8);
         assert_eq!(
             &full.losses[8..],

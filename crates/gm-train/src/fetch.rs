@@ -143,28 +143,20 @@ fn from_hf_hub(dir: &Path) -> Result<String> {
     }
     let ds =
         candle_datasets::vision::mnist::load().map_err(|e| anyhow!("Hugging Face hub: {e}"))?;
-    let n_train = ds.train_images.dim(0)?;
-    let n_test = ds.test_images.dim(0)?;
-    write_idx_gz(
-        &dir.join(FILES[0]),
-        &[n_train, 28, 28],
-        &tensor_bytes(&ds.train_images, 255.0)?,
-    )?;
-    write_idx_gz(
-        &dir.join(FILES[1]),
-        &[n_train],
-        &tensor_bytes(&ds.train_labels, 1.0)?,
-    )?;
-    write_idx_gz(
-        &dir.join(FILES[2]),
-        &[n_test, 28, 28],
-        &tensor_bytes(&ds.test_images, 255.0)?,
-    )?;
-    write_idx_gz(
-        &dir.join(FILES[3]),
-        &[n_test],
-        &tensor_bytes(&ds.test_labels, 1.0)?,
-    )?;
+    let splits = [
+        (&ds.train_images, &ds.train_labels, FILES[0], FILES[1]),
+        (&ds.test_images, &ds.test_labels, FILES[2], FILES[3]),
+    ];
+    for (images, labels, im_file, lab_file) in splits {
+        // images: (n, 784) in [0, 1]; labels: (n,)
+        let n = images.dim(0)?;
+        write_idx_gz(
+            &dir.join(im_file),
+            &[n, 28, 28],
+            &tensor_bytes(images, 255.0)?,
+        )?;
+        write_idx_gz(&dir.join(lab_file), &[n], &tensor_bytes(labels, 1.0)?)?;
+    }
     Ok("full MNIST from the Hugging Face hub (ylecun/mnist)".into())
 }
 

@@ -166,6 +166,28 @@ fn jsonl(path: &Path, v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// Drops the lines of `metrics.jsonl` logged after `step` (by a run that went on past its last
+/// checkpoint before it was stopped), so a resumed run's log has each step once.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    atomic_write(path, out.as_bytes())
+}
+
 /// Trains `cfg` into `opts.out`.
 pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let t = &cfg.train;
@@ -251,6 +273,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(f64::INFINITY);
         start = step;
+        truncate_metrics(&run.join("metrics.jsonl"), step)?;
         eprintln!("gm: resuming {} at step {step}", run.display());
     }
     atomic_write(&run.join("config.toml"), cfg_text.as_bytes())?;
