@@ -120,19 +120,15 @@ mod tests {
             let mut xm = x0.to_vec();
             xp[i] += h;
             xm[i] -= h;
-            let fp = f(&Tensor::from_vec(xp, shape, &dev).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let fm = f(&Tensor::from_vec(xm, shape, &dev).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let fd = (fp - fm) / (2.0 * h);
+            let value = |v: Vec<f64>| {
+                f(&Tensor::from_vec(v, shape, &dev).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (value(xp) - value(xm)) / (2.0 * h);
             assert!(
                 (fd - g[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
                 "grad[{i}]: autograd {} vs finite difference {fd}",
