@@ -10,6 +10,7 @@
 //!   visible step;
 //! - log-likelihoods are in **nats**; [`bits_per_dim`] converts.
 
+pub mod conv;
 pub mod device;
 pub mod dist;
 pub mod em;

@@ -10,6 +10,7 @@ pub mod data;
 pub mod eval;
 pub mod fetch;
 pub mod images;
+pub mod opbench;
 pub mod optim;
 pub mod trainer;
 

@@ -97,8 +97,21 @@ enum Cmd {
     },
     /// Time the train step (forward, backward, Adam) of a preset on random data; prints JSON.
     Bench {
-        #[arg(long)]
-        config: PathBuf,
+        /// Preset or config file whose train step is timed.
+        #[arg(long, required_unless_present = "ops")]
+        config: Option<PathBuf>,
+        /// Time the convolution shapes of gm's models instead, with gm's and candle's kernels.
+        #[arg(long, conflicts_with = "config")]
+        ops: bool,
+        /// Batch size of `--ops`.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Only these `--ops` cases (names as printed); all when empty.
+        #[arg(long = "case")]
+        cases: Vec<String>,
+        /// Backends of `--ops`: gm, candle, or both.
+        #[arg(long, default_value = "both", value_parser = ["gm", "candle", "both"])]
+        backend: String,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
         #[arg(long, default_value_t = 30)]
@@ -291,13 +304,42 @@ fn run() -> Result<()> {
         }
         Cmd::Bench {
             config,
+            ops,
+            batch,
+            cases,
+            backend,
             overrides,
             steps,
             warmup,
             device: d,
         } => {
-            let cfg = RunConfig::load(&config, &overrides)?;
             let dev = device(&d)?;
+            if ops {
+                use gm_train::opbench::{run_case, Backend, CASES};
+                for name in &cases {
+                    if !CASES.iter().any(|c| c.name == name) {
+                        let known: Vec<_> = CASES.iter().map(|c| c.name).collect();
+                        bail!("unknown --case {name}; known: {}", known.join(", "));
+                    }
+                }
+                let backends: &[Backend] = match backend.as_str() {
+                    "gm" => &[Backend::Gm],
+                    "candle" => &[Backend::Candle],
+                    _ => &[Backend::Gm, Backend::Candle],
+                };
+                for c in CASES
+                    .iter()
+                    .filter(|c| cases.is_empty() || cases.iter().any(|n| n == c.name))
+                {
+                    for &b in backends {
+                        let r = run_case(c, b, batch, warmup, steps.max(1), &dev)?;
+                        println!("{}", serde_json::to_string(&r)?);
+                    }
+                }
+                return Ok(());
+            }
+            let config = config.expect("clap requires --config without --ops");
+            let cfg = RunConfig::load(&config, &overrides)?;
             let r = gm_train::trainer::bench_train_step(&cfg, &dev, warmup, steps.max(1))?;
             println!("{}", serde_json::to_string(&r)?);
         }

@@ -1,0 +1,894 @@
+//! 2-D convolution and transposed convolution with fast CPU kernels in both directions.
+//!
+//! candle 0.11.1 computes the CPU conv2d *input* gradient and all of conv_transpose2d with a direct
+//! nested loop, 6–8× slower than PyTorch. gm's ops replace them on the CPU: every direction is
+//! im2col/col2im around one `gemm` call per chunk of images, chunks spread over the rayon pool
+//! (`RAYON_NUM_THREADS`). On CUDA and Metal the same public functions call candle's own kernels.
+//!
+//! Three custom ops share one geometry — the forward convolution, its data gradient (which *is*
+//! the transposed convolution) and its filter gradient — and each op's backward is written with the
+//! other two, so gradients of gradients (WGAN-GP, Hutchinson traces with
+//! `CANDLE_GRAD_DO_NOT_DETACH`) work through them too.
+//!
+//! Layouts follow PyTorch: input `(N, C_in, H, W)`, conv weight `(C_out, C_in / groups, kH, kW)`,
+//! transposed-conv weight `(C_in, C_out / groups, kH, kW)`.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use gm_core::conv::{conv2d, Conv2dParams};
+//! let x = Tensor::ones((2, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
+//! let w = Tensor::ones((4, 3, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+//! let y = conv2d(&x, &w, Conv2dParams::default().padding(1))?;
+//! assert_eq!(y.dims(), &[2, 4, 8, 8]);
+//! // An interior pixel sums 3 channels × 9 taps of ones.
+//! assert_eq!(y.get(0)?.get(0)?.get(4)?.get(4)?.to_scalar::<f32>()?, 27.0);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Stride, padding, dilation (each `[along H, along W]`) and groups of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Self {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+impl Conv2dParams {
+    /// The same stride along both axes.
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = [s, s];
+        self
+    }
+    /// The same zero padding on all four sides.
+    pub fn padding(mut self, p: usize) -> Self {
+        self.padding = [p, p];
+        self
+    }
+    /// The same dilation along both axes.
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.dilation = [d, d];
+        self
+    }
+    /// Channel groups (`groups == C_in` is a depthwise convolution).
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+}
+
+/// Everything the kernels need: input, weight and output sizes plus the parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geom {
+    n: usize,
+    ci: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    p: Conv2dParams,
+}
+
+impl Geom {
+    /// Geometry of `conv2d(x: (n, ci, h, w), weight: (co, ci / groups, kh, kw))`.
+    fn new(
+        n: usize,
+        ci: usize,
+        hw: [usize; 2],
+        co: usize,
+        k: [usize; 4],
+        p: Conv2dParams,
+    ) -> Result<Self> {
+        let [h, w] = hw;
+        let [kco, kci, kh, kw] = k;
+        if p.groups == 0 || p.stride.contains(&0) || p.dilation.contains(&0) {
+            bail!("conv2d: stride, dilation and groups must be positive, got {p:?}")
+        }
+        if ci % p.groups != 0 || co % p.groups != 0 {
+            bail!(
+                "conv2d: {ci} input and {co} output channels are not divisible by groups = {}",
+                p.groups
+            )
+        }
+        if kco != co || kci * p.groups != ci {
+            bail!(
+                "conv2d: weight {:?} does not fit {ci} input channels with groups = {} (expected ({co}, {}, kH, kW))",
+                k,
+                p.groups,
+                ci / p.groups
+            )
+        }
+        let out = |i: usize, size: usize, kernel: usize| -> Result<usize> {
+            if kernel == 0 {
+                bail!("conv2d: empty kernel {k:?}")
+            }
+            let span = p.dilation[i] * (kernel - 1) + 1;
+            let padded = size + 2 * p.padding[i];
+            if padded < span {
+                bail!("conv2d: kernel span {span} exceeds the padded input size {padded}")
+            }
+            Ok((padded - span) / p.stride[i] + 1)
+        };
+        Ok(Self {
+            n,
+            ci,
+            h,
+            w,
+            co,
+            kh,
+            kw,
+            ho: out(0, h, kh)?,
+            wo: out(1, w, kw)?,
+            p,
+        })
+    }
+    fn cig(&self) -> usize {
+        self.ci / self.p.groups
+    }
+    fn cog(&self) -> usize {
+        self.co / self.p.groups
+    }
+    /// Rows of the column matrix: one per (input channel of a group, ky, kx).
+    fn k(&self) -> usize {
+        self.cig() * self.kh * self.kw
+    }
+    /// Output pixels per image.
+    fn pix(&self) -> usize {
+        self.ho * self.wo
+    }
+    fn in_len(&self) -> usize {
+        self.ci * self.h * self.w
+    }
+    fn out_len(&self) -> usize {
+        self.co * self.pix()
+    }
+    fn weight_shape(&self) -> Shape {
+        (self.co, self.cig(), self.kh, self.kw).into()
+    }
+    fn input_shape(&self) -> Shape {
+        (self.n, self.ci, self.h, self.w).into()
+    }
+    fn output_shape(&self) -> Shape {
+        (self.n, self.co, self.ho, self.wo).into()
+    }
+    /// Columns `[ox_lo, ox_hi)` whose input column `ox·s + kx·d − p` lies inside `[0, w)`.
+    fn valid_cols(&self, kx: usize) -> (usize, usize, isize) {
+        let [_, s] = self.p.stride;
+        let off = (kx * self.p.dilation[1]) as isize - self.p.padding[1] as isize;
+        let lo = if off >= 0 {
+            0
+        } else {
+            ((-off) as usize).div_ceil(s)
+        };
+        let lim = self.w as isize - off; // need ox·s < lim
+        let hi = if lim <= 0 {
+            0
+        } else {
+            ((lim as usize).div_ceil(s)).min(self.wo)
+        };
+        (lo.min(hi), hi, off)
+    }
+    /// How images are grouped into gemm calls and into parallel tasks.
+    fn plan(&self) -> Plan {
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let n = self.n.max(1);
+        // One task per thread when there are enough images, each reusing its buffers.
+        let parallel = threads > 1 && n >= threads;
+        let per_task = if parallel { n.div_ceil(threads) } else { n };
+        // Wide enough column blocks keep gemm efficient on small feature maps.
+        let nb = 512usize.div_ceil(self.pix()).clamp(1, per_task);
+        Plan {
+            nb,
+            per_task,
+            parallel,
+            gemm_par: if threads > 1 && !parallel {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Plan {
+    /// Images per gemm call.
+    nb: usize,
+    /// Images per task (all of them when not parallel).
+    per_task: usize,
+    parallel: bool,
+    gemm_par: gemm::Parallelism,
+}
+
+/// Element types with CPU kernels (f32 and f64).
+trait Elem: WithDType + std::ops::AddAssign {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)` with explicit (row, column) strides.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+fn matmul<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(T::zero());
+            }
+        }
+        return;
+    }
+    // Bounds of the strided views, checked so the unsafe call only reads and writes inside them.
+    assert!((m - 1) * dst_rs + n <= dst.len());
+    assert!((m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
+    assert!((k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
+    // SAFETY: the three views lie inside their slices (asserted above); dst is borrowed mutably
+    // so it cannot alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Writes the column matrix of one image and one group into `col[r * ncols + c0 + pixel]`.
+fn im2col<T: Elem>(g: &Geom, x: &[T], grp: usize, col: &mut [T], ncols: usize, c0: usize) {
+    let (h, w, ho, wo) = (g.h, g.w, g.ho, g.wo);
+    let [sh, sw] = g.p.stride;
+    let [dh, _] = g.p.dilation;
+    let ph = g.p.padding[0] as isize;
+    for c in 0..g.cig() {
+        let xc = &x[(grp * g.cig() + c) * h * w..][..h * w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let r = (c * g.kh + ky) * g.kw + kx;
+                let row = &mut col[r * ncols + c0..][..ho * wo];
+                let (lo, hi, off) = g.valid_cols(kx);
+                for oy in 0..ho {
+                    let dst = &mut row[oy * wo..][..wo];
+                    let iy = (oy * sh + ky * dh) as isize - ph;
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(T::zero());
+                        continue;
+                    }
+                    let src = &xc[iy as usize * w..][..w];
+                    dst[..lo].fill(T::zero());
+                    dst[hi..].fill(T::zero());
+                    if sw == 1 {
+                        let s0 = (lo as isize + off) as usize;
+                        dst[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                    } else {
+                        let s0 = ((lo * sw) as isize + off) as usize;
+                        for (d, s) in dst[lo..hi].iter_mut().zip(src[s0..].iter().step_by(sw)) {
+                            *d = *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the column matrix of one image and one group back onto the image (the adjoint of
+/// [`im2col`]).
+fn col2im<T: Elem>(g: &Geom, col: &[T], ncols: usize, c0: usize, grp: usize, x: &mut [T]) {
+    let (h, w, ho, wo) = (g.h, g.w, g.ho, g.wo);
+    let [sh, sw] = g.p.stride;
+    let [dh, _] = g.p.dilation;
+    let ph = g.p.padding[0] as isize;
+    for c in 0..g.cig() {
+        let xc = &mut x[(grp * g.cig() + c) * h * w..][..h * w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let r = (c * g.kh + ky) * g.kw + kx;
+                let row = &col[r * ncols + c0..][..ho * wo];
+                let (lo, hi, off) = g.valid_cols(kx);
+                for oy in 0..ho {
+                    let iy = (oy * sh + ky * dh) as isize - ph;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let src = &row[oy * wo..][..wo];
+                    let dst = &mut xc[iy as usize * w..][..w];
+                    if sw == 1 {
+                        let d0 = (lo as isize + off) as usize;
+                        for (d, s) in dst[d0..d0 + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                            *d += *s;
+                        }
+                    } else {
+                        let d0 = ((lo * sw) as isize + off) as usize;
+                        for (d, s) in dst[d0..].iter_mut().step_by(sw).zip(&src[lo..hi]) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies rows `[ch0, ch0 + rows)` of `nb` images `(nb, C, pix)` into a `[rows, nb·pix]` block.
+fn pack_channels<T: Elem>(
+    src: &[T],
+    c_total: usize,
+    ch0: usize,
+    rows: usize,
+    pix: usize,
+    nb: usize,
+    dst: &mut [T],
+) {
+    let ncols = nb * pix;
+    for b in 0..nb {
+        for r in 0..rows {
+            dst[r * ncols + b * pix..][..pix]
+                .copy_from_slice(&src[(b * c_total + ch0 + r) * pix..][..pix]);
+        }
+    }
+}
+
+/// The inverse of [`pack_channels`].
+fn unpack_channels<T: Elem>(
+    src: &[T],
+    c_total: usize,
+    ch0: usize,
+    rows: usize,
+    pix: usize,
+    nb: usize,
+    dst: &mut [T],
+) {
+    let ncols = nb * pix;
+    for b in 0..nb {
+        for r in 0..rows {
+            dst[(b * c_total + ch0 + r) * pix..][..pix]
+                .copy_from_slice(&src[r * ncols + b * pix..][..pix]);
+        }
+    }
+}
+
+/// Runs `f(chunk_index, chunk)` over `data` split into chunks of `len`, in parallel if asked.
+fn for_chunks<T: Elem, F>(data: &mut [T], len: usize, parallel: bool, f: F)
+where
+    F: Fn(usize, &mut [T]) + Sync + Send,
+{
+    if parallel {
+        data.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// `y = conv2d(x, w)`: `(n, ci, h, w) × (co, cig, kh, kw) → (n, co, ho, wo)`.
+fn conv_fwd<T: Elem>(g: &Geom, x: &[T], wt: &[T]) -> Vec<T> {
+    let plan = g.plan();
+    let (k, pix, cog, out_len) = (g.k(), g.pix(), g.cog(), g.out_len());
+    let mut y = vec![T::zero(); g.n * out_len];
+    for_chunks(
+        &mut y,
+        plan.per_task * out_len,
+        plan.parallel,
+        |task, ys| {
+            let mut col = vec![T::zero(); k * plan.nb * pix];
+            let mut tmp = vec![T::zero(); if plan.nb > 1 { cog * plan.nb * pix } else { 0 }];
+            for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
+                let first = task * plan.per_task + sub * plan.nb;
+                let nb = ys.len() / out_len;
+                let ncols = nb * pix;
+                let col = &mut col[..k * ncols];
+                for grp in 0..g.p.groups {
+                    for b in 0..nb {
+                        im2col(
+                            g,
+                            &x[(first + b) * g.in_len()..][..g.in_len()],
+                            grp,
+                            col,
+                            ncols,
+                            b * pix,
+                        );
+                    }
+                    let wg = &wt[grp * cog * k..][..cog * k];
+                    if nb == 1 {
+                        let dst = &mut ys[grp * cog * pix..][..cog * pix];
+                        matmul(
+                            cog,
+                            pix,
+                            k,
+                            dst,
+                            pix,
+                            false,
+                            wg,
+                            (k, 1),
+                            col,
+                            (ncols, 1),
+                            plan.gemm_par,
+                        );
+                    } else {
+                        let tmp = &mut tmp[..cog * ncols];
+                        matmul(
+                            cog,
+                            ncols,
+                            k,
+                            tmp,
+                            ncols,
+                            false,
+                            wg,
+                            (k, 1),
+                            col,
+                            (ncols, 1),
+                            plan.gemm_par,
+                        );
+                        unpack_channels(tmp, g.co, grp * cog, cog, pix, nb, ys);
+                    }
+                }
+            }
+        },
+    );
+    y
+}
+
+/// `dx = conv2d_backward_data(dy, w)`, also the transposed convolution of `dy` by `w`.
+fn conv_bwd_data<T: Elem>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
+    let plan = g.plan();
+    let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
+    let mut dx = vec![T::zero(); g.n * in_len];
+    for_chunks(
+        &mut dx,
+        plan.per_task * in_len,
+        plan.parallel,
+        |task, xs| {
+            let mut col = vec![T::zero(); k * plan.nb * pix];
+            let mut packed = vec![T::zero(); if plan.nb > 1 { cog * plan.nb * pix } else { 0 }];
+            for (sub, xs) in xs.chunks_mut(plan.nb * in_len).enumerate() {
+                let first = task * plan.per_task + sub * plan.nb;
+                let nb = xs.len() / in_len;
+                let ncols = nb * pix;
+                let col = &mut col[..k * ncols];
+                let dys = &dy[first * out_len..][..nb * out_len];
+                for grp in 0..g.p.groups {
+                    let wg = &wt[grp * cog * k..][..cog * k];
+                    // col (k × ncols) = wgᵀ (k × cog) · dy_g (cog × ncols)
+                    if nb == 1 {
+                        let dyg = &dys[grp * cog * pix..][..cog * pix];
+                        matmul(
+                            k,
+                            pix,
+                            cog,
+                            col,
+                            ncols,
+                            false,
+                            wg,
+                            (1, k),
+                            dyg,
+                            (pix, 1),
+                            plan.gemm_par,
+                        );
+                    } else {
+                        let packed = &mut packed[..cog * ncols];
+                        pack_channels(dys, g.co, grp * cog, cog, pix, nb, packed);
+                        matmul(
+                            k,
+                            ncols,
+                            cog,
+                            col,
+                            ncols,
+                            false,
+                            wg,
+                            (1, k),
+                            packed,
+                            (ncols, 1),
+                            plan.gemm_par,
+                        );
+                    }
+                    for b in 0..nb {
+                        col2im(g, col, ncols, b * pix, grp, &mut xs[b * in_len..][..in_len]);
+                    }
+                }
+            }
+        },
+    );
+    dx
+}
+
+/// `dw = conv2d_backward_filter(x, dy)`: `(co, cig, kh, kw)`, summed over the batch.
+fn conv_bwd_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    let plan = g.plan();
+    let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
+    let wlen = g.co * k;
+    // Images [first, last) into acc.
+    let task = |first: usize, last: usize| -> Vec<T> {
+        let mut acc = vec![T::zero(); wlen];
+        let mut col = vec![T::zero(); k * plan.nb * pix];
+        let mut packed = vec![T::zero(); if plan.nb > 1 { cog * plan.nb * pix } else { 0 }];
+        for first in (first..last).step_by(plan.nb) {
+            let nb = plan.nb.min(last - first);
+            let ncols = nb * pix;
+            let col = &mut col[..k * ncols];
+            let dys = &dy[first * out_len..][..nb * out_len];
+            for grp in 0..g.p.groups {
+                for b in 0..nb {
+                    im2col(
+                        g,
+                        &x[(first + b) * in_len..][..in_len],
+                        grp,
+                        col,
+                        ncols,
+                        b * pix,
+                    );
+                }
+                let dst = &mut acc[grp * cog * k..][..cog * k];
+                // acc_g (cog × k) += dy_g (cog × ncols) · colᵀ (ncols × k)
+                if nb == 1 {
+                    let dyg = &dys[grp * cog * pix..][..cog * pix];
+                    matmul(
+                        cog,
+                        k,
+                        ncols,
+                        dst,
+                        k,
+                        true,
+                        dyg,
+                        (pix, 1),
+                        col,
+                        (1, ncols),
+                        plan.gemm_par,
+                    );
+                } else {
+                    let packed = &mut packed[..cog * ncols];
+                    pack_channels(dys, g.co, grp * cog, cog, pix, nb, packed);
+                    matmul(
+                        cog,
+                        k,
+                        ncols,
+                        dst,
+                        k,
+                        true,
+                        packed,
+                        (ncols, 1),
+                        col,
+                        (1, ncols),
+                        plan.gemm_par,
+                    );
+                }
+            }
+        }
+        acc
+    };
+    if plan.parallel {
+        let tasks = g.n.div_ceil(plan.per_task);
+        let parts: Vec<Vec<T>> = (0..tasks)
+            .into_par_iter()
+            .map(|t| task(t * plan.per_task, ((t + 1) * plan.per_task).min(g.n)))
+            .collect();
+        let mut parts = parts.into_iter();
+        let mut acc = parts.next().unwrap_or_else(|| vec![T::zero(); wlen]);
+        for p in parts {
+            acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
+        }
+        acc
+    } else {
+        task(0, g.n)
+    }
+}
+
+fn contiguous<'a, T: Elem>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{what} must be contiguous"),
+    }
+}
+
+/// Runs `f` on the two operands as f32 or f64 slices.
+macro_rules! dispatch {
+    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let $a = contiguous::<f32>($s1, $l1, $name)?;
+                let $b = contiguous::<f32>($s2, $l2, $name)?;
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let $a = contiguous::<f64>($s1, $l1, $name)?;
+                let $b = contiguous::<f64>($s2, $l2, $name)?;
+                CpuStorage::F64($body)
+            }
+            (a, b) => bail!(
+                "{}: CPU kernels take f32 or f64 operands of one dtype, got {:?} and {:?}",
+                $name,
+                a.dtype(),
+                b.dtype()
+            ),
+        }
+    };
+}
+
+/// `conv2d(x, w)`.
+struct ConvFwd(Geom);
+/// `conv2d_backward_data(dy, w)` = `conv_transpose2d(dy, w)`.
+struct ConvBwdData(Geom);
+/// `conv2d_backward_filter(x, dy)`.
+struct ConvBwdFilter(Geom);
+
+impl CustomOp2 for ConvFwd {
+    fn name(&self) -> &'static str {
+        "gm-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let out = dispatch!("gm-conv2d", s1, l1, s2, l2, |x, w| conv_fwd(g, x, w));
+        Ok((out, g.output_shape()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Only arguments that lead to a variable need a gradient: an image batch fed to the first
+        // layer skips the data gradient, as in PyTorch.
+        let dy = dy.contiguous()?;
+        let dx = x
+            .track_op()
+            .then(|| dy.apply_op2(w, ConvBwdData(self.0)))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| x.apply_op2(&dy, ConvBwdFilter(self.0)))
+            .transpose()?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for ConvBwdData {
+    fn name(&self) -> &'static str {
+        "gm-conv2d-backward-data"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let out = dispatch!("gm-conv2d-backward-data", s1, l1, s2, l2, |dy, w| {
+            conv_bwd_data(g, dy, w)
+        });
+        Ok((out, g.input_shape()))
+    }
+    fn bwd(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        _dx: &Tensor,
+        gdx: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // dx = Aᵀ(w)·dy is linear in each argument: its adjoint in dy is the forward conv, in w
+        // the filter gradient with the roles of x and dy taken by gdx and dy.
+        let gdx = gdx.contiguous()?;
+        let g_dy = dy
+            .track_op()
+            .then(|| gdx.apply_op2(w, ConvFwd(self.0)))
+            .transpose()?;
+        let g_w = w
+            .track_op()
+            .then(|| gdx.apply_op2(dy, ConvBwdFilter(self.0)))
+            .transpose()?;
+        Ok((g_dy, g_w))
+    }
+}
+
+impl CustomOp2 for ConvBwdFilter {
+    fn name(&self) -> &'static str {
+        "gm-conv2d-backward-filter"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let out = dispatch!("gm-conv2d-backward-filter", s1, l1, s2, l2, |x, dy| {
+            conv_bwd_filter(g, x, dy)
+        });
+        Ok((out, g.weight_shape()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        _dw: &Tensor,
+        gdw: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gdw = gdw.contiguous()?;
+        let g_x = x
+            .track_op()
+            .then(|| dy.apply_op2(&gdw, ConvBwdData(self.0)))
+            .transpose()?;
+        let g_dy = dy
+            .track_op()
+            .then(|| x.apply_op2(&gdw, ConvFwd(self.0)))
+            .transpose()?;
+        Ok((g_x, g_dy))
+    }
+}
+
+fn check_float(t: &Tensor, what: &str) -> Result<()> {
+    if !matches!(t.dtype(), DType::F32 | DType::F64) && t.device().is_cpu() {
+        bail!(
+            "{what}: gm's CPU convolution takes f32 or f64, got {:?}",
+            t.dtype()
+        )
+    }
+    Ok(())
+}
+
+/// 2-D convolution (cross-correlation, as in PyTorch), differentiable in both arguments.
+///
+/// # Shapes
+/// - `x`: `(N, C_in, H, W)`; `weight`: `(C_out, C_in / groups, kH, kW)`;
+///   returns `(N, C_out, H_out, W_out)` with
+///   `H_out = (H + 2·pad − dil·(kH − 1) − 1) / stride + 1`.
+pub fn conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let (n, ci, h, w) = x.dims4()?;
+    let k = weight.dims4()?;
+    let g = Geom::new(n, ci, [h, w], k.0, [k.0, k.1, k.2, k.3], p)?;
+    if !x.device().is_cpu() {
+        return device_conv2d(x, weight, p);
+    }
+    check_float(x, "conv2d")?;
+    x.contiguous()?.apply_op2(&weight.contiguous()?, ConvFwd(g))
+}
+
+/// 2-D transposed convolution (the adjoint of [`conv2d`]), as PyTorch's `conv_transpose2d`.
+///
+/// # Shapes
+/// - `x`: `(N, C_in, H, W)`; `weight`: `(C_in, C_out / groups, kH, kW)`;
+///   returns `(N, C_out, H_out, W_out)` with
+///   `H_out = (H − 1)·stride − 2·pad + dil·(kH − 1) + output_padding + 1`.
+pub fn conv_transpose2d(
+    x: &Tensor,
+    weight: &Tensor,
+    p: Conv2dParams,
+    output_padding: [usize; 2],
+) -> Result<Tensor> {
+    let (n, ci, h, w) = x.dims4()?;
+    let (wci, wco, kh, kw) = weight.dims4()?;
+    if wci != ci {
+        bail!(
+            "conv_transpose2d: weight {:?} expects {wci} input channels, the input has {ci}",
+            weight.dims()
+        )
+    }
+    for i in 0..2 {
+        if output_padding[i] >= p.stride[i].max(p.dilation[i]) {
+            bail!("conv_transpose2d: output_padding {output_padding:?} must be smaller than stride or dilation")
+        }
+    }
+    let size = |i: usize, s: usize, k: usize| -> Result<usize> {
+        let full = (s - 1) * p.stride[i] + p.dilation[i] * (k - 1) + output_padding[i] + 1;
+        if full <= 2 * p.padding[i] {
+            bail!(
+                "conv_transpose2d: padding {:?} leaves an empty output",
+                p.padding
+            )
+        }
+        Ok(full - 2 * p.padding[i])
+    };
+    let (oh, ow) = (size(0, h, kh)?, size(1, w, kw)?);
+    // As a convolution, the output is the input (N, wco·groups, oh, ow) and x is its output.
+    let g = Geom::new(n, wco * p.groups, [oh, ow], ci, [wci, wco, kh, kw], p)?;
+    if (g.ho, g.wo) != (h, w) {
+        bail!("conv_transpose2d: inconsistent geometry {g:?} for input {h}x{w}")
+    }
+    if !x.device().is_cpu() {
+        return device_conv_transpose2d(x, weight, p, output_padding);
+    }
+    check_float(x, "conv_transpose2d")?;
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, ConvBwdData(g))
+}
+
+fn symmetric(p: Conv2dParams, what: &str) -> Result<(usize, usize, usize)> {
+    let [s0, s1] = p.stride;
+    let [p0, p1] = p.padding;
+    let [d0, d1] = p.dilation;
+    if s0 != s1 || p0 != p1 || d0 != d1 {
+        bail!("{what}: candle's GPU kernels take equal H and W parameters, got {p:?}")
+    }
+    Ok((s0, p0, d0))
+}
+
+/// candle's own kernel, for CUDA and Metal tensors.
+fn device_conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let (s, pad, d) = symmetric(p, "conv2d")?;
+    x.conv2d(weight, pad, s, d, p.groups)
+}
+
+/// candle's own kernel, for CUDA and Metal tensors (groups run one by one: candle has none here).
+fn device_conv_transpose2d(
+    x: &Tensor,
+    weight: &Tensor,
+    p: Conv2dParams,
+    op: [usize; 2],
+) -> Result<Tensor> {
+    let (s, pad, d) = symmetric(p, "conv_transpose2d")?;
+    if op[0] != op[1] {
+        bail!("conv_transpose2d: candle's GPU kernel takes one output_padding, got {op:?}")
+    }
+    if p.groups == 1 {
+        return x.conv_transpose2d(weight, pad, op[0], s, d);
+    }
+    let cig = x.dim(1)? / p.groups;
+    let parts = (0..p.groups)
+        .map(|g| {
+            x.narrow(1, g * cig, cig)?.conv_transpose2d(
+                &weight.narrow(0, g * cig, cig)?,
+                pad,
+                op[0],
+                s,
+                d,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
+}

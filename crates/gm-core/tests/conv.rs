@@ -1,0 +1,226 @@
+//! gm's convolution ops against PyTorch (values from `scripts/conv_reference.py`), candle's own
+//! forward kernel, and central finite differences in f64.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use gm_core::conv::{conv2d, conv_transpose2d, Conv2dParams};
+use gm_core::GmRng;
+use serde_json::Value;
+
+const REFERENCE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/conv_reference.safetensors"
+);
+
+struct Case {
+    transpose: bool,
+    params: Conv2dParams,
+    output_padding: [usize; 2],
+}
+
+fn pair(v: &Value) -> [usize; 2] {
+    [
+        v[0].as_u64().unwrap() as usize,
+        v[1].as_u64().unwrap() as usize,
+    ]
+}
+
+fn cases() -> Result<Vec<Case>> {
+    let bytes = std::fs::read(REFERENCE)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let cases: Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["cases"])?;
+    Ok(cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            transpose: c["op"] == "transpose",
+            params: Conv2dParams {
+                stride: pair(&c["stride"]),
+                padding: pair(&c["padding"]),
+                dilation: pair(&c["dilation"]),
+                groups: c["groups"].as_u64().unwrap() as usize,
+            },
+            output_padding: pair(&c["output_padding"]),
+        })
+        .collect())
+}
+
+fn apply(case: &Case, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if case.transpose {
+        conv_transpose2d(x, w, case.params, case.output_padding)
+    } else {
+        conv2d(x, w, case.params)
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    assert_eq!(a.dims(), b.dims());
+    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
+}
+
+#[test]
+fn forward_and_gradients_match_pytorch_in_f64_and_f32() -> Result<()> {
+    let dev = Device::Cpu;
+    let t = candle_core::safetensors::load(REFERENCE, &dev)?;
+    let cases = cases()?;
+    assert!(cases.len() >= 10);
+    for (i, case) in cases.iter().enumerate() {
+        let get = |n: &str| t[&format!("{i}.{n}")].clone();
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-4)] {
+            let x = Var::from_tensor(&get("x").to_dtype(dtype)?)?;
+            let w = Var::from_tensor(&get("w").to_dtype(dtype)?)?;
+            let y = apply(case, &x, &w)?;
+            let dy = max_abs_diff(&y, &get("y"))?;
+            assert!(
+                dy < tol,
+                "case {i} {dtype:?}: forward differs from PyTorch by {dy}"
+            );
+            let grads = (y * get("r").to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let gx = max_abs_diff(grads.get(&x).unwrap(), &get("dx"))?;
+            let gw = max_abs_diff(grads.get(&w).unwrap(), &get("dw"))?;
+            assert!(
+                gx < tol && gw < tol,
+                "case {i} {dtype:?}: gradients differ from PyTorch: dx {gx}, dw {gw}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn forward_matches_candle_on_model_shapes() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = GmRng::new(3);
+    // (N, C_in, H, W, C_out, k, stride, padding): the shapes of gm's conv models.
+    for (n, ci, h, c_out, k, s, p) in [
+        (8, 1, 28, 32, 3, 1, 1),
+        (4, 32, 28, 64, 4, 2, 1),
+        (3, 64, 7, 64, 3, 1, 1),
+        (1, 16, 14, 16, 1, 1, 0),
+    ] {
+        let x = rng.randn((n, ci, h, h), &dev)?;
+        let w = rng.randn((c_out, ci, k, k), &dev)?;
+        let ours = conv2d(&x, &w, Conv2dParams::default().stride(s).padding(p))?;
+        let theirs = x.conv2d(&w, p, s, 1, 1)?;
+        let d = max_abs_diff(&ours, &theirs)?;
+        assert!(d < 1e-3, "conv {n}x{ci}x{h} k{k} s{s}: {d}");
+    }
+    let x = rng.randn((4, 64, 7, 7), &dev)?;
+    let w = rng.randn((64, 32, 4, 4), &dev)?;
+    let ours = conv_transpose2d(&x, &w, Conv2dParams::default().stride(2).padding(1), [0, 0])?;
+    let theirs = x.conv_transpose2d(&w, 1, 0, 2, 1)?;
+    assert!(max_abs_diff(&ours, &theirs)? < 1e-3);
+    Ok(())
+}
+
+/// Central differences of `f(x, w) = Σ op(x, w) ⊙ r` in f64 against the autograd gradients.
+fn check_fd(
+    case: &Case,
+    xs: (usize, usize, usize, usize),
+    ws: (usize, usize, usize, usize),
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = GmRng::new(11);
+    let x = Var::from_tensor(&rng.randn(xs, &dev)?.to_dtype(DType::F64)?)?;
+    let w = Var::from_tensor(&rng.randn(ws, &dev)?.to_dtype(DType::F64)?)?;
+    let y = apply(case, &x, &w)?;
+    let r = rng.randn(y.shape(), &dev)?.to_dtype(DType::F64)?;
+    let f = |x: &Tensor, w: &Tensor| -> Result<f64> {
+        Ok((apply(case, x, w)? * &r)?.sum_all()?.to_scalar::<f64>()?)
+    };
+    let grads = (y * &r)?.sum_all()?.backward()?;
+    let eps = 1e-6;
+    for (var, which) in [(&x, 0), (&w, 1)] {
+        let g = grads.get(var).unwrap().flatten_all()?.to_vec1::<f64>()?;
+        let base = var.flatten_all()?.to_vec1::<f64>()?;
+        for j in 0..base.len() {
+            let at = |d: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[j] += d;
+                let t = Tensor::from_vec(v, var.shape(), &dev)?;
+                if which == 0 {
+                    f(&t, &w)
+                } else {
+                    f(&x, &t)
+                }
+            };
+            let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            assert!(
+                (fd - g[j]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{} [{j}]: fd {fd} vs autograd {}",
+                if which == 0 { "dx" } else { "dw" },
+                g[j]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gradients_match_finite_differences() -> Result<()> {
+    let conv = |s: usize, p: usize, d: usize, g: usize| Case {
+        transpose: false,
+        params: Conv2dParams::default()
+            .stride(s)
+            .padding(p)
+            .dilation(d)
+            .groups(g),
+        output_padding: [0, 0],
+    };
+    check_fd(&conv(1, 1, 1, 1), (1, 2, 5, 6), (3, 2, 3, 3))?;
+    check_fd(&conv(2, 3, 1, 1), (2, 2, 7, 5), (2, 2, 3, 2))?;
+    check_fd(&conv(1, 2, 2, 2), (1, 4, 6, 6), (2, 2, 3, 3))?;
+    let tr = Case {
+        transpose: true,
+        params: Conv2dParams::default().stride(2).padding(1),
+        output_padding: [1, 0],
+    };
+    check_fd(&tr, (2, 3, 4, 3), (3, 2, 3, 4))?;
+    Ok(())
+}
+
+#[test]
+fn bad_shapes_are_named_errors() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &dev)?;
+    let err = conv2d(
+        &x,
+        &Tensor::zeros((4, 2, 3, 3), DType::F32, &dev)?,
+        Conv2dParams::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("does not fit 3 input channels"),
+        "{err}"
+    );
+    let err = conv2d(
+        &x,
+        &Tensor::zeros((4, 3, 9, 9), DType::F32, &dev)?,
+        Conv2dParams::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("exceeds the padded input"),
+        "{err}"
+    );
+    let err = conv2d(
+        &x,
+        &Tensor::zeros((4, 3, 3, 3), DType::F32, &dev)?,
+        Conv2dParams::default().groups(2),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("divisible by groups"), "{err}");
+    let err = conv2d(
+        &x.to_dtype(DType::U8)?,
+        &Tensor::zeros((4, 3, 3, 3), DType::U8, &dev)?,
+        Conv2dParams::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("f32 or f64"), "{err}");
+    Ok(())
+}
