@@ -1,11 +1,15 @@
-"""Train-step time of gm vs PyTorch, side by side in one run, same architecture, batch and
-thread count (RAYON_NUM_THREADS for gm, torch.set_num_threads for PyTorch, both pinned with
-taskset when available).
+"""gm vs PyTorch on the CPU, side by side in one run: same architecture, batch and thread count
+(RAYON_NUM_THREADS for gm, torch.set_num_threads for PyTorch, both pinned with taskset when
+available), alternating runs, medians.
 
-    python3 scripts/bench_vs_torch.py [--gm target/release/gm] [--threads 1 2] [--steps 30]
+    python3 scripts/bench_vs_torch.py [--gm target/release/gm] [--threads 1 2] [--what models ops]
 
-Prints a table: model, threads, gm ms, PyTorch ms, ratio PyTorch/gm (> 1 means gm is faster),
-peak RSS of each process. Rows: every preset listed in PRESETS.
+Two tables:
+- models: the train step (loss, backward, Adam) of every preset in PRESETS — gm ms, PyTorch ms,
+  ratio PyTorch/gm (> 1 means gm is faster), peak RSS of each process;
+- ops: the convolution shapes of `gm bench --ops` with gm's kernels, candle's own kernels and
+  PyTorch — ms, ratio PyTorch/gm, and achieved GFLOP/s against this CPU's fp32 peak
+  (32 FLOP per cycle per core for AVX2+FMA, at the clock /proc/cpuinfo reports).
 """
 import argparse
 import json
@@ -42,11 +46,90 @@ print(json.dumps({"median_ms": float(np.median(times)), "maxrss_mb": resource.ge
 """
 
 
-def run_child(cmd, env):
+TORCH_OPS_CHILD = r"""
+import json, sys, time
+import numpy as np, torch
+import torch.nn.functional as F
+cases, threads, steps, warmup, batch = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+out = {}
+for c in cases:
+    x = torch.randn(batch, c["c_in"], c["size"], c["size"])
+    if c["mode"] in ("fwd", "train"):
+        w1 = torch.nn.Parameter(torch.randn(32, c["c_in"], 3, 3) * 0.1)
+        w2 = torch.nn.Parameter(torch.randn(c["c_out"], 32, 3, 3) * 0.05)
+        opt = torch.optim.AdamW([w1, w2], lr=1e-3, weight_decay=0.01)
+        def step():
+            y = F.conv2d(F.relu(F.conv2d(x, w1, padding=1)), w2, padding=1)
+            if c["mode"] == "train":
+                opt.zero_grad(); y.square().mean().backward(); opt.step()
+    else:
+        shape = (c["c_out"], c["c_in"]) if c["op"] == "conv" else (c["c_in"], c["c_out"])
+        w = torch.nn.Parameter(torch.randn(*shape, c["kernel"], c["kernel"]) * 0.1)
+        xv = x.clone().requires_grad_(True)
+        f = F.conv2d if c["op"] == "conv" else F.conv_transpose2d
+        def step():
+            xv.grad = None; w.grad = None
+            f(xv, w, stride=c["stride"], padding=c["padding"]).sum().backward()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter(); step()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    out[c["name"]] = float(np.median(times))
+print(json.dumps(out))
+"""
+
+
+def run_child(cmd, env, all_lines=False):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [json.loads(l) for l in out.stdout.strip().splitlines() if l.startswith("{")]
+    return lines if all_lines else lines[-1]
+
+
+def cpu_mhz():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return max(float(l.split(":")[1]) for l in f if l.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        return None
+
+
+def median(v):
+    return sorted(v)[len(v) // 2]
+
+
+def bench_ops(args):
+    mhz = cpu_mhz()
+    rows = []
+    for th in args.threads:
+        pin, env = pinning(th)
+        gm_runs, torch_runs, cases = [], [], None
+        for _ in range(args.repeats):
+            recs = run_child(pin + [args.gm, "bench", "--ops", "--device", "cpu", "--batch", str(args.batch),
+                                    "--steps", str(args.op_steps), "--warmup", "1"], env, all_lines=True)
+            gm_runs.append(recs)
+            cases = [r for r in recs if r["backend"] == "gm"]
+            torch_runs.append(run_child(pin + [args.python, "-c", TORCH_OPS_CHILD, json.dumps(cases), str(th),
+                                               str(args.op_steps), "1", str(args.batch)], env))
+        for c in cases:
+            g = median([r["median_ms"] for run in gm_runs for r in run if r["name"] == c["name"] and r["backend"] == "gm"])
+            cd = median([r["median_ms"] for run in gm_runs for r in run if r["name"] == c["name"] and r["backend"] == "candle"])
+            t = median([run[c["name"]] for run in torch_runs])
+            peak = 32 * mhz * 1e-3 * th if mhz else float("nan")
+            rows.append((c["name"], th, g, cd, t, t / g, c["flop"] / g / 1e6, c["flop"] / t / 1e6, peak))
+    print(f"\nconvolution ops, batch {args.batch}, fp32 peak = 32 FLOP/cycle/core x {mhz or float('nan'):.0f} MHz x threads")
+    print(f"{'case':<30}{'thr':>4}{'gm ms':>9}{'candle ms':>10}{'torch ms':>9}{'torch/gm':>9}{'gm GF/s':>9}{'torch GF/s':>11}{'gm %peak':>9}")
+    for n, th, g, cd, t, r, gg, tg, peak in rows:
+        print(f"{n:<30}{th:>4}{g:>9.1f}{cd:>10.1f}{t:>9.1f}{r:>9.2f}{gg:>9.1f}{tg:>11.1f}{100 * gg / peak:>8.0f}%")
+
+
+def pinning(th):
+    pin = ["taskset", "-c", ",".join(str(i) for i in range(th))] if shutil.which("taskset") else []
+    return pin, dict(os.environ, RAYON_NUM_THREADS=str(th), OMP_NUM_THREADS=str(th))
 
 
 def main():
@@ -57,15 +140,24 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
+    ap.add_argument("--what", nargs="+", default=["models", "ops"], choices=["models", "ops"])
+    ap.add_argument("--batch", type=int, default=128, help="batch of the ops table")
+    ap.add_argument("--op-steps", type=int, default=5, help="timed calls per op case")
     args = ap.parse_args()
+    if "models" in args.what:
+        bench_models(args)
+    if "ops" in args.what:
+        bench_ops(args)
+
+
+def bench_models(args):
     rows = []
     for preset in PRESETS:
         with open(os.path.join(ROOT, preset), "rb") as f:
             toml = tomllib.load(f)
         model, batch = toml["model"], toml["train"]["batch_size"]
         for th in args.threads:
-            pin = ["taskset", "-c", ",".join(str(i) for i in range(th))] if shutil.which("taskset") else []
-            env = dict(os.environ, RAYON_NUM_THREADS=str(th), OMP_NUM_THREADS=str(th))
+            pin, env = pinning(th)
             g, t, grss, trss = [], [], 0, 0
             for _ in range(args.repeats):
                 r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), "--device", "cpu",
@@ -76,6 +168,7 @@ def main():
                 t.append(r["median_ms"]); trss = max(trss, r["maxrss_mb"])
             gm_ms, pt_ms = sorted(g)[len(g) // 2], sorted(t)[len(t) // 2]
             rows.append((os.path.basename(preset), th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, trss))
+    print(f"train step, medians of {args.repeats} alternating runs")
     print(f"{'preset':<24}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm MB':>8}{'torch MB':>9}")
     for p, th, b, g, t, r, gr, tr in rows:
         print(f"{p:<24}{th:>4}{b:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{gr:>8.0f}{tr:>9.0f}")

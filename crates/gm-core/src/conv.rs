@@ -25,7 +25,6 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -280,6 +279,100 @@ fn matmul<T: Elem>(
     }
 }
 
+/// im2col / col2im for one task. Small or strided outputs go through a gather table over a
+/// zero-padded copy of each channel plane (no bounds logic per element); wide stride-1 rows are
+/// copied as runs by [`im2col`] / [`col2im`].
+struct Unfold<T> {
+    /// `table[r * pix + p]`: offset in the padded plane read by column row `r` (a (ky, kx) pair)
+    /// at output pixel `p`.
+    table: Vec<u32>,
+    plane: Vec<T>,
+    hp: usize,
+    wp: usize,
+}
+
+impl<T: Elem> Unfold<T> {
+    fn new(g: &Geom) -> Self {
+        let gather = g.p.stride != [1, 1] || g.wo < 16;
+        if !gather {
+            return Self {
+                table: Vec::new(),
+                plane: Vec::new(),
+                hp: 0,
+                wp: 0,
+            };
+        }
+        let (hp, wp) = (g.h + 2 * g.p.padding[0], g.w + 2 * g.p.padding[1]);
+        let [sh, sw] = g.p.stride;
+        let [dh, dw] = g.p.dilation;
+        let mut table = Vec::with_capacity(g.kh * g.kw * g.pix());
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        table.push(((oy * sh + ky * dh) * wp + ox * sw + kx * dw) as u32);
+                    }
+                }
+            }
+        }
+        Self {
+            table,
+            plane: vec![T::zero(); hp * wp],
+            hp,
+            wp,
+        }
+    }
+
+    fn im2col(&mut self, g: &Geom, x: &[T], grp: usize, col: &mut [T], ncols: usize, c0: usize) {
+        if self.table.is_empty() {
+            return im2col(g, x, grp, col, ncols, c0);
+        }
+        let (h, w, pix, kk) = (g.h, g.w, g.pix(), g.kh * g.kw);
+        let [ph, pw] = g.p.padding;
+        for c in 0..g.cig() {
+            let xc = &x[(grp * g.cig() + c) * h * w..][..h * w];
+            // The border of the plane stays zero; only the interior is rewritten.
+            for (y, src) in xc.chunks_exact(w).enumerate() {
+                self.plane[(y + ph) * self.wp + pw..][..w].copy_from_slice(src);
+            }
+            let plane = &self.plane[..];
+            for r in 0..kk {
+                let row = &mut col[(c * kk + r) * ncols + c0..][..pix];
+                for (d, &i) in row.iter_mut().zip(&self.table[r * pix..][..pix]) {
+                    *d = plane[i as usize];
+                }
+            }
+        }
+    }
+
+    fn col2im(&mut self, g: &Geom, col: &[T], ncols: usize, c0: usize, grp: usize, x: &mut [T]) {
+        if self.table.is_empty() {
+            return col2im(g, col, ncols, c0, grp, x);
+        }
+        let (h, w, pix, kk) = (g.h, g.w, g.pix(), g.kh * g.kw);
+        let [ph, pw] = g.p.padding;
+        debug_assert_eq!(self.plane.len(), self.hp * self.wp);
+        for c in 0..g.cig() {
+            self.plane.fill(T::zero());
+            for r in 0..kk {
+                let row = &col[(c * kk + r) * ncols + c0..][..pix];
+                for (s, &i) in row.iter().zip(&self.table[r * pix..][..pix]) {
+                    self.plane[i as usize] += *s;
+                }
+            }
+            let xc = &mut x[(grp * g.cig() + c) * h * w..][..h * w];
+            for (y, dst) in xc.chunks_exact_mut(w).enumerate() {
+                for (d, s) in dst
+                    .iter_mut()
+                    .zip(&self.plane[(y + ph) * self.wp + pw..][..w])
+                {
+                    *d += *s;
+                }
+            }
+        }
+    }
+}
+
 /// Writes the column matrix of one image and one group into `col[r * ncols + c0 + pixel]`.
 fn im2col<T: Elem>(g: &Geom, x: &[T], grp: usize, col: &mut [T], ncols: usize, c0: usize) {
     let (h, w, ho, wo) = (g.h, g.w, g.ho, g.wo);
@@ -419,6 +512,7 @@ fn conv_fwd<T: Elem>(g: &Geom, x: &[T], wt: &[T]) -> Vec<T> {
         plan.parallel,
         |task, ys| {
             let mut col = vec![T::zero(); k * plan.nb * pix];
+            let mut unfold = Unfold::new(g);
             let mut tmp = vec![T::zero(); if plan.nb > 1 { cog * plan.nb * pix } else { 0 }];
             for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
                 let first = task * plan.per_task + sub * plan.nb;
@@ -427,7 +521,7 @@ fn conv_fwd<T: Elem>(g: &Geom, x: &[T], wt: &[T]) -> Vec<T> {
                 let col = &mut col[..k * ncols];
                 for grp in 0..g.p.groups {
                     for b in 0..nb {
-                        im2col(
+                        unfold.im2col(
                             g,
                             &x[(first + b) * g.in_len()..][..g.in_len()],
                             grp,
@@ -487,6 +581,7 @@ fn conv_bwd_data<T: Elem>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
         plan.parallel,
         |task, xs| {
             let mut col = vec![T::zero(); k * plan.nb * pix];
+            let mut unfold = Unfold::<T>::new(g);
             let mut packed = vec![T::zero(); if plan.nb > 1 { cog * plan.nb * pix } else { 0 }];
             for (sub, xs) in xs.chunks_mut(plan.nb * in_len).enumerate() {
                 let first = task * plan.per_task + sub * plan.nb;
@@ -530,7 +625,7 @@ fn conv_bwd_data<T: Elem>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
                         );
                     }
                     for b in 0..nb {
-                        col2im(g, col, ncols, b * pix, grp, &mut xs[b * in_len..][..in_len]);
+                        unfold.col2im(g, col, ncols, b * pix, grp, &mut xs[b * in_len..][..in_len]);
                     }
                 }
             }
@@ -548,6 +643,7 @@ fn conv_bwd_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     let task = |first: usize, last: usize| -> Vec<T> {
         let mut acc = vec![T::zero(); wlen];
         let mut col = vec![T::zero(); k * plan.nb * pix];
+        let mut unfold = Unfold::<T>::new(g);
         let mut packed = vec![T::zero(); if plan.nb > 1 { cog * plan.nb * pix } else { 0 }];
         for first in (first..last).step_by(plan.nb) {
             let nb = plan.nb.min(last - first);
@@ -556,7 +652,7 @@ fn conv_bwd_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
             let dys = &dy[first * out_len..][..nb * out_len];
             for grp in 0..g.p.groups {
                 for b in 0..nb {
-                    im2col(
+                    unfold.im2col(
                         g,
                         &x[(first + b) * in_len..][..in_len],
                         grp,
@@ -620,49 +716,34 @@ fn conv_bwd_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     }
 }
 
-fn contiguous<'a, T: Elem>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("{what} must be contiguous"),
-    }
+/// The three directions of one convolution geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    /// `conv2d(x, w)`.
+    Fwd,
+    /// `conv2d_backward_data(dy, w)` = `conv_transpose2d(dy, w)`.
+    BwdData,
+    /// `conv2d_backward_filter(x, dy)`.
+    BwdFilter,
 }
 
-/// Runs `f` on the two operands as f32 or f64 slices.
-macro_rules! dispatch {
-    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let $a = contiguous::<f32>($s1, $l1, $name)?;
-                let $b = contiguous::<f32>($s2, $l2, $name)?;
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let $a = contiguous::<f64>($s1, $l1, $name)?;
-                let $b = contiguous::<f64>($s2, $l2, $name)?;
-                CpuStorage::F64($body)
-            }
-            (a, b) => bail!(
-                "{}: CPU kernels take f32 or f64 operands of one dtype, got {:?} and {:?}",
-                $name,
-                a.dtype(),
-                b.dtype()
-            ),
+#[derive(Clone, Copy, Debug)]
+struct ConvOp(Geom, Dir);
+
+/// `op(a, b)` if `needed` (the argument it is the gradient of leads to a variable).
+fn grad_if(needed: bool, a: &Tensor, b: &Tensor, g: Geom, dir: Dir) -> Result<Option<Tensor>> {
+    needed.then(|| a.apply_op2(b, ConvOp(g, dir))).transpose()
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        match self.1 {
+            Dir::Fwd => "gm-conv2d",
+            Dir::BwdData => "gm-conv2d-backward-data",
+            Dir::BwdFilter => "gm-conv2d-backward-filter",
         }
-    };
-}
-
-/// `conv2d(x, w)`.
-struct ConvFwd(Geom);
-/// `conv2d_backward_data(dy, w)` = `conv_transpose2d(dy, w)`.
-struct ConvBwdData(Geom);
-/// `conv2d_backward_filter(x, dy)`.
-struct ConvBwdFilter(Geom);
-
-impl CustomOp2 for ConvFwd {
-    fn name(&self) -> &'static str {
-        "gm-conv2d"
     }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -671,104 +752,52 @@ impl CustomOp2 for ConvFwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let out = dispatch!("gm-conv2d", s1, l1, s2, l2, |x, w| conv_fwd(g, x, w));
-        Ok((out, g.output_shape()))
+        let name = self.name();
+        Ok(match self.1 {
+            Dir::Fwd => (
+                crate::float2!(name, s1, l1, s2, l2, |x, w| conv_fwd(g, x, w)),
+                g.output_shape(),
+            ),
+            Dir::BwdData => (
+                crate::float2!(name, s1, l1, s2, l2, |dy, w| conv_bwd_data(g, dy, w)),
+                g.input_shape(),
+            ),
+            Dir::BwdFilter => (
+                crate::float2!(name, s1, l1, s2, l2, |x, dy| conv_bwd_filter(g, x, dy)),
+                g.weight_shape(),
+            ),
+        })
     }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // Only arguments that lead to a variable need a gradient: an image batch fed to the first
-        // layer skips the data gradient, as in PyTorch.
-        let dy = dy.contiguous()?;
-        let dx = x
-            .track_op()
-            .then(|| dy.apply_op2(w, ConvBwdData(self.0)))
-            .transpose()?;
-        let dw = w
-            .track_op()
-            .then(|| x.apply_op2(&dy, ConvBwdFilter(self.0)))
-            .transpose()?;
-        Ok((dx, dw))
-    }
-}
 
-impl CustomOp2 for ConvBwdData {
-    fn name(&self) -> &'static str {
-        "gm-conv2d-backward-data"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let out = dispatch!("gm-conv2d-backward-data", s1, l1, s2, l2, |dy, w| {
-            conv_bwd_data(g, dy, w)
-        });
-        Ok((out, g.input_shape()))
-    }
+    /// Each direction is bilinear in its two arguments, and the adjoint of each is one of the
+    /// other two directions. Only arguments that lead to a variable get a gradient: an image batch
+    /// fed to the first layer skips the data gradient, as in PyTorch.
     fn bwd(
         &self,
-        dy: &Tensor,
-        w: &Tensor,
-        _dx: &Tensor,
-        gdx: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // dx = Aᵀ(w)·dy is linear in each argument: its adjoint in dy is the forward conv, in w
-        // the filter gradient with the roles of x and dy taken by gdx and dy.
-        let gdx = gdx.contiguous()?;
-        let g_dy = dy
-            .track_op()
-            .then(|| gdx.apply_op2(w, ConvFwd(self.0)))
-            .transpose()?;
-        let g_w = w
-            .track_op()
-            .then(|| gdx.apply_op2(dy, ConvBwdFilter(self.0)))
-            .transpose()?;
-        Ok((g_dy, g_w))
-    }
-}
-
-impl CustomOp2 for ConvBwdFilter {
-    fn name(&self) -> &'static str {
-        "gm-conv2d-backward-filter"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let out = dispatch!("gm-conv2d-backward-filter", s1, l1, s2, l2, |x, dy| {
-            conv_bwd_filter(g, x, dy)
-        });
-        Ok((out, g.weight_shape()))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        dy: &Tensor,
-        _dw: &Tensor,
-        gdw: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let gdw = gdw.contiguous()?;
-        let g_x = x
-            .track_op()
-            .then(|| dy.apply_op2(&gdw, ConvBwdData(self.0)))
-            .transpose()?;
-        let g_dy = dy
-            .track_op()
-            .then(|| x.apply_op2(&gdw, ConvFwd(self.0)))
-            .transpose()?;
-        Ok((g_x, g_dy))
+        let (g, grad) = (self.0, grad.contiguous()?);
+        let (ta, tb) = (a.track_op(), b.track_op());
+        Ok(match self.1 {
+            // y = conv(x, w): dx = bwd_data(dy, w), dw = bwd_filter(x, dy).
+            Dir::Fwd => (
+                grad_if(ta, &grad, b, g, Dir::BwdData)?,
+                grad_if(tb, a, &grad, g, Dir::BwdFilter)?,
+            ),
+            // dx = bwd_data(dy, w): d(dy) = conv(gdx, w), dw = bwd_filter(gdx, dy).
+            Dir::BwdData => (
+                grad_if(ta, &grad, b, g, Dir::Fwd)?,
+                grad_if(tb, &grad, a, g, Dir::BwdFilter)?,
+            ),
+            // dw = bwd_filter(x, dy): dx = bwd_data(dy, gdw), d(dy) = conv(x, gdw).
+            Dir::BwdFilter => (
+                grad_if(ta, b, &grad, g, Dir::BwdData)?,
+                grad_if(tb, a, &grad, g, Dir::Fwd)?,
+            ),
+        })
     }
 }
 
@@ -796,7 +825,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
         return device_conv2d(x, weight, p);
     }
     check_float(x, "conv2d")?;
-    x.contiguous()?.apply_op2(&weight.contiguous()?, ConvFwd(g))
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::Fwd))
 }
 
 /// 2-D transposed convolution (the adjoint of [`conv2d`]), as PyTorch's `conv_transpose2d`.
@@ -845,7 +875,7 @@ pub fn conv_transpose2d(
     }
     check_float(x, "conv_transpose2d")?;
     x.contiguous()?
-        .apply_op2(&weight.contiguous()?, ConvBwdData(g))
+        .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::BwdData))
 }
 
 fn symmetric(p: Conv2dParams, what: &str) -> Result<(usize, usize, usize)> {

@@ -14,7 +14,9 @@ pub mod conv;
 pub mod device;
 pub mod dist;
 pub mod em;
+mod kernel;
 pub mod loss;
+pub mod ops;
 pub mod rng;
 
 pub use device::{select_device, DeviceChoice};

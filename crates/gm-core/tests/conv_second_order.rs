@@ -77,3 +77,29 @@ fn second_order_gradients_match_finite_differences() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[test]
+fn second_order_through_conv_and_fused_leaky_relu() -> Result<()> {
+    std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+    use gm_core::ops::{bias_act, Act};
+    // A two-layer discriminator-like map: conv → bias + LeakyReLU → conv, with a fixed bias.
+    fn net(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let c = w.dim(0)?;
+        let b = Tensor::arange(0u32, c as u32, x.device())?
+            .to_dtype(x.dtype())?
+            .affine(0.1, -0.1)?;
+        let h = bias_act(
+            &conv2d(x, w, Conv2dParams::default().padding(1))?,
+            &b,
+            Act::LeakyRelu(0.2),
+        )?;
+        conv2d(
+            &h,
+            &w.narrow(1, 0, c.min(w.dim(1)?))?
+                .transpose(0, 1)?
+                .contiguous()?,
+            Conv2dParams::default(),
+        )
+    }
+    check(net, (2, 2, 4, 5), (2, 2, 3, 3))
+}

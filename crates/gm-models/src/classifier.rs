@@ -3,10 +3,13 @@
 //! Fréchet distance in *this* network's feature space, not Inception-FID, so numbers are
 //! comparable between gm models but not with papers' FID.
 
+use crate::nn::{Conv2d, Linear};
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+use gm_core::conv::Conv2dParams;
 use gm_core::loss::categorical_nll;
+use gm_core::ops::Act;
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 
@@ -64,24 +67,21 @@ impl Classifier {
     pub fn new(cfg: ClassifierConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let [c, h, w] = cfg.image_shape;
-        let conv = Conv2dConfig {
-            stride: 2,
-            padding: 2,
-            ..Default::default()
-        };
+        let conv = Conv2dParams::default().stride(2).padding(2);
+        let [c1, c2] = cfg.channels;
         let v = vb.pp("net");
         Ok(Self {
-            c1: conv2d(c, cfg.channels[0], 5, conv, v.pp("0"))?,
-            c2: conv2d(cfg.channels[0], cfg.channels[1], 5, conv, v.pp("2"))?,
-            fc: linear(cfg.channels[1] * (h / 4) * (w / 4), cfg.features, v.pp("5"))?,
-            head: linear(cfg.features, cfg.num_classes, vb.pp("head"))?,
+            c1: Conv2d::new(c, c1, [5, 5], conv, true, v.pp("0"))?,
+            c2: Conv2d::new(c1, c2, [5, 5], conv, true, v.pp("2"))?,
+            fc: Linear::new(cfg.channels[1] * (h / 4) * (w / 4), cfg.features, v.pp("5"))?,
+            head: Linear::new(cfg.features, cfg.num_classes, vb.pp("head"))?,
         })
     }
 
     fn feats(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.c1.forward(x)?.relu()?; // (b, c1, h/2, w/2)
-        let h = self.c2.forward(&h)?.relu()?; // (b, c2, h/4, w/4)
-        self.fc.forward(&h.flatten_from(1)?)?.relu()
+        let h = self.c1.forward_act(x, Act::Relu)?; // (b, c1, h/2, w/2)
+        let h = self.c2.forward_act(&h, Act::Relu)?; // (b, c2, h/4, w/4)
+        self.fc.forward_act(&h.flatten_from(1)?, Act::Relu)
     }
 
     fn labels<'a>(&self, batch: &'a Batch) -> Result<&'a Tensor> {

@@ -2,7 +2,9 @@
 //! index too), so safetensors files line up with a PyTorch `state_dict`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+use gm_core::conv::{conv2d, conv_transpose2d, Conv2dParams};
+use gm_core::ops::{bias_act, Act};
 
 /// A stack of linear layers with ReLU between them (not after the last), named
 /// `0, 2, 4, …` like `nn.Sequential(Linear, ReLU, Linear, …)`.
@@ -17,7 +19,7 @@ impl Mlp {
     pub fn new(dims: &[usize], relu_last: bool, vb: VarBuilder) -> Result<Self> {
         let mut layers = Vec::new();
         for (i, w) in dims.windows(2).enumerate() {
-            layers.push(linear(w[0], w[1], vb.pp((2 * i).to_string()))?);
+            layers.push(Linear::new(w[0], w[1], vb.pp((2 * i).to_string()))?);
         }
         Ok(Self { layers, relu_last })
     }
@@ -33,11 +35,193 @@ impl Module for Mlp {
         let mut h = x.clone();
         let n = self.layers.len();
         for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h)?;
-            if i + 1 < n || self.relu_last {
-                h = h.relu()?;
-            }
+            let act = if i + 1 < n || self.relu_last {
+                Act::Relu
+            } else {
+                Act::Identity
+            };
+            h = l.forward_act(&h, act)?;
         }
         Ok(h)
+    }
+}
+
+/// A fully connected layer `act(x·Wᵀ + b)` with PyTorch's names (`weight` `(out, in)`, `bias`)
+/// and candle's initialisation hints; bias and activation run fused ([`bias_act`]).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (c_out, c_in),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = vb.get_with_hints(c_out, "bias", uniform_fan_in(c_in))?;
+        Ok(Self { weight, bias })
+    }
+
+    /// `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `act(x·Wᵀ + b)` for `x` of shape `(N, in)` (or `(…, in)`).
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        if x.rank() != 2 {
+            let mut dims = x.dims().to_vec();
+            let y = self.forward_act(&x.flatten_to(x.rank() - 2)?, act)?;
+            *dims.last_mut().expect("rank > 0") = self.bias.dim(0)?;
+            return y.reshape(dims);
+        }
+        bias_act(&x.matmul(&self.weight.t()?)?, &self.bias, act)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Act::Identity)
+    }
+}
+
+/// A 2-D convolution layer on [`gm_core::conv::conv2d`] (gm's fast CPU kernels; candle's on
+/// CUDA/Metal), with PyTorch's parameter names (`weight` `(C_out, C_in / groups, kH, kW)`, `bias`)
+/// and PyTorch's default initialisation (`U(±1/√fan_in)` for both).
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    params: Conv2dParams,
+}
+
+impl Conv2d {
+    /// `kernel = [kH, kW]`.
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        kernel: [usize; 2],
+        params: Conv2dParams,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if params.groups == 0 || c_in % params.groups != 0 || c_out % params.groups != 0 {
+            candle_core::bail!(
+                "conv {c_in}→{c_out}: channels not divisible by groups = {}",
+                params.groups
+            )
+        }
+        let fan_in = c_in / params.groups * kernel[0] * kernel[1];
+        let init = uniform_fan_in(fan_in);
+        let weight = vb.get_with_hints(
+            (c_out, c_in / params.groups, kernel[0], kernel[1]),
+            "weight",
+            init,
+        )?;
+        let bias = bias
+            .then(|| vb.get_with_hints(c_out, "bias", init))
+            .transpose()?;
+        Ok(Self {
+            weight,
+            bias,
+            params,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `act(conv(x, weight) + bias)` with a weight other than the stored one (a masked weight,
+    /// say).
+    pub fn forward_with_weight(&self, x: &Tensor, weight: &Tensor, act: Act) -> Result<Tensor> {
+        bias_then(conv2d(x, weight, self.params)?, self.bias.as_ref(), act)
+    }
+
+    /// `act(conv(x) + bias)`, bias and activation fused.
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        self.forward_with_weight(x, &self.weight, act)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Act::Identity)
+    }
+}
+
+/// A 2-D transposed convolution layer on [`gm_core::conv::conv_transpose2d`], with PyTorch's
+/// names (`weight` `(C_in, C_out / groups, kH, kW)`, `bias`) and default initialisation.
+#[derive(Clone, Debug)]
+pub struct ConvTranspose2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    params: Conv2dParams,
+    output_padding: [usize; 2],
+}
+
+impl ConvTranspose2d {
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        kernel: [usize; 2],
+        params: Conv2dParams,
+        output_padding: [usize; 2],
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if params.groups == 0 || c_in % params.groups != 0 || c_out % params.groups != 0 {
+            candle_core::bail!(
+                "transposed conv {c_in}→{c_out}: channels not divisible by groups = {}",
+                params.groups
+            )
+        }
+        // PyTorch computes fan_in from the weight's second dimension.
+        let init = uniform_fan_in(c_out / params.groups * kernel[0] * kernel[1]);
+        let weight = vb.get_with_hints(
+            (c_in, c_out / params.groups, kernel[0], kernel[1]),
+            "weight",
+            init,
+        )?;
+        let bias = Some(vb.get_with_hints(c_out, "bias", init)?);
+        Ok(Self {
+            weight,
+            bias,
+            params,
+            output_padding,
+        })
+    }
+}
+
+impl ConvTranspose2d {
+    /// `act(conv_transpose(x) + bias)`, bias and activation fused.
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let y = conv_transpose2d(x, &self.weight, self.params, self.output_padding)?;
+        bias_then(y, self.bias.as_ref(), act)
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Act::Identity)
+    }
+}
+
+fn uniform_fan_in(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// `act(y + bias[c])` over `(N, C, H, W)`.
+fn bias_then(y: Tensor, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
+    match (bias, act) {
+        (Some(b), act) => bias_act(&y, b, act),
+        (None, Act::Identity) => Ok(y),
+        (None, act) => bias_act(&y, &Tensor::zeros(y.dim(1)?, y.dtype(), y.device())?, act),
     }
 }

@@ -16,14 +16,13 @@
 //! Parameter names follow this PyTorch module (`scripts/vae_torch.py`):
 //! `encoder.*` (Sequential), `fc_mu`, `fc_logvar`, `decoder.*` (Sequential), `decoder_log_var`.
 
-use crate::nn::Mlp;
+use crate::nn::{Conv2d, ConvTranspose2d, Linear, Mlp};
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{
-    conv2d, conv_transpose2d, linear, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig,
-    Linear, VarBuilder,
-};
+use candle_nn::VarBuilder;
+use gm_core::conv::Conv2dParams;
 use gm_core::dist::{log_mean_exp, Bernoulli, DiagonalGaussian, StandardNormal};
+use gm_core::ops::Act;
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 
@@ -158,16 +157,7 @@ impl Vae {
         let [c, h, w] = cfg.image_shape;
         let d = cfg.dims();
         let l = cfg.latent_dim;
-        let down = Conv2dConfig {
-            stride: 2,
-            padding: 1,
-            ..Default::default()
-        };
-        let up = ConvTranspose2dConfig {
-            stride: 2,
-            padding: 1,
-            ..Default::default()
-        };
+        let s2 = Conv2dParams::default().stride(2).padding(1);
         let (encoder, enc_out, decoder) = match cfg.arch {
             Arch::Mlp => {
                 let mut dims = vec![d];
@@ -189,22 +179,22 @@ impl Vae {
                 let hid = cfg.hidden[0];
                 let e = vb.pp("encoder");
                 let enc = Encoder::Conv {
-                    c1: conv2d(c, c1, 4, down, e.pp("0"))?,
-                    c2: conv2d(c1, c2, 4, down, e.pp("2"))?,
-                    fc: linear(flat, hid, e.pp("5"))?,
+                    c1: Conv2d::new(c, c1, [4, 4], s2, true, e.pp("0"))?,
+                    c2: Conv2d::new(c1, c2, [4, 4], s2, true, e.pp("2"))?,
+                    fc: Linear::new(flat, hid, e.pp("5"))?,
                 };
                 let dv = vb.pp("decoder");
                 let dec = Decoder::Conv {
-                    fc1: linear(l, hid, dv.pp("0"))?,
-                    fc2: linear(hid, flat, dv.pp("2"))?,
-                    t1: conv_transpose2d(c2, c1, 4, up, dv.pp("5"))?,
-                    t2: conv_transpose2d(c1, c, 4, up, dv.pp("7"))?,
+                    fc1: Linear::new(l, hid, dv.pp("0"))?,
+                    fc2: Linear::new(hid, flat, dv.pp("2"))?,
+                    t1: ConvTranspose2d::new(c2, c1, [4, 4], s2, [0, 0], dv.pp("5"))?,
+                    t2: ConvTranspose2d::new(c1, c, [4, 4], s2, [0, 0], dv.pp("7"))?,
                 };
                 (enc, hid, dec)
             }
         };
-        let fc_mu = linear(enc_out, l, vb.pp("fc_mu"))?;
-        let fc_logvar = linear(enc_out, l, vb.pp("fc_logvar"))?;
+        let fc_mu = Linear::new(enc_out, l, vb.pp("fc_mu"))?;
+        let fc_logvar = Linear::new(enc_out, l, vb.pp("fc_logvar"))?;
         let decoder_log_var = match (cfg.likelihood, cfg.decoder_std) {
             (Likelihood::Gaussian, None) => Some(vb.get_with_hints(
                 (c, h, w),
@@ -235,9 +225,9 @@ impl Vae {
         let h = match &self.encoder {
             Encoder::Mlp(m) => m.forward(&x.flatten_from(1)?)?,
             Encoder::Conv { c1, c2, fc } => {
-                let h = c1.forward(x)?.relu()?; // (b, c1, h/2, w/2)
-                let h = c2.forward(&h)?.relu()?; // (b, c2, h/4, w/4)
-                fc.forward(&h.flatten_from(1)?)?.relu()?
+                let h = c1.forward_act(x, Act::Relu)?; // (b, c1, h/2, w/2)
+                let h = c2.forward_act(&h, Act::Relu)?; // (b, c2, h/4, w/4)
+                fc.forward_act(&h.flatten_from(1)?, Act::Relu)?
             }
         };
         Ok(DiagonalGaussian::new(
@@ -254,10 +244,10 @@ impl Vae {
         match &self.decoder {
             Decoder::Mlp(m) => m.forward(z)?.reshape((n, c, h, w)),
             Decoder::Conv { fc1, fc2, t1, t2 } => {
-                let x = fc1.forward(z)?.relu()?;
-                let x = fc2.forward(&x)?.relu()?;
+                let x = fc1.forward_act(z, Act::Relu)?;
+                let x = fc2.forward_act(&x, Act::Relu)?;
                 let x = x.reshape((n, self.cfg.channels[1], h / 4, w / 4))?;
-                let x = t1.forward(&x)?.relu()?; // (n, c1, h/2, w/2)
+                let x = t1.forward_act(&x, Act::Relu)?; // (n, c1, h/2, w/2)
                 t2.forward(&x) // (n, c, h, w)
             }
         }

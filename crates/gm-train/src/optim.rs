@@ -2,7 +2,7 @@
 //! (candle's `AdamW` keeps its moments private), plus global gradient-norm clipping.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::HashMap;
 
@@ -68,6 +68,9 @@ impl Adam {
     }
 
     /// One update with learning rate `lr`. Parameters without a gradient are left alone.
+    ///
+    /// On the CPU the update runs in place, three passes per parameter and no allocation
+    /// (`m`, `v`, then the parameter); elsewhere it is written with tensor ops.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.t += 1;
         let c = &self.cfg;
@@ -77,7 +80,39 @@ impl Adam {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
             };
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            // A gradient may carry the graph it was computed from; the optimizer state must not.
+            let g = g.detach();
+            let fused = p.device().is_cpu()
+                && matches!(p.dtype(), DType::F32 | DType::F64)
+                && g.dtype() == p.dtype()
+                && p.is_contiguous();
+            if fused {
+                let g = g.contiguous()?;
+                self.m[i].inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: c.beta1,
+                        square: false,
+                    },
+                )?;
+                self.v[i].inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: c.beta2,
+                        square: true,
+                    },
+                )?;
+                let apply = AdamApply {
+                    lr,
+                    bc1,
+                    bc2,
+                    eps: c.eps,
+                    weight_decay: c.weight_decay,
+                };
+                p.as_tensor().inplace_op3(&self.m[i], &self.v[i], &apply)?;
+                continue;
+            }
+            let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let mut next = (p.as_tensor() - (update * lr)?)?;
@@ -95,8 +130,15 @@ impl Adam {
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            out.insert(format!("adam.m.{name}"), self.m[i].clone());
-            out.insert(format!("adam.v.{name}"), self.v[i].clone());
+            // Copies: the moments are updated in place by later steps.
+            out.insert(
+                format!("adam.m.{name}"),
+                self.m[i].copy().expect("copy of adam.m"),
+            );
+            out.insert(
+                format!("adam.v.{name}"),
+                self.v[i].copy().expect("copy of adam.v"),
+            );
         }
         out
     }
@@ -120,6 +162,105 @@ impl Adam {
             }
         }
         self.t = t;
+        Ok(())
+    }
+}
+
+/// `s ← β·s + (1 − β)·g` (or `g²`), in place.
+struct Moment {
+    beta: f64,
+    square: bool,
+}
+
+/// `p ← p − lr·(m̂ / (√v̂ + ε) + wd·p)`, in place.
+struct AdamApply {
+    lr: f64,
+    bc1: f64,
+    bc2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+fn range<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::msg("adam: non-contiguous operand"))?;
+    Ok(&v[a..b])
+}
+
+fn range_mut<'a, T>(v: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::msg("adam: non-contiguous state"))?;
+    Ok(&mut v[a..b])
+}
+
+macro_rules! adam_kernels {
+    ($moment:ident, $apply:ident, $t:ty) => {
+        fn $moment(op: &Moment, s: &mut [$t], g: &[$t]) {
+            let (b, a) = (op.beta as $t, (1.0 - op.beta) as $t);
+            if op.square {
+                s.iter_mut()
+                    .zip(g)
+                    .for_each(|(s, g)| *s = b * *s + a * *g * *g);
+            } else {
+                s.iter_mut().zip(g).for_each(|(s, g)| *s = b * *s + a * *g);
+            }
+        }
+        fn $apply(op: &AdamApply, p: &mut [$t], m: &[$t], v: &[$t]) {
+            let step = (op.lr / op.bc1) as $t;
+            let inv_bc2 = (1.0 / op.bc2) as $t;
+            let eps = op.eps as $t;
+            let decay = (1.0 - op.lr * op.weight_decay) as $t;
+            for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                *p = *p * decay - step * *m / ((*v * inv_bc2).sqrt() + eps);
+            }
+        }
+    };
+}
+adam_kernels!(moment_f32, apply_f32, f32);
+adam_kernels!(moment_f64, apply_f64, f64);
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "gm-adam-moment"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        match (s, g) {
+            (CpuStorage::F32(s), CpuStorage::F32(g)) => {
+                moment_f32(self, range_mut(s, l)?, range(g, gl)?)
+            }
+            (CpuStorage::F64(s), CpuStorage::F64(g)) => {
+                moment_f64(self, range_mut(s, l)?, range(g, gl)?)
+            }
+            _ => candle_core::bail!("adam: f32 or f64 moments and gradients of one dtype"),
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for AdamApply {
+    fn name(&self) -> &'static str {
+        "gm-adam-apply"
+    }
+    fn cpu_fwd(
+        &self,
+        p: &mut CpuStorage,
+        pl: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        match (p, m, v) {
+            (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => {
+                apply_f32(self, range_mut(p, pl)?, range(m, ml)?, range(v, vl)?)
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => {
+                apply_f64(self, range_mut(p, pl)?, range(m, ml)?, range(v, vl)?)
+            }
+            _ => candle_core::bail!("adam: f32 or f64 parameters and moments of one dtype"),
+        }
         Ok(())
     }
 }
@@ -225,5 +366,34 @@ mod tests {
             .unwrap()
             .sqrt();
         assert!((after - 0.5).abs() < 1e-5, "{after}");
+    }
+
+    /// Gradients that come out of gm's conv ops carry the graph they were computed from; the
+    /// optimizer must not keep it (it did once: memory grew by the whole graph every step).
+    #[test]
+    fn optimizer_state_keeps_no_graph() {
+        use gm_core::conv::{conv2d, Conv2dParams};
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::ones((2, 1, 5, 5), DType::F32, &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::ones((3, 1, 3, 3), DType::F32, &dev).unwrap()).unwrap();
+        let y = conv2d(&x.as_tensor().sqr().unwrap(), &w, Conv2dParams::default()).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(&w).unwrap().track_op(),
+            "the test needs a gradient with a graph"
+        );
+        let cfg = AdamConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = Adam::new(vec![("w".into(), w.clone())], cfg).unwrap();
+        for _ in 0..2 {
+            opt.step(&grads, 1e-3).unwrap();
+        }
+        for (name, t) in opt.state() {
+            assert!(!t.track_op(), "{name} keeps a graph");
+        }
     }
 }
