@@ -19,6 +19,7 @@ fn preset(name: &str) -> RunConfig {
 }
 
 fn bench(c: &mut Criterion) {
+    gm::keep_freed_memory();
     let dev = Device::Cpu;
     for name in [
         "vae-mnist.toml",

@@ -19,7 +19,7 @@ pub mod loss;
 pub mod ops;
 pub mod rng;
 
-pub use device::{select_device, DeviceChoice};
+pub use device::{keep_freed_memory, select_device, DeviceChoice};
 pub use dist::{Bernoulli, Categorical, DiagonalGaussian, StandardNormal};
 pub use rng::{GmRng, RngState};
 

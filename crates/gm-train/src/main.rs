@@ -353,6 +353,7 @@ fn run() -> Result<()> {
 }
 
 fn main() {
+    gm_core::keep_freed_memory();
     if let Err(e) = run() {
         eprintln!("gm: error: {e:#}");
         std::process::exit(1);
