@@ -153,6 +153,16 @@ fn conv_flop(c_in: usize, c_out: usize, out: usize, k: usize, batch: usize) -> f
 }
 
 impl OpCase {
+    /// The weight of a single-convolution case, in PyTorch's layout for its op.
+    pub fn weight_shape(&self) -> (usize, usize, usize, usize) {
+        let (i, o, k) = (self.c_in, self.c_out, self.kernel);
+        if self.op == "conv" {
+            (o, i, k, k)
+        } else {
+            (i, o, k, k)
+        }
+    }
+
     fn out_size(&self) -> usize {
         match self.op {
             "conv" => (self.size + 2 * self.padding - self.kernel) / self.stride + 1,
@@ -182,7 +192,8 @@ impl OpCase {
     }
 }
 
-fn conv(backend: Backend, x: &Tensor, w: &Tensor, c: &OpCase) -> candle_core::Result<Tensor> {
+/// The case's convolution (`c.op`, kernel, stride, padding) of `x` by `w` on `backend`.
+pub fn conv(backend: Backend, x: &Tensor, w: &Tensor, c: &OpCase) -> candle_core::Result<Tensor> {
     let p = Conv2dParams::default().stride(c.stride).padding(c.padding);
     match (backend, c.op) {
         (Backend::Gm, "conv") => conv2d(x, w, p),
@@ -237,12 +248,7 @@ pub fn run_case(
             })
         }
         _ => {
-            let wshape = if c.op == "conv" {
-                (c.c_out, c.c_in, c.kernel, c.kernel)
-            } else {
-                (c.c_in, c.c_out, c.kernel, c.kernel)
-            };
-            let w = Var::from_tensor(&(rng.randn(wshape, dev)? * 0.1)?)?;
+            let w = Var::from_tensor(&(rng.randn(c.weight_shape(), dev)? * 0.1)?)?;
             let xv = Var::from_tensor(&x)?;
             Box::new(move || {
                 let y = conv(backend, &xv, &w, c)?;
