@@ -829,6 +829,39 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
         .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::Fwd))
 }
 
+/// The top-left `out = [H', W']` corner of [`conv2d`]'s output (`H' ≤ H_out`, `W' ≤ W_out`),
+/// computed without the rest: padding on one side only, as causal (masked) convolutions need.
+/// With a `k×k` kernel and padding `k − 1`, output `(i, j)` reads input rows and columns
+/// `i − k + 1 … i` and `j − k + 1 … j`.
+///
+/// # Shapes
+/// - `x`: `(N, C_in, H, W)`; `weight`: `(C_out, C_in / groups, kH, kW)`;
+///   returns `(N, C_out, min(H_out, H'), min(W_out, W'))`.
+pub fn conv2d_cropped(
+    x: &Tensor,
+    weight: &Tensor,
+    p: Conv2dParams,
+    out: [usize; 2],
+) -> Result<Tensor> {
+    let (n, ci, h, w) = x.dims4()?;
+    let k = weight.dims4()?;
+    let mut g = Geom::new(n, ci, [h, w], k.0, [k.0, k.1, k.2, k.3], p)?;
+    if out.contains(&0) {
+        bail!("conv2d_cropped: empty output size {out:?}")
+    }
+    g.ho = g.ho.min(out[0]);
+    g.wo = g.wo.min(out[1]);
+    if !x.device().is_cpu() {
+        return device_conv2d(x, weight, p)?
+            .narrow(2, 0, g.ho)?
+            .narrow(3, 0, g.wo)?
+            .contiguous();
+    }
+    check_float(x, "conv2d_cropped")?;
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::Fwd))
+}
+
 /// 2-D transposed convolution (the adjoint of [`conv2d`]), as PyTorch's `conv_transpose2d`.
 ///
 /// # Shapes
@@ -888,8 +921,18 @@ fn symmetric(p: Conv2dParams, what: &str) -> Result<(usize, usize, usize)> {
     Ok((s0, p0, d0))
 }
 
-/// candle's own kernel, for CUDA and Metal tensors.
+/// candle's own kernel, for CUDA and Metal tensors (unequal H and W padding is applied to the
+/// input first).
 fn device_conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    if p.padding[0] != p.padding[1] {
+        let [ph, pw] = p.padding;
+        let xp = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
+        let q = Conv2dParams {
+            padding: [0, 0],
+            ..p
+        };
+        return device_conv2d(&xp, weight, q);
+    }
     let (s, pad, d) = symmetric(p, "conv2d")?;
     x.conv2d(weight, pad, s, d, p.groups)
 }

@@ -17,6 +17,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use crate::kernel::Transcendental;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -203,20 +204,7 @@ impl CustomOp1 for ChannelSum {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = channel_dims(l.shape())?;
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(channel_sum_kernel(
-                crate::kernel::slice::<f32>(s, l, "gm-channel-sum")?,
-                dims,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(channel_sum_kernel(
-                crate::kernel::slice::<f64>(s, l, "gm-channel-sum")?,
-                dims,
-            )),
-            s => bail!(
-                "gm-channel-sum: f32 or f64, got {:?}",
-                candle_core::backend::BackendStorage::dtype(s)
-            ),
-        };
+        let out = crate::float1!("gm-channel-sum", s, l, |x| channel_sum_kernel(x, dims));
         Ok((out, Shape::from(dims.1)))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -255,4 +243,121 @@ pub fn channel_sum(x: &Tensor) -> Result<Tensor> {
         return t.sum(1);
     }
     x.contiguous()?.apply_op1(ChannelSum)
+}
+
+/// `y = tanh(a) ⊙ σ(b)` for `x = [a; b]` split along dimension 1.
+struct Gate;
+/// `dx = [dy ⊙ σ(b)(1 − tanh²a); dy ⊙ tanh(a) σ(b)(1 − σ(b))]` from `x` and `dy`.
+struct GateGrad;
+
+/// Runs `f(k, a_row, b_row, out_rows)` over the rows `k = n·C + c` of a gated tensor in parallel;
+/// each `k` owns `OUT_ROWS` consecutive output rows.
+fn gate_rows<T: WithDType, const OUT_ROWS: usize>(
+    x: &[T],
+    (outer, c2, inner): (usize, usize, usize),
+    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let c = c2 / 2;
+    let inner = inner.max(1);
+    let row = OUT_ROWS * inner;
+    let mut out = vec![T::zero(); outer * c * row];
+    let rows_per_task = PAR_CHUNK.div_ceil(row);
+    out.par_chunks_mut(rows_per_task * row)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (r, o) in chunk.chunks_mut(row).enumerate() {
+                let k = t * rows_per_task + r;
+                let (n, ch) = (k / c, k % c);
+                let a = &x[(n * c2 + ch) * inner..][..inner];
+                let b = &x[(n * c2 + c + ch) * inner..][..inner];
+                f(k, a, b, o);
+            }
+        });
+    out
+}
+
+fn gate_kernel<T: Transcendental>(x: &[T], dims: (usize, usize, usize)) -> Vec<T> {
+    gate_rows::<T, 1>(x, dims, |_, a, b, o| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = a.tanh_() * b.sigmoid();
+        }
+    })
+}
+
+/// `dx` of shape `(N, 2C, inner)`, one parallel task per image: its first half is `da`, its
+/// second `db`.
+fn gate_grad_kernel<T: Transcendental>(x: &[T], dy: &[T], dims: (usize, usize, usize)) -> Vec<T> {
+    let (outer, c2, inner) = dims;
+    let half = c2 / 2 * inner.max(1);
+    let mut dx = vec![T::zero(); outer * 2 * half];
+    let one = T::one();
+    dx.par_chunks_mut(2 * half)
+        .enumerate()
+        .for_each(|(n, out)| {
+            let (da, db) = out.split_at_mut(half);
+            let xa = &x[n * 2 * half..][..half];
+            let xb = &x[n * 2 * half + half..][..half];
+            let g = &dy[n * half..][..half];
+            for i in 0..half {
+                let (t, s) = (xa[i].tanh_(), xb[i].sigmoid());
+                da[i] = g[i] * s * (one - t * t);
+                db[i] = g[i] * t * s * (one - s);
+            }
+        });
+    dx
+}
+
+impl CustomOp1 for Gate {
+    fn name(&self) -> &'static str {
+        "gm-gate"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = channel_dims(l.shape())?;
+        let out = crate::float1!("gm-gate", s, l, |x| gate_kernel(x, dims));
+        let mut shape = l.shape().dims().to_vec();
+        shape[1] /= 2;
+        Ok((out, Shape::from(shape)))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2(&g.contiguous()?, GateGrad)?))
+    }
+}
+
+impl CustomOp2 for GateGrad {
+    fn name(&self) -> &'static str {
+        "gm-gate-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = channel_dims(l1.shape())?;
+        let out = crate::float2!("gm-gate-grad", s1, l1, s2, l2, |x, dy| gate_grad_kernel(
+            x, dy, dims
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The gated activation of WaveNet and the Gated PixelCNN, `tanh(a) ⊙ σ(b)` where `x = [a; b]`
+/// is split in two halves along dimension 1: one pass forward and one backward on the CPU
+/// (candle's ops elsewhere). First-order only: its backward is not itself differentiable.
+///
+/// # Shapes
+/// - `x`: `(N, 2C, ...)`; returns `(N, C, ...)`.
+pub fn gated_tanh(x: &Tensor) -> Result<Tensor> {
+    let (_, c2, _) = channel_dims(x.shape())?;
+    if c2 % 2 != 0 {
+        bail!("gated_tanh: {c2} channels cannot be split in two halves")
+    }
+    if !x.device().is_cpu()
+        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    {
+        let c = c2 / 2;
+        return x.narrow(1, 0, c)?.tanh()? * candle_nn::ops::sigmoid(&x.narrow(1, c, c)?)?;
+    }
+    x.contiguous()?.apply_op1(Gate)
 }

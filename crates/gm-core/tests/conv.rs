@@ -224,3 +224,81 @@ fn bad_shapes_are_named_errors() -> Result<()> {
     assert!(err.to_string().contains("f32 or f64"), "{err}");
     Ok(())
 }
+
+/// `conv2d_cropped` equals the full convolution narrowed to its top-left corner, forward and both
+/// gradients, in f64 (strided, dilated, grouped and batched cases included).
+#[test]
+fn cropped_convolution_is_the_narrowed_full_one() -> Result<()> {
+    use gm_core::conv::conv2d_cropped;
+    let dev = Device::Cpu;
+    let mut rng = GmRng::new(8);
+    let cases = [
+        // (n, ci, co, [h, w], [kh, kw], params, out)
+        (
+            2,
+            3,
+            4,
+            [7, 9],
+            [2, 5],
+            Conv2dParams {
+                padding: [2, 2],
+                ..Default::default()
+            },
+            [7, 9],
+        ),
+        (
+            3,
+            2,
+            6,
+            [8, 8],
+            [1, 3],
+            Conv2dParams {
+                padding: [0, 2],
+                ..Default::default()
+            },
+            [8, 8],
+        ),
+        (
+            1,
+            4,
+            4,
+            [9, 6],
+            [3, 3],
+            Conv2dParams::default().padding(2).dilation(2).groups(2),
+            [5, 4],
+        ),
+        (
+            20,
+            2,
+            3,
+            [6, 5],
+            [3, 3],
+            Conv2dParams::default().padding(2).stride(2),
+            [3, 2],
+        ),
+    ];
+    for (n, ci, co, [h, w], [kh, kw], p, out) in cases {
+        let x = Var::from_tensor(&rng.randn((n, ci, h, w), &dev)?.to_dtype(DType::F64)?)?;
+        let wt = Var::from_tensor(
+            &rng.randn((co, ci / p.groups, kh, kw), &dev)?
+                .to_dtype(DType::F64)?,
+        )?;
+        let ours = conv2d_cropped(&x, &wt, p, out)?;
+        let full = conv2d(&x, &wt, p)?;
+        let (oh, ow) = (ours.dim(2)?, ours.dim(3)?);
+        assert_eq!(
+            (oh, ow),
+            (out[0].min(full.dim(2)?), out[1].min(full.dim(3)?))
+        );
+        let want = full.narrow(2, 0, oh)?.narrow(3, 0, ow)?;
+        assert!(max_abs_diff(&ours, &want)? < 1e-12, "{p:?}: forward");
+        let r = rng.randn(ours.shape(), &dev)?.to_dtype(DType::F64)?;
+        let g1 = (ours * &r)?.sum_all()?.backward()?;
+        let g2 = (want * &r)?.sum_all()?.backward()?;
+        for v in [&x, &wt] {
+            let d = max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap())?;
+            assert!(d < 1e-10, "{p:?}: gradient differs by {d}");
+        }
+    }
+    Ok(())
+}

@@ -120,3 +120,43 @@ fn channel_sum_matches_a_plain_sum() -> Result<()> {
     );
     Ok(())
 }
+
+/// `gated_tanh` = `tanh(a)·σ(b)`: forward against candle's ops, gradient against central
+/// differences in f64 (every element of x), and a (C = 1, inner = 1) case.
+#[test]
+fn gated_tanh_matches_candle_and_finite_differences() -> Result<()> {
+    use gm_core::ops::gated_tanh;
+    let dev = Device::Cpu;
+    let mut rng = GmRng::new(5);
+    for shape in [vec![2, 6, 3, 5], vec![3, 2], vec![1, 10, 40, 41]] {
+        let x = rng.randn(shape.as_slice(), &dev)?;
+        let c = shape[1] / 2;
+        let want = (x.narrow(1, 0, c)?.tanh()? * candle_nn::ops::sigmoid(&x.narrow(1, c, c)?)?)?;
+        let d = (gated_tanh(&x)? - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{shape:?}: forward differs by {d}");
+    }
+    let x0 = rng.randn((2, 4, 2, 3), &dev)?.to_dtype(DType::F64)?;
+    let r = rng.randn((2, 2, 2, 3), &dev)?.to_dtype(DType::F64)?;
+    let f = |x: &Tensor| -> Result<f64> { Ok((gated_tanh(x)? * &r)?.sum_all()?.to_scalar()?) };
+    let x = Var::from_tensor(&x0)?;
+    let g = (gated_tanh(&x)? * &r)?.sum_all()?.backward()?;
+    let g = g.get(&x).unwrap().flatten_all()?.to_vec1::<f64>()?;
+    let base = x0.flatten_all()?.to_vec1::<f64>()?;
+    let h = 1e-6;
+    for i in 0..base.len() {
+        let mut p = base.clone();
+        p[i] += h;
+        let mut m = base.clone();
+        m[i] -= h;
+        let fd = (f(&Tensor::from_vec(p, x0.shape(), &dev)?)?
+            - f(&Tensor::from_vec(m, x0.shape(), &dev)?)?)
+            / (2.0 * h);
+        assert!((fd - g[i]).abs() < 1e-7, "element {i}: fd {fd} vs {}", g[i]);
+    }
+    assert!(gated_tanh(&rng.randn((2, 3), &dev)?).is_err());
+    Ok(())
+}

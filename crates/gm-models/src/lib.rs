@@ -4,8 +4,13 @@
 //! evaluates per-image metrics in the field's units, and samples. A model is described entirely
 //! by its [`ModelConfig`], which is what checkpoints store, so a checkpoint alone rebuilds it.
 
+pub mod ar;
 pub mod classifier;
+pub mod fvsbn;
+pub mod gated_pixelcnn;
+pub mod made;
 pub mod nn;
+pub mod pixelcnn;
 pub mod vae;
 
 use candle_core::{Result, Tensor};
@@ -72,6 +77,12 @@ pub trait Model {
     /// `n` samples as `(n, C, H, W)` images in `[0, 1]`; `None` for models that do not sample.
     fn sample(&self, n: usize, rng: &mut GmRng) -> Result<Option<Tensor>>;
 
+    /// One sample per label `(len, C, H, W)` in `[0, 1]`, for class-conditional models; `None`
+    /// for the others.
+    fn sample_labels(&self, _labels: &[u32], _rng: &mut GmRng) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Reconstructions `(B, C, H, W)` in `[0, 1]`, for models that have them.
     fn reconstruct(&self, _batch: &Batch, _rng: &mut GmRng) -> Result<Option<Tensor>> {
         Ok(None)
@@ -94,6 +105,23 @@ pub trait Model {
 pub enum ModelConfig {
     Vae(vae::VaeConfig),
     Classifier(classifier::ClassifierConfig),
+    Fvsbn(fvsbn::FvsbnConfig),
+    Made(made::MadeConfig),
+    #[serde(rename = "pixelcnn")]
+    PixelCnn(pixelcnn::PixelCnnConfig),
+    #[serde(rename = "gated-pixelcnn")]
+    GatedPixelCnn(gated_pixelcnn::GatedPixelCnnConfig),
+}
+
+/// The pixel values a model is defined on, checked against the data pre-processing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PixelData {
+    /// 0/1 pixels: `data.binarize` must be `dynamic` or `static`.
+    Binary,
+    /// The 256 grey levels as they are: no binarisation, no dequantisation.
+    Levels,
+    /// Whatever the pre-processing gives.
+    Any,
 }
 
 impl ModelConfig {
@@ -101,6 +129,10 @@ impl ModelConfig {
         match self {
             Self::Vae(_) => "vae",
             Self::Classifier(_) => "classifier",
+            Self::Fvsbn(_) => "fvsbn",
+            Self::Made(_) => "made",
+            Self::PixelCnn(_) => "pixelcnn",
+            Self::GatedPixelCnn(_) => "gated-pixelcnn",
         }
     }
 
@@ -109,6 +141,10 @@ impl ModelConfig {
         match self {
             Self::Vae(c) => c.image_shape,
             Self::Classifier(c) => c.image_shape,
+            Self::Fvsbn(c) => c.image_shape,
+            Self::Made(c) => c.image_shape,
+            Self::PixelCnn(c) => c.image_shape,
+            Self::GatedPixelCnn(c) => c.image_shape,
         }
     }
 
@@ -117,6 +153,10 @@ impl ModelConfig {
         match self {
             Self::Vae(c) => c.validate(),
             Self::Classifier(c) => c.validate(),
+            Self::Fvsbn(c) => c.validate(),
+            Self::Made(c) => c.validate(),
+            Self::PixelCnn(c) => c.validate(),
+            Self::GatedPixelCnn(c) => c.validate(),
         }
     }
 
@@ -125,6 +165,32 @@ impl ModelConfig {
         Ok(match self {
             Self::Vae(c) => Box::new(vae::Vae::new(c.clone(), vb)?),
             Self::Classifier(c) => Box::new(classifier::Classifier::new(c.clone(), vb)?),
+            Self::Fvsbn(c) => Box::new(fvsbn::Fvsbn::new(c.clone(), vb)?),
+            Self::Made(c) => Box::new(made::Made::new(c.clone(), vb)?),
+            Self::PixelCnn(c) => Box::new(pixelcnn::PixelCnn::new(c.clone(), vb)?),
+            Self::GatedPixelCnn(c) => Box::new(gated_pixelcnn::GatedPixelCnn::new(c.clone(), vb)?),
         })
+    }
+
+    /// The pixel values the model is defined on.
+    pub fn pixel_data(&self) -> PixelData {
+        use ar::PixelOutput as P;
+        match self {
+            Self::Fvsbn(_) | Self::Made(_) => PixelData::Binary,
+            Self::PixelCnn(c) if c.output == P::Bernoulli => PixelData::Binary,
+            Self::GatedPixelCnn(c) if c.output == P::Bernoulli => PixelData::Binary,
+            Self::PixelCnn(_) | Self::GatedPixelCnn(_) => PixelData::Levels,
+            _ => PixelData::Any,
+        }
+    }
+
+    /// Labels the model needs in every batch (class-conditional models and classifiers).
+    pub fn needs_labels(&self) -> bool {
+        match self {
+            Self::Classifier(_) => true,
+            Self::PixelCnn(c) => c.num_classes > 0,
+            Self::GatedPixelCnn(c) => c.num_classes > 0,
+            _ => false,
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use gm_core::conv::{conv2d, conv_transpose2d, Conv2dParams};
+use gm_core::conv::{conv2d, conv2d_cropped, conv_transpose2d, Conv2dParams};
 use gm_core::ops::{bias_act, Act};
 
 /// A stack of linear layers with ReLU between them (not after the last), named
@@ -72,13 +72,18 @@ impl Linear {
 
     /// `act(x·Wᵀ + b)` for `x` of shape `(N, in)` (or `(…, in)`).
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        self.forward_with_weight(x, &self.weight, act)
+    }
+
+    /// `act(x·weightᵀ + b)` with a weight other than the stored one (a masked weight, say).
+    pub fn forward_with_weight(&self, x: &Tensor, weight: &Tensor, act: Act) -> Result<Tensor> {
         if x.rank() != 2 {
             let mut dims = x.dims().to_vec();
-            let y = self.forward_act(&x.flatten_to(x.rank() - 2)?, act)?;
+            let y = self.forward_with_weight(&x.flatten_to(x.rank() - 2)?, weight, act)?;
             *dims.last_mut().expect("rank > 0") = self.bias.dim(0)?;
             return y.reshape(dims);
         }
-        bias_act(&x.matmul(&self.weight.t()?)?, &self.bias, act)
+        bias_act(&x.matmul(&weight.t()?)?, &self.bias, act)
     }
 }
 
@@ -144,6 +149,16 @@ impl Conv2d {
     /// `act(conv(x) + bias)`, bias and activation fused.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         self.forward_with_weight(x, &self.weight, act)
+    }
+
+    /// `act(conv(x) + bias)` on the top-left `out = [H', W']` corner of the output only
+    /// ([`gm_core::conv::conv2d_cropped`]): with padding on one side, a causal convolution.
+    pub fn forward_cropped(&self, x: &Tensor, out: [usize; 2], act: Act) -> Result<Tensor> {
+        bias_then(
+            conv2d_cropped(x, &self.weight, self.params, out)?,
+            self.bias.as_ref(),
+            act,
+        )
     }
 }
 

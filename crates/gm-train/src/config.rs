@@ -2,7 +2,7 @@
 //! validation whose errors name the offending key.
 
 use anyhow::{anyhow, bail, Context, Result};
-use gm_models::ModelConfig;
+use gm_models::{ModelConfig, PixelData};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -241,6 +241,21 @@ impl RunConfig {
         }
         if t.keep_last == 0 {
             return Err("train.keep_last must be >= 1".into());
+        }
+        match self.model.pixel_data() {
+            PixelData::Binary if self.data.binarize == Binarize::None => {
+                return Err(format!(
+                    "a '{}' model with Bernoulli pixels needs data.binarize = \"dynamic\" or \"static\"",
+                    self.model.kind()
+                ))
+            }
+            PixelData::Levels if self.data.binarize != Binarize::None || self.data.dequantize => {
+                return Err(format!(
+                    "a '{}' model with 256-level pixels needs data.binarize = \"none\" and data.dequantize = false",
+                    self.model.kind()
+                ))
+            }
+            _ => {}
         }
         if self.data.dir.is_none()
             && !["mnist", "fashion-mnist"].contains(&self.data.dataset.as_str())

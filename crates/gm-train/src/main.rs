@@ -65,6 +65,9 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Class-conditional models: one grid row per label, `--n` samples each (e.g. 0,1,2 or 0-9).
+        #[arg(long)]
+        labels: Option<String>,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -134,6 +137,29 @@ fn device(d: &DeviceArg) -> Result<Device> {
     Ok(dev)
 }
 
+/// `0,3,7` or `0-9` (ranges and lists mix: `0-2,7`).
+fn parse_labels(spec: &str) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || anyhow!("--labels: cannot read '{part}' (expected e.g. 0,1,2 or 0-9)");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        bail!("--labels: no labels in '{spec}'");
+    }
+    Ok(out)
+}
+
 fn run() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Train {
@@ -199,6 +225,7 @@ fn run() -> Result<()> {
             n,
             out,
             seed,
+            labels,
             device: d,
         } => {
             if n == 0 {
@@ -206,17 +233,37 @@ fn run() -> Result<()> {
             }
             let dev = device(&d)?;
             let ck = load_checkpoint(&checkpoint, &dev)?;
+            let model = ck.built.model.as_ref();
+            let mut rng = GmRng::new(seed);
             let t0 = std::time::Instant::now();
-            let s = ck
-                .built
-                .model
-                .sample(n, &mut GmRng::new(seed))?
-                .ok_or_else(|| anyhow!("a '{}' model does not sample", ck.built.model.kind()))?;
+            let (s, ncol) = match &labels {
+                None => (
+                    model
+                        .sample(n, &mut rng)?
+                        .ok_or_else(|| anyhow!("a '{}' model does not sample", model.kind()))?,
+                    (n as f64).sqrt().ceil() as usize,
+                ),
+                Some(spec) => {
+                    let rows = parse_labels(spec)?;
+                    let all: Vec<u32> = rows
+                        .iter()
+                        .flat_map(|&l| std::iter::repeat_n(l, n))
+                        .collect();
+                    let s = model.sample_labels(&all, &mut rng)?.ok_or_else(|| {
+                        anyhow!(
+                            "--labels: a '{}' model is not class-conditional",
+                            model.kind()
+                        )
+                    })?;
+                    (s, n)
+                }
+            };
+            let total = s.dim(0)?;
             let dt = t0.elapsed().as_secs_f64();
-            save_grid(&s, (n as f64).sqrt().ceil() as usize, &out)?;
+            save_grid(&s, ncol, &out)?;
             eprintln!(
-                "gm: {n} samples in {dt:.2}s ({:.1} images/s) from {} -> {}",
-                n as f64 / dt,
+                "gm: {total} samples in {dt:.2}s ({:.1} images/s) from {} -> {}",
+                total as f64 / dt,
                 ck.path.display(),
                 out.display()
             );

@@ -196,6 +196,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let (data_dir, data_source) = resolve_data(cfg, opts.data_dir.as_deref())?;
     let mut train_ds = load_split(&data_dir, Split::Train)?;
     train_ds.truncate(cfg.data.max_train);
+    if cfg.model.needs_labels() && train_ds.labels.is_none() {
+        bail!(
+            "a '{}' model needs class labels, but {} has no train-labels file",
+            cfg.model.kind(),
+            train_ds.source
+        );
+    }
     let test_ds: Option<ImageDataset> = match load_split(&data_dir, Split::Test) {
         Ok(d) => Some(d),
         Err(e) => {

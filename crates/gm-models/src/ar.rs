@@ -1,0 +1,219 @@
+//! What every autoregressive image model shares: the per-pixel output distribution, the exact
+//! negative log-likelihood, raster-order sampling and class labels.
+//!
+//! Seed 002: `p(x) = Π_d p(x_d | x_<d)`, so maximum likelihood is a classification problem per
+//! pixel and `−log p(x)` is exact — the test metric, in nats per image.
+//!
+//! Every model here maps an image batch `(B, C, H, W)` to logits `(B, K, D)` over the flattened
+//! pixels (`D = C·H·W`, `K = 1` for Bernoulli pixels, `K = 256` for 8-bit grey levels) such that
+//! the logits of pixel `d` depend only on the pixels before `d` in the model's order.
+
+use crate::{Batch, EvalOptions, Loss, Metrics, Model};
+use candle_core::{DType, Device, Result, Tensor, D};
+use gm_core::dist::{Bernoulli, Categorical};
+use gm_core::GmRng;
+use serde::{Deserialize, Serialize};
+
+/// The conditional distribution of one pixel given the previous ones.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PixelOutput {
+    /// A Bernoulli on binarised pixels (one logit per pixel); needs `data.binarize`.
+    #[default]
+    Bernoulli,
+    /// A 256-way softmax over the grey levels (256 logits per pixel); needs the raw levels
+    /// (`data.binarize = "none"`, no dequantisation).
+    Categorical,
+}
+
+impl PixelOutput {
+    /// Logits per pixel.
+    pub fn classes(self) -> usize {
+        match self {
+            Self::Bernoulli => 1,
+            Self::Categorical => 256,
+        }
+    }
+
+    /// `−log p(x)` per image, `(B,)` nats, for logits `(B, K, D)` and images `(B, C, H, W)`.
+    pub fn nll(self, logits: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        match self {
+            Self::Bernoulli => Bernoulli::new(logits.squeeze(1)?)
+                .log_prob(&x.reshape((b, ()))?)?
+                .neg(),
+            Self::Categorical => Categorical::new(logits.clone(), 1)?
+                .log_prob(&to_levels(&x.reshape((b, ()))?)?)?
+                .neg(),
+        }
+    }
+
+    /// Draws pixel values in `[0, 1]` (0/1, or level/255) from the logits `(N, K)` of one pixel.
+    fn draw(self, logits: &[Vec<f32>], rng: &mut GmRng) -> Vec<f32> {
+        logits
+            .iter()
+            .map(|l| match self {
+                Self::Bernoulli => {
+                    let p = 1.0 / (1.0 + (-l[0] as f64).exp());
+                    f32::from(rng.uniform_f64() < p)
+                }
+                Self::Categorical => {
+                    let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let w: Vec<f64> = l.iter().map(|&v| ((v - m) as f64).exp()).collect();
+                    let mut u = rng.uniform_f64() * w.iter().sum::<f64>();
+                    let mut k = w.len() - 1;
+                    for (i, wi) in w.iter().enumerate() {
+                        if u < *wi {
+                            k = i;
+                            break;
+                        }
+                        u -= wi;
+                    }
+                    k as f32 / 255.0
+                }
+            })
+            .collect()
+    }
+}
+
+/// Grey values in `[0, 1]` (multiples of 1/255) to `u32` levels `0..=255`.
+pub fn to_levels(x: &Tensor) -> Result<Tensor> {
+    (x.to_dtype(DType::F32)? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U32)
+}
+
+/// Samples `n` images pixel by pixel in `order` (indices into the flattened `C·H·W` image):
+/// before pixel `order[t]` is drawn, the network sees every pixel drawn so far and zeros
+/// elsewhere. `logits(x)` must return `(n, K, D)`. One network evaluation per pixel, batched
+/// over the `n` images; images get the dtype and device of `like` (a parameter of the model).
+pub fn sample_in_order(
+    shape: [usize; 3],
+    n: usize,
+    order: &[usize],
+    out: PixelOutput,
+    like: &Tensor,
+    rng: &mut GmRng,
+    mut logits: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let [c, h, w] = shape;
+    let (dtype, device) = (like.dtype(), like.device());
+    let d = c * h * w;
+    let mut buf = vec![0f32; n * d];
+    for &pix in order {
+        let x = Tensor::from_slice(&buf, (n, c, h, w), device)?.to_dtype(dtype)?;
+        let l = logits(&x)?
+            .narrow(D::Minus1, pix, 1)?
+            .squeeze(D::Minus1)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        for (i, v) in out.draw(&l, rng).into_iter().enumerate() {
+            buf[i * d + pix] = v;
+        }
+    }
+    Tensor::from_vec(buf, (n, c, h, w), device)?.to_dtype(dtype)
+}
+
+/// Labels `0, 1, …` cycling through `num_classes` (what an unconditional `sample(n)` of a
+/// class-conditional model draws), as a `(n,)` u32 tensor.
+pub fn cycle_labels(n: usize, num_classes: usize, device: &Device) -> Result<Tensor> {
+    let v: Vec<u32> = (0..n).map(|i| (i % num_classes) as u32).collect();
+    Tensor::from_vec(v, n, device)
+}
+
+/// Checks labels against the number of classes; the error names the bad label.
+pub fn check_labels(labels: &[u32], num_classes: usize) -> Result<()> {
+    if num_classes == 0 {
+        candle_core::bail!("this model is not class-conditional (model.num_classes = 0)")
+    }
+    if let Some(l) = labels.iter().find(|&&l| l as usize >= num_classes) {
+        candle_core::bail!("label {l} out of range: the model has {num_classes} classes")
+    }
+    Ok(())
+}
+
+/// Validation shared by the AR configs.
+pub(crate) fn check_shape(shape: [usize; 3]) -> std::result::Result<(), String> {
+    if shape.contains(&0) {
+        return Err(format!("model.image_shape must be positive, got {shape:?}"));
+    }
+    Ok(())
+}
+
+/// A convolutional autoregressive image model in raster order (PixelCNN, Gated PixelCNN): it
+/// supplies its logits, and gets the whole [`Model`] (exact NLL loss and metrics, sampling,
+/// class-conditional sampling) from this trait.
+pub trait RasterModel {
+    /// The `kind` string of the config.
+    fn kind_name(&self) -> &'static str;
+    fn image_shape(&self) -> [usize; 3];
+    fn output(&self) -> PixelOutput;
+    /// Number of classes of a class-conditional model (0 = unconditional).
+    fn num_classes(&self) -> usize;
+    /// Any parameter, whose dtype and device the samples take.
+    fn any_param(&self) -> &Tensor;
+    /// Logits `(B, K, D)` for images `(B, C, H, W)` and, for a conditional model, labels `(B,)`.
+    fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor>;
+
+    /// Raster-order samples, one per label (or unconditional when `labels` is `None`).
+    fn draw(&self, labels: Option<Tensor>, n: usize, rng: &mut GmRng) -> Result<Tensor> {
+        let [c, h, w] = self.image_shape();
+        let order: Vec<usize> = (0..c * h * w).collect();
+        sample_in_order(
+            self.image_shape(),
+            n,
+            &order,
+            self.output(),
+            self.any_param(),
+            rng,
+            |x| self.logits(x, labels.as_ref()),
+        )
+    }
+}
+
+impl<T: RasterModel> Model for T {
+    fn kind(&self) -> &'static str {
+        self.kind_name()
+    }
+
+    fn loss(&self, batch: &Batch, _rng: &mut GmRng) -> Result<Loss> {
+        let logits = self.logits(&batch.x, batch.labels.as_ref())?;
+        let nll = self.output().nll(&logits, &batch.x)?.mean(0)?;
+        Ok(Loss {
+            total: nll.clone(),
+            parts: vec![("nll", nll)],
+        })
+    }
+
+    /// `nll_nats`: the exact `−log p(x)` per image.
+    fn eval_metrics(&self, batch: &Batch, _rng: &mut GmRng, _o: &EvalOptions) -> Result<Metrics> {
+        let logits = self.logits(&batch.x, batch.labels.as_ref())?;
+        Ok(vec![(
+            "nll_nats".into(),
+            self.output().nll(&logits, &batch.x)?,
+        )])
+    }
+
+    fn primary_metric(&self) -> &'static str {
+        "nll_nats"
+    }
+
+    fn likelihood_metric(&self) -> Option<&'static str> {
+        Some("nll_nats")
+    }
+
+    /// Raster-order samples; a conditional model cycles through the classes.
+    fn sample(&self, n: usize, rng: &mut GmRng) -> Result<Option<Tensor>> {
+        let labels = (self.num_classes() > 0)
+            .then(|| cycle_labels(n, self.num_classes(), self.any_param().device()))
+            .transpose()?;
+        Ok(Some(self.draw(labels, n, rng)?))
+    }
+
+    fn sample_labels(&self, labels: &[u32], rng: &mut GmRng) -> Result<Option<Tensor>> {
+        check_labels(labels, self.num_classes())?;
+        let y = Tensor::from_slice(labels, labels.len(), self.any_param().device())?;
+        Ok(Some(self.draw(Some(y), labels.len(), rng)?))
+    }
+}

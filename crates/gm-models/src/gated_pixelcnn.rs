@@ -1,0 +1,255 @@
+//! Gated PixelCNN (van den Oord et al., 2016, "Conditional Image Generation with PixelCNN
+//! Decoders"): two stacks that together see every earlier pixel — no blind spot.
+//!
+//! - The *vertical* stack at `(i, j)` sees only rows above `i` (any column within the kernel).
+//!   Its convolution has a `(k/2 + 1) × k` kernel over rows `i − k/2 … i` of the previous vertical
+//!   features (which themselves see only rows above); the first layer uses a `k/2 × k` kernel
+//!   over rows `i − k/2 … i − 1` of the image. Padding and cropping replace the mask, so no
+//!   multiply is wasted on zeroed weights.
+//! - The *horizontal* stack at `(i, j)` sees pixels `(i, j' < j)` of row `i` and, through a 1×1
+//!   link, the vertical features at `(i, j)`; its kernel is `1 × (k/2 + 1)` (the first layer
+//!   `1 × k/2`, excluding the centre).
+//! - Each layer is gated, `y = tanh(W_f ∗ x + V_f·e_y) ⊙ σ(W_g ∗ x + V_g·e_y)`, where `e_y` is the
+//!   class embedding of a conditional model; the horizontal stack is residual after layer 0.
+//!
+//! Parameter names: `layers.{i}.{v_conv,h_conv,v_to_h,h_out,cond_v,cond_h}`, `head.1`, `head.3`.
+
+use crate::ar::{check_shape, PixelOutput, RasterModel};
+use crate::nn::Conv2d;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use gm_core::conv::Conv2dParams;
+use gm_core::ops::{gated_tanh, Act};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatedPixelCnnConfig {
+    /// `[1, H, W]`.
+    pub image_shape: [usize; 3],
+    /// Feature maps per stack (`h`; the gates use `2h`).
+    pub channels: usize,
+    /// Gated layers, the first included.
+    pub layers: usize,
+    /// Kernel size `k` of the first layer (odd).
+    pub first_kernel: usize,
+    /// Kernel size `k` of the other layers (odd).
+    pub kernel: usize,
+    pub head_channels: usize,
+    pub output: PixelOutput,
+    /// Number of classes for a class-conditional model (0 = unconditional).
+    pub num_classes: usize,
+}
+
+impl Default for GatedPixelCnnConfig {
+    fn default() -> Self {
+        Self {
+            image_shape: [1, 28, 28],
+            channels: 16,
+            layers: 3,
+            first_kernel: 7,
+            kernel: 3,
+            head_channels: 16,
+            output: PixelOutput::Bernoulli,
+            num_classes: 0,
+        }
+    }
+}
+
+impl GatedPixelCnnConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        check_shape(self.image_shape)?;
+        if self.image_shape[0] != 1 {
+            return Err(format!(
+                "model.image_shape: Gated PixelCNN supports single-channel images, got {} channels",
+                self.image_shape[0]
+            ));
+        }
+        if self.channels == 0 || self.head_channels == 0 || self.layers == 0 {
+            return Err("model.channels, model.head_channels and model.layers must be > 0".into());
+        }
+        for (k, v) in [("first_kernel", self.first_kernel), ("kernel", self.kernel)] {
+            if v % 2 == 0 || v < 3 {
+                return Err(format!("model.{k} must be odd and >= 3, got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A convolution whose output is the top-left corner of the input's size: with a kernel of
+/// `rows × cols` and padding `(pr, pc)`, output `(i, j)` reads input rows `i − pr … i − pr + rows
+/// − 1` and columns `j − pc … j − pc + cols − 1`.
+#[derive(Clone, Debug)]
+struct ShiftedConv {
+    conv: Conv2d,
+}
+
+impl ShiftedConv {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        kernel: [usize; 2],
+        pad: [usize; 2],
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let p = Conv2dParams {
+            padding: pad,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: Conv2d::new(c_in, c_out, kernel, p, true, vb)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        self.conv.forward_cropped(x, [h, w], Act::Identity)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct GatedLayer {
+    v_conv: ShiftedConv,
+    h_conv: ShiftedConv,
+    v_to_h: Conv2d,
+    h_out: Conv2d,
+    cond_v: Option<Embedding>,
+    cond_h: Option<Embedding>,
+    /// Layer 0: strictly-before kernels, no residual.
+    first: bool,
+    /// The last layer's vertical output feeds nothing: it is not computed (nor conditioned).
+    last: bool,
+}
+
+impl GatedLayer {
+    fn new(
+        c_in: usize,
+        h: usize,
+        k: usize,
+        [first, last]: [bool; 2],
+        classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let r = k / 2;
+        let (v_rows, h_cols) = if first { (r, r) } else { (r + 1, r + 1) };
+        let one = Conv2dParams::default();
+        let emb = |name: &str| -> Result<Option<Embedding>> {
+            (classes > 0 && !(last && name == "cond_v"))
+                .then(|| candle_nn::embedding(classes, 2 * h, vb.pp(name)))
+                .transpose()
+        };
+        Ok(Self {
+            v_conv: ShiftedConv::new(c_in, 2 * h, [v_rows, k], [r, r], vb.pp("v_conv"))?,
+            h_conv: ShiftedConv::new(c_in, 2 * h, [1, h_cols], [0, r], vb.pp("h_conv"))?,
+            v_to_h: Conv2d::new(2 * h, 2 * h, [1, 1], one, true, vb.pp("v_to_h"))?,
+            h_out: Conv2d::new(h, h, [1, 1], one, true, vb.pp("h_out"))?,
+            cond_v: emb("cond_v")?,
+            cond_h: emb("cond_h")?,
+            first,
+            last,
+        })
+    }
+
+    fn forward(&self, v: &Tensor, h: &Tensor, y: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let cond = |e: &Option<Embedding>, t: Tensor| -> Result<Tensor> {
+            match e {
+                None => Ok(t),
+                Some(e) => {
+                    let y = y.ok_or_else(|| {
+                        candle_core::Error::msg("a class-conditional Gated PixelCNN needs labels")
+                    })?;
+                    t.broadcast_add(&e.forward(y)?.unsqueeze(2)?.unsqueeze(3)?)
+                }
+            }
+        };
+        let vf = self.v_conv.forward(v)?;
+        let hf = (self.h_conv.forward(h)? + self.v_to_h.forward(&vf)?)?;
+        let v_out = if self.last {
+            vf
+        } else {
+            gated_tanh(&cond(&self.cond_v, vf)?)?
+        };
+        let hg = self.h_out.forward(&gated_tanh(&cond(&self.cond_h, hf)?)?)?;
+        let h_out = if self.first { hg } else { (h + hg)? };
+        Ok((v_out, h_out))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GatedPixelCnn {
+    cfg: GatedPixelCnnConfig,
+    layers: Vec<GatedLayer>,
+    head1: Conv2d,
+    head2: Conv2d,
+}
+
+impl GatedPixelCnn {
+    pub fn new(cfg: GatedPixelCnnConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let h = cfg.channels;
+        let mut layers = Vec::new();
+        for i in 0..cfg.layers {
+            let (c_in, k) = if i == 0 {
+                (cfg.image_shape[0], cfg.first_kernel)
+            } else {
+                (h, cfg.kernel)
+            };
+            layers.push(GatedLayer::new(
+                c_in,
+                h,
+                k,
+                [i == 0, i + 1 == cfg.layers],
+                cfg.num_classes,
+                vb.pp("layers").pp(i.to_string()),
+            )?);
+        }
+        let one = Conv2dParams::default();
+        let k = cfg.output.classes() * cfg.image_shape[0];
+        let head1 = Conv2d::new(h, cfg.head_channels, [1, 1], one, true, vb.pp("head.1"))?;
+        let head2 = Conv2d::new(cfg.head_channels, k, [1, 1], one, true, vb.pp("head.3"))?;
+        Ok(Self {
+            cfg,
+            layers,
+            head1,
+            head2,
+        })
+    }
+
+    pub fn config(&self) -> &GatedPixelCnnConfig {
+        &self.cfg
+    }
+
+    /// Logits `(B, K, D)` for images `(B, 1, H, W)` and, for a conditional model, labels `(B,)`.
+    pub fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let (mut v, mut h) = (x.clone(), x.clone());
+        for l in &self.layers {
+            (v, h) = l.forward(&v, &h, labels)?;
+        }
+        let o = self.head1.forward_act(&h.relu()?, Act::Relu)?;
+        let o = self.head2.forward(&o)?;
+        o.reshape((b, self.cfg.output.classes(), ()))
+    }
+}
+
+impl RasterModel for GatedPixelCnn {
+    fn kind_name(&self) -> &'static str {
+        "gated-pixelcnn"
+    }
+    fn image_shape(&self) -> [usize; 3] {
+        self.cfg.image_shape
+    }
+    fn output(&self) -> PixelOutput {
+        self.cfg.output
+    }
+    fn num_classes(&self) -> usize {
+        self.cfg.num_classes
+    }
+    fn any_param(&self) -> &Tensor {
+        self.head2.weight()
+    }
+    fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        GatedPixelCnn::logits(self, x, labels)
+    }
+}

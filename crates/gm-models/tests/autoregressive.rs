@@ -1,0 +1,424 @@
+//! The autoregressive ladder: exact normalisation, causality (and PixelCNN's blind spot),
+//! gradients to every parameter, the raster sampler.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use gm_core::GmRng;
+use gm_models::ar::{sample_in_order, PixelOutput};
+use gm_models::fvsbn::FvsbnConfig;
+use gm_models::gated_pixelcnn::{GatedPixelCnn, GatedPixelCnnConfig};
+use gm_models::made::{Made, MadeConfig};
+use gm_models::pixelcnn::{raster_mask, MaskType, PixelCnn, PixelCnnConfig};
+use gm_models::{Batch, EvalOptions, Model, ModelConfig};
+
+fn build(cfg: &ModelConfig, seed: u64) -> (VarMap, Box<dyn Model>) {
+    let vm = VarMap::new();
+    let vb = gm_core::rng::seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu);
+    let m = cfg.build(vb).unwrap();
+    (vm, m)
+}
+
+/// A seeded builder over a fresh parameter store.
+fn vb(seed: u64) -> VarBuilder<'static> {
+    gm_core::rng::seeded_var_builder(&VarMap::new(), seed, DType::F32, &Device::Cpu)
+}
+
+fn nll(m: &dyn Model, x: &Tensor, labels: Option<&Tensor>) -> Vec<f64> {
+    let b = Batch {
+        x: x.clone(),
+        labels: labels.cloned(),
+    };
+    let out = m
+        .eval_metrics(&b, &mut GmRng::new(0), &EvalOptions::default())
+        .unwrap();
+    let t = &out.iter().find(|(k, _)| k == "nll_nats").unwrap().1;
+    t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// Every binary image of `shape`, `(2^D, C, H, W)`.
+fn all_binary(shape: [usize; 3]) -> Tensor {
+    let d: usize = shape.iter().product();
+    let n = 1usize << d;
+    let v: Vec<f32> = (0..n * d)
+        .map(|k| ((k / d) >> (k % d) & 1) as f32)
+        .collect();
+    Tensor::from_vec(v, (n, shape[0], shape[1], shape[2]), &Device::Cpu).unwrap()
+}
+
+fn total_probability(m: &dyn Model, x: &Tensor, labels: Option<&Tensor>) -> f64 {
+    nll(m, x, labels).iter().map(|l| (-l).exp()).sum()
+}
+
+/// `Σ_x p(x) = 1` over all 2^6 binary 2×3 images (so the likelihood is exact and normalised),
+/// for every model with Bernoulli pixels, MADE's mixture of orderings included.
+#[test]
+fn bernoulli_models_sum_to_one() {
+    let shape = [1, 2, 3];
+    let x = all_binary(shape);
+    let cfgs = [
+        ModelConfig::Fvsbn(FvsbnConfig { image_shape: shape }),
+        ModelConfig::Made(MadeConfig {
+            image_shape: shape,
+            hidden: vec![12, 12],
+            num_masks: 3,
+            order_agnostic: true,
+            mask_seed: 5,
+        }),
+        ModelConfig::PixelCnn(PixelCnnConfig {
+            image_shape: shape,
+            ..Default::default()
+        }),
+        ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+            image_shape: shape,
+            ..Default::default()
+        }),
+    ];
+    for cfg in cfgs {
+        let (_vm, m) = build(&cfg, 11);
+        let s = total_probability(m.as_ref(), &x, None);
+        assert!((s - 1.0).abs() < 1e-4, "{}: Σ p = {s}", cfg.kind());
+    }
+}
+
+/// The same for 256 grey levels on a 1×1×2 image (65 536 images), and for a conditional model
+/// per class.
+#[test]
+fn categorical_and_conditional_models_sum_to_one() {
+    let shape = [1, 1, 2];
+    let v: Vec<f32> = (0..65536u32)
+        .flat_map(|k| [(k % 256) as f32 / 255.0, (k / 256) as f32 / 255.0])
+        .collect();
+    let x = Tensor::from_vec(v, (65536, 1, 1, 2), &Device::Cpu).unwrap();
+    let cfgs = [
+        ModelConfig::PixelCnn(PixelCnnConfig {
+            image_shape: shape,
+            output: PixelOutput::Categorical,
+            ..Default::default()
+        }),
+        ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+            image_shape: shape,
+            output: PixelOutput::Categorical,
+            ..Default::default()
+        }),
+    ];
+    for cfg in cfgs {
+        let (_vm, m) = build(&cfg, 12);
+        let s = total_probability(m.as_ref(), &x, None);
+        assert!((s - 1.0).abs() < 1e-3, "{}: Σ p = {s}", cfg.kind());
+    }
+    let shape = [1, 2, 3];
+    let xb = all_binary(shape);
+    for cfg in [
+        ModelConfig::PixelCnn(PixelCnnConfig {
+            image_shape: shape,
+            num_classes: 3,
+            ..Default::default()
+        }),
+        ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+            image_shape: shape,
+            num_classes: 3,
+            ..Default::default()
+        }),
+    ] {
+        let (_vm, m) = build(&cfg, 13);
+        let mut per_class = Vec::new();
+        for c in 0..3u32 {
+            let y = Tensor::full(c, 64, &Device::Cpu).unwrap();
+            let s = total_probability(m.as_ref(), &xb, Some(&y));
+            assert!(
+                (s - 1.0).abs() < 1e-4,
+                "{} class {c}: Σ p = {s}",
+                cfg.kind()
+            );
+            per_class.push(
+                nll(
+                    m.as_ref(),
+                    &xb.narrow(0, 0, 1).unwrap(),
+                    Some(&y.narrow(0, 0, 1).unwrap()),
+                )[0],
+            );
+        }
+        assert!(
+            (per_class[0] - per_class[1]).abs() > 1e-6,
+            "{}: the label changes nothing",
+            cfg.kind()
+        );
+    }
+}
+
+/// `∂ logits[:, :, d] / ∂x` over a batch of random images, as an `(H, W)` grid of |gradient|.
+fn input_sensitivity(logits: impl Fn(&Tensor) -> Tensor, shape: [usize; 3], d: usize) -> Vec<f32> {
+    let mut rng = GmRng::new(9);
+    let x0 = rng
+        .uniform((4, shape[0], shape[1], shape[2]), 0.0, 1.0, &Device::Cpu)
+        .unwrap();
+    let x = Var::from_tensor(&x0).unwrap();
+    let l = logits(x.as_tensor());
+    let g = l
+        .narrow(D::Minus1, d, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gx = g.get(x.as_tensor()).expect("gradient reaches the input");
+    gx.abs()
+        .unwrap()
+        .sum(0)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn assert_causal(name: &str, grad: &[f32], order: &[usize], t: usize) {
+    let d = order[t];
+    for &later in &order[t..] {
+        assert_eq!(
+            grad[later], 0.0,
+            "{name}: logit of pixel {d} depends on pixel {later}, which comes at or after it"
+        );
+    }
+    assert!(
+        order[..t].iter().any(|&p| grad[p] > 0.0),
+        "{name}: logit of pixel {d} depends on no earlier pixel"
+    );
+}
+
+#[test]
+fn fvsbn_and_made_are_causal_in_their_order() {
+    let shape = [1, 5, 5];
+    let raster: Vec<usize> = (0..25).collect();
+    let fv = gm_models::fvsbn::Fvsbn::new(FvsbnConfig { image_shape: shape }, vb(1)).unwrap();
+    for t in [1, 12, 24] {
+        let g = input_sensitivity(|x| fv.logits(x).unwrap(), shape, raster[t]);
+        assert_causal("fvsbn", &g, &raster, t);
+        // A logistic regression on every earlier pixel: all of them matter.
+        assert!(
+            raster[..t].iter().all(|&p| g[p] > 0.0),
+            "fvsbn misses a pixel"
+        );
+    }
+    let made = Made::new(
+        MadeConfig {
+            image_shape: shape,
+            hidden: vec![64, 64],
+            num_masks: 3,
+            order_agnostic: true,
+            mask_seed: 2,
+        },
+        vb(2),
+    )
+    .unwrap();
+    for k in 0..3 {
+        let order = made.order(k).to_vec();
+        if k > 0 {
+            assert_ne!(order, raster, "order-agnostic masks keep raster order");
+        }
+        for t in [1, 12, 24] {
+            let g = input_sensitivity(|x| made.logits(x, k).unwrap(), shape, order[t]);
+            assert_causal(&format!("made/{k}"), &g, &order, t);
+        }
+    }
+}
+
+/// Both PixelCNNs are causal; the plain one has a blind spot, the gated one has none.
+///
+/// Pixel `(i, j) = (6, 5)` of a 10×10 image. The plain net (7×7 mask A, two 3×3 mask-B blocks)
+/// reaches past its first layer's window only up and to the left: it never sees `(i − 1, j + 4)`
+/// although it sees `(i − 2, j + 4)` (through the mask-B layer at `(i − 1, j + 1)`); the gated net
+/// with the same kernels sees every earlier pixel of rows `i − 3 … i`, columns `j ± 4`.
+#[test]
+fn pixelcnn_blind_spot_and_gated_without_one() {
+    let shape = [1, 10, 10];
+    let w = 10;
+    let (i, j) = (6, 5);
+    let d = i * w + j;
+    let raster: Vec<usize> = (0..100).collect();
+    let plain = PixelCnn::new(
+        PixelCnnConfig {
+            image_shape: shape,
+            channels: 16,
+            res_blocks: 2,
+            ..Default::default()
+        },
+        vb(3),
+    )
+    .unwrap();
+    let gated = GatedPixelCnn::new(
+        GatedPixelCnnConfig {
+            image_shape: shape,
+            channels: 16,
+            layers: 3,
+            ..Default::default()
+        },
+        vb(4),
+    )
+    .unwrap();
+    let gp = input_sensitivity(|x| plain.logits(x, None).unwrap(), shape, d);
+    let gg = input_sensitivity(|x| gated.logits(x, None).unwrap(), shape, d);
+    assert_causal("pixelcnn", &gp, &raster, d);
+    assert_causal("gated-pixelcnn", &gg, &raster, d);
+    let window: Vec<usize> = (i - 3..=i)
+        .flat_map(|r| (j - 4..=j + 4).map(move |c| r * w + c))
+        .filter(|&p| p < d)
+        .collect();
+    let blind: Vec<usize> = window.iter().copied().filter(|&p| gp[p] == 0.0).collect();
+    assert!(
+        blind.contains(&((i - 1) * w + j + 4)),
+        "pixelcnn: expected a blind spot at (i-1, j+4); zero-gradient pixels {blind:?}"
+    );
+    assert!(gp[(i - 2) * w + j + 4] > 0.0 && gp[(i - 1) * w + j + 3] > 0.0);
+    let missed: Vec<usize> = window.iter().copied().filter(|&p| gg[p] == 0.0).collect();
+    assert!(
+        missed.is_empty(),
+        "gated-pixelcnn: earlier pixels {missed:?} never reach pixel {d}"
+    );
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    let shape = [1, 6, 6];
+    let cfgs = [
+        ModelConfig::Fvsbn(FvsbnConfig { image_shape: shape }),
+        ModelConfig::Made(MadeConfig {
+            image_shape: shape,
+            hidden: vec![32],
+            ..Default::default()
+        }),
+        ModelConfig::PixelCnn(PixelCnnConfig {
+            image_shape: shape,
+            num_classes: 4,
+            ..Default::default()
+        }),
+        ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+            image_shape: shape,
+            num_classes: 4,
+            output: PixelOutput::Categorical,
+            ..Default::default()
+        }),
+    ];
+    let mut rng = GmRng::new(4);
+    for cfg in cfgs {
+        let (vm, m) = build(&cfg, 3);
+        let p = rng.uniform((8, 1, 6, 6), 0.0, 1.0, &Device::Cpu).unwrap();
+        let x = if cfg.pixel_data() == gm_models::PixelData::Levels {
+            ((p * 255.0).unwrap().floor().unwrap() / 255.0).unwrap()
+        } else {
+            rng.bernoulli(&p).unwrap()
+        };
+        let labels = Tensor::from_vec(vec![0u32, 1, 2, 3, 0, 1, 2, 3], 8, &Device::Cpu).unwrap();
+        let b = Batch {
+            x,
+            labels: Some(labels),
+        };
+        let loss = m.loss(&b, &mut rng).unwrap();
+        let g = loss.total.backward().unwrap();
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            let n = g
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{}: no gradient for {name}", cfg.kind()))
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(n > 0.0, "{}: zero gradient for {name}", cfg.kind());
+        }
+    }
+}
+
+/// The sampler feeds each drawn pixel back: a chain where pixel d copies pixel d − 1 (with
+/// saturated logits) and pixel 0 is always 1 gives all ones; a categorical that puts all its mass
+/// on level `10·d` gives exactly those levels.
+#[test]
+fn sampler_feeds_previous_pixels_back() {
+    let like = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let order: Vec<usize> = (0..6).collect();
+    let chain = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let flat = x.reshape((n, 6))?;
+        let prev = Tensor::cat(
+            &[
+                Tensor::ones((n, 1), DType::F32, x.device())?,
+                flat.narrow(1, 0, 5)?,
+            ],
+            1,
+        )?;
+        ((prev * 80.0)? - 40.0)?.unsqueeze(1)
+    };
+    let mut rng = GmRng::new(0);
+    let s = sample_in_order(
+        [1, 2, 3],
+        5,
+        &order,
+        PixelOutput::Bernoulli,
+        &like,
+        &mut rng,
+        chain,
+    )
+    .unwrap();
+    assert_eq!(s.sum_all().unwrap().to_scalar::<f32>().unwrap(), 30.0);
+    let peaked = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let v: Vec<f32> = (0..n * 256 * 6)
+            .map(|k| {
+                let (c, d) = ((k / 6) % 256, k % 6);
+                if c == 10 * d {
+                    50.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, (n, 256, 6), x.device())
+    };
+    let s = sample_in_order(
+        [1, 2, 3],
+        2,
+        &order,
+        PixelOutput::Categorical,
+        &like,
+        &mut rng,
+        peaked,
+    )
+    .unwrap();
+    let v = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (k, x) in v.iter().enumerate() {
+        assert_eq!((x * 255.0).round() as usize, 10 * (k % 6));
+    }
+}
+
+#[test]
+fn masks_and_conditional_sampling() {
+    assert_eq!(
+        raster_mask(3, 3, MaskType::A),
+        vec![1., 1., 1., 1., 0., 0., 0., 0., 0.]
+    );
+    assert_eq!(
+        raster_mask(3, 3, MaskType::B),
+        vec![1., 1., 1., 1., 1., 0., 0., 0., 0.]
+    );
+    let (_vm, m) = build(
+        &ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+            image_shape: [1, 4, 4],
+            num_classes: 3,
+            ..Default::default()
+        }),
+        0,
+    );
+    let mut rng = GmRng::new(1);
+    let s = m.sample_labels(&[0, 2, 2], &mut rng).unwrap().unwrap();
+    assert_eq!(s.dims(), &[3, 1, 4, 4]);
+    let e = m.sample_labels(&[3], &mut rng).unwrap_err().to_string();
+    assert!(e.contains("label 3"), "{e}");
+    let (_vm, u) = build(
+        &ModelConfig::Fvsbn(FvsbnConfig {
+            image_shape: [1, 4, 4],
+        }),
+        0,
+    );
+    assert!(u.sample_labels(&[0], &mut rng).unwrap().is_none());
+}
