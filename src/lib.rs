@@ -30,6 +30,9 @@ pub use gm_core::{
     bits_per_dim, conv, dist, em, keep_freed_memory, loss, ops, select_device, sum_per_sample,
     DeviceChoice, GmRng, RngState,
 };
-pub use gm_models::{classifier, nn, vae, Batch, EvalOptions, Loss, Model, ModelConfig};
+pub use gm_models::{
+    ar, classifier, fvsbn, gated_pixelcnn, made, nn, pixelcnn, vae, Batch, EvalOptions, Loss,
+    Model, ModelConfig, PixelData,
+};
 pub use gm_train::{checkpoint, config, data, eval, fetch, images, opbench, optim, trainer};
 pub use gm_train::{load_checkpoint, train, RunConfig, TrainOptions, TrainSummary};

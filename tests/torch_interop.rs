@@ -49,6 +49,24 @@ fn torch_elbo(py: &str, cfg: &str, weights: &Path, batch: &Path) -> Vec<f64> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Writes named tensors as a safetensors file.
+fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) {
+    std::fs::write(
+        path,
+        gm::checkpoint::to_safetensors(tensors, &HashMap::new()).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Writes every parameter of `vm` under its PyTorch name.
+fn write_params(path: &Path, vm: &VarMap) {
+    let named: HashMap<String, Tensor> = gm::optim::named_vars(vm)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    write_tensors(path, &named);
+}
+
 fn build(cfg: &VaeConfig) -> (VarMap, Vae) {
     let vm = VarMap::new();
     let vae = Vae::new(
@@ -109,24 +127,12 @@ fn gm_and_pytorch_agree_on_the_elbo_both_ways() {
             ("x".to_string(), x.clone()),
             ("eps".to_string(), eps.clone()),
         ]);
-        std::fs::write(
-            &batch,
-            gm::checkpoint::to_safetensors(&tensors, &HashMap::new()).unwrap(),
-        )
-        .unwrap();
+        write_tensors(&batch, &tensors);
 
         // gm → PyTorch: save gm's (randomly initialised) weights, evaluate in both.
         let (vm, vae) = build(cfg);
         let w = tmp.path().join(format!("gm{i}.safetensors"));
-        let named: HashMap<String, Tensor> = gm::optim::named_vars(&vm)
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect();
-        std::fs::write(
-            &w,
-            gm::checkpoint::to_safetensors(&named, &HashMap::new()).unwrap(),
-        )
-        .unwrap();
+        write_params(&w, &vm);
         let ours = vae
             .elbo_with_noise(&x, &eps)
             .unwrap()
@@ -166,5 +172,113 @@ fn gm_and_pytorch_agree_on_the_elbo_both_ways() {
             );
         }
         assert!(ours.iter().all(|v| v.is_finite() && *v < 0.0));
+    }
+}
+
+/// gm's PixelCNN and Gated PixelCNN weights, loaded into `scripts/pixelcnn_torch.py` by name,
+/// give the same exact NLL per image (f64): Bernoulli and 256-level outputs, with and without
+/// class conditioning.
+#[test]
+fn gm_and_pytorch_agree_on_autoregressive_nll() {
+    use gm::ar::PixelOutput;
+    use gm::gated_pixelcnn::GatedPixelCnnConfig;
+    use gm::pixelcnn::PixelCnnConfig;
+    use gm::{Batch, EvalOptions, ModelConfig};
+    let Some(py) = python() else {
+        eprintln!("SKIPPED: no python with torch and safetensors (set GM_PYTHON)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let shape = [1, 9, 11];
+    let configs = [
+        ModelConfig::PixelCnn(PixelCnnConfig {
+            image_shape: shape,
+            channels: 8,
+            res_blocks: 2,
+            head_channels: 6,
+            ..Default::default()
+        }),
+        ModelConfig::PixelCnn(PixelCnnConfig {
+            image_shape: shape,
+            channels: 6,
+            res_blocks: 1,
+            head_channels: 5,
+            output: PixelOutput::Categorical,
+            num_classes: 3,
+            ..Default::default()
+        }),
+        ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+            image_shape: shape,
+            channels: 5,
+            layers: 3,
+            kernel: 5,
+            num_classes: 3,
+            ..Default::default()
+        }),
+        ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+            image_shape: shape,
+            channels: 4,
+            layers: 2,
+            output: PixelOutput::Categorical,
+            ..Default::default()
+        }),
+    ];
+    for (i, cfg) in configs.iter().enumerate() {
+        let vm = VarMap::new();
+        let vb = gm::gm_core::rng::seeded_var_builder(&vm, i as u64, DType::F64, &Device::Cpu);
+        let model = cfg.build(vb).unwrap();
+        let mut rng = GmRng::new(i as u64);
+        let p = rng.uniform((4, 1, 9, 11), 0.0, 1.0, &Device::Cpu).unwrap();
+        let x = match cfg.pixel_data() {
+            gm::PixelData::Levels => ((p * 255.0).unwrap().round().unwrap() / 255.0).unwrap(),
+            _ => rng.bernoulli(&p).unwrap(),
+        }
+        .to_dtype(DType::F64)
+        .unwrap();
+        let labels = Tensor::new(&[0u32, 2, 1, 2], &Device::Cpu).unwrap();
+        let batch = tmp.path().join(format!("ar-batch{i}.safetensors"));
+        let tensors = HashMap::from([
+            ("x".to_string(), x.clone()),
+            ("labels".to_string(), labels.to_dtype(DType::F64).unwrap()),
+        ]);
+        write_tensors(&batch, &tensors);
+        let w = tmp.path().join(format!("ar-gm{i}.safetensors"));
+        write_params(&w, &vm);
+        let m = model
+            .eval_metrics(
+                &Batch {
+                    x,
+                    labels: Some(labels),
+                },
+                &mut rng,
+                &EvalOptions::default(),
+            )
+            .unwrap();
+        let ours = m[0]
+            .1
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let out = Command::new(&py)
+            .arg(root().join("scripts/pixelcnn_torch.py"))
+            .args(["nll", "--config", &serde_json::to_string(cfg).unwrap()])
+            .arg("--weights")
+            .arg(&w)
+            .arg("--batch")
+            .arg(&batch)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pixelcnn_torch.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let theirs: Vec<f64> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(theirs.len(), 4);
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() < 1e-8, "{}: gm {a} vs torch {b}", cfg.kind());
+            assert!(*a > 0.0);
+        }
     }
 }

@@ -52,7 +52,9 @@ impl Fvsbn {
     pub fn new(cfg: FvsbnConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let d = cfg.dims();
-        let linear = Linear::new(d, d, vb.pp("linear"))?;
+        // A logistic regression per pixel: start from p = ½ everywhere (zero weights and biases).
+        let zero = candle_nn::Init::Const(0.0);
+        let linear = Linear::with_init(d, d, zero, zero, vb.pp("linear"))?;
         let m: Vec<f32> = (0..d * d).map(|k| f32::from(k % d < k / d)).collect();
         let mask = Tensor::from_vec(m, (d, d), vb.device())?.to_dtype(vb.dtype())?;
         Ok(Self { cfg, linear, mask })

@@ -56,12 +56,26 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(
-            (c_out, c_in),
-            "weight",
+        Self::with_init(
+            c_in,
+            c_out,
             candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?;
-        let bias = vb.get_with_hints(c_out, "bias", uniform_fan_in(c_in))?;
+            uniform_fan_in(c_in),
+            vb,
+        )
+    }
+
+    /// A layer whose weight and bias start from the given initialisers (zeros for a logistic
+    /// regression, say).
+    pub fn with_init(
+        c_in: usize,
+        c_out: usize,
+        weight: Init,
+        bias: Init,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((c_out, c_in), "weight", weight)?;
+        let bias = vb.get_with_hints(c_out, "bias", bias)?;
         Ok(Self { weight, bias })
     }
 

@@ -72,6 +72,9 @@ pub struct TrainConfig {
     /// Test images used by the periodic evaluation (0 = the whole split).
     pub eval_images: usize,
     pub sample_every: usize,
+    /// Images in each sample grid (0 = no sample grids; autoregressive samplers run one network
+    /// pass per pixel, so this sets their cost).
+    pub sample_n: usize,
     pub checkpoint_every: usize,
     pub keep_last: usize,
     pub seed: u64,
@@ -96,6 +99,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             eval_images: 1000,
             sample_every: 0,
+            sample_n: 64,
             checkpoint_every: 0,
             keep_last: 2,
             seed: 0,

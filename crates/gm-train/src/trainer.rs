@@ -389,7 +389,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             Some(e) => Some(swap_in(&vars, &e.shadow)?),
             None => None,
         };
-        let s = model.sample(64, &mut GmRng::new(t.seed.wrapping_add(1)));
+        let s = match t.sample_n {
+            0 => Ok(None),
+            n => model.sample(n, &mut GmRng::new(t.seed.wrapping_add(1))),
+        };
         // Reconstructions of the first 32 test images: originals on top, reconstructions below.
         let recon = match &test_ds {
             Some(test) if test.len() >= 32 => {
