@@ -21,7 +21,8 @@ import tomllib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PRESETS = ["models/vae-mnist.toml", "models/vae-conv-mnist.toml"]
+PRESETS = ["models/vae-mnist.toml", "models/vae-conv-mnist.toml", "models/pixelcnn-mnist.toml",
+           "models/gated-pixelcnn-mnist.toml"]
 
 TORCH_CHILD = r"""
 import json, sys, time, resource
@@ -141,6 +142,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
     ap.add_argument("--what", nargs="+", default=["models", "ops"], choices=["models", "ops"])
+    ap.add_argument("--presets", nargs="+", default=PRESETS, help="presets of the train-step table")
     ap.add_argument("--batch", type=int, default=128, help="batch of the ops table")
     ap.add_argument("--op-steps", type=int, default=5, help="timed calls per op case")
     args = ap.parse_args()
@@ -152,7 +154,7 @@ def main():
 
 def bench_models(args):
     rows = []
-    for preset in PRESETS:
+    for preset in args.presets:
         with open(os.path.join(ROOT, preset), "rb") as f:
             toml = tomllib.load(f)
         model, batch = toml["model"], toml["train"]["batch_size"]
@@ -163,8 +165,14 @@ def bench_models(args):
                 r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), "--device", "cpu",
                                      "--steps", str(args.steps), "--warmup", str(args.warmup)], env)
                 g.append(r["median_ms"]); grss = max(grss, r["peak_rss_mb"] or 0)
-                r = run_child(pin + [args.python, "-c", TORCH_CHILD, HERE, json.dumps(model), str(th),
-                                        str(args.steps), str(args.warmup), str(batch)], env)
+                if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
+                    cmd = [args.python, os.path.join(HERE, "pixelcnn_torch.py"), "bench", "--config",
+                           json.dumps(model), "--threads", str(th), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--batch", str(batch)]
+                else:
+                    cmd = [args.python, "-c", TORCH_CHILD, HERE, json.dumps(model), str(th),
+                           str(args.steps), str(args.warmup), str(batch)]
+                r = run_child(pin + cmd, env)
                 t.append(r["median_ms"]); trss = max(trss, r["maxrss_mb"])
             gm_ms, pt_ms = sorted(g)[len(g) // 2], sorted(t)[len(t) // 2]
             rows.append((os.path.basename(preset), th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, trss))

@@ -11,6 +11,7 @@ pub mod gated_pixelcnn;
 pub mod made;
 pub mod nn;
 pub mod pixelcnn;
+pub mod text;
 pub mod vae;
 
 use candle_core::{Result, Tensor};
@@ -111,6 +112,8 @@ pub enum ModelConfig {
     PixelCnn(pixelcnn::PixelCnnConfig),
     #[serde(rename = "gated-pixelcnn")]
     GatedPixelCnn(gated_pixelcnn::GatedPixelCnnConfig),
+    /// A language model on text (trained through `gm_train::text`, not the image trainer).
+    TextAr(text::TextArConfig),
 }
 
 /// The pixel values a model is defined on, checked against the data pre-processing.
@@ -133,10 +136,11 @@ impl ModelConfig {
             Self::Made(_) => "made",
             Self::PixelCnn(_) => "pixelcnn",
             Self::GatedPixelCnn(_) => "gated-pixelcnn",
+            Self::TextAr(_) => "text-ar",
         }
     }
 
-    /// `[C, H, W]` of the images the model reads.
+    /// `[C, H, W]` of the images the model reads (`[1, 1, context]` for a text model).
     pub fn image_shape(&self) -> [usize; 3] {
         match self {
             Self::Vae(c) => c.image_shape,
@@ -145,6 +149,7 @@ impl ModelConfig {
             Self::Made(c) => c.image_shape,
             Self::PixelCnn(c) => c.image_shape,
             Self::GatedPixelCnn(c) => c.image_shape,
+            Self::TextAr(c) => [1, 1, c.context],
         }
     }
 
@@ -157,6 +162,7 @@ impl ModelConfig {
             Self::Made(c) => c.validate(),
             Self::PixelCnn(c) => c.validate(),
             Self::GatedPixelCnn(c) => c.validate(),
+            Self::TextAr(c) => c.validate(),
         }
     }
 
@@ -169,6 +175,9 @@ impl ModelConfig {
             Self::Made(c) => Box::new(made::Made::new(c.clone(), vb)?),
             Self::PixelCnn(c) => Box::new(pixelcnn::PixelCnn::new(c.clone(), vb)?),
             Self::GatedPixelCnn(c) => Box::new(gated_pixelcnn::GatedPixelCnn::new(c.clone(), vb)?),
+            Self::TextAr(_) => candle_core::bail!(
+                "a 'text-ar' model is not an image model: build it with text::TextAr::new"
+            ),
         })
     }
 

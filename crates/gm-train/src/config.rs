@@ -261,7 +261,15 @@ impl RunConfig {
             }
             _ => {}
         }
-        if self.data.dir.is_none()
+        let text = matches!(self.model, ModelConfig::TextAr(_));
+        if text && self.data.dir.is_none() && self.data.dataset != "fortunes" {
+            return Err(format!(
+                "data.dataset of a text model must be 'fortunes' (or give data.dir), got '{}'",
+                self.data.dataset
+            ));
+        }
+        if !text
+            && self.data.dir.is_none()
             && !["mnist", "fashion-mnist"].contains(&self.data.dataset.as_str())
         {
             return Err(format!(

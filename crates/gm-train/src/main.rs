@@ -68,6 +68,18 @@ enum Cmd {
         /// Class-conditional models: one grid row per label, `--n` samples each (e.g. 0,1,2 or 0-9).
         #[arg(long)]
         labels: Option<String>,
+        /// Text models: the text to continue.
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Text models: new tokens per sample.
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        /// Text models: softmax temperature.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Text models: sample among the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -190,7 +202,8 @@ fn run() -> Result<()> {
                 }
                 (None, None) => bail!("give --config PRESET or --resume RUN_DIR"),
             };
-            if let Some(d) = &data_dir {
+            let is_text = matches!(cfg.model, gm_models::ModelConfig::TextAr(_));
+            if let (Some(d), false) = (&data_dir, is_text) {
                 if !d.is_dir() {
                     bail!("--data-dir {} is not a directory", d.display());
                 }
@@ -203,7 +216,11 @@ fn run() -> Result<()> {
                 resume: resume.is_some(),
                 progress: !quiet,
             };
-            let s = gm_train::train(&cfg, &opts)?;
+            let s = if is_text {
+                gm_train::text::train_text(&cfg, &opts)?
+            } else {
+                gm_train::train(&cfg, &opts)?
+            };
             let first = s.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
             let last = s.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
             eprintln!(
@@ -215,10 +232,14 @@ fn run() -> Result<()> {
             if let Some(m) = s.last_eval {
                 println!("{}", serde_json::to_string(&m)?);
             }
-            eprintln!(
-                "gm: run directory {} (metrics.jsonl, samples/, loss_curve.png)",
-                out.display()
-            );
+            if is_text {
+                eprintln!("gm: run directory {} (metrics.jsonl)", out.display());
+            } else {
+                eprintln!(
+                    "gm: run directory {} (metrics.jsonl, samples/, loss_curve.png)",
+                    out.display()
+                );
+            }
         }
         Cmd::Sample {
             checkpoint,
@@ -226,12 +247,42 @@ fn run() -> Result<()> {
             out,
             seed,
             labels,
+            prompt,
+            tokens,
+            temperature,
+            top_k,
             device: d,
         } => {
             if n == 0 {
                 bail!("--n must be > 0");
             }
             let dev = device(&d)?;
+            if gm_train::text::checkpoint_kind(&checkpoint)? == "text-ar" {
+                let ck = gm_train::text::load_text_checkpoint(&checkpoint, &dev)?;
+                let t0 = std::time::Instant::now();
+                let texts = gm_train::text::generate(
+                    &ck,
+                    &prompt,
+                    n,
+                    tokens,
+                    temperature,
+                    top_k,
+                    &mut GmRng::new(seed),
+                )?;
+                let dt = t0.elapsed().as_secs_f64();
+                let joined = texts.join("\n----\n");
+                if out.extension().is_some_and(|e| e == "txt") {
+                    std::fs::write(&out, &joined)
+                        .with_context(|| format!("cannot write {}", out.display()))?;
+                }
+                println!("{joined}");
+                eprintln!(
+                    "gm: {n} samples of {tokens} tokens in {dt:.2}s ({:.0} tokens/s, temperature {temperature}, top-k {top_k}) from {}",
+                    (n * tokens) as f64 / dt,
+                    ck.path.display()
+                );
+                return Ok(());
+            }
             let ck = load_checkpoint(&checkpoint, &dev)?;
             let model = ck.built.model.as_ref();
             let mut rng = GmRng::new(seed);
@@ -280,6 +331,27 @@ fn run() -> Result<()> {
             device: d,
         } => {
             let dev = device(&d)?;
+            if gm_train::text::checkpoint_kind(&checkpoint)? == "text-ar" {
+                use gm_train::text;
+                let ck = text::load_text_checkpoint(&checkpoint, &dev)?;
+                let dir = text::corpus_dir(&ck.cfg, data_dir.as_deref());
+                let corpus = text::load_corpus(&dir)?;
+                let docs = match split {
+                    Split::Test => &corpus.test,
+                    Split::Train => &corpus.train,
+                };
+                let (ids, bytes) = text::encode(&ck.tokenizer, docs)?;
+                let mut m = text::evaluate_text(&ck.model, &ids, bytes, 64, &dev)?
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::json!(v)))
+                    .collect::<serde_json::Map<_, _>>();
+                m.insert("split".into(), format!("{split:?}").to_lowercase().into());
+                m.insert("step".into(), ck.step.into());
+                m.insert("checkpoint".into(), ck.path.display().to_string().into());
+                m.insert("data".into(), corpus.source.into());
+                println!("{}", serde_json::Value::Object(m));
+                return Ok(());
+            }
             let ck = load_checkpoint(&checkpoint, &dev)?;
             let cfg = &ck.built.cfg;
             let (dir, source) = resolve_data(cfg, data_dir.as_deref())?;

@@ -377,3 +377,69 @@ fn autoregressive_presets_train_eval_and_sample() {
         "{err}"
     );
 }
+
+/// The text model through the same commands: train (the README as corpus), eval in bits per
+/// byte, sample with a prompt, temperature and top-k.
+#[test]
+fn text_model_train_eval_and_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("text");
+    let readme = root().join("README.md");
+    let o = train(
+        &root().join("models/text-ar-tiny.toml"),
+        &readme,
+        &run,
+        &["--set", "train.steps=30"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "train failed: {err}");
+    assert!(err.contains("BPE with"), "{err}");
+    let o = gm(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data-dir",
+        readme.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let bpb = v["bits_per_byte"].as_f64().unwrap();
+    assert!(bpb > 0.5 && bpb < 8.0, "{v}");
+    let out = tmp.path().join("s.txt");
+    let o = gm(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "The model",
+        "--n",
+        "2",
+        "--tokens",
+        "20",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("tokens/s"), "{err}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.matches("The model").count(), 2, "{text}");
+    // A directory without text is a clear error.
+    let o = train(
+        &root().join("models/text-ar-tiny.toml"),
+        &tmp.path().join("none"),
+        &tmp.path().join("r2"),
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no text corpus"),
+        "{err}"
+    );
+}
