@@ -115,6 +115,48 @@ pub fn sample_in_order(
     Tensor::from_vec(buf, (n, c, h, w), device)?.to_dtype(dtype)
 }
 
+/// Samples `n` single-channel images in raster order when the logits of row `i` depend only on
+/// rows `i − rows_above … i` (a convolutional model's vertical receptive field): the network
+/// runs on that band of rows only, so each pixel costs `rows_above + 1` rows of computation
+/// instead of `H`. Gives the same logits as [`sample_in_order`] on the full image (tested).
+pub fn sample_raster(
+    shape: [usize; 3],
+    n: usize,
+    out: PixelOutput,
+    like: &Tensor,
+    rng: &mut GmRng,
+    rows_above: usize,
+    mut logits: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let [c, h, w] = shape;
+    if c != 1 {
+        candle_core::bail!("sample_raster: single-channel images only, got {c} channels")
+    }
+    let (dtype, device) = (like.dtype(), like.device());
+    let d = h * w;
+    let mut buf = vec![0f32; n * d];
+    for i in 0..h {
+        let lo = i.saturating_sub(rows_above);
+        let rows = i + 1 - lo;
+        for j in 0..w {
+            let mut band = Vec::with_capacity(n * rows * w);
+            for b in 0..n {
+                band.extend_from_slice(&buf[b * d + lo * w..b * d + (i + 1) * w]);
+            }
+            let x = Tensor::from_vec(band, (n, 1, rows, w), device)?.to_dtype(dtype)?;
+            let l = logits(&x)?
+                .narrow(D::Minus1, (i - lo) * w + j, 1)?
+                .squeeze(D::Minus1)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (b, v) in out.draw(&l, rng).into_iter().enumerate() {
+                buf[b * d + i * w + j] = v;
+            }
+        }
+    }
+    Tensor::from_vec(buf, (n, c, h, w), device)?.to_dtype(dtype)
+}
+
 /// Labels `0, 1, …` cycling through `num_classes` (what an unconditional `sample(n)` of a
 /// class-conditional model draws), as a `(n,)` u32 tensor.
 pub fn cycle_labels(n: usize, num_classes: usize, device: &Device) -> Result<Tensor> {
@@ -155,18 +197,19 @@ pub trait RasterModel {
     fn any_param(&self) -> &Tensor;
     /// Logits `(B, K, D)` for images `(B, C, H, W)` and, for a conditional model, labels `(B,)`.
     fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor>;
+    /// How many rows above its own the logits of a row can see (the vertical receptive field).
+    fn rows_above(&self) -> usize;
 
-    /// Raster-order samples, one per label (or unconditional when `labels` is `None`).
+    /// Raster-order samples, one per label (or unconditional when `labels` is `None`), running
+    /// the network on the band of rows each pixel can see ([`sample_raster`]).
     fn draw(&self, labels: Option<Tensor>, n: usize, rng: &mut GmRng) -> Result<Tensor> {
-        let [c, h, w] = self.image_shape();
-        let order: Vec<usize> = (0..c * h * w).collect();
-        sample_in_order(
+        sample_raster(
             self.image_shape(),
             n,
-            &order,
             self.output(),
             self.any_param(),
             rng,
+            self.rows_above(),
             |x| self.logits(x, labels.as_ref()),
         )
     }

@@ -216,6 +216,9 @@ impl RasterModel for PixelCnn {
     fn num_classes(&self) -> usize {
         self.cfg.num_classes
     }
+    fn rows_above(&self) -> usize {
+        self.cfg.first_kernel / 2 + self.cfg.res_blocks * (self.cfg.kernel / 2)
+    }
     fn any_param(&self) -> &Tensor {
         self.head2.weight()
     }

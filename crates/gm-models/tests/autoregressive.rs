@@ -190,7 +190,15 @@ fn assert_causal(name: &str, grad: &[f32], order: &[usize], t: usize) {
 fn fvsbn_and_made_are_causal_in_their_order() {
     let shape = [1, 5, 5];
     let raster: Vec<usize> = (0..25).collect();
-    let fv = gm_models::fvsbn::Fvsbn::new(FvsbnConfig { image_shape: shape }, vb(1)).unwrap();
+    let vm = VarMap::new();
+    let fv = gm_models::fvsbn::Fvsbn::new(
+        FvsbnConfig { image_shape: shape },
+        gm_core::rng::seeded_var_builder(&vm, 1, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    // FVSBN starts from zero weights (p = ½ everywhere); give it random ones to see its wiring.
+    let w = GmRng::new(7).randn((25, 25), &Device::Cpu).unwrap();
+    vm.data().lock().unwrap()["linear.weight"].set(&w).unwrap();
     for t in [1, 12, 24] {
         let g = input_sensitivity(|x| fv.logits(x).unwrap(), shape, raster[t]);
         assert_causal("fvsbn", &g, &raster, t);
@@ -421,4 +429,71 @@ fn masks_and_conditional_sampling() {
         0,
     );
     assert!(u.sample_labels(&[0], &mut rng).unwrap().is_none());
+}
+
+/// The banded sampler's premise: the logits of row `i` computed from rows `i − rows_above … i`
+/// alone equal those computed from the whole image (and a band one row shorter differs).
+#[test]
+fn logits_of_a_row_need_only_the_band_above_it() {
+    use gm_models::ar::RasterModel;
+    let shape = [1, 12, 9];
+    let plain = PixelCnn::new(
+        PixelCnnConfig {
+            image_shape: shape,
+            res_blocks: 3,
+            ..Default::default()
+        },
+        vb(5),
+    )
+    .unwrap();
+    let gated = GatedPixelCnn::new(
+        GatedPixelCnnConfig {
+            image_shape: shape,
+            layers: 4,
+            ..Default::default()
+        },
+        vb(6),
+    )
+    .unwrap();
+    let models: [(&str, &dyn RasterModel); 2] = [("pixelcnn", &plain), ("gated", &gated)];
+    let mut rng = GmRng::new(2);
+    let p = rng.uniform((3, 1, 12, 9), 0.0, 1.0, &Device::Cpu).unwrap();
+    let x = rng.bernoulli(&p).unwrap();
+    for (name, m) in models {
+        let r = m.rows_above();
+        assert_eq!(r, 3 + 3, "{name}");
+        let full = m.logits(&x, None).unwrap().reshape((3, 12, 9)).unwrap();
+        let i = 10;
+        let row = |lo: usize| {
+            let band = x.narrow(2, lo, i + 1 - lo).unwrap();
+            let l = m.logits(&band, None).unwrap();
+            let rows = i + 1 - lo;
+            l.reshape((3, rows, 9))
+                .unwrap()
+                .narrow(1, rows - 1, 1)
+                .unwrap()
+        };
+        let want = full.narrow(1, i, 1).unwrap();
+        let diff = |a: &Tensor| {
+            (a - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(
+            diff(&row(i - r)) < 1e-5,
+            "{name}: the band of {r} rows is not enough"
+        );
+        let short = diff(&row(i - r + 1));
+        assert!(
+            short > 0.0,
+            "{name}: rows_above {r} is larger than needed ({short})"
+        );
+    }
 }
