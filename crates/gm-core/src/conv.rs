@@ -818,15 +818,7 @@ fn check_float(t: &Tensor, what: &str) -> Result<()> {
 ///   returns `(N, C_out, H_out, W_out)` with
 ///   `H_out = (H + 2·pad − dil·(kH − 1) − 1) / stride + 1`.
 pub fn conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
-    let (n, ci, h, w) = x.dims4()?;
-    let k = weight.dims4()?;
-    let g = Geom::new(n, ci, [h, w], k.0, [k.0, k.1, k.2, k.3], p)?;
-    if !x.device().is_cpu() {
-        return device_conv2d(x, weight, p);
-    }
-    check_float(x, "conv2d")?;
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::Fwd))
+    conv2d_upto(x, weight, p, None, "conv2d")
 }
 
 /// The top-left `out = [H', W']` corner of [`conv2d`]'s output (`H' ≤ H_out`, `W' ≤ W_out`),
@@ -843,21 +835,35 @@ pub fn conv2d_cropped(
     p: Conv2dParams,
     out: [usize; 2],
 ) -> Result<Tensor> {
-    let (n, ci, h, w) = x.dims4()?;
-    let k = weight.dims4()?;
-    let mut g = Geom::new(n, ci, [h, w], k.0, [k.0, k.1, k.2, k.3], p)?;
     if out.contains(&0) {
         bail!("conv2d_cropped: empty output size {out:?}")
     }
-    g.ho = g.ho.min(out[0]);
-    g.wo = g.wo.min(out[1]);
-    if !x.device().is_cpu() {
-        return device_conv2d(x, weight, p)?
-            .narrow(2, 0, g.ho)?
-            .narrow(3, 0, g.wo)?
-            .contiguous();
+    conv2d_upto(x, weight, p, Some(out), "conv2d_cropped")
+}
+
+/// [`conv2d`], keeping only the top-left `out` corner of the output when given.
+fn conv2d_upto(
+    x: &Tensor,
+    weight: &Tensor,
+    p: Conv2dParams,
+    out: Option<[usize; 2]>,
+    what: &str,
+) -> Result<Tensor> {
+    let (n, ci, h, w) = x.dims4()?;
+    let k = weight.dims4()?;
+    let mut g = Geom::new(n, ci, [h, w], k.0, [k.0, k.1, k.2, k.3], p)?;
+    if let Some([oh, ow]) = out {
+        g.ho = g.ho.min(oh);
+        g.wo = g.wo.min(ow);
     }
-    check_float(x, "conv2d_cropped")?;
+    if !x.device().is_cpu() {
+        let y = device_conv2d(x, weight, p)?;
+        return match out {
+            None => Ok(y),
+            Some(_) => y.narrow(2, 0, g.ho)?.narrow(3, 0, g.wo)?.contiguous(),
+        };
+    }
+    check_float(x, what)?;
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::Fwd))
 }
