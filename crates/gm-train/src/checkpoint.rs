@@ -75,6 +75,34 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Loaded> {
     Ok(Loaded { tensors, meta })
 }
 
+/// The string metadata of a safetensors file, from its header alone (the tensors are not read).
+pub fn read_meta(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let bad = |why: &str| anyhow!("{}: not a safetensors file ({why})", path.display());
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("shorter than 8 bytes"))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(bad("header length out of range"));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| bad("truncated header"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|_| bad("header is not JSON"))?;
+    Ok(v.get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 pub fn checkpoint_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
@@ -158,6 +186,7 @@ mod tests {
         atomic_write(&p, &to_safetensors(&t, &m).unwrap()).unwrap();
         let l = read_safetensors(&p, &Device::Cpu).unwrap();
         assert_eq!(l.meta["gm.step"], "12");
+        assert_eq!(read_meta(&p).unwrap(), l.meta);
         assert_eq!(
             l.tensors["w"].to_vec2::<f32>().unwrap(),
             vec![vec![1.0, 2.0], vec![3.0, 4.0]]
@@ -170,6 +199,11 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
+        assert!(
+            e.contains("a.safetensors") && e.contains("not a safetensors"),
+            "{e}"
+        );
+        let e = read_meta(&p).err().unwrap().to_string();
         assert!(
             e.contains("a.safetensors") && e.contains("not a safetensors"),
             "{e}"

@@ -347,16 +347,18 @@ pub struct TextCheckpoint {
     pub path: PathBuf,
 }
 
-/// The `gm.kind` of a checkpoint (a run directory or a weights file).
+/// The `gm.kind` of a checkpoint (a run directory or a weights file), from its header only.
 pub fn checkpoint_kind(path: &Path) -> Result<String> {
     let path = checkpoint::resolve(path)?;
-    let l = read_safetensors(&path, &Device::Cpu)?;
-    l.meta.get("gm.kind").cloned().ok_or_else(|| {
-        anyhow!(
-            "{}: no gm.kind metadata (not a gm checkpoint?)",
-            path.display()
-        )
-    })
+    checkpoint::read_meta(&path)?
+        .get("gm.kind")
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no gm.kind metadata (not a gm checkpoint?)",
+                path.display()
+            )
+        })
 }
 
 pub fn load_text_checkpoint(path: &Path, device: &Device) -> Result<TextCheckpoint> {
