@@ -12,10 +12,12 @@
 
 pub mod conv;
 pub mod device;
+pub mod diffusion;
 pub mod dist;
 pub mod em;
 mod kernel;
 pub mod loss;
+pub mod ode;
 pub mod ops;
 pub mod rng;
 
