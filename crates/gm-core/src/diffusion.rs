@@ -60,7 +60,8 @@ impl ScheduleConfig {
                 self.beta_start, self.beta_end
             ));
         }
-        if self.schedule == BetaSchedule::Cosine && (self.cosine_s.is_nan() || self.cosine_s < 0.0) {
+        if self.schedule == BetaSchedule::Cosine && (self.cosine_s.is_nan() || self.cosine_s < 0.0)
+        {
             return Err(format!("cosine_s must be >= 0, got {}", self.cosine_s));
         }
         Ok(())
@@ -355,20 +356,18 @@ impl SamplerConfig {
             bail!("{e}")
         }
         let ts = spaced_timesteps(schedule.len(), self.steps);
-        Ok(match self.kind {
-            SamplerKind::Ddpm => Box::new(Ddpm {
-                schedule: schedule.clone(),
-                timesteps: ts,
-                clip: self.clip_sample,
+        let rule = match self.kind {
+            SamplerKind::Ddpm => Rule::Ddpm {
                 large: self.large_variance,
-            }),
-            SamplerKind::Ddim => Box::new(Ddim {
-                schedule: schedule.clone(),
-                timesteps: ts,
-                eta: self.eta,
-                clip: self.clip_sample,
-            }),
-        })
+            },
+            SamplerKind::Ddim => Rule::Ddim { eta: self.eta },
+        };
+        Ok(Box::new(ScheduleSampler {
+            schedule: schedule.clone(),
+            timesteps: ts,
+            clip: self.clip_sample,
+            rule,
+        }))
     }
 }
 
@@ -438,63 +437,22 @@ pub trait DiffusionSampler {
     }
 }
 
-/// Ancestral DDPM sampling.
-pub struct Ddpm {
+/// gm's two reverse-process rules on a (respaced) timestep list.
+pub struct ScheduleSampler {
     schedule: NoiseSchedule,
     timesteps: Vec<usize>,
     clip: bool,
-    large: bool,
+    rule: Rule,
 }
 
-impl DiffusionSampler for Ddpm {
-    fn timesteps(&self) -> &[usize] {
-        &self.timesteps
-    }
-
-    fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
-    }
-
-    fn clip(&self) -> bool {
-        self.clip
-    }
-
-    fn step_from(
-        &self,
-        x0: &Tensor,
-        _eps: &Tensor,
-        i: usize,
-        x: &Tensor,
-        rng: &mut GmRng,
-    ) -> Result<Tensor> {
-        let t = self.timesteps[i];
-        let prev = self.timesteps.get(i + 1).copied();
-        let (cx0, cxt, var) = self.schedule.posterior(t, prev);
-        let mean = ((x0 * cx0)? + (x * cxt)?)?;
-        match prev {
-            None => Ok(mean),
-            Some(_) => {
-                let var = if self.large {
-                    1.0 - self.schedule.alphas_cumprod[t] / self.schedule.alpha_bar(prev)
-                } else {
-                    var
-                };
-                let z = rng.randn(x.shape(), x.device())?.to_dtype(x.dtype())?;
-                mean + (z * var.sqrt())?
-            }
-        }
-    }
+enum Rule {
+    /// Ancestral DDPM; `large` = variance `β_t` instead of the posterior `β̃_t`.
+    Ddpm { large: bool },
+    /// DDIM with `η` (Song et al., eq. 12).
+    Ddim { eta: f64 },
 }
 
-/// DDIM sampling with `η` (Song et al., eq. 12).
-pub struct Ddim {
-    schedule: NoiseSchedule,
-    timesteps: Vec<usize>,
-    eta: f64,
-    clip: bool,
-}
-
-impl DiffusionSampler for Ddim {
+impl DiffusionSampler for ScheduleSampler {
     fn timesteps(&self) -> &[usize] {
         &self.timesteps
     }
@@ -519,15 +477,24 @@ impl DiffusionSampler for Ddim {
         let prev = self.timesteps.get(i + 1).copied();
         let a_t = self.schedule.alphas_cumprod[t];
         let a_p = self.schedule.alpha_bar(prev);
-        let sigma = self.eta
-            * ((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
-                .max(0.0)
-                .sqrt();
-        let dir = (1.0 - a_p - sigma * sigma).max(0.0).sqrt();
-        let mean = ((x0 * a_p.sqrt())? + (eps * dir)?)?;
-        if sigma > 0.0 && prev.is_some() {
+        let (mean, std) = match self.rule {
+            Rule::Ddpm { large } => {
+                let (cx0, cxt, var) = self.schedule.posterior(t, prev);
+                let var = if large { 1.0 - a_t / a_p } else { var };
+                (((x0 * cx0)? + (x * cxt)?)?, var.sqrt())
+            }
+            Rule::Ddim { eta } => {
+                let sigma = eta
+                    * ((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
+                        .max(0.0)
+                        .sqrt();
+                let dir = (1.0 - a_p - sigma * sigma).max(0.0).sqrt();
+                (((x0 * a_p.sqrt())? + (eps * dir)?)?, sigma)
+            }
+        };
+        if std > 0.0 && prev.is_some() {
             let z = rng.randn(x.shape(), x.device())?.to_dtype(x.dtype())?;
-            mean + (z * sigma)?
+            mean + (z * std)?
         } else {
             Ok(mean)
         }
