@@ -61,6 +61,7 @@ fn bench(c: &mut Criterion) {
             let opts = EvalOptions {
                 iwae_k: 1000,
                 max_pairs: 50_000,
+                full: true,
             };
             c.bench_function("iwae_1000/vae-mnist/10_images", |bench| {
                 bench.iter(|| model.eval_metrics(&small, &mut rng, &opts).unwrap())

@@ -10,6 +10,7 @@
 //!   visible step;
 //! - log-likelihoods are in **nats**; [`bits_per_dim`] converts.
 
+pub mod cnf;
 pub mod conv;
 pub mod device;
 pub mod diffusion;
@@ -17,6 +18,7 @@ pub mod dist;
 pub mod em;
 mod kernel;
 pub mod loss;
+pub mod norm;
 pub mod ode;
 pub mod ops;
 pub mod rng;

@@ -6,12 +6,15 @@
 
 pub mod ar;
 pub mod classifier;
+pub mod diffusion;
+pub mod flow_matching;
 pub mod fvsbn;
 pub mod gated_pixelcnn;
 pub mod made;
 pub mod nn;
 pub mod pixelcnn;
 pub mod text;
+pub mod unet;
 pub mod vae;
 
 use candle_core::{Result, Tensor};
@@ -42,6 +45,9 @@ pub struct EvalOptions {
     pub iwae_k: usize,
     /// Most (sample, image) pairs pushed through a decoder at once.
     pub max_pairs: usize,
+    /// Run the expensive likelihood estimators (the diffusion bound, ODE likelihoods); training's
+    /// periodic evaluations turn this off and report the cheap metrics only.
+    pub full: bool,
 }
 
 impl Default for EvalOptions {
@@ -49,6 +55,7 @@ impl Default for EvalOptions {
         Self {
             iwae_k: 1000,
             max_pairs: 20_000,
+            full: true,
         }
     }
 }
@@ -112,6 +119,8 @@ pub enum ModelConfig {
     PixelCnn(pixelcnn::PixelCnnConfig),
     #[serde(rename = "gated-pixelcnn")]
     GatedPixelCnn(gated_pixelcnn::GatedPixelCnnConfig),
+    Ddpm(diffusion::DdpmConfig),
+    FlowMatching(flow_matching::FlowMatchingConfig),
     /// A language model on text (trained through `gm_train::text`, not the image trainer).
     TextAr(text::TextArConfig),
 }
@@ -123,6 +132,8 @@ pub enum PixelData {
     Binary,
     /// The 256 grey levels as they are: no binarisation, no dequantisation.
     Levels,
+    /// Uniformly dequantised grey levels (`data.dequantize = true`), for continuous densities.
+    Dequantized,
     /// Whatever the pre-processing gives.
     Any,
 }
@@ -136,6 +147,8 @@ impl ModelConfig {
             Self::Made(_) => "made",
             Self::PixelCnn(_) => "pixelcnn",
             Self::GatedPixelCnn(_) => "gated-pixelcnn",
+            Self::Ddpm(_) => "ddpm",
+            Self::FlowMatching(_) => "flow-matching",
             Self::TextAr(_) => "text-ar",
         }
     }
@@ -149,6 +162,8 @@ impl ModelConfig {
             Self::Made(c) => c.image_shape,
             Self::PixelCnn(c) => c.image_shape,
             Self::GatedPixelCnn(c) => c.image_shape,
+            Self::Ddpm(c) => c.image_shape,
+            Self::FlowMatching(c) => c.image_shape,
             Self::TextAr(c) => [1, 1, c.context],
         }
     }
@@ -162,6 +177,8 @@ impl ModelConfig {
             Self::Made(c) => c.validate(),
             Self::PixelCnn(c) => c.validate(),
             Self::GatedPixelCnn(c) => c.validate(),
+            Self::Ddpm(c) => c.validate(),
+            Self::FlowMatching(c) => c.validate(),
             Self::TextAr(c) => c.validate(),
         }
     }
@@ -175,6 +192,8 @@ impl ModelConfig {
             Self::Made(c) => Box::new(made::Made::new(c.clone(), vb)?),
             Self::PixelCnn(c) => Box::new(pixelcnn::PixelCnn::new(c.clone(), vb)?),
             Self::GatedPixelCnn(c) => Box::new(gated_pixelcnn::GatedPixelCnn::new(c.clone(), vb)?),
+            Self::Ddpm(c) => Box::new(diffusion::Ddpm::new(c.clone(), vb)?),
+            Self::FlowMatching(c) => Box::new(flow_matching::FlowMatching::new(c.clone(), vb)?),
             Self::TextAr(_) => candle_core::bail!(
                 "a 'text-ar' model is not an image model: build it with text::TextAr::new"
             ),
@@ -188,7 +207,8 @@ impl ModelConfig {
             Self::Fvsbn(_) | Self::Made(_) => PixelData::Binary,
             Self::PixelCnn(c) if c.output == P::Bernoulli => PixelData::Binary,
             Self::GatedPixelCnn(c) if c.output == P::Bernoulli => PixelData::Binary,
-            Self::PixelCnn(_) | Self::GatedPixelCnn(_) => PixelData::Levels,
+            Self::PixelCnn(_) | Self::GatedPixelCnn(_) | Self::Ddpm(_) => PixelData::Levels,
+            Self::FlowMatching(_) => PixelData::Dequantized,
             _ => PixelData::Any,
         }
     }
@@ -199,6 +219,8 @@ impl ModelConfig {
             Self::Classifier(_) => true,
             Self::PixelCnn(c) => c.num_classes > 0,
             Self::GatedPixelCnn(c) => c.num_classes > 0,
+            Self::Ddpm(c) => c.num_classes > 0,
+            Self::FlowMatching(c) => c.num_classes > 0,
             _ => false,
         }
     }

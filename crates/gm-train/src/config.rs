@@ -259,6 +259,14 @@ impl RunConfig {
                     self.model.kind()
                 ))
             }
+            PixelData::Dequantized
+                if self.data.binarize != Binarize::None || !self.data.dequantize =>
+            {
+                return Err(format!(
+                    "a '{}' model is a continuous density: it needs data.binarize = \"none\" and data.dequantize = true",
+                    self.model.kind()
+                ))
+            }
             _ => {}
         }
         let text = matches!(self.model, ModelConfig::TextAr(_));

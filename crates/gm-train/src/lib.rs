@@ -16,4 +16,4 @@ pub mod text;
 pub mod trainer;
 
 pub use config::RunConfig;
-pub use trainer::{load_checkpoint, train, TrainOptions, TrainSummary};
+pub use trainer::{load_checkpoint, load_checkpoint_with, train, TrainOptions, TrainSummary};

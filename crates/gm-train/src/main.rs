@@ -8,7 +8,7 @@ use gm_models::EvalOptions;
 use gm_train::data::{load_split, Split};
 use gm_train::eval::{evaluate, sample_quality};
 use gm_train::images::save_grid;
-use gm_train::trainer::{load_checkpoint, resolve_data};
+use gm_train::trainer::{load_checkpoint, load_checkpoint_with, resolve_data};
 use gm_train::{RunConfig, TrainOptions};
 use std::path::PathBuf;
 
@@ -80,6 +80,10 @@ enum Cmd {
         /// Text models: sample among the k most likely tokens (0 = all).
         #[arg(long, default_value_t = 0)]
         top_k: usize,
+        /// Override a stored setting that leaves the weights alone, e.g.
+        /// --set model.sampler.steps=10 or --set model.solver.method=rk4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -107,6 +111,10 @@ enum Cmd {
         /// The classifier checkpoint for --fid (train it with models/classifier-mnist.toml).
         #[arg(long, default_value = "runs/classifier-mnist")]
         classifier: PathBuf,
+        /// Override a stored setting that leaves the weights alone, e.g.
+        /// --set model.bound_timesteps=0 or --set model.likelihood_solver.steps=20 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -251,6 +259,7 @@ fn run() -> Result<()> {
             tokens,
             temperature,
             top_k,
+            overrides,
             device: d,
         } => {
             if n == 0 {
@@ -283,7 +292,7 @@ fn run() -> Result<()> {
                 );
                 return Ok(());
             }
-            let ck = load_checkpoint(&checkpoint, &dev)?;
+            let ck = load_checkpoint_with(&checkpoint, &dev, &overrides)?;
             let model = ck.built.model.as_ref();
             let mut rng = GmRng::new(seed);
             let t0 = std::time::Instant::now();
@@ -328,6 +337,7 @@ fn run() -> Result<()> {
             fid,
             fid_n,
             classifier,
+            overrides,
             device: d,
         } => {
             let dev = device(&d)?;
@@ -352,13 +362,14 @@ fn run() -> Result<()> {
                 println!("{}", serde_json::Value::Object(m));
                 return Ok(());
             }
-            let ck = load_checkpoint(&checkpoint, &dev)?;
+            let ck = load_checkpoint_with(&checkpoint, &dev, &overrides)?;
             let cfg = &ck.built.cfg;
             let (dir, source) = resolve_data(cfg, data_dir.as_deref())?;
             let ds = load_split(&dir, split)?;
             let opts = EvalOptions {
                 iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
                 max_pairs: cfg.eval.max_pairs,
+                full: true,
             };
             if opts.iwae_k == 0 {
                 bail!("--iwae-k must be > 0");

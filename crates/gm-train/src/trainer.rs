@@ -97,6 +97,17 @@ pub struct LoadedCheckpoint {
 
 /// Rebuilds a model from a weights file or run directory: the file's metadata holds the config.
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+    load_checkpoint_with(path, device, &[])
+}
+
+/// [`load_checkpoint`] with `key=value` overrides applied to the stored config first — settings
+/// that leave the parameters alone, such as `model.sampler.steps=10` or `model.solver.method=rk4`
+/// (an override that changes a parameter's shape fails to load, naming the tensor).
+pub fn load_checkpoint_with(
+    path: &Path,
+    device: &Device,
+    overrides: &[String],
+) -> Result<LoadedCheckpoint> {
     let path = checkpoint::resolve(path)?;
     let l = read_safetensors(&path, device)?;
     let text = l.meta.get("gm.config").ok_or_else(|| {
@@ -105,7 +116,8 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
             path.display()
         )
     })?;
-    let cfg = RunConfig::from_toml_str(text, &[], &format!("{} (gm.config)", path.display()))?;
+    let cfg =
+        RunConfig::from_toml_str(text, overrides, &format!("{} (gm.config)", path.display()))?;
     let built = build(&cfg, device)?;
     set_vars(&built.varmap, &l.tensors, "", &path, true)?;
     let step = l
@@ -296,6 +308,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let eval_opts = EvalOptions {
         iwae_k: cfg.eval.train_iwae_k,
         max_pairs: cfg.eval.max_pairs,
+        full: false,
     };
     let pb = if opts.progress {
         indicatif::ProgressBar::new(t.steps as u64)

@@ -1,0 +1,433 @@
+//! The UNet that diffusion and flow-matching models share (Ho et al., 2020; the `diffusers`
+//! `UNet2DModel` layout): residual blocks with GroupNorm and SiLU, a sinusoidal time embedding
+//! through an MLP added in every block, single-head self-attention at chosen resolutions and in
+//! the middle, strided-convolution downsampling, nearest-neighbour upsampling + convolution, skip
+//! connections from every down-path activation, and an optional class embedding (with one extra
+//! "no label" row for classifier-free guidance).
+//!
+//! Written around candle's gradient gaps (see the project's candle notes): attention uses
+//! `candle_nn::ops::softmax` (the fused `softmax_last_dim` has no gradient), and upsampling is a
+//! reshape + broadcast (candle's `upsample_nearest2d` backward overwrites gradients).
+//!
+//! Parameter names follow a PyTorch module tree (`down.0.res.0.conv1.weight`, …), so a
+//! safetensors checkpoint maps onto a PyTorch twin one to one.
+
+use crate::nn::{Conv2d, Linear};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+use gm_core::conv::Conv2dParams;
+use gm_core::ops::Act;
+use serde::{Deserialize, Serialize};
+
+/// A UNet's shape.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UNetConfig {
+    /// Channels of the first level.
+    pub base_channels: usize,
+    /// Channel multiplier per level; level `l` works at resolution `H / 2^l`.
+    pub channel_mult: Vec<usize>,
+    /// Residual blocks per level on the way down (the way up has one more).
+    pub num_res_blocks: usize,
+    /// Levels (0-based) whose residual blocks are followed by self-attention.
+    pub attention_levels: Vec<usize>,
+    /// Self-attention between the two middle residual blocks.
+    pub mid_attention: bool,
+    /// GroupNorm groups (must divide every level's channels).
+    pub groups: usize,
+    /// Width of the time (and class) embedding; 0 = `4 · base_channels`.
+    pub time_embed_dim: usize,
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        Self {
+            base_channels: 32,
+            channel_mult: vec![1, 2, 2],
+            num_res_blocks: 1,
+            attention_levels: vec![2],
+            mid_attention: true,
+            groups: 8,
+            time_embed_dim: 0,
+        }
+    }
+}
+
+impl UNetConfig {
+    pub fn temb_dim(&self) -> usize {
+        if self.time_embed_dim == 0 {
+            4 * self.base_channels
+        } else {
+            self.time_embed_dim
+        }
+    }
+
+    /// Checks the shape against images of `[C, H, W]`; errors name the key.
+    pub fn validate(&self, image_shape: [usize; 3]) -> std::result::Result<(), String> {
+        if self.base_channels == 0 || self.channel_mult.is_empty() {
+            return Err(
+                "model.unet.base_channels and model.unet.channel_mult must be non-empty".into(),
+            );
+        }
+        if self.channel_mult.contains(&0) {
+            return Err("model.unet.channel_mult entries must be > 0".into());
+        }
+        if self.groups == 0 {
+            return Err("model.unet.groups must be > 0".into());
+        }
+        for m in &self.channel_mult {
+            if (self.base_channels * m) % self.groups != 0 {
+                return Err(format!(
+                    "model.unet.groups = {} must divide every level's channels ({} = {} × {m})",
+                    self.groups,
+                    self.base_channels * m,
+                    self.base_channels
+                ));
+            }
+        }
+        if let Some(l) = self
+            .attention_levels
+            .iter()
+            .find(|&&l| l >= self.channel_mult.len())
+        {
+            return Err(format!(
+                "model.unet.attention_levels: level {l} does not exist ({} levels)",
+                self.channel_mult.len()
+            ));
+        }
+        let f = 1usize << (self.channel_mult.len() - 1);
+        let [c, h, w] = image_shape;
+        if c == 0 || h % f != 0 || w % f != 0 || h == 0 || w == 0 {
+            return Err(format!(
+                "model.image_shape {image_shape:?}: height and width must be multiples of {f} for {} UNet levels",
+                self.channel_mult.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// GroupNorm with PyTorch's names (`weight`, `bias`) and initialisation (ones, zeros), on gm's
+/// fused kernel ([`gm_core::norm::group_norm`]).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+            groups,
+        })
+    }
+
+    /// `GroupNorm(x)`, followed by SiLU when `silu`.
+    pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        gm_core::norm::group_norm(x, &self.weight, &self.bias, self.groups, 1e-5, silu)
+    }
+}
+
+/// `GroupNorm` then SiLU, fused.
+fn norm_silu(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+    norm.forward(x, true)
+}
+
+fn conv3(c_in: usize, c_out: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let p = Conv2dParams {
+        stride: [stride, stride],
+        padding: [1, 1],
+        ..Default::default()
+    };
+    Conv2d::new(c_in, c_out, [3, 3], p, true, vb)
+}
+
+fn conv1(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
+    Conv2d::new(c_in, c_out, [1, 1], Conv2dParams::default(), true, vb)
+}
+
+/// `x + conv2(silu(gn2(conv1(silu(gn1(x))) + proj(silu(temb))))`, with a 1×1 skip when the
+/// channels change.
+#[derive(Clone, Debug)]
+struct ResBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    temb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    skip: Option<Conv2d>,
+}
+
+impl ResBlock {
+    fn new(c_in: usize, c_out: usize, temb: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::new(groups, c_in, vb.pp("norm1"))?,
+            conv1: conv3(c_in, c_out, 1, vb.pp("conv1"))?,
+            temb_proj: Linear::new(temb, c_out, vb.pp("temb_proj"))?,
+            norm2: GroupNorm::new(groups, c_out, vb.pp("norm2"))?,
+            conv2: conv3(c_out, c_out, 1, vb.pp("conv2"))?,
+            skip: (c_in != c_out)
+                .then(|| conv1(c_in, c_out, vb.pp("skip")))
+                .transpose()?,
+        })
+    }
+
+    /// `temb_act` is `silu(temb)`, `(B, T)`.
+    fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&norm_silu(&self.norm1, x)?)?;
+        let t = self
+            .temb_proj
+            .forward(temb_act)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&norm_silu(&self.norm2, &h)?)?;
+        let s = match &self.skip {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        h + s
+    }
+}
+
+/// Single-head self-attention over the `H·W` positions, residual.
+#[derive(Clone, Debug)]
+struct Attention {
+    norm: GroupNorm,
+    qkv: Conv2d,
+    proj: Conv2d,
+    channels: usize,
+}
+
+impl Attention {
+    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: GroupNorm::new(groups, c, vb.pp("norm"))?,
+            qkv: conv1(c, 3 * c, vb.pp("qkv"))?,
+            proj: conv1(c, c, vb.pp("proj"))?,
+            channels: c,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let qkv = self
+            .qkv
+            .forward(&self.norm.forward(x, false)?)?
+            .reshape((b, 3, c, h * w))?;
+        let q = qkv.narrow(1, 0, 1)?.squeeze(1)?;
+        let k = qkv.narrow(1, 1, 1)?.squeeze(1)?;
+        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
+        // (B, N, N): logits[i, j] = q_i · k_j / √C.
+        let logits = (q.transpose(1, 2)?.matmul(&k)? / (self.channels as f64).sqrt())?;
+        let attn = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        // out[:, :, i] = Σ_j attn[i, j] v[:, :, j]
+        let out = v.matmul(&attn.transpose(1, 2)?)?.reshape((b, c, h, w))?;
+        x + self.proj.forward(&out)?
+    }
+}
+
+/// Nearest-neighbour ×2 upsampling as a broadcast (whose gradient, a sum, candle gets right).
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))
+}
+
+/// Sinusoidal embedding `[sin(t·f_i), cos(t·f_i)]`, `f_i = 10000^{-i/(dim/2)}`, of `(B,)` times.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
+    let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let e = Tensor::cat(&[args.sin()?, args.cos()?], 1)?;
+    if dim % 2 == 1 {
+        e.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(e)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Level {
+    res: Vec<ResBlock>,
+    attn: Vec<Attention>,
+    /// Down path: strided conv; up path: conv after the upsampling.
+    resample: Option<Conv2d>,
+}
+
+/// The UNet: `forward(x, t, labels)` → a tensor shaped like `x` (or with `out_channels`).
+#[derive(Clone, Debug)]
+pub struct UNet {
+    cfg: UNetConfig,
+    time_embed: [Linear; 2],
+    label_embed: Option<Embedding>,
+    num_classes: usize,
+    conv_in: Conv2d,
+    down: Vec<Level>,
+    mid: (ResBlock, Option<Attention>, ResBlock),
+    up: Vec<Level>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    /// `num_classes > 0` adds a class embedding with `num_classes + 1` rows; the last row is the
+    /// "no label" token of classifier-free guidance.
+    pub fn new(
+        cfg: &UNetConfig,
+        in_channels: usize,
+        out_channels: usize,
+        num_classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let temb = cfg.temb_dim();
+        let base = cfg.base_channels;
+        let g = cfg.groups;
+        let time_embed = [
+            Linear::new(base, temb, vb.pp("time_embed.0"))?,
+            Linear::new(temb, temb, vb.pp("time_embed.2"))?,
+        ];
+        let label_embed = (num_classes > 0)
+            .then(|| candle_nn::embedding(num_classes + 1, temb, vb.pp("label_embed")))
+            .transpose()?;
+        let conv_in = conv3(in_channels, base, 1, vb.pp("conv_in"))?;
+        let levels = cfg.channel_mult.len();
+        let mut skip_ch = vec![base];
+        let mut ch = base;
+        let mut down = Vec::new();
+        for (l, m) in cfg.channel_mult.iter().enumerate() {
+            let vbl = vb.pp(format!("down.{l}"));
+            let out = base * m;
+            let mut res = Vec::new();
+            let mut attn = Vec::new();
+            for i in 0..cfg.num_res_blocks {
+                res.push(ResBlock::new(ch, out, temb, g, vbl.pp(format!("res.{i}")))?);
+                ch = out;
+                if cfg.attention_levels.contains(&l) {
+                    attn.push(Attention::new(ch, g, vbl.pp(format!("attn.{i}")))?);
+                }
+                skip_ch.push(ch);
+            }
+            let resample = (l + 1 < levels)
+                .then(|| conv3(ch, ch, 2, vbl.pp("downsample")))
+                .transpose()?;
+            if resample.is_some() {
+                skip_ch.push(ch);
+            }
+            down.push(Level {
+                res,
+                attn,
+                resample,
+            });
+        }
+        let mid = (
+            ResBlock::new(ch, ch, temb, g, vb.pp("mid.res1"))?,
+            cfg.mid_attention
+                .then(|| Attention::new(ch, g, vb.pp("mid.attn")))
+                .transpose()?,
+            ResBlock::new(ch, ch, temb, g, vb.pp("mid.res2"))?,
+        );
+        let mut up = Vec::new();
+        for (l, m) in cfg.channel_mult.iter().enumerate().rev() {
+            let vbl = vb.pp(format!("up.{l}"));
+            let out = base * m;
+            let mut res = Vec::new();
+            let mut attn = Vec::new();
+            for i in 0..=cfg.num_res_blocks {
+                let skip = skip_ch.pop().expect("one skip per down activation");
+                res.push(ResBlock::new(
+                    ch + skip,
+                    out,
+                    temb,
+                    g,
+                    vbl.pp(format!("res.{i}")),
+                )?);
+                ch = out;
+                if cfg.attention_levels.contains(&l) {
+                    attn.push(Attention::new(ch, g, vbl.pp(format!("attn.{i}")))?);
+                }
+            }
+            let resample = (l > 0)
+                .then(|| conv3(ch, ch, 1, vbl.pp("upsample")))
+                .transpose()?;
+            up.push(Level {
+                res,
+                attn,
+                resample,
+            });
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            time_embed,
+            label_embed,
+            num_classes,
+            conv_in,
+            down,
+            mid,
+            up,
+            norm_out: GroupNorm::new(g, ch, vb.pp("norm_out"))?,
+            conv_out: conv3(ch, out_channels, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    /// The class count (0 for an unconditional net); label `num_classes` means "no label".
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// `x`: `(B, C, H, W)`; `t`: `(B,)` times on the embedding's scale (DDPM: the step index;
+    /// flow matching: `1000·t`); `labels`: `(B,)` u32 in `0..=num_classes`.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let t = t.to_dtype(x.dtype())?;
+        let e = timestep_embedding(&t, self.cfg.base_channels)?;
+        let e = self.time_embed[0].forward(&e)?.silu()?;
+        let mut temb = self.time_embed[1].forward(&e)?;
+        match (&self.label_embed, labels) {
+            (Some(emb), Some(y)) => temb = (temb + emb.forward(&y.to_dtype(DType::U32)?)?)?,
+            (Some(_), None) => candle_core::bail!("this UNet is class-conditional: pass labels"),
+            (None, Some(_)) => candle_core::bail!("this UNet has no class embedding"),
+            (None, None) => {}
+        }
+        let ta = temb.silu()?;
+        let mut h = self.conv_in.forward(x)?;
+        let mut skips = vec![h.clone()];
+        for level in &self.down {
+            for (i, r) in level.res.iter().enumerate() {
+                h = r.forward(&h, &ta)?;
+                if let Some(a) = level.attn.get(i) {
+                    h = a.forward(&h)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(d) = &level.resample {
+                h = d.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+        h = self.mid.0.forward(&h, &ta)?;
+        if let Some(a) = &self.mid.1 {
+            h = a.forward(&h)?;
+        }
+        h = self.mid.2.forward(&h, &ta)?;
+        for level in &self.up {
+            for (i, r) in level.res.iter().enumerate() {
+                let s = skips.pop().expect("matching skip");
+                h = r.forward(&Tensor::cat(&[&h, &s], 1)?, &ta)?;
+                if let Some(a) = level.attn.get(i) {
+                    h = a.forward(&h)?;
+                }
+            }
+            if let Some(u) = &level.resample {
+                h = u.forward_act(&upsample_nearest2x(&h)?, Act::Identity)?;
+            }
+        }
+        self.conv_out.forward(&norm_silu(&self.norm_out, &h)?)
+    }
+}
