@@ -389,7 +389,9 @@ fn run() -> Result<()> {
                 m.insert(k, serde_json::json!(v));
             }
             if model.likelihood_metric().is_some() {
-                m.insert("iwae_k".into(), serde_json::json!(opts.iwae_k));
+                if model.kind() == "vae" {
+                    m.insert("iwae_k".into(), serde_json::json!(opts.iwae_k));
+                }
                 m.insert(
                     "binarization".into(),
                     serde_json::to_value(cfg.data.binarize)?,
