@@ -22,7 +22,7 @@ import tomllib
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PRESETS = ["models/vae-mnist.toml", "models/vae-conv-mnist.toml", "models/pixelcnn-mnist.toml",
-           "models/gated-pixelcnn-mnist.toml"]
+           "models/gated-pixelcnn-mnist.toml", "models/ddpm-mnist.toml", "models/flow-matching-mnist.toml"]
 
 TORCH_CHILD = r"""
 import json, sys, time, resource
@@ -167,6 +167,10 @@ def bench_models(args):
                 g.append(r["median_ms"]); grss = max(grss, r["peak_rss_mb"] or 0)
                 if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
                     cmd = [args.python, os.path.join(HERE, "pixelcnn_torch.py"), "bench", "--config",
+                           json.dumps(model), "--threads", str(th), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--batch", str(batch)]
+                elif model["kind"] in ("ddpm", "flow-matching"):
+                    cmd = [args.python, os.path.join(HERE, "unet_torch.py"), "bench", "--config",
                            json.dumps(model), "--threads", str(th), "--steps", str(args.steps),
                            "--warmup", str(args.warmup), "--batch", str(batch)]
                 else:

@@ -132,7 +132,7 @@ impl FlowMatching {
 
     /// `v_θ(x, t)` for one time `t ∈ [0, 1]` shared by the batch.
     pub fn velocity(&self, x: &Tensor, t: f64, labels: Option<&Tensor>, w: f64) -> Result<Tensor> {
-        let tt = Tensor::full((t * TIME_SCALE) as f32, x.dim(0)?, x.device())?;
+        let tt = Tensor::full(t * TIME_SCALE, x.dim(0)?, x.device())?.to_dtype(x.dtype())?;
         self.net.guided(x, &tt, labels, w)
     }
 

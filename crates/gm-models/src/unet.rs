@@ -241,8 +241,8 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 /// Sinusoidal embedding `[sin(t·f_i), cos(t·f_i)]`, `f_i = 10000^{-i/(dim/2)}`, of `(B,)` times.
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+    let freqs: Vec<f64> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp())
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
