@@ -2,7 +2,8 @@
 //!
 //! One import for research code: `use gm::...`. The crates underneath:
 //! - [`gm_core`]: distributions, likelihood losses (NLL, MSE as Gaussian MLE, KL, ELBO, IWAE),
-//!   bits per dimension, the seeded RNG, EM;
+//!   bits per dimension, the seeded RNG, EM, ODE solvers, Gaussian diffusion schedules and
+//!   samplers, continuous-flow likelihoods;
 //! - [`gm_models`]: the model families behind one [`Model`] trait;
 //! - [`gm_train`]: data, configs, the trainer, checkpoints, evaluation, the `gm` CLI.
 //!
@@ -27,12 +28,14 @@ pub use gm_models;
 pub use gm_train;
 
 pub use gm_core::{
-    bits_per_dim, conv, dist, em, keep_freed_memory, loss, ops, select_device, sum_per_sample,
-    DeviceChoice, GmRng, RngState,
+    bits_per_dim, cnf, conv, diffusion, dist, em, keep_freed_memory, loss, norm, ode, ops,
+    select_device, sum_per_sample, DeviceChoice, GmRng, RngState,
 };
 pub use gm_models::{
-    ar, classifier, fvsbn, gated_pixelcnn, made, nn, pixelcnn, vae, Batch, EvalOptions, Loss,
-    Model, ModelConfig, PixelData,
+    ar, classifier, ddpm, flow_matching, fvsbn, gated_pixelcnn, made, nn, pixelcnn, unet, vae,
+    Batch, EvalOptions, Loss, Model, ModelConfig, PixelData,
 };
 pub use gm_train::{checkpoint, config, data, eval, fetch, images, opbench, optim, trainer};
-pub use gm_train::{load_checkpoint, train, RunConfig, TrainOptions, TrainSummary};
+pub use gm_train::{
+    load_checkpoint, load_checkpoint_with, train, RunConfig, TrainOptions, TrainSummary,
+};

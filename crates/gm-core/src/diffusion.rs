@@ -512,7 +512,8 @@ pub fn sample_loop(
     let mut x = x_t;
     for i in 0..sampler.timesteps().len() {
         let out = net(&x, sampler.timesteps()[i])?;
-        x = sampler.step(&out, prediction, i, &x, rng)?;
+        // Detached: a chain of T steps must not keep T networks' activations alive.
+        x = sampler.step(&out, prediction, i, &x, rng)?.detach();
     }
     Ok(x)
 }

@@ -12,7 +12,7 @@
 //! reported `nll_nats` adds `D·ln 256` to put it on the 8-bit scale (the uniform-dequantisation
 //! bound on `−log P(k)`): `bits_per_dim` is comparable with the discrete models'.
 
-use crate::diffusion::{check_dropout, Denoiser};
+use crate::ddpm::{check_dropout, Denoiser};
 use crate::unet::UNetConfig;
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{Device, Result, Tensor};
@@ -151,16 +151,23 @@ impl FlowMatching {
         rng: &mut GmRng,
     ) -> Result<Tensor> {
         let [c, h, wd] = self.cfg.image_shape;
-        let x0 = rng.randn((n, c, h, wd), &self.device)?;
-        let (x1, stats) = solve(
-            |t, x: &Tensor| self.velocity(x, t, labels, w).map(|v| v.detach()),
-            x0,
-            0.0,
-            1.0,
-            solver,
-        )?;
-        self.last_stats.set(stats);
-        Denoiser::to_pixels(&x1)
+        let mut total = OdeStats::default();
+        let out = Denoiser::chunked(n, labels, |k, labels| {
+            let x0 = rng.randn((k, c, h, wd), &self.device)?;
+            let (x1, stats) = solve(
+                |t, x: &Tensor| self.velocity(x, t, labels, w).map(|v| v.detach()),
+                x0,
+                0.0,
+                1.0,
+                solver,
+            )?;
+            total.nfe = total.nfe.max(stats.nfe);
+            total.accepted = total.accepted.max(stats.accepted);
+            total.rejected = total.rejected.max(stats.rejected);
+            Denoiser::to_pixels(&x1)
+        })?;
+        self.last_stats.set(total);
+        Ok(out)
     }
 
     /// `−log p(y)` per image in nats on the 8-bit scale, `(B,)` (see the module docs).

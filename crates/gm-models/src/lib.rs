@@ -6,7 +6,7 @@
 
 pub mod ar;
 pub mod classifier;
-pub mod diffusion;
+pub mod ddpm;
 pub mod flow_matching;
 pub mod fvsbn;
 pub mod gated_pixelcnn;
@@ -119,7 +119,7 @@ pub enum ModelConfig {
     PixelCnn(pixelcnn::PixelCnnConfig),
     #[serde(rename = "gated-pixelcnn")]
     GatedPixelCnn(gated_pixelcnn::GatedPixelCnnConfig),
-    Ddpm(diffusion::DdpmConfig),
+    Ddpm(ddpm::DdpmConfig),
     FlowMatching(flow_matching::FlowMatchingConfig),
     /// A language model on text (trained through `gm_train::text`, not the image trainer).
     TextAr(text::TextArConfig),
@@ -192,7 +192,7 @@ impl ModelConfig {
             Self::Made(c) => Box::new(made::Made::new(c.clone(), vb)?),
             Self::PixelCnn(c) => Box::new(pixelcnn::PixelCnn::new(c.clone(), vb)?),
             Self::GatedPixelCnn(c) => Box::new(gated_pixelcnn::GatedPixelCnn::new(c.clone(), vb)?),
-            Self::Ddpm(c) => Box::new(diffusion::Ddpm::new(c.clone(), vb)?),
+            Self::Ddpm(c) => Box::new(ddpm::Ddpm::new(c.clone(), vb)?),
             Self::FlowMatching(c) => Box::new(flow_matching::FlowMatching::new(c.clone(), vb)?),
             Self::TextAr(_) => candle_core::bail!(
                 "a 'text-ar' model is not an image model: build it with text::TextAr::new"

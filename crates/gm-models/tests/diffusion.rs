@@ -9,7 +9,7 @@ use gm_core::cnf::{log_likelihood, Divergence};
 use gm_core::diffusion::ScheduleConfig;
 use gm_core::ode::{solve, SolverConfig};
 use gm_core::GmRng;
-use gm_models::diffusion::{Ddpm, DdpmConfig};
+use gm_models::ddpm::{Ddpm, DdpmConfig};
 use gm_models::flow_matching::{gaussian_ot_velocity, ot_path, FlowMatching, FlowMatchingConfig};
 use gm_models::unet::{upsample_nearest2x, UNetConfig};
 use gm_models::{Batch, EvalOptions, Model, ModelConfig};

@@ -86,6 +86,9 @@ pub(crate) fn check_dropout(p: f64) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Most images a sampler pushes through the network at once.
+pub const SAMPLE_CHUNK: usize = 250;
+
 /// What DDPM and flow matching share: the network, its labels, guidance, image scaling.
 #[derive(Clone, Debug)]
 pub(crate) struct Denoiser {
@@ -173,6 +176,24 @@ impl Denoiser {
             }
             _ => self.unet.forward(x, t, labels),
         }
+    }
+
+    /// Runs `f(count, labels)` over chunks of at most [`SAMPLE_CHUNK`] images and concatenates the
+    /// results, so that memory stays bounded however many samples are asked for.
+    pub fn chunked(
+        n: usize,
+        labels: Option<&Tensor>,
+        mut f: impl FnMut(usize, Option<&Tensor>) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let k = SAMPLE_CHUNK.min(n - start);
+            let y = labels.map(|y| y.narrow(0, start, k)).transpose()?;
+            parts.push(f(k, y.as_ref())?);
+            start += k;
+        }
+        Tensor::cat(&parts, 0)
     }
 
     /// Labels of an unconditional grid of `n` (cycling through the classes), or `None`.
@@ -361,11 +382,13 @@ impl Ddpm {
     ) -> Result<Tensor> {
         let sm = sampler.build(&self.schedule)?;
         let [c, h, w] = self.cfg.image_shape;
-        let x_t = rng.randn((n, c, h, w), &self.device)?;
-        let x = sample_loop(sm.as_ref(), self.cfg.prediction, x_t, rng, |x, t| {
-            self.predict(x, &vec![t; n], labels, sampler.guidance_scale)
-        })?;
-        Denoiser::to_pixels(&x)
+        Denoiser::chunked(n, labels, |k, labels| {
+            let x_t = rng.randn((k, c, h, w), &self.device)?;
+            let x = sample_loop(sm.as_ref(), self.cfg.prediction, x_t, rng, |x, t| {
+                self.predict(x, &vec![t; k], labels, sampler.guidance_scale)
+            })?;
+            Denoiser::to_pixels(&x)
+        })
     }
 }
 
