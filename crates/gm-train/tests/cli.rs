@@ -531,6 +531,31 @@ fn diffusion_and_flow_matching_presets_train_eval_and_sample() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("sampler"), "{err}");
+    // The class-conditional DDPM with classifier-free guidance: a row per label.
+    let run = tmp.path().join("ddpm-cond");
+    let o = train(
+        &root().join("models/ddpm-tiny.toml"),
+        &data,
+        &run,
+        &["--set", "model.num_classes=10", "--set", "train.steps=10"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = tmp.path().join("cond.png");
+    let o = gm(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--labels",
+        "0-2",
+        "--n",
+        "2",
+        "--set",
+        "model.sampler.guidance_scale=3",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("6 samples"), "{err}");
     // Flow matching's likelihood is a continuous density: grey levels must be dequantised.
     let o = train(
         &root().join("models/flow-matching-tiny.toml"),
