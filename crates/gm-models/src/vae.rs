@@ -456,6 +456,7 @@ mod tests {
                         &EvalOptions {
                             iwae_k: 50,
                             max_pairs: 40,
+                            full: true,
                         },
                     )
                     .unwrap();
@@ -494,6 +495,7 @@ mod tests {
                     &EvalOptions {
                         iwae_k: k,
                         max_pairs: 4000,
+                        full: true,
                     },
                 )
                 .unwrap();

@@ -418,5 +418,22 @@ fn impossible_shapes_are_refused_with_the_key() {
         ..Default::default()
     };
     assert!(cfg.validate().unwrap_err().contains("groups"));
-    let _ = FlowMatching::new; // the type is public for research code
+    // 32×32 colour images (CIFAR's shape) build and run through three levels.
+    let cfg = FlowMatchingConfig {
+        image_shape: [3, 32, 32],
+        unet: UNetConfig {
+            channel_mult: vec![1, 2, 2],
+            ..tiny_unet()
+        },
+        ..Default::default()
+    };
+    cfg.validate().unwrap();
+    let vm = VarMap::new();
+    let vb = gm_core::rng::seeded_var_builder(&vm, 19, DType::F32, &Device::Cpu);
+    let fm = FlowMatching::new(cfg, vb).unwrap();
+    let x = GmRng::new(20).randn((2, 3, 32, 32), &Device::Cpu).unwrap();
+    assert_eq!(
+        fm.velocity(&x, 0.3, None, 1.0).unwrap().dims(),
+        &[2, 3, 32, 32]
+    );
 }
