@@ -472,7 +472,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         opt.step(&grads, lr)?;
         if let Some(e) = &mut ema {
             for (i, (_, v)) in vars.iter().enumerate() {
-                e.shadow[i] = ((&e.shadow[i] * e.decay)? + (v.as_tensor() * (1.0 - e.decay))?)?;
+                // Detached: otherwise every shadow keeps the previous one (and the parameter
+                // snapshot) alive through candle's graph, and memory grows with every step.
+                e.shadow[i] =
+                    ((&e.shadow[i] * e.decay)? + (v.as_tensor() * (1.0 - e.decay))?)?.detach();
             }
         }
         losses.push((done, total));
