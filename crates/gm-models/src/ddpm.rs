@@ -366,7 +366,7 @@ impl Ddpm {
             let ts: Vec<usize> = (0..b)
                 .map(|_| 1 + lo + (rng.next_u64() % size as u64) as usize)
                 .collect();
-            let term = self.bound_term(x0, &ts, labels, rng)?;
+            let term = self.bound_term(x0, &ts, labels, rng)?.detach();
             total = (total + (term * size as f64)?)?;
         }
         Ok(total)
