@@ -28,6 +28,15 @@ fn train(cfg: &Path, data: &Path, run: &Path, extra: &[&str]) -> Output {
     gm(&args)
 }
 
+/// `[first, last]` from the trainer's "gm: done: N steps, loss A -> B; …" line.
+fn loss_summary(preset: &str, err: &str) -> Vec<f64> {
+    err.split("loss ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .map(|s| s.split(" -> ").map(|v| v.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|| panic!("{preset}: no loss summary in {err}"))
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -281,12 +290,7 @@ fn autoregressive_presets_train_eval_and_sample() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{preset}: train failed: {err}");
         // "gm: done: 40 steps, loss A -> B; …"
-        let losses: Vec<f64> = err
-            .split("loss ")
-            .nth(1)
-            .and_then(|s| s.split(';').next())
-            .map(|s| s.split(" -> ").map(|v| v.trim().parse().unwrap()).collect())
-            .unwrap_or_else(|| panic!("{preset}: no loss summary in {err}"));
+        let losses = loss_summary(preset, &err);
         assert!(
             losses[1] < 0.8 * losses[0],
             "{preset}: loss did not fall: {losses:?}"
@@ -467,12 +471,7 @@ fn diffusion_and_flow_matching_presets_train_eval_and_sample() {
         let o = train(&cfg, &data, &run, &["--set", "train.steps=30"]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{preset}: train failed: {err}");
-        let losses: Vec<f64> = err
-            .split("loss ")
-            .nth(1)
-            .and_then(|s| s.split(';').next())
-            .map(|s| s.split(" -> ").map(|v| v.trim().parse().unwrap()).collect())
-            .unwrap_or_else(|| panic!("{preset}: no loss summary in {err}"));
+        let losses = loss_summary(preset, &err);
         assert!(
             losses[1] < 0.7 * losses[0],
             "{preset}: loss did not fall: {losses:?}"
