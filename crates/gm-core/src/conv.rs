@@ -818,6 +818,15 @@ fn check_float(t: &Tensor, what: &str) -> Result<()> {
 ///   returns `(N, C_out, H_out, W_out)` with
 ///   `H_out = (H + 2·pad − dil·(kH − 1) − 1) / stride + 1`.
 pub fn conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    // A 1×1 kernel on 1×1 inputs (a vector model written as a convolution) is a matrix product.
+    if let (Ok((n, c, 1, 1)), Ok((o, wc, 1, 1))) = (x.dims4(), weight.dims4()) {
+        if p == Conv2dParams::default() && c == wc {
+            return x
+                .reshape((n, c))?
+                .matmul(&weight.reshape((o, c))?.t()?)?
+                .reshape((n, o, 1, 1));
+        }
+    }
     conv2d_upto(x, weight, p, None, "conv2d")
 }
 

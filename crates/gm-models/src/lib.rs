@@ -7,12 +7,15 @@
 pub mod ar;
 pub mod classifier;
 pub mod ddpm;
+pub mod ffjord;
+pub mod flow;
 pub mod flow_matching;
 pub mod fvsbn;
 pub mod gated_pixelcnn;
 pub mod made;
 pub mod nn;
 pub mod pixelcnn;
+pub mod realnvp;
 pub mod text;
 pub mod unet;
 pub mod vae;
@@ -121,6 +124,9 @@ pub enum ModelConfig {
     GatedPixelCnn(gated_pixelcnn::GatedPixelCnnConfig),
     Ddpm(ddpm::DdpmConfig),
     FlowMatching(flow_matching::FlowMatchingConfig),
+    #[serde(rename = "realnvp")]
+    RealNvp(realnvp::RealNvpConfig),
+    Cnf(ffjord::CnfConfig),
     /// A language model on text (trained through `gm_train::text`, not the image trainer).
     TextAr(text::TextArConfig),
 }
@@ -149,6 +155,8 @@ impl ModelConfig {
             Self::GatedPixelCnn(_) => "gated-pixelcnn",
             Self::Ddpm(_) => "ddpm",
             Self::FlowMatching(_) => "flow-matching",
+            Self::RealNvp(_) => "realnvp",
+            Self::Cnf(_) => "cnf",
             Self::TextAr(_) => "text-ar",
         }
     }
@@ -164,6 +172,8 @@ impl ModelConfig {
             Self::GatedPixelCnn(c) => c.image_shape,
             Self::Ddpm(c) => c.image_shape,
             Self::FlowMatching(c) => c.image_shape,
+            Self::RealNvp(c) => c.image_shape,
+            Self::Cnf(c) => c.image_shape,
             Self::TextAr(c) => [1, 1, c.context],
         }
     }
@@ -179,6 +189,8 @@ impl ModelConfig {
             Self::GatedPixelCnn(c) => c.validate(),
             Self::Ddpm(c) => c.validate(),
             Self::FlowMatching(c) => c.validate(),
+            Self::RealNvp(c) => c.validate(),
+            Self::Cnf(c) => c.validate(),
             Self::TextAr(c) => c.validate(),
         }
     }
@@ -194,6 +206,8 @@ impl ModelConfig {
             Self::GatedPixelCnn(c) => Box::new(gated_pixelcnn::GatedPixelCnn::new(c.clone(), vb)?),
             Self::Ddpm(c) => Box::new(ddpm::Ddpm::new(c.clone(), vb)?),
             Self::FlowMatching(c) => Box::new(flow_matching::FlowMatching::new(c.clone(), vb)?),
+            Self::RealNvp(c) => Box::new(realnvp::RealNvp::new(c.clone(), vb)?),
+            Self::Cnf(c) => Box::new(ffjord::Cnf::new(c.clone(), vb)?),
             Self::TextAr(_) => candle_core::bail!(
                 "a 'text-ar' model is not an image model: build it with text::TextAr::new"
             ),
@@ -209,6 +223,8 @@ impl ModelConfig {
             Self::GatedPixelCnn(c) if c.output == P::Bernoulli => PixelData::Binary,
             Self::PixelCnn(_) | Self::GatedPixelCnn(_) | Self::Ddpm(_) => PixelData::Levels,
             Self::FlowMatching(_) => PixelData::Dequantized,
+            Self::RealNvp(c) if !c.is_vector() => PixelData::Dequantized,
+            Self::Cnf(c) if !c.is_vector() => PixelData::Dequantized,
             _ => PixelData::Any,
         }
     }

@@ -127,21 +127,34 @@ impl Conv2d {
         bias: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let init = uniform_fan_in(c_in / params.groups.max(1) * kernel[0] * kernel[1]);
+        Self::with_init(c_in, c_out, kernel, params, init, bias.then_some(init), vb)
+    }
+
+    /// A layer whose weight and bias (if any) start from the given initialisers (zeros, say, for
+    /// the last layer of a coupling network, so that the flow starts as the identity).
+    pub fn with_init(
+        c_in: usize,
+        c_out: usize,
+        kernel: [usize; 2],
+        params: Conv2dParams,
+        weight: Init,
+        bias: Option<Init>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if params.groups == 0 || c_in % params.groups != 0 || c_out % params.groups != 0 {
             candle_core::bail!(
                 "conv {c_in}→{c_out}: channels not divisible by groups = {}",
                 params.groups
             )
         }
-        let fan_in = c_in / params.groups * kernel[0] * kernel[1];
-        let init = uniform_fan_in(fan_in);
         let weight = vb.get_with_hints(
             (c_out, c_in / params.groups, kernel[0], kernel[1]),
             "weight",
-            init,
+            weight,
         )?;
         let bias = bias
-            .then(|| vb.get_with_hints(c_out, "bias", init))
+            .map(|b| vb.get_with_hints(c_out, "bias", b))
             .transpose()?;
         Ok(Self {
             weight,

@@ -246,6 +246,18 @@ impl RunConfig {
         if t.keep_last == 0 {
             return Err("train.keep_last must be >= 1".into());
         }
+        if let Some(name) = crate::data::toy_name(&self.data.dataset) {
+            name.parse::<crate::data::Toy2d>()
+                .map_err(|e| format!("data.dataset: {e}"))?;
+            if self.model.image_shape() != [2, 1, 1] {
+                return Err(format!(
+                    "data.dataset = \"{}\" is a 2-D density: it needs model.image_shape = [2, 1, 1], got {:?}",
+                    self.data.dataset,
+                    self.model.image_shape()
+                ));
+            }
+            return Ok(());
+        }
         match self.model.pixel_data() {
             PixelData::Binary if self.data.binarize == Binarize::None => {
                 return Err(format!(

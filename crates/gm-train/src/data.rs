@@ -119,10 +119,13 @@ pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray, IdxError> {
     })
 }
 
-/// Labelled 8-bit images held in memory as bytes, `(N, C, H, W)`.
+/// Labelled 8-bit images held in memory as bytes, `(N, C, H, W)` — or, for the 2-D toy
+/// densities, real-valued points in `values` (`shape = [2, 1, 1]`, no pixel pre-processing).
 #[derive(Clone, Debug)]
 pub struct ImageDataset {
     pub pixels: Vec<u8>,
+    /// Real-valued data (toy densities); when set, `pixels` is empty.
+    pub values: Option<Vec<f32>>,
     pub labels: Option<Vec<u8>>,
     /// `[C, H, W]`.
     pub shape: [usize; 3],
@@ -132,7 +135,10 @@ pub struct ImageDataset {
 
 impl ImageDataset {
     pub fn len(&self) -> usize {
-        self.pixels.len() / self.image_len().max(1)
+        match &self.values {
+            Some(v) => v.len() / self.image_len().max(1),
+            None => self.pixels.len() / self.image_len().max(1),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -146,19 +152,27 @@ impl ImageDataset {
     /// Keeps the first `n` images.
     pub fn truncate(&mut self, n: usize) {
         if n > 0 && n < self.len() {
-            self.pixels.truncate(n * self.image_len());
+            let d = self.image_len();
+            self.pixels.truncate(n * d);
+            if let Some(v) = &mut self.values {
+                v.truncate(n * d);
+            }
             if let Some(l) = &mut self.labels {
                 l.truncate(n);
             }
         }
     }
 
-    /// Raw grey levels of the given images as `(B, C, H, W)` f32 in `[0, 255]` (on the CPU).
+    /// Raw grey levels of the given images as `(B, C, H, W)` f32 in `[0, 255]` (on the CPU), or
+    /// the real values of a toy data set.
     pub fn gather(&self, idx: &[usize]) -> Result<(Tensor, Option<Tensor>)> {
         let d = self.image_len();
         let mut v = Vec::with_capacity(idx.len() * d);
         for &i in idx {
-            v.extend(self.pixels[i * d..(i + 1) * d].iter().map(|&p| p as f32));
+            match &self.values {
+                Some(vals) => v.extend_from_slice(&vals[i * d..(i + 1) * d]),
+                None => v.extend(self.pixels[i * d..(i + 1) * d].iter().map(|&p| p as f32)),
+            }
         }
         let [c, h, w] = self.shape;
         let x = Tensor::from_vec(v, (idx.len(), c, h, w), &Device::Cpu)?;
@@ -212,6 +226,7 @@ pub fn load_idx_pair(images: &Path, labels: Option<&Path>, source: &str) -> Resu
     };
     Ok(ImageDataset {
         pixels: im.data,
+        values: None,
         labels,
         shape,
         source: source.to_string(),
@@ -348,7 +363,11 @@ pub fn make_batch(
     device: &Device,
 ) -> Result<Batch> {
     let (raw, y) = ds.gather(idx)?;
-    let x = preprocess(&raw, idx, cfg, rng)?.to_device(device)?;
+    let x = match ds.values {
+        Some(_) => raw,
+        None => preprocess(&raw, idx, cfg, rng)?,
+    }
+    .to_device(device)?;
     Ok(Batch {
         x,
         labels: y.map(|t| t.to_device(device)).transpose()?,
@@ -377,6 +396,29 @@ impl std::str::FromStr for Toy2d {
             )),
         }
     }
+}
+
+/// The toy density named by `data.dataset = "toy:NAME"`, if it is one.
+pub fn toy_name(dataset: &str) -> Option<&str> {
+    dataset.strip_prefix("toy:")
+}
+
+/// `n` points of a toy density as a data set of `[2, 1, 1]` "images"; the split picks the
+/// stream, so train and test are independent draws of the same seed.
+pub fn toy_dataset(name: &str, n: usize, seed: u64, split: Split) -> Result<ImageDataset> {
+    let toy: Toy2d = name.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let mut rng = GmRng::new(seed).derive(match split {
+        Split::Train => 1,
+        Split::Test => 2,
+    });
+    let x = toy.sample(n, &mut rng, &Device::Cpu)?;
+    Ok(ImageDataset {
+        pixels: Vec::new(),
+        values: Some(x.flatten_all()?.to_vec1::<f32>()?),
+        labels: None,
+        shape: [2, 1, 1],
+        source: format!("toy density {name} ({} points)", n),
+    })
 }
 
 impl Toy2d {

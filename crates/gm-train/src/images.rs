@@ -85,3 +85,97 @@ pub fn save_curve(points: &[(f64, f64)], path: &Path) -> Result<()> {
     img.save(path)
         .with_context(|| format!("cannot write {}", path.display()))
 }
+
+/// The square `[-LIM, LIM]²` drawn by [`save_density_2d`] (the FFJORD figures' range).
+pub const DENSITY_LIM: f64 = 4.0;
+
+/// A colour map from dark (0) through red and orange to pale yellow (1), like matplotlib's
+/// `inferno`.
+fn heat(v: f64) -> Rgb<u8> {
+    const STOPS: [[f64; 3]; 5] = [
+        [0.0, 0.0, 4.0],
+        [87.0, 16.0, 110.0],
+        [188.0, 55.0, 84.0],
+        [249.0, 142.0, 9.0],
+        [252.0, 255.0, 164.0],
+    ];
+    let x = v.clamp(0.0, 1.0) * (STOPS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let f = x - i as f64;
+    let c = |k: usize| (STOPS[i][k] * (1.0 - f) + STOPS[i + 1][k] * f).round() as u8;
+    Rgb([c(0), c(1), c(2)])
+}
+
+/// The `res × res` grid cell centres of `[-LIM, LIM]²`, row-major from the top (y = +LIM) down:
+/// `(res², 2)` values for a model's log-density.
+pub fn density_grid(res: usize) -> Vec<[f64; 2]> {
+    let step = 2.0 * DENSITY_LIM / res as f64;
+    let mut g = Vec::with_capacity(res * res);
+    for r in 0..res {
+        for c in 0..res {
+            let x = -DENSITY_LIM + (c as f64 + 0.5) * step;
+            let y = DENSITY_LIM - (r as f64 + 0.5) * step;
+            g.push([x, y]);
+        }
+    }
+    g
+}
+
+fn histogram(points: &[[f32; 2]], res: usize) -> Vec<f64> {
+    let mut h = vec![0.0; res * res];
+    let step = 2.0 * DENSITY_LIM / res as f64;
+    for p in points {
+        let c = ((p[0] as f64 + DENSITY_LIM) / step).floor();
+        let r = ((DENSITY_LIM - p[1] as f64) / step).floor();
+        if c >= 0.0 && r >= 0.0 && (c as usize) < res && (r as usize) < res {
+            h[r as usize * res + c as usize] += 1.0;
+        }
+    }
+    h
+}
+
+/// Three panels side by side over `[-4, 4]²`: a histogram of the data, the model's density
+/// `exp(log_density)` on the `res × res` grid of [`density_grid`], and a histogram of the model's
+/// samples — each scaled to its own maximum.
+pub fn save_density_2d(
+    data: &[[f32; 2]],
+    log_density: &[f64],
+    samples: &[[f32; 2]],
+    res: usize,
+    path: &Path,
+) -> Result<()> {
+    if log_density.len() != res * res {
+        bail!(
+            "save_density_2d: {} density values for a {res}×{res} grid",
+            log_density.len()
+        );
+    }
+    let lmax = log_density
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    let dens: Vec<f64> = log_density
+        .iter()
+        .map(|&l| if l.is_finite() { (l - lmax).exp() } else { 0.0 })
+        .collect();
+    let panels = [histogram(data, res), dens, histogram(samples, res)];
+    let pad = 4usize;
+    let (gw, gh) = (3 * res + 4 * pad, res + 2 * pad);
+    let mut img = RgbImage::from_pixel(gw as u32, gh as u32, Rgb([255, 255, 255]));
+    for (k, panel) in panels.iter().enumerate() {
+        let max = panel.iter().copied().fold(0.0, f64::max).max(1e-300);
+        let ox = pad + k * (res + pad);
+        for r in 0..res {
+            for c in 0..res {
+                let v = panel[r * res + c] / max;
+                img.put_pixel((ox + c) as u32, (pad + r) as u32, heat(v));
+            }
+        }
+    }
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).ok();
+    }
+    img.save(path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}

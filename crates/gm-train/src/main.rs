@@ -5,10 +5,10 @@ use candle_core::Device;
 use clap::{Parser, Subcommand};
 use gm_core::{select_device, DeviceChoice, GmRng};
 use gm_models::EvalOptions;
-use gm_train::data::{load_split, Split};
+use gm_train::data::Split;
 use gm_train::eval::{evaluate, sample_quality};
 use gm_train::images::save_grid;
-use gm_train::trainer::{load_checkpoint, load_checkpoint_with, resolve_data};
+use gm_train::trainer::{load_checkpoint, load_checkpoint_with, load_data};
 use gm_train::{RunConfig, TrainOptions};
 use std::path::PathBuf;
 
@@ -296,6 +296,17 @@ fn run() -> Result<()> {
             let model = ck.built.model.as_ref();
             let mut rng = GmRng::new(seed);
             let t0 = std::time::Instant::now();
+            if gm_train::data::toy_name(&ck.built.cfg.data.dataset).is_some() {
+                let (data, _) = load_data(&ck.built.cfg, None, Split::Test)?;
+                gm_train::trainer::toy_density_plot(model, &data, n, &mut rng, &dev, &out)?;
+                eprintln!(
+                    "gm: data | density | {n} samples in {:.2}s from {} -> {}",
+                    t0.elapsed().as_secs_f64(),
+                    ck.path.display(),
+                    out.display()
+                );
+                return Ok(());
+            }
             let (s, ncol) = match &labels {
                 None => (
                     model
@@ -364,8 +375,7 @@ fn run() -> Result<()> {
             }
             let ck = load_checkpoint_with(&checkpoint, &dev, &overrides)?;
             let cfg = &ck.built.cfg;
-            let (dir, source) = resolve_data(cfg, data_dir.as_deref())?;
-            let ds = load_split(&dir, split)?;
+            let (ds, source) = load_data(cfg, data_dir.as_deref(), split)?;
             let opts = EvalOptions {
                 iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
                 max_pairs: cfg.eval.max_pairs,

@@ -5,7 +5,7 @@ use crate::checkpoint::{self, atomic_write, read_safetensors, to_safetensors};
 use crate::config::{lr_at, RunConfig};
 use crate::data::{load_split, make_batch, Batcher, ImageDataset, Split};
 use crate::eval::evaluate;
-use crate::images::{save_curve, save_grid};
+use crate::images::{density_grid, save_curve, save_density_2d, save_grid};
 use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -26,6 +26,82 @@ pub fn resolve_data(cfg: &RunConfig, data_dir: Option<&Path>) -> Result<(PathBuf
         return Ok((PathBuf::from(d), format!("IDX folder {d}")));
     }
     crate::fetch::ensure_dataset(&cfg.data.dataset)
+}
+
+/// Points drawn for the train and test splits of a toy density (`data.max_train` caps the first).
+pub const TOY_POINTS: [usize; 2] = [50_000, 10_000];
+
+/// One split of the run's data: a toy density (`data.dataset = "toy:NAME"`, drawn from
+/// `train.seed`) or an IDX folder (`--data-dir`, `data.dir`, or the named data set fetched into
+/// the cache). Returns the data set and a description of its source.
+pub fn load_data(
+    cfg: &RunConfig,
+    data_dir: Option<&Path>,
+    split: Split,
+) -> Result<(ImageDataset, String)> {
+    if let Some(name) = crate::data::toy_name(&cfg.data.dataset) {
+        let n = match split {
+            Split::Train => TOY_POINTS[0],
+            Split::Test => TOY_POINTS[1],
+        };
+        let ds = crate::data::toy_dataset(name, n, cfg.train.seed, split)?;
+        let src = ds.source.clone();
+        return Ok((ds, src));
+    }
+    let (dir, source) = resolve_data(cfg, data_dir)?;
+    Ok((load_split(&dir, split)?, source))
+}
+
+/// Writes the FFJORD-style picture of a 2-D density model ([`save_density_2d`]): the data
+/// (`data`, up to 20 000 points), the model's density on a 200 × 200 grid, and `n_samples` of the
+/// model's samples.
+pub fn toy_density_plot(
+    model: &dyn Model,
+    data: &ImageDataset,
+    n_samples: usize,
+    rng: &mut GmRng,
+    device: &Device,
+    path: &Path,
+) -> Result<()> {
+    const RES: usize = 200;
+    let metric = model
+        .likelihood_metric()
+        .ok_or_else(|| anyhow!("a '{}' model has no density to draw", model.kind()))?;
+    let to_points = |v: &[f32]| v.chunks_exact(2).map(|p| [p[0], p[1]]).collect::<Vec<_>>();
+    let data_pts = match &data.values {
+        Some(v) => to_points(&v[..v.len().min(2 * 20_000)]),
+        None => bail!("{}: not a 2-D toy data set", data.source),
+    };
+    let grid: Vec<f32> = density_grid(RES)
+        .into_iter()
+        .flat_map(|p| [p[0] as f32, p[1] as f32])
+        .collect();
+    let opts = EvalOptions {
+        iwae_k: 1,
+        max_pairs: 20_000,
+        full: false,
+    };
+    let mut logd = Vec::with_capacity(RES * RES);
+    for chunk in grid.chunks(2 * 4000) {
+        let x = Tensor::from_slice(chunk, (chunk.len() / 2, 2, 1, 1), device)?;
+        let m = model.eval_metrics(&gm_models::Batch { x, labels: None }, rng, &opts)?;
+        let nll = m
+            .into_iter()
+            .find(|(k, _)| k == metric)
+            .ok_or_else(|| anyhow!("the model reported no '{metric}'"))?
+            .1;
+        logd.extend(
+            nll.to_dtype(DType::F64)?
+                .to_vec1::<f64>()?
+                .iter()
+                .map(|v| -v),
+        );
+    }
+    let samples = match model.sample(n_samples, rng)? {
+        Some(s) => to_points(&s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => Vec::new(),
+    };
+    save_density_2d(&data_pts, &logd, &samples, RES, path)
 }
 
 /// A model with its variables and configuration.
@@ -205,8 +281,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let t = &cfg.train;
     let dev = &opts.device;
     let run = &opts.out;
-    let (data_dir, data_source) = resolve_data(cfg, opts.data_dir.as_deref())?;
-    let mut train_ds = load_split(&data_dir, Split::Train)?;
+    let (mut train_ds, data_source) = load_data(cfg, opts.data_dir.as_deref(), Split::Train)?;
     train_ds.truncate(cfg.data.max_train);
     if cfg.model.needs_labels() && train_ds.labels.is_none() {
         bail!(
@@ -215,8 +290,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             train_ds.source
         );
     }
-    let test_ds: Option<ImageDataset> = match load_split(&data_dir, Split::Test) {
-        Ok(d) => Some(d),
+    let test_ds: Option<ImageDataset> = match load_data(cfg, opts.data_dir.as_deref(), Split::Test)
+    {
+        Ok((d, _)) => Some(d),
         Err(e) => {
             eprintln!("gm: no test split ({e:#}); periodic evaluation is off");
             None
@@ -397,6 +473,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         m.map(Some)
     };
+    let toy = crate::data::toy_name(&cfg.data.dataset).is_some();
     let sample_now = |step: usize, ema: &Option<Ema>| -> Result<()> {
         let old = match ema {
             Some(e) => Some(swap_in(&vars, &e.shadow)?),
@@ -404,7 +481,18 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         };
         let s = match t.sample_n {
             0 => Ok(None),
-            n => model.sample(n, &mut GmRng::new(t.seed.wrapping_add(1))),
+            _ if toy => toy_density_plot(
+                model,
+                test_ds.as_ref().unwrap_or(&train_ds),
+                20_000,
+                &mut GmRng::new(t.seed.wrapping_add(1)),
+                dev,
+                &run.join(format!("samples/density-step-{step:08}.png")),
+            )
+            .map(|_| None),
+            n => model
+                .sample(n, &mut GmRng::new(t.seed.wrapping_add(1)))
+                .map_err(anyhow::Error::from),
         };
         // Reconstructions of the first 32 test images: originals on top, reconstructions below.
         let recon = match &test_ds {

@@ -568,3 +568,112 @@ fn diffusion_and_flow_matching_presets_train_eval_and_sample() {
         "{err}"
     );
 }
+
+#[test]
+fn flow_presets_train_eval_and_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    for (preset, steps) in [("realnvp-tiny", "30"), ("cnf-tiny", "12")] {
+        let run = tmp.path().join(preset);
+        let cfg = root().join(format!("models/{preset}.toml"));
+        let o = train(
+            &cfg,
+            &data,
+            &run,
+            &["--set", &format!("train.steps={steps}")],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{preset}: train failed: {err}");
+        let losses = loss_summary(preset, &err);
+        assert!(
+            losses[1] < losses[0] - 10.0,
+            "{preset}: loss did not fall: {losses:?}"
+        );
+        let o = gm(&[
+            "eval",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--max-images",
+            "16",
+            "--device",
+            "cpu",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{preset}: eval failed: {err}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let bpd = v["bits_per_dim"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{preset}: no bits_per_dim in {v}"));
+        assert!(bpd > 0.0 && bpd < 16.0, "{preset}: {v}");
+        let png = tmp.path().join(format!("{preset}.png"));
+        let o = gm(&[
+            "sample",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--n",
+            "4",
+            "--out",
+            png.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{preset}: sample failed: {err}");
+        let img = image::open(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (2 * 30 + 2, 2 * 30 + 2));
+    }
+    // A toy density: no data folder; the run writes the data | density | samples picture.
+    let run = tmp.path().join("realnvp-moons");
+    let o = gm(&[
+        "train",
+        "--config",
+        root().join("models/realnvp-moons.toml").to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--set",
+        "train.steps=60",
+        "--set",
+        "train.sample_every=60",
+        "--set",
+        "train.eval_every=60",
+        "--set",
+        "train.checkpoint_every=60",
+        "--set",
+        "model.hidden=16",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "toy train failed: {err}");
+    let losses = loss_summary("realnvp-moons", &err);
+    assert!(losses[1] < losses[0] - 0.5, "{losses:?}");
+    let img = image::open(run.join("samples/density-step-00000060.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (3 * 200 + 16, 200 + 8));
+    let png = tmp.path().join("moons.png");
+    let o = gm(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--n",
+        "500",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(png.is_file());
+    // A 2-D model on image data, or a toy density for an image model, is refused by name.
+    let o = gm(&[
+        "train",
+        "--config",
+        root().join("models/realnvp-tiny.toml").to_str().unwrap(),
+        "--out",
+        tmp.path().join("bad").to_str().unwrap(),
+        "--set",
+        "data.dataset=toy:moons",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("image_shape"), "{err}");
+}
