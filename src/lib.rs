@@ -32,8 +32,8 @@ pub use gm_core::{
     select_device, sum_per_sample, DeviceChoice, GmRng, RngState,
 };
 pub use gm_models::{
-    ar, classifier, ddpm, flow_matching, fvsbn, gated_pixelcnn, made, nn, pixelcnn, unet, vae,
-    Batch, EvalOptions, Loss, Model, ModelConfig, PixelData,
+    ar, classifier, ddpm, ffjord, flow, flow_matching, fvsbn, gated_pixelcnn, made, nn, pixelcnn,
+    realnvp, unet, vae, Batch, EvalOptions, Loss, Model, ModelConfig, PixelData,
 };
 pub use gm_train::{checkpoint, config, data, eval, fetch, images, opbench, optim, trainer};
 pub use gm_train::{
