@@ -39,12 +39,25 @@ pub fn evaluate(
         let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let batch = make_batch(ds, &idx, data_cfg, &mut rng, device)?;
         for (name, t) in model.eval_metrics(&batch, &mut rng, opts)? {
-            let s = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            *sums.entry(name).or_default() += s;
+            let t = t.to_dtype(DType::F64)?;
+            if name == "nll_mc_se_nats" {
+                // Independent per-image estimates: the variance of their mean adds up.
+                *sums.entry("nll_mc_var_sum".into()).or_default() +=
+                    t.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            }
+            *sums.entry(name).or_default() += t.sum_all()?.to_scalar::<f64>()?;
         }
         start += idx.len();
     }
+    let var_sum = sums.remove("nll_mc_var_sum");
     let mut out: BTreeMap<String, f64> = sums.into_iter().map(|(k, v)| (k, v / n as f64)).collect();
+    if let Some(v) = var_sum {
+        // The Monte-Carlo standard error of the mean likelihood, in bits per dimension.
+        out.insert(
+            "bits_per_dim_mc_se".into(),
+            gm_core::bits_per_dim(v.sqrt() / n as f64, ds.image_len()),
+        );
+    }
     if let Some(m) = model.likelihood_metric() {
         if let Some(nll) = out.get(m).copied() {
             out.insert(
