@@ -186,7 +186,13 @@ impl CustomOp2 for ActGrad {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.contiguous()?.apply_op2(y, ActGrad(self.0))?), None))
+        // `act'` is piecewise constant: its derivative with respect to `y` is zero (almost
+        // everywhere). Returning it (rather than nothing) matters for gradients of gradients:
+        // candle expects every tracked input of a node to receive a gradient.
+        Ok((
+            Some(g.contiguous()?.apply_op2(y, ActGrad(self.0))?),
+            Some(y.zeros_like()?),
+        ))
     }
 }
 

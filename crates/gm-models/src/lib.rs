@@ -11,6 +11,7 @@ pub mod ffjord;
 pub mod flow;
 pub mod flow_matching;
 pub mod fvsbn;
+pub mod gan;
 pub mod gated_pixelcnn;
 pub mod made;
 pub mod nn;
@@ -67,6 +68,17 @@ impl Default for EvalOptions {
 /// `_bits`) or are unit-less rates; the trainer averages them over the split.
 pub type Metrics = Vec<(String, Tensor)>;
 
+/// One optimiser of a model trained in alternating phases (a GAN's discriminator and generator):
+/// it updates the parameters whose names start with `prefix`, at `lr_scale` times the run's
+/// learning rate, `repeats` times per training step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Phase {
+    pub name: &'static str,
+    pub prefix: &'static str,
+    pub lr_scale: f64,
+    pub repeats: usize,
+}
+
 /// What every gm model offers the trainer and the CLI.
 pub trait Model {
     /// The `kind` string used in configs and checkpoints.
@@ -74,6 +86,17 @@ pub trait Model {
 
     /// The training loss on one batch. Randomness (reparameterisation noise, …) comes from `rng`.
     fn loss(&self, batch: &Batch, rng: &mut GmRng) -> Result<Loss>;
+
+    /// The optimisation phases of an adversarial model, in order; empty (the default) for models
+    /// trained on one loss with one optimiser.
+    fn phases(&self) -> Vec<Phase> {
+        Vec::new()
+    }
+
+    /// The loss of phase `phase` (see [`Model::phases`]).
+    fn phase_loss(&self, phase: usize, _batch: &Batch, _rng: &mut GmRng) -> Result<Loss> {
+        candle_core::bail!("a '{}' model has no phase {phase}", self.kind())
+    }
 
     /// Per-image evaluation metrics.
     fn eval_metrics(&self, batch: &Batch, rng: &mut GmRng, opts: &EvalOptions) -> Result<Metrics>;
@@ -127,6 +150,7 @@ pub enum ModelConfig {
     #[serde(rename = "realnvp")]
     RealNvp(realnvp::RealNvpConfig),
     Cnf(ffjord::CnfConfig),
+    Gan(gan::GanConfig),
     /// A language model on text (trained through `gm_train::text`, not the image trainer).
     TextAr(text::TextArConfig),
 }
@@ -157,6 +181,7 @@ impl ModelConfig {
             Self::FlowMatching(_) => "flow-matching",
             Self::RealNvp(_) => "realnvp",
             Self::Cnf(_) => "cnf",
+            Self::Gan(_) => "gan",
             Self::TextAr(_) => "text-ar",
         }
     }
@@ -174,6 +199,7 @@ impl ModelConfig {
             Self::FlowMatching(c) => c.image_shape,
             Self::RealNvp(c) => c.image_shape,
             Self::Cnf(c) => c.image_shape,
+            Self::Gan(c) => c.image_shape,
             Self::TextAr(c) => [1, 1, c.context],
         }
     }
@@ -191,6 +217,7 @@ impl ModelConfig {
             Self::FlowMatching(c) => c.validate(),
             Self::RealNvp(c) => c.validate(),
             Self::Cnf(c) => c.validate(),
+            Self::Gan(c) => c.validate(),
             Self::TextAr(c) => c.validate(),
         }
     }
@@ -208,6 +235,7 @@ impl ModelConfig {
             Self::FlowMatching(c) => Box::new(flow_matching::FlowMatching::new(c.clone(), vb)?),
             Self::RealNvp(c) => Box::new(realnvp::RealNvp::new(c.clone(), vb)?),
             Self::Cnf(c) => Box::new(ffjord::Cnf::new(c.clone(), vb)?),
+            Self::Gan(c) => Box::new(gan::Gan::new(c.clone(), vb)?),
             Self::TextAr(_) => candle_core::bail!(
                 "a 'text-ar' model is not an image model: build it with text::TextAr::new"
             ),
@@ -225,6 +253,7 @@ impl ModelConfig {
             Self::FlowMatching(_) => PixelData::Dequantized,
             Self::RealNvp(c) if !c.is_vector() => PixelData::Dequantized,
             Self::Cnf(c) if !c.is_vector() => PixelData::Dequantized,
+            Self::Gan(c) if !c.is_vector() => PixelData::Levels,
             _ => PixelData::Any,
         }
     }
@@ -237,6 +266,7 @@ impl ModelConfig {
             Self::GatedPixelCnn(c) => c.num_classes > 0,
             Self::Ddpm(c) => c.num_classes > 0,
             Self::FlowMatching(c) => c.num_classes > 0,
+            Self::Gan(c) => c.num_classes > 0,
             _ => false,
         }
     }

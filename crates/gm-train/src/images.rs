@@ -134,34 +134,40 @@ fn histogram(points: &[[f32; 2]], res: usize) -> Vec<f64> {
     h
 }
 
-/// Three panels side by side over `[-4, 4]²`: a histogram of the data, the model's density
-/// `exp(log_density)` on the `res × res` grid of [`density_grid`], and a histogram of the model's
-/// samples — each scaled to its own maximum.
+/// Panels side by side over `[-4, 4]²`: a histogram of the data, the model's density
+/// `exp(log_density)` on the `res × res` grid of [`density_grid`] (for models that have one), and a
+/// histogram of the model's samples — each scaled to its own maximum.
 pub fn save_density_2d(
     data: &[[f32; 2]],
-    log_density: &[f64],
+    log_density: Option<&[f64]>,
     samples: &[[f32; 2]],
     res: usize,
     path: &Path,
 ) -> Result<()> {
-    if log_density.len() != res * res {
-        bail!(
-            "save_density_2d: {} density values for a {res}×{res} grid",
-            log_density.len()
+    let mut panels = vec![histogram(data, res)];
+    if let Some(log_density) = log_density {
+        if log_density.len() != res * res {
+            bail!(
+                "save_density_2d: {} density values for a {res}×{res} grid",
+                log_density.len()
+            );
+        }
+        let lmax = log_density
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(f64::NEG_INFINITY, f64::max);
+        panels.push(
+            log_density
+                .iter()
+                .map(|&l| if l.is_finite() { (l - lmax).exp() } else { 0.0 })
+                .collect(),
         );
     }
-    let lmax = log_density
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f64::NEG_INFINITY, f64::max);
-    let dens: Vec<f64> = log_density
-        .iter()
-        .map(|&l| if l.is_finite() { (l - lmax).exp() } else { 0.0 })
-        .collect();
-    let panels = [histogram(data, res), dens, histogram(samples, res)];
+    panels.push(histogram(samples, res));
     let pad = 4usize;
-    let (gw, gh) = (3 * res + 4 * pad, res + 2 * pad);
+    let k = panels.len();
+    let (gw, gh) = (k * res + (k + 1) * pad, res + 2 * pad);
     let mut img = RgbImage::from_pixel(gw as u32, gh as u32, Rgb([255, 255, 255]));
     for (k, panel) in panels.iter().enumerate() {
         let max = panel.iter().copied().fold(0.0, f64::max).max(1e-300);

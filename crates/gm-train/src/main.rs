@@ -210,6 +210,7 @@ fn run() -> Result<()> {
                 }
                 (None, None) => bail!("give --config PRESET or --resume RUN_DIR"),
             };
+            enable_second_order_if_needed(&cfg);
             let is_text = matches!(cfg.model, gm_models::ModelConfig::TextAr(_));
             if let (Some(d), false) = (&data_dir, is_text) {
                 if !d.is_dir() {
@@ -482,6 +483,7 @@ fn run() -> Result<()> {
             }
             let config = config.expect("clap requires --config without --ops");
             let cfg = RunConfig::load(&config, &overrides)?;
+            enable_second_order_if_needed(&cfg);
             let r = gm_train::trainer::bench_train_step(&cfg, &dev, warmup, steps.max(1))?;
             println!("{}", serde_json::to_string(&r)?);
         }
@@ -492,6 +494,16 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// WGAN-GP differentiates a gradient: candle must keep gradients' graphs, which it reads from the
+/// environment at a thread's first backward pass — set it before training starts.
+fn enable_second_order_if_needed(cfg: &RunConfig) {
+    if let gm_models::ModelConfig::Gan(g) = &cfg.model {
+        if g.loss == gm_models::gan::GanLoss::WganGp && g.gp_weight > 0.0 {
+            gm_models::gan::enable_second_order_gradients();
+        }
+    }
 }
 
 fn main() {

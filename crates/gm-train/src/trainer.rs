@@ -52,9 +52,9 @@ pub fn load_data(
     Ok((load_split(&dir, split)?, source))
 }
 
-/// Writes the FFJORD-style picture of a 2-D density model ([`save_density_2d`]): the data
-/// (`data`, up to 20 000 points), the model's density on a 200 × 200 grid, and `n_samples` of the
-/// model's samples.
+/// Writes the FFJORD-style picture of a 2-D model ([`save_density_2d`]): the data (`data`, up
+/// to 20 000 points), the model's density on a 200 × 200 grid (density models only), and
+/// `n_samples` of the model's samples.
 pub fn toy_density_plot(
     model: &dyn Model,
     data: &ImageDataset,
@@ -64,44 +64,79 @@ pub fn toy_density_plot(
     path: &Path,
 ) -> Result<()> {
     const RES: usize = 200;
-    let metric = model
-        .likelihood_metric()
-        .ok_or_else(|| anyhow!("a '{}' model has no density to draw", model.kind()))?;
     let to_points = |v: &[f32]| v.chunks_exact(2).map(|p| [p[0], p[1]]).collect::<Vec<_>>();
     let data_pts = match &data.values {
         Some(v) => to_points(&v[..v.len().min(2 * 20_000)]),
         None => bail!("{}: not a 2-D toy data set", data.source),
     };
-    let grid: Vec<f32> = density_grid(RES)
-        .into_iter()
-        .flat_map(|p| [p[0] as f32, p[1] as f32])
-        .collect();
-    let opts = EvalOptions {
-        iwae_k: 1,
-        max_pairs: 20_000,
-        full: false,
+    let logd = match model.likelihood_metric() {
+        Some(metric) => {
+            let grid: Vec<f32> = density_grid(RES)
+                .into_iter()
+                .flat_map(|p| [p[0] as f32, p[1] as f32])
+                .collect();
+            let opts = EvalOptions {
+                iwae_k: 1,
+                max_pairs: 20_000,
+                full: false,
+            };
+            let mut logd = Vec::with_capacity(RES * RES);
+            for chunk in grid.chunks(2 * 4000) {
+                let x = Tensor::from_slice(chunk, (chunk.len() / 2, 2, 1, 1), device)?;
+                let m = model.eval_metrics(&gm_models::Batch { x, labels: None }, rng, &opts)?;
+                let nll = m
+                    .into_iter()
+                    .find(|(k, _)| k == metric)
+                    .ok_or_else(|| anyhow!("the model reported no '{metric}'"))?
+                    .1;
+                logd.extend(
+                    nll.to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?
+                        .iter()
+                        .map(|v| -v),
+                );
+            }
+            Some(logd)
+        }
+        None => None,
     };
-    let mut logd = Vec::with_capacity(RES * RES);
-    for chunk in grid.chunks(2 * 4000) {
-        let x = Tensor::from_slice(chunk, (chunk.len() / 2, 2, 1, 1), device)?;
-        let m = model.eval_metrics(&gm_models::Batch { x, labels: None }, rng, &opts)?;
-        let nll = m
-            .into_iter()
-            .find(|(k, _)| k == metric)
-            .ok_or_else(|| anyhow!("the model reported no '{metric}'"))?
-            .1;
-        logd.extend(
-            nll.to_dtype(DType::F64)?
-                .to_vec1::<f64>()?
-                .iter()
-                .map(|v| -v),
-        );
-    }
     let samples = match model.sample(n_samples, rng)? {
         Some(s) => to_points(&s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
         None => Vec::new(),
     };
-    save_density_2d(&data_pts, &logd, &samples, RES, path)
+    save_density_2d(&data_pts, logd.as_deref(), &samples, RES, path)
+}
+
+/// A phase and the parameters its optimiser updates.
+pub type OptimizerGroup = (gm_models::Phase, Vec<(String, Var)>);
+
+/// The optimiser groups of a model: one over every parameter, or one per [`gm_models::Phase`]
+/// over the parameters under its prefix (a single group has the empty name).
+pub fn optimizer_groups(model: &dyn Model, vars: &[(String, Var)]) -> Result<Vec<OptimizerGroup>> {
+    let phases = model.phases();
+    if phases.is_empty() {
+        let all = gm_models::Phase {
+            name: "",
+            prefix: "",
+            lr_scale: 1.0,
+            repeats: 1,
+        };
+        return Ok(vec![(all, vars.to_vec())]);
+    }
+    phases
+        .into_iter()
+        .map(|p| {
+            let v: Vec<(String, Var)> = vars
+                .iter()
+                .filter(|(n, _)| n.starts_with(p.prefix))
+                .cloned()
+                .collect();
+            if v.is_empty() {
+                bail!("phase '{}': no parameters under '{}'", p.name, p.prefix)
+            }
+            Ok((p, v))
+        })
+        .collect()
 }
 
 /// A model with its variables and configuration.
@@ -310,7 +345,11 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let model = built.model.as_ref();
     let vars = named_vars(&built.varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = Adam::new(vars.clone(), AdamConfig::from(t))?;
+    let groups = optimizer_groups(model, &vars)?;
+    let mut adams = groups
+        .iter()
+        .map(|(_, v)| Adam::new(v.clone(), AdamConfig::from(t)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut ema = if t.ema_decay > 0.0 {
         Some(Ema {
             decay: t.ema_decay,
@@ -357,7 +396,17 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             .get("gm.adam_t")
             .and_then(|v| v.parse().ok())
             .unwrap_or(step);
-        opt.load_state(&s.tensors, adam_t)?;
+        for (i, opt) in adams.iter_mut().enumerate() {
+            let t_i = match i {
+                0 => adam_t,
+                i => s
+                    .meta
+                    .get(&format!("gm.adam_t.{i}"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(adam_t),
+            };
+            opt.load_state(&s.tensors, t_i)?;
+        }
         let rs: RngState =
             serde_json::from_str(s.meta.get("gm.rng").map(String::as_str).unwrap_or(""))
                 .with_context(|| format!("{}: bad gm.rng metadata", sp.display()))?;
@@ -406,50 +455,58 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         .map(|s| checkpoint::weights_path(run, *s));
 
     // Everything a checkpoint needs, as a closure over the current state.
-    let save =
-        |step: usize, opt: &Adam, ema: &Option<Ema>, rng: &GmRng, best: f64| -> Result<PathBuf> {
-            let mut meta = HashMap::from([
-                ("gm.format".to_string(), checkpoint::FORMAT.to_string()),
-                ("gm.kind".to_string(), cfg.model.kind().to_string()),
-                ("gm.config".to_string(), cfg_text.clone()),
-                ("gm.step".to_string(), step.to_string()),
-                (
-                    "gm.version".to_string(),
-                    env!("CARGO_PKG_VERSION").to_string(),
-                ),
-                ("gm.data".to_string(), data_source.clone()),
-                ("gm.ema".to_string(), ema.is_some().to_string()),
-            ]);
-            let mut weights = HashMap::new();
-            let mut state = opt.state();
-            for (i, (name, v)) in vars.iter().enumerate() {
-                match ema {
-                    Some(e) => {
-                        weights.insert(name.clone(), e.shadow[i].clone());
-                        state.insert(format!("param.{name}"), v.as_tensor().clone());
-                    }
-                    None => {
-                        weights.insert(name.clone(), v.as_tensor().clone());
-                    }
+    let save = |step: usize,
+                opts: &[Adam],
+                ema: &Option<Ema>,
+                rng: &GmRng,
+                best: f64|
+     -> Result<PathBuf> {
+        let mut meta = HashMap::from([
+            ("gm.format".to_string(), checkpoint::FORMAT.to_string()),
+            ("gm.kind".to_string(), cfg.model.kind().to_string()),
+            ("gm.config".to_string(), cfg_text.clone()),
+            ("gm.step".to_string(), step.to_string()),
+            (
+                "gm.version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            ),
+            ("gm.data".to_string(), data_source.clone()),
+            ("gm.ema".to_string(), ema.is_some().to_string()),
+        ]);
+        let mut weights = HashMap::new();
+        // Parameter names are disjoint between the phases' optimisers: one map holds all.
+        let mut state: HashMap<String, Tensor> = opts.iter().flat_map(|o| o.state()).collect();
+        for (i, (name, v)) in vars.iter().enumerate() {
+            match ema {
+                Some(e) => {
+                    weights.insert(name.clone(), e.shadow[i].clone());
+                    state.insert(format!("param.{name}"), v.as_tensor().clone());
+                }
+                None => {
+                    weights.insert(name.clone(), v.as_tensor().clone());
                 }
             }
-            let smeta = HashMap::from([
-                ("gm.step".to_string(), step.to_string()),
-                ("gm.adam_t".to_string(), opt.steps().to_string()),
-                ("gm.rng".to_string(), serde_json::to_string(&rng.state())?),
-                ("gm.best".to_string(), best.to_string()),
-            ]);
-            // State first: a weights file is only "complete" once its state exists beside it.
-            atomic_write(
-                &checkpoint::state_path(run, step),
-                &to_safetensors(&state, &smeta)?,
-            )?;
-            let wp = checkpoint::weights_path(run, step);
-            meta.insert("gm.best".to_string(), best.to_string());
-            atomic_write(&wp, &to_safetensors(&weights, &meta)?)?;
-            checkpoint::prune(run, t.keep_last)?;
-            Ok(wp)
-        };
+        }
+        let mut smeta = HashMap::from([
+            ("gm.step".to_string(), step.to_string()),
+            ("gm.adam_t".to_string(), opts[0].steps().to_string()),
+            ("gm.rng".to_string(), serde_json::to_string(&rng.state())?),
+            ("gm.best".to_string(), best.to_string()),
+        ]);
+        for (i, o) in opts.iter().enumerate().skip(1) {
+            smeta.insert(format!("gm.adam_t.{i}"), o.steps().to_string());
+        }
+        // State first: a weights file is only "complete" once its state exists beside it.
+        atomic_write(
+            &checkpoint::state_path(run, step),
+            &to_safetensors(&state, &smeta)?,
+        )?;
+        let wp = checkpoint::weights_path(run, step);
+        meta.insert("gm.best".to_string(), best.to_string());
+        atomic_write(&wp, &to_safetensors(&weights, &meta)?)?;
+        checkpoint::prune(run, t.keep_last)?;
+        Ok(wp)
+    };
     let eval_now = |ema: &Option<Ema>| -> Result<Option<BTreeMap<String, f64>>> {
         let Some(test) = &test_ds else {
             return Ok(None);
@@ -527,37 +584,50 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let lr = lr_at(t, step);
         let idx = batcher.indices(step);
         let batch = make_batch(&train_ds, &idx, &cfg.data, &mut rng, dev)?;
-        let loss = model.loss(&batch, &mut rng)?;
-        let total = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let mut parts = Vec::new();
-        for (name, p) in &loss.parts {
-            parts.push((*name, p.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+        let mut total = 0.0;
+        let mut gnorm = 0.0;
+        let mut parts: Vec<(&'static str, f64)> = Vec::new();
+        for (pi, (phase, pvars)) in groups.iter().enumerate() {
+            for _ in 0..phase.repeats {
+                let loss = match phase.name {
+                    "" => model.loss(&batch, &mut rng)?,
+                    _ => model.phase_loss(pi, &batch, &mut rng)?,
+                };
+                total = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                for (name, p) in &loss.parts {
+                    let v = p.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    match parts.iter_mut().find(|q| q.0 == *name) {
+                        Some(q) => q.1 = v,
+                        None => parts.push((name, v)),
+                    }
+                }
+                if !total.is_finite() {
+                    let bad: Vec<String> = parts
+                        .iter()
+                        .filter(|p| !p.1.is_finite())
+                        .map(|p| format!("'{}' = {}", p.0, p.1))
+                        .collect();
+                    let keep = last_ckpt
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none yet".into());
+                    bail!(
+                        "non-finite loss at step {done}: total = {total}; parts {}; training stopped, last good checkpoint: {keep}",
+                        if bad.is_empty() { "all finite".into() } else { bad.join(", ") }
+                    );
+                }
+                let mut grads = loss.total.backward()?;
+                gnorm = clip_grad_norm(&mut grads, pvars, t.grad_clip)?;
+                if !gnorm.is_finite() {
+                    let keep = last_ckpt
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none yet".into());
+                    bail!("non-finite gradient norm at step {done} (loss {total}); training stopped, last good checkpoint: {keep}");
+                }
+                adams[pi].step(&grads, lr * phase.lr_scale)?;
+            }
         }
-        if !total.is_finite() {
-            let bad: Vec<String> = parts
-                .iter()
-                .filter(|p| !p.1.is_finite())
-                .map(|p| format!("'{}' = {}", p.0, p.1))
-                .collect();
-            let keep = last_ckpt
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "none yet".into());
-            bail!(
-                "non-finite loss at step {done}: total = {total}; parts {}; training stopped, last good checkpoint: {keep}",
-                if bad.is_empty() { "all finite".into() } else { bad.join(", ") }
-            );
-        }
-        let mut grads = loss.total.backward()?;
-        let gnorm = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
-        if !gnorm.is_finite() {
-            let keep = last_ckpt
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "none yet".into());
-            bail!("non-finite gradient norm at step {done} (loss {total}); training stopped, last good checkpoint: {keep}");
-        }
-        opt.step(&grads, lr)?;
         if let Some(e) = &mut ema {
             for (i, (_, v)) in vars.iter().enumerate() {
                 // Detached: otherwise every shadow keeps the previous one (and the parameter
@@ -593,7 +663,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 if let Some(&p) = m.get(model.primary_metric()) {
                     if p < best {
                         best = p;
-                        let wp = save(done, &opt, &ema, &rng, best)?;
+                        let wp = save(done, &adams, &ema, &rng, best)?;
                         std::fs::copy(
                             &wp,
                             checkpoint::checkpoint_dir(run).join("best.safetensors"),
@@ -605,7 +675,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         if ckpt_due && last_ckpt.as_ref() != Some(&checkpoint::weights_path(run, done)) {
-            last_ckpt = Some(save(done, &opt, &ema, &rng, best)?);
+            last_ckpt = Some(save(done, &adams, &ema, &rng, best)?);
         }
         if (t.sample_every > 0 && done % t.sample_every == 0) || done == t.steps {
             sample_now(done, &ema)?;
@@ -662,7 +732,11 @@ pub fn bench_train_step(
     let built = build(cfg, device)?;
     let vars = named_vars(&built.varmap);
     let t = &cfg.train;
-    let mut opt = Adam::new(vars, AdamConfig::from(t))?;
+    let groups = optimizer_groups(built.model.as_ref(), &vars)?;
+    let mut adams = groups
+        .iter()
+        .map(|(_, v)| Adam::new(v.clone(), AdamConfig::from(t)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut rng = GmRng::new(0);
     let [c, h, w] = cfg.model.image_shape();
     let p = rng.uniform((t.batch_size, c, h, w), 0.0, 1.0, device)?;
@@ -678,11 +752,18 @@ pub fn bench_train_step(
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let loss = built.model.loss(&batch, &mut rng)?;
-        let grads = loss.total.backward()?;
-        opt.step(&grads, t.lr)?;
-        // Wait for the device so the time covers the whole step.
-        let _ = loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        for (pi, (phase, _)) in groups.iter().enumerate() {
+            for _ in 0..phase.repeats {
+                let loss = match phase.name {
+                    "" => built.model.loss(&batch, &mut rng)?,
+                    _ => built.model.phase_loss(pi, &batch, &mut rng)?,
+                };
+                let grads = loss.total.backward()?;
+                adams[pi].step(&grads, t.lr * phase.lr_scale)?;
+                // Wait for the device so the time covers the whole step.
+                let _ = loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            }
+        }
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }

@@ -677,3 +677,52 @@ fn flow_presets_train_eval_and_sample() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("image_shape"), "{err}");
 }
+
+#[test]
+fn gan_trains_with_two_optimizers_resumes_and_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let run = tmp.path().join("dcgan");
+    let cfg = root().join("models/dcgan-cond-tiny.toml");
+    let o = train(&cfg, &data, &run, &["--set", "train.steps=10"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "train failed: {err}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for k in ["d_loss", "g_loss", "d_real", "d_fake"] {
+        assert!(first[k].is_number(), "no {k} in {first}");
+    }
+    // Both optimisers' moments are in the state file, and the run resumes from them.
+    let state = run.join("checkpoints/step-00000010.state.safetensors");
+    let meta = std::fs::read(&state).unwrap();
+    let text = String::from_utf8_lossy(&meta);
+    assert!(text.contains("adam.m.generator.") && text.contains("adam.m.discriminator."));
+    assert!(text.contains("gm.adam_t.1"));
+    let o = gm(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "train.steps=20",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(run.join("checkpoints/step-00000020.safetensors").is_file());
+    let png = tmp.path().join("gan.png");
+    let o = gm(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--labels",
+        "3,7",
+        "--n",
+        "4",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (4 * 30 + 2, 2 * 30 + 2));
+}
