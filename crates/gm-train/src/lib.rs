@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod images;
 pub mod opbench;
 pub mod optim;
+pub mod score;
 pub mod text;
 pub mod trainer;
 

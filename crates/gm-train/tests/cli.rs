@@ -726,3 +726,70 @@ fn gan_trains_with_two_optimizers_resumes_and_samples() {
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (4 * 30 + 2, 2 * 30 + 2));
 }
+
+#[test]
+fn score_writes_per_image_likelihoods_and_ood_aurocs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let run = tmp.path().join("realnvp");
+    let cfg = root().join("models/realnvp-tiny.toml");
+    let o = train(&cfg, &data, &run, &["--set", "train.steps=20"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A second set that is plainly different: the digits turned negative.
+    let ood = tmp.path().join("negative");
+    std::fs::create_dir_all(&ood).unwrap();
+    let ds = gm_train::data::load_split(&data, gm_train::data::Split::Test).unwrap();
+    let neg: Vec<u8> = ds.pixels.iter().map(|p| 255 - p).collect();
+    gm_train::fetch::write_idx_gz(
+        &ood.join("t10k-images-idx3-ubyte.gz"),
+        &[ds.len(), 28, 28],
+        &neg,
+    )
+    .unwrap();
+    let csv = tmp.path().join("scores.csv");
+    let o = gm(&[
+        "score",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--ood-data-dir",
+        ood.to_str().unwrap(),
+        "--max-images",
+        "40",
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["auroc_nll", "auroc_typicality", "auroc_complexity"] {
+        let a = v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"));
+        assert!((0.0..=1.0).contains(&a), "{v}");
+    }
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "set,index,label,nll_nats,bits_per_dim,zlib_bpd");
+    assert_eq!(lines.len(), 1 + 3 * 40);
+    assert_eq!(lines.iter().filter(|l| l.starts_with("ood,")).count(), 40);
+    // A model without a likelihood is refused by name.
+    let gan = tmp.path().join("gan");
+    let o = train(
+        &root().join("models/dcgan-tiny.toml"),
+        &data,
+        &gan,
+        &["--set", "train.steps=2"],
+    );
+    assert!(o.status.success());
+    let o = gm(&[
+        "score",
+        "--checkpoint",
+        gan.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no likelihood"),
+        "{err}"
+    );
+}
