@@ -22,7 +22,8 @@ import tomllib
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PRESETS = ["models/vae-mnist.toml", "models/vae-conv-mnist.toml", "models/pixelcnn-mnist.toml",
-           "models/gated-pixelcnn-mnist.toml", "models/ddpm-mnist.toml", "models/flow-matching-mnist.toml"]
+           "models/gated-pixelcnn-mnist.toml", "models/ddpm-mnist.toml", "models/flow-matching-mnist.toml",
+           "models/realnvp-mnist.toml", "models/cnf-mnist.toml", "models/dcgan-mnist.toml"]
 
 TORCH_CHILD = r"""
 import json, sys, time, resource
@@ -171,6 +172,11 @@ def bench_models(args):
                            "--warmup", str(args.warmup), "--batch", str(batch)]
                 elif model["kind"] in ("ddpm", "flow-matching"):
                     cmd = [args.python, os.path.join(HERE, "unet_torch.py"), "bench", "--config",
+                           json.dumps(model), "--threads", str(th), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--batch", str(batch)]
+                elif model["kind"] in ("realnvp", "cnf", "gan"):
+                    script = "gan_torch.py" if model["kind"] == "gan" else "flows_torch.py"
+                    cmd = [args.python, os.path.join(HERE, script), "bench", "--config",
                            json.dumps(model), "--threads", str(th), "--steps", str(args.steps),
                            "--warmup", str(args.warmup), "--batch", str(batch)]
                 else:
