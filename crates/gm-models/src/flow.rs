@@ -1,4 +1,4 @@
-//! Pieces shared by the normalizing flows ([`crate::realnvp`], [`crate::cnf`]): the logit
+//! Pieces shared by the normalizing flows ([`crate::realnvp`], [`crate::ffjord`]): the logit
 //! pre-processing with its Jacobian, squeezing, the standard-normal base density and the
 //! conversion of a continuous density on dequantised pixels to the 8-bit scale.
 //!
