@@ -87,9 +87,7 @@ pub fn unsqueeze(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `log N(z; 0, I)` per sample `(B,)`, accumulated in f64.
-pub fn std_normal_log_prob(z: &Tensor) -> Result<Tensor> {
-    gm_core::cnf::std_normal_log_prob(z)
-}
+pub use gm_core::cnf::std_normal_log_prob;
 
 /// `log N(z; 0, T²·I)` per sample: the base density of sampling at temperature `T`.
 pub fn tempered_normal_log_prob(z: &Tensor, temperature: f64) -> Result<Tensor> {

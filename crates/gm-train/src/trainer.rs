@@ -139,6 +139,34 @@ pub fn optimizer_groups(model: &dyn Model, vars: &[(String, Var)]) -> Result<Vec
         .collect()
 }
 
+/// The optimiser groups of a model and one Adam for each.
+fn optimizers(
+    model: &dyn Model,
+    vars: &[(String, Var)],
+    t: &crate::config::TrainConfig,
+) -> Result<(Vec<OptimizerGroup>, Vec<Adam>)> {
+    let groups = optimizer_groups(model, vars)?;
+    let adams = groups
+        .iter()
+        .map(|(_, v)| Adam::new(v.clone(), AdamConfig::from(t)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((groups, adams))
+}
+
+/// The loss of optimiser group `i`: the model's loss for the single group, its phase loss else.
+fn group_loss(
+    model: &dyn Model,
+    phase: &gm_models::Phase,
+    i: usize,
+    batch: &gm_models::Batch,
+    rng: &mut GmRng,
+) -> candle_core::Result<gm_models::Loss> {
+    match phase.name {
+        "" => model.loss(batch, rng),
+        _ => model.phase_loss(i, batch, rng),
+    }
+}
+
 /// A model with its variables and configuration.
 pub struct Built {
     pub model: Box<dyn Model>,
@@ -345,11 +373,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let model = built.model.as_ref();
     let vars = named_vars(&built.varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let groups = optimizer_groups(model, &vars)?;
-    let mut adams = groups
-        .iter()
-        .map(|(_, v)| Adam::new(v.clone(), AdamConfig::from(t)))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (groups, mut adams) = optimizers(model, &vars, t)?;
     let mut ema = if t.ema_decay > 0.0 {
         Some(Ema {
             decay: t.ema_decay,
@@ -589,10 +613,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let mut parts: Vec<(&'static str, f64)> = Vec::new();
         for (pi, (phase, pvars)) in groups.iter().enumerate() {
             for _ in 0..phase.repeats {
-                let loss = match phase.name {
-                    "" => model.loss(&batch, &mut rng)?,
-                    _ => model.phase_loss(pi, &batch, &mut rng)?,
-                };
+                let loss = group_loss(model, phase, pi, &batch, &mut rng)?;
                 total = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 for (name, p) in &loss.parts {
                     let v = p.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -732,11 +753,7 @@ pub fn bench_train_step(
     let built = build(cfg, device)?;
     let vars = named_vars(&built.varmap);
     let t = &cfg.train;
-    let groups = optimizer_groups(built.model.as_ref(), &vars)?;
-    let mut adams = groups
-        .iter()
-        .map(|(_, v)| Adam::new(v.clone(), AdamConfig::from(t)))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (groups, mut adams) = optimizers(built.model.as_ref(), &vars, t)?;
     let mut rng = GmRng::new(0);
     let [c, h, w] = cfg.model.image_shape();
     let p = rng.uniform((t.batch_size, c, h, w), 0.0, 1.0, device)?;
@@ -754,10 +771,7 @@ pub fn bench_train_step(
         let t0 = Instant::now();
         for (pi, (phase, _)) in groups.iter().enumerate() {
             for _ in 0..phase.repeats {
-                let loss = match phase.name {
-                    "" => built.model.loss(&batch, &mut rng)?,
-                    _ => built.model.phase_loss(pi, &batch, &mut rng)?,
-                };
+                let loss = group_loss(built.model.as_ref(), phase, pi, &batch, &mut rng)?;
                 let grads = loss.total.backward()?;
                 adams[pi].step(&grads, t.lr * phase.lr_scale)?;
                 // Wait for the device so the time covers the whole step.
