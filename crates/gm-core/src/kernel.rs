@@ -82,6 +82,40 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     er * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// `Σᵢ f(a[i])` with eight accumulators of `T` inside blocks of 512 elements, so the loop
+/// vectorises instead of waiting on one chain of additions, and the blocks added in f64, so long
+/// sums keep their precision.
+#[inline(always)]
+pub(crate) fn lane_sum<T: WithDType>(a: &[T], f: impl Fn(T) -> T) -> f64 {
+    lane_sum2(a, a, |x, _| f(x))
+}
+
+/// `Σᵢ f(a[i], b[i])` over the common length, as [`lane_sum`].
+#[inline(always)]
+pub(crate) fn lane_sum2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
+    let n = a.len().min(b.len());
+    let mut total = 0f64;
+    for (ab, bb) in a[..n].chunks(512).zip(b[..n].chunks(512)) {
+        let mut acc = [T::zero(); 8];
+        let (ac, bc) = (ab.chunks_exact(8), bb.chunks_exact(8));
+        let (ar, br) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for l in 0..8 {
+                acc[l] += f(x[l], y[l]);
+            }
+        }
+        let mut s = 0f64;
+        for v in acc {
+            s += v.to_f64();
+        }
+        for (x, y) in ar.iter().zip(br) {
+            s += f(*x, *y).to_f64();
+        }
+        total += s;
+    }
+    total
+}
+
 /// `σ(x)` and `tanh(x)` for the fused gate, vectorisable in f32.
 pub(crate) trait Transcendental: WithDType {
     fn sigmoid(self) -> Self;
@@ -126,5 +160,32 @@ mod tests {
         assert!(exp_f32(-1000.0) >= 0.0 && exp_f32(1000.0).is_finite());
         let t = Transcendental::tanh_(0.5f32) as f64;
         assert!((t - 0.5f64.tanh()).abs() < 2e-7);
+    }
+
+    #[test]
+    fn lane_sums_match_f64_sums() {
+        for n in [0usize, 1, 7, 8, 9, 511, 512, 513, 3137] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 13 % 29) as f32) / 3.0).collect();
+            let want: f64 = a.iter().map(|&v| v as f64 * v as f64).sum();
+            let got = lane_sum(&a, |v| v * v);
+            assert!(
+                (got - want).abs() <= 1e-6 * want.max(1.0),
+                "n {n}: {got} vs {want}"
+            );
+            let want2: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let got2 = lane_sum2(&a, &b, |x, y| x * y);
+            let scale: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| (x as f64 * y as f64).abs())
+                .sum();
+            assert!(
+                (got2 - want2).abs() <= 1e-6 * scale.max(1.0),
+                "n {n}: {got2} vs {want2}"
+            );
+        }
     }
 }

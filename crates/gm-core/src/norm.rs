@@ -5,7 +5,7 @@
 //!
 //! `y = act(γ_c · (x − μ_{n,g}) / √(σ²_{n,g} + ε) + β_c)`, statistics per sample and channel group.
 
-use crate::kernel::Transcendental;
+use crate::kernel::{lane_sum, lane_sum2, Transcendental};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -58,18 +58,12 @@ struct GroupNormGrad {
     silu: bool,
 }
 
-/// Mean and `1/√(var + ε)` of one group (f64 accumulation).
+/// Mean and `1/√(var + ε)` of one group (two passes, blocks accumulated in f64).
 fn stats<T: WithDType>(x: &[T], eps: f64) -> (f64, f64) {
     let m = x.len() as f64;
-    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / m;
-    let var = x
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / m;
+    let mean = lane_sum(x, |v| v) / m;
+    let mt = T::from_f64(mean);
+    let var = lane_sum(x, |v| (v - mt) * (v - mt)) / m;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -124,36 +118,30 @@ fn bwd_kernel<T: Transcendental>(
             let gs = &dy[k * span..][..span];
             let (mean, rstd) = stats(xs, eps);
             let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
-            // Pass 1: dz, the sums for dγ, dβ, and the two group means of dx̂.
+            // Pass 1: dz, the sums for dγ, dβ, and the two group means of dx̂ = γ·dz.
             let (mut s1, mut s2) = (0f64, 0f64);
             for cc in 0..cg {
                 let ch = g * cg + cc;
                 let (ga, be) = (gamma[ch], beta[ch]);
-                let (mut dg, mut db) = (0f64, 0f64);
                 let row = cc * d.inner..(cc + 1) * d.inner;
-                for ((o, v), gy) in out[row.clone()]
-                    .iter_mut()
-                    .zip(&xs[row.clone()])
-                    .zip(&gs[row])
-                {
-                    let xh = (*v - mean_t) * rstd_t;
-                    let dz = if silu {
-                        let z = xh * ga + be;
+                let (o, xr) = (&mut out[row.clone()], &xs[row.clone()]);
+                if silu {
+                    for ((o, v), gy) in o.iter_mut().zip(xr).zip(&gs[row]) {
+                        let z = (*v - mean_t) * rstd_t * ga + be;
                         let s = z.sigmoid();
-                        *gy * s * (T::one() + z * (T::one() - s))
-                    } else {
-                        *gy
-                    };
-                    let (dzf, xhf) = (dz.to_f64(), xh.to_f64());
-                    db += dzf;
-                    dg += dzf * xhf;
-                    let dxh = dz * ga;
-                    s1 += dxh.to_f64();
-                    s2 += dxh.to_f64() * xhf;
-                    *o = dxh; // dx̂ for now
+                        *o = *gy * s * (T::one() + z * (T::one() - s));
+                    }
+                } else {
+                    o.copy_from_slice(&gs[row]);
                 }
+                let db = lane_sum(o, |v| v);
+                let dg = lane_sum2(o, xr, |dz, v| dz * ((v - mean_t) * rstd_t));
                 p[cc * 2] = dg;
                 p[cc * 2 + 1] = db;
+                let gaf = ga.to_f64();
+                s1 += gaf * db;
+                s2 += gaf * dg;
+                o.iter_mut().for_each(|v| *v *= ga); // dx̂ for now
             }
             let m = span as f64;
             let (m1, m2) = (T::from_f64(s1 / m), T::from_f64(s2 / m));
