@@ -17,7 +17,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use crate::kernel::Transcendental;
+use crate::kernel::{lane_sum, Transcendental};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -199,7 +199,7 @@ impl CustomOp2 for ActGrad {
 fn channel_sum_kernel<T: WithDType>(x: &[T], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
     let mut acc = vec![0f64; c];
     for (i, chunk) in x.chunks_exact(inner.max(1)).enumerate() {
-        acc[i % c] += chunk.iter().map(|v| v.to_f64()).sum::<f64>();
+        acc[i % c] += lane_sum(chunk, |v| v);
     }
     acc.into_iter().map(T::from_f64).collect()
 }
