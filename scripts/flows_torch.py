@@ -5,7 +5,8 @@
     python3 scripts/flows_torch.py bench   --config JSON [--threads N --steps S --warmup W --batch B]
     python3 scripts/flows_torch.py forward --config JSON --weights W.safetensors --batch B.safetensors
     python3 scripts/flows_torch.py train   --preset models/realnvp-mnist.toml --data-dir DIR
-                                           [--steps S --threads N --eval-images N --eval-steps K]
+                                           [--steps S --threads N --eval-images N --eval-steps K
+                                            --init-from W.safetensors --save OUT.safetensors]
 
 `forward` prints −log p(x) per image (nats, 8-bit scale for images) in float64 — gm's interop test
 compares it with gm's own. `train` trains the twin on the same IDX data with the preset's optimiser
@@ -243,6 +244,55 @@ class CNF(nn.Module):
         super().__init__()
         self.cfg = {**CNF_DEFAULTS, **cfg}
         self.odenet = OdeNet(self.cfg)
+        if self.cfg.get("element_norm"):
+            c, h, w = self.cfg["image_shape"]
+            f = 2 ** self.cfg["squeeze"]
+            shape = (1, c * f * f, h // f, w // f)
+            self.norm = nn.ParameterDict({"shift": nn.Parameter(torch.zeros(shape)),
+                                          "log_scale": nn.Parameter(torch.zeros(shape))})
+
+    def pre(self, x):
+        """Logit pre-processing and squeezes: (y, log|det|), before the element-wise affine."""
+        cfg = self.cfg
+        if is_vector(cfg):
+            y, ld = x, torch.zeros(x.shape[0], dtype=x.dtype)
+        else:
+            y, ld = logit_forward(x, cfg["logit_alpha"])
+        for _ in range(cfg["squeeze"]):
+            y = squeeze(y)
+        return y, ld
+
+    def to_state(self, x):
+        y, ld = self.pre(x)
+        if self.cfg.get("element_norm"):
+            y = (y - self.norm["shift"]) * torch.exp(-self.norm["log_scale"])
+            ld = ld - self.norm["log_scale"].sum()
+        return y, ld
+
+    @torch.no_grad()
+    def data_init(self, x):
+        """gm's Model::data_init: μ and log σ (σ ≥ 1e-3) of each state element over x."""
+        if self.cfg.get("element_norm"):
+            y, _ = self.pre(x.double())
+            self.norm["shift"].copy_(y.mean(0, keepdim=True))
+            sd = y.var(0, unbiased=False, keepdim=True).sqrt().clamp_min(1e-3)
+            self.norm["log_scale"].copy_(sd.log())
+
+    def flow_matching_loss(self, x, g):
+        """gm's Objective::FlowMatching: stratified times over up to 8 groups of the batch."""
+        z0, _ = self.to_state(x)
+        b, T = z0.shape[0], self.cfg["time_length"]
+        groups = max(1, min(b, 8))
+        eps = torch.randn(z0.shape, generator=g)
+        out, start = [], 0
+        for k in range(groups):
+            n = b // groups + (1 if k < b % groups else 0)
+            zg, eg = z0[start:start + n], eps[start:start + n]
+            start += n
+            s = (k + torch.rand(1, generator=g).item()) / groups
+            v = self.odenet((1 - s) * zg + s * eg, s * T)
+            out.append(((v - (eg - zg) / T) ** 2).flatten(1).sum(1))
+        return torch.cat(out)
 
     def dynamics(self, t, z, probe, exact):
         with torch.enable_grad():
@@ -294,13 +344,8 @@ class CNF(nn.Module):
     def nll_parts(self, x, steps, probe=None, exact=None):
         cfg = self.cfg
         exact = cfg["divergence"] == "exact" if exact is None else exact
-        if is_vector(cfg):
-            y, ld, offset = x, torch.zeros(x.shape[0], dtype=x.dtype), 0.0
-        else:
-            y, ld = logit_forward(x, cfg["logit_alpha"])
-            offset = x[0].numel() * math.log(256)
-        for _ in range(cfg["squeeze"]):
-            y = squeeze(y)
+        offset = 0.0 if is_vector(cfg) else x[0].numel() * math.log(256)
+        y, ld = self.to_state(x)
         if probe is None and not exact:
             probe = torch.randint(0, 2, y.shape).to(y.dtype) * 2 - 1
         logp, kin, frob, nfe = self.solve(y, steps, probe, exact)
@@ -322,7 +367,9 @@ def build(model):
     raise SystemExit(f"flows_torch.py: unknown kind {kind}")
 
 
-def loss_of(net, x):
+def loss_of(net, x, g=None):
+    if isinstance(net, CNF) and net.cfg.get("objective") == "flow-matching":
+        return net.flow_matching_loss(x, g).mean(), 1
     if isinstance(net, CNF):
         c = net.cfg
         nll, kin, frob, nfe = net.nll_parts(x, c["solver"].get("steps", 8))
@@ -392,11 +439,20 @@ def cmd_train(args):
     model, tr = preset["model"], preset["train"]
     steps = args.steps or tr["steps"]
     net = build(model)
+    train = load_images(args.data_dir, "train")
+    test = load_images(args.data_dir, "test")[: args.eval_images]
+    if isinstance(net, CNF):
+        # As gm's trainer: data-dependent values from the first 4,096 training images, with
+        # their own dequantisation noise; then --init-from weights, if given, replace everything.
+        gi = torch.Generator().manual_seed(args.seed + 2)
+        first = train[:4096]
+        net.data_init((first + torch.rand(first.shape, generator=gi)) / 256)
+    if args.init_from:
+        from safetensors.torch import load_file
+        net.load_state_dict(load_file(args.init_from), strict=True)
     lr, warm = tr.get("lr", 1e-3), tr.get("warmup_steps", 0)
     floor = lr * tr.get("min_lr_ratio", 0.0)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    train = load_images(args.data_dir, "train")
-    test = load_images(args.data_dir, "test")[: args.eval_images]
     g = torch.Generator().manual_seed(args.seed)
     bs = tr["batch_size"]
     perm, pos = torch.randperm(len(train), generator=g), 0
@@ -416,7 +472,7 @@ def cmd_train(args):
         x = (train[perm[pos:pos + bs]] + torch.rand(bs, 1, 28, 28, generator=g)) / 256
         pos += bs
         t0 = time.perf_counter()
-        loss, nfe = loss_of(net, x)
+        loss, nfe = loss_of(net, x, g)
         opt.zero_grad()
         loss.backward()
         if tr.get("grad_clip", 0) > 0:
@@ -439,6 +495,9 @@ def cmd_train(args):
         total += nll.sum().item()
         n += len(x)
     bpd = total / n / (784 * math.log(2))
+    if args.save:
+        from safetensors.torch import save_file
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, args.save)
     print(json.dumps({"bits_per_dim": bpd, "steps": steps, "median_step_ms": 1e3 * float(np.median(times)),
                       "nfe_per_step": float(np.median(nfes)), "eval_images": n, "threads": args.threads}))
 
@@ -465,6 +524,8 @@ def main():
     a.add_argument("--eval-images", type=int, default=500)
     a.add_argument("--eval-steps", type=int, default=16, help="RK4 steps of the CNF's evaluation solve")
     a.add_argument("--eval-probes", type=int, default=4, help="Hutchinson probes of the CNF's evaluation")
+    a.add_argument("--init-from", help="start from these weights (a safetensors file with gm's names)")
+    a.add_argument("--save", help="write the trained weights here (safetensors, gm's names)")
     args = p.parse_args()
     {"bench": cmd_bench, "forward": cmd_forward, "train": cmd_train}[args.cmd](args)
 

@@ -488,25 +488,30 @@ fn gm_and_pytorch_agree_on_cnf_likelihoods() {
     use gm::gm_core::cnf::Divergence;
     use gm::gm_core::ode::SolverConfig;
     use gm::gm_models::ffjord::{solve_log_prob, Activation, Cnf, CnfConfig};
-    use gm::gm_models::flow::{eight_bit_offset, squeeze, Logit};
+    use gm::gm_models::flow::eight_bit_offset;
     let Some(py) = python() else {
         eprintln!("SKIPPED: no python with torch and safetensors (set GM_PYTHON)");
         return;
     };
     let steps = 6;
+    let image = CnfConfig {
+        image_shape: [1, 4, 4],
+        hidden: vec![5],
+        activation: Activation::Softplus,
+        squeeze: 1,
+        divergence: Divergence::Rademacher,
+        ..Default::default()
+    };
     for cfg in [
         CnfConfig {
             image_shape: [2, 1, 1],
             hidden: vec![8, 8],
             ..Default::default()
         },
+        image.clone(),
         CnfConfig {
-            image_shape: [1, 4, 4],
-            hidden: vec![5],
-            activation: Activation::Softplus,
-            squeeze: 1,
-            divergence: Divergence::Rademacher,
-            ..Default::default()
+            element_norm: true,
+            ..image
         },
     ] {
         let vm = VarMap::new();
@@ -517,6 +522,14 @@ fn gm_and_pytorch_agree_on_cnf_likelihoods() {
         .unwrap();
         let [c, h, w] = cfg.image_shape;
         let mut rng = GmRng::new(5);
+        // A non-trivial element-wise affine.
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            if name.starts_with("norm.") {
+                let r = rng.randn(var.shape(), &Device::Cpu).unwrap();
+                var.set(&(r * 0.5).unwrap().to_dtype(DType::F64).unwrap())
+                    .unwrap();
+            }
+        }
         let mut batch = HashMap::new();
         let ours = if cfg.is_vector() {
             let x = rng
@@ -542,12 +555,7 @@ fn gm_and_pytorch_agree_on_cnf_likelihoods() {
                 .to_dtype(DType::F64)
                 .unwrap();
             // The same Rademacher probe on both sides.
-            let (y, ld) = Logit {
-                alpha: cfg.logit_alpha,
-            }
-            .forward(&x)
-            .unwrap();
-            let z0 = squeeze(&y).unwrap();
+            let (z0, ld) = cnf.to_state(&x).unwrap();
             let probe = gm::gm_core::cnf::draw_probe(Divergence::Rademacher, &z0, &mut rng)
                 .unwrap()
                 .unwrap();

@@ -13,6 +13,7 @@ fn opts(out: &Path, data: &Path, resume: bool) -> TrainOptions {
         data_dir: Some(data.into()),
         resume,
         progress: false,
+        init_from: None,
     }
 }
 
@@ -209,4 +210,77 @@ fn bad_checkpoint_files_are_named_in_errors() {
     std::fs::write(&p, b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").unwrap();
     let e = load_checkpoint(&p, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("x.safetensors"), "{e}");
+}
+
+fn cnf_config(extra: &[&str]) -> gm::RunConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cnf-tiny.toml");
+    let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    gm::RunConfig::load(&path, &overrides).unwrap()
+}
+
+#[test]
+fn data_init_sets_the_element_norm_and_init_from_starts_a_fresh_run_from_those_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_idx(&data, 128, 32);
+    let quiet = [
+        "model.element_norm=true",
+        "train.steps=4",
+        "train.checkpoint_every=4",
+        "train.eval_every=0",
+        "train.sample_every=0",
+    ];
+    // Stage 1: flow matching, from the data-initialised affine.
+    let fm = cnf_config(&[&quiet[..], &["model.objective=flow-matching"]].concat());
+    let a = tmp.path().join("fm");
+    let s = train(&fm, &opts(&a, &data, false)).unwrap();
+    assert!(s.losses.iter().all(|l| l.1.is_finite()));
+    let wa = weights(&s.checkpoint);
+    let shift = &wa.iter().find(|(n, _)| n == "norm.shift").unwrap().1;
+    let log_scale = &wa.iter().find(|(n, _)| n == "norm.log_scale").unwrap().1;
+    // Four Adam steps of 1e-3 cannot move a parameter far from its start: these came from the
+    // data (logits of dequantised pixels lie in about ±3; their spreads are not 1).
+    let mean_shift = shift.iter().map(|v| v.abs()).sum::<f32>() / shift.len() as f32;
+    let mean_log = log_scale.iter().map(|v| v.abs()).sum::<f32>() / log_scale.len() as f32;
+    assert!(
+        mean_shift > 0.1 && mean_log > 0.1,
+        "{mean_shift} {mean_log}"
+    );
+
+    // Stage 2: likelihood training starts from stage 1's weights, not from a fresh draw.
+    let mle = cnf_config(&[&quiet[..], &["train.steps=1", "train.lr=1e-9"]].concat());
+    let b = tmp.path().join("mle");
+    let mut o = opts(&b, &data, false);
+    o.init_from = Some(a.clone());
+    let sb = train(&mle, &o).unwrap();
+    for ((na, va), (nb, vb)) in wa.iter().zip(weights(&sb.checkpoint)) {
+        assert_eq!(na, &nb);
+        let d = va
+            .iter()
+            .zip(&vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-6, "{na} moved by {d}");
+    }
+
+    // Parameters that do not fit are named.
+    let wide = cnf_config(&[&quiet[..], &["model.hidden=[9]"]].concat());
+    let mut o = opts(&tmp.path().join("wide"), &data, false);
+    o.init_from = Some(a.clone());
+    let e = format!("{:#}", train(&wide, &o).expect_err("shape mismatch"));
+    assert!(
+        e.contains("has shape") && e.contains("step-00000004"),
+        "{e}"
+    );
+    // And a checkpoint of another kind is refused.
+    let mut o = opts(&tmp.path().join("vae"), &data, false);
+    o.init_from = Some(a);
+    let e = format!(
+        "{:#}",
+        train(&common::tiny_vae_config(&[]), &o).expect_err("kind mismatch")
+    );
+    assert!(
+        e.contains("'cnf' checkpoint cannot start a 'vae' model"),
+        "{e}"
+    );
 }

@@ -67,6 +67,21 @@ impl Activation {
     }
 }
 
+/// How the vector field is trained.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// Maximum likelihood through the ODE solve (FFJORD), with the RNODE terms.
+    #[default]
+    Likelihood,
+    /// Conditional flow matching (Lipman et al., 2023) on the straight path
+    /// `z_t = (1 − t/T)·z₀ + (t/T)·ε` from the data's state `z₀` to `ε ~ N(0, I)`: `f(z_t, t)` is
+    /// regressed on `(ε − z₀)/T`, one network evaluation per image and no solve. The field is
+    /// the same CNF's, so likelihood, sampling and a later likelihood fine-tuning
+    /// (`gm train --init-from`) all apply to it.
+    FlowMatching,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CnfConfig {
@@ -98,6 +113,14 @@ pub struct CnfConfig {
     pub logit_alpha: f64,
     /// Standard deviation of the base density at sampling.
     pub temperature: f64,
+    /// A per-element affine `(y − μ) ⊙ e^{−s}` between the pre-processing and the ODE, with its
+    /// log-determinant `−Σ s`: Glow's data-dependent ActNorm with one `(μ, s)` per element of the
+    /// state, initialised from the first training images' mean and standard deviation
+    /// ([`Model::data_init`]). A convolutional field cannot tell where in the image it is; this
+    /// layer gives every pixel its own marginal from step 0, so the ODE learns only the structure.
+    pub element_norm: bool,
+    /// The training objective.
+    pub objective: Objective,
 }
 
 impl Default for CnfConfig {
@@ -117,6 +140,8 @@ impl Default for CnfConfig {
             jacobian_weight: 0.0,
             logit_alpha: 0.05,
             temperature: 1.0,
+            element_norm: false,
+            objective: Objective::Likelihood,
         }
     }
 }
@@ -404,11 +429,16 @@ pub fn solve_log_prob(
     })
 }
 
+/// The variable prefix of the element-wise affine.
+const NORM: &str = "norm";
+
 /// The CNF model.
 pub struct Cnf {
     cfg: CnfConfig,
     net: OdeNet,
     logit: Option<Logit>,
+    /// `(μ, s)` of the element-wise affine, each `(1, C, H, W)` of the state.
+    norm: Option<(Tensor, Tensor)>,
     device: Device,
     dtype: DType,
     last_train: Cell<OdeStats>,
@@ -424,9 +454,21 @@ impl Cnf {
         let logit = (!cfg.is_vector()).then_some(Logit {
             alpha: cfg.logit_alpha,
         });
+        let norm = if cfg.element_norm {
+            let [c, h, w] = cfg.state_shape();
+            let zero = Init::Const(0.0);
+            let vbn = vb.pp(NORM);
+            Some((
+                vbn.get_with_hints((1, c, h, w), "shift", zero)?,
+                vbn.get_with_hints((1, c, h, w), "log_scale", zero)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             net,
             logit,
+            norm,
             device: vb.device().clone(),
             dtype: vb.dtype(),
             cfg,
@@ -448,8 +490,9 @@ impl Cnf {
         (self.last_train.get(), self.last_eval.get())
     }
 
-    /// Data → ODE state: `(z₀, log|det| of the pre-processing (B,))`.
-    fn to_state(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Data → pre-processed and squeezed state, before the element-wise affine:
+    /// `(y, log|det| (B,))`.
+    fn pre(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (mut y, ld) = match &self.logit {
             Some(l) => l.forward(x)?,
             None => (x.clone(), Tensor::zeros(x.dim(0)?, x.dtype(), x.device())?),
@@ -457,7 +500,40 @@ impl Cnf {
         for _ in 0..self.cfg.squeeze {
             y = squeeze(&y)?;
         }
+        let [c, h, w] = self.cfg.state_shape();
+        let y = y.reshape((y.dim(0)?, c, h, w))?;
         Ok((y, ld))
+    }
+
+    /// Data → ODE state: `(z₀, log|det| of everything before the ODE (B,))` — the logit
+    /// pre-processing, the squeezes and the element-wise affine.
+    pub fn to_state(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (y, ld) = self.pre(x)?;
+        match &self.norm {
+            Some((shift, log_scale)) => {
+                let z = y
+                    .broadcast_sub(shift)?
+                    .broadcast_mul(&log_scale.neg()?.exp()?)?;
+                let ld = ld.broadcast_sub(&log_scale.sum_all()?)?;
+                Ok((z, ld))
+            }
+            None => Ok((y, ld)),
+        }
+    }
+
+    /// ODE state → data.
+    fn state_to_data(&self, z: &Tensor) -> Result<Tensor> {
+        let mut y = match &self.norm {
+            Some((shift, log_scale)) => z.broadcast_mul(&log_scale.exp()?)?.broadcast_add(shift)?,
+            None => z.clone(),
+        };
+        for _ in 0..self.cfg.squeeze {
+            y = unsqueeze(&y)?;
+        }
+        match &self.logit {
+            Some(l) => l.inverse(&y),
+            None => Ok(y),
+        }
     }
 
     fn eight_bit(&self) -> f64 {
@@ -492,6 +568,31 @@ impl Cnf {
         Ok(s)
     }
 
+    /// The flow-matching loss `‖f(z_t, t) − (ε − z₀)/T‖²` per image `(B,)`. The batch is split
+    /// into up to eight groups with stratified times `t = T·(g + u)/G` (the network takes one
+    /// time per call).
+    pub fn flow_matching_loss(&self, x: &Tensor, rng: &mut GmRng) -> Result<Tensor> {
+        let (z0, _) = self.to_state(x)?;
+        let b = z0.dim(0)?;
+        let groups = b.clamp(1, 8);
+        let tl = self.cfg.time_length;
+        let eps = rng.randn(z0.dims(), z0.device())?.to_dtype(z0.dtype())?;
+        let u: Vec<f64> = (0..groups).map(|_| rng.uniform_f64()).collect();
+        let mut out = Vec::with_capacity(groups);
+        let mut start = 0;
+        for (g, ug) in u.iter().enumerate() {
+            let len = b / groups + usize::from(g < b % groups);
+            let (zg, eg) = (z0.narrow(0, start, len)?, eps.narrow(0, start, len)?);
+            start += len;
+            let s = (g as f64 + ug) / groups as f64;
+            let zt = ((&zg * (1.0 - s))? + (&eg * s)?)?;
+            let target = ((&eg - &zg)? / tl)?;
+            let v = self.net.forward(&zt, s * tl)?;
+            out.push(sum_per_sample(&(v - target)?.sqr()?)?);
+        }
+        Tensor::cat(&out, 0)
+    }
+
     /// `n` samples: `z(T) ~ N(0, T²·I)` integrated back to `t = 0` with `solver`.
     pub fn sample_with(
         &self,
@@ -506,15 +607,9 @@ impl Cnf {
             .affine(temperature, 0.0)?
             .to_dtype(self.dtype)?;
         let f = |t: f64, z: &Tensor| self.net.forward(&z.detach(), t).map(|v| v.detach());
-        let (mut y, stats) = solve(f, z, self.cfg.time_length, 0.0, solver)?;
+        let (y, stats) = solve(f, z, self.cfg.time_length, 0.0, solver)?;
         self.last_eval.set(stats);
-        for _ in 0..self.cfg.squeeze {
-            y = unsqueeze(&y)?;
-        }
-        match &self.logit {
-            Some(l) => l.inverse(&y),
-            None => Ok(y),
-        }
+        self.state_to_data(&y)
     }
 }
 
@@ -523,8 +618,16 @@ impl Model for Cnf {
         "cnf"
     }
 
-    /// `nll + λ_K·∫‖f‖² + λ_J·∫‖∂f/∂z‖²_F`; parts also carry the forward and backward NFE.
+    /// `nll + λ_K·∫‖f‖² + λ_J·∫‖∂f/∂z‖²_F`; parts also carry the forward and backward NFE. With
+    /// [`Objective::FlowMatching`], the flow-matching regression instead.
     fn loss(&self, batch: &Batch, rng: &mut GmRng) -> Result<Loss> {
+        if self.cfg.objective == Objective::FlowMatching {
+            let l = self.flow_matching_loss(&batch.x, rng)?.mean(0)?;
+            return Ok(Loss {
+                total: l.clone(),
+                parts: vec![("flow_matching", l)],
+            });
+        }
         let s = self.nll(&batch.x, &self.cfg.solver, self.cfg.divergence, rng, true)?;
         self.last_train.set(s.stats);
         let nll = s.log_prob.mean(0)?;
@@ -583,6 +686,22 @@ impl Model for Cnf {
                 "likelihood_nfe".into(),
                 Tensor::full((nfe / probes) as f32, b, batch.x.device())?.to_dtype(dt)?,
             ),
+        ])
+    }
+
+    /// With `element_norm`: μ and `s = log σ` of each state element over `batch` (σ floored at
+    /// 1e-3), so the state enters the ODE standardised.
+    fn data_init(&self, batch: &Batch) -> Result<Vec<(String, Tensor)>> {
+        if self.norm.is_none() || batch.x.dim(0)? < 2 {
+            return Ok(Vec::new());
+        }
+        let (y, _) = self.pre(&batch.x.to_dtype(DType::F64)?)?;
+        let mean = y.mean_keepdim(0)?;
+        let std = y.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.sqrt()?;
+        let log_scale = std.clamp(1e-3, f64::INFINITY)?.log()?;
+        Ok(vec![
+            (format!("{NORM}.shift"), mean.to_dtype(self.dtype)?),
+            (format!("{NORM}.log_scale"), log_scale.to_dtype(self.dtype)?),
         ])
     }
 

@@ -98,6 +98,14 @@ pub trait Model {
         candle_core::bail!("a '{}' model has no phase {phase}", self.kind())
     }
 
+    /// Data-dependent initial values of parameters, by variable name (Glow's ActNorm
+    /// initialisation), computed from a batch of training images. A fresh training run sets them
+    /// before its first step; resumed runs and loaded checkpoints keep their saved values. The
+    /// default asks for nothing.
+    fn data_init(&self, _batch: &Batch) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+
     /// Per-image evaluation metrics.
     fn eval_metrics(&self, batch: &Batch, rng: &mut GmRng, opts: &EvalOptions) -> Result<Metrics>;
 

@@ -48,6 +48,10 @@ enum Cmd {
         /// Continue the run in this directory from its latest checkpoint.
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        /// Start from another run's weights (run directory or .safetensors; same parameter
+        /// shapes) with a fresh optimiser and step count, e.g. to fine-tune by likelihood.
+        #[arg(long, value_name = "CHECKPOINT", conflicts_with = "resume")]
+        init_from: Option<PathBuf>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -217,6 +221,7 @@ fn run() -> Result<()> {
             mut overrides,
             seed,
             resume,
+            init_from,
             quiet,
             device: d,
         } => {
@@ -252,6 +257,7 @@ fn run() -> Result<()> {
                 data_dir,
                 resume: resume.is_some(),
                 progress: !quiet,
+                init_from,
             };
             let s = if is_text {
                 gm_train::text::train_text(&cfg, &opts)?

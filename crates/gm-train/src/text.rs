@@ -224,6 +224,11 @@ pub fn train_text(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> 
     if opts.resume {
         bail!("--resume is not supported for text models yet; start a new run");
     }
+    if opts.init_from.is_some() {
+        bail!(
+            "--init-from is not supported for text models yet (the tokenizer is trained per run)"
+        );
+    }
     let t = &cfg.train;
     let dev = &opts.device;
     let run = &opts.out;

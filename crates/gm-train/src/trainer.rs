@@ -281,6 +281,10 @@ pub struct TrainOptions {
     /// Continue from the latest complete checkpoint in `out`.
     pub resume: bool,
     pub progress: bool,
+    /// Start a fresh run (new optimiser, step 0) from this checkpoint's weights — a run
+    /// directory or a `.safetensors` file whose parameters match the config's, e.g. likelihood
+    /// fine-tuning of a CNF trained by flow matching.
+    pub init_from: Option<PathBuf>,
 }
 
 /// What a finished run reports.
@@ -339,6 +343,45 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     atomic_write(path, out.as_bytes())
 }
 
+/// Images a fresh run shows [`Model::data_init`].
+const DATA_INIT_IMAGES: usize = 4096;
+
+/// Sets the model's data-dependent initial values from the first [`DATA_INIT_IMAGES`] training
+/// images (pre-processed as in training, with their own noise stream: the run's is untouched).
+fn data_init(
+    model: &dyn Model,
+    vm: &VarMap,
+    train_ds: &ImageDataset,
+    cfg: &RunConfig,
+    dev: &Device,
+) -> Result<()> {
+    let idx: Vec<usize> = (0..train_ds.len().min(DATA_INIT_IMAGES)).collect();
+    if idx.is_empty() {
+        return Ok(());
+    }
+    let mut rng = GmRng::new(cfg.train.seed.wrapping_add(2));
+    let batch = make_batch(train_ds, &idx, &cfg.data, &mut rng, dev)?;
+    let init = model.data_init(&batch)?;
+    if init.is_empty() {
+        return Ok(());
+    }
+    let vars = named_vars(vm);
+    for (name, value) in init {
+        let Some((_, var)) = vars.iter().find(|(n, _)| *n == name) else {
+            bail!("data_init: the model has no variable '{name}'");
+        };
+        if value.dims() != var.dims() {
+            bail!(
+                "data_init: '{name}' has shape {:?}, the variable {:?}",
+                value.dims(),
+                var.dims()
+            );
+        }
+        var.set(&value.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
 /// Trains `cfg` into `opts.out`.
 pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let t = &cfg.train;
@@ -373,6 +416,27 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let model = built.model.as_ref();
     let vars = named_vars(&built.varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    if !opts.resume {
+        data_init(model, &built.varmap, &train_ds, cfg, dev)?;
+    }
+    if let Some(src) = &opts.init_from {
+        if opts.resume {
+            bail!("--init-from starts a fresh run; it cannot be combined with --resume");
+        }
+        let path = checkpoint::resolve(src)?;
+        let w = read_safetensors(&path, dev)?;
+        if let Some(kind) = w.meta.get("gm.kind") {
+            if kind != cfg.model.kind() {
+                bail!(
+                    "--init-from {}: a '{kind}' checkpoint cannot start a '{}' model",
+                    path.display(),
+                    cfg.model.kind()
+                );
+            }
+        }
+        set_vars(&built.varmap, &w.tensors, "", &path, true)?;
+        eprintln!("gm: weights from {}", path.display());
+    }
     let (groups, mut adams) = optimizers(model, &vars, t)?;
     let mut ema = if t.ema_decay > 0.0 {
         Some(Ema {
