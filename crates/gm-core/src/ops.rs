@@ -251,6 +251,66 @@ pub fn channel_sum(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(ChannelSum)
 }
 
+/// `(C,)` → a contiguous tensor of `shape` with `out[n, c, …] = v[c]`; its backward is
+/// [`channel_sum`].
+struct ChannelBroadcast(Shape);
+
+fn channel_broadcast_kernel<T: WithDType>(
+    v: &[T],
+    (outer, c, inner): (usize, usize, usize),
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(outer * c * inner);
+    for _ in 0..outer {
+        for &x in &v[..c] {
+            out.extend(std::iter::repeat_n(x, inner));
+        }
+    }
+    out
+}
+
+impl CustomOp1 for ChannelBroadcast {
+    fn name(&self) -> &'static str {
+        "gm-channel-broadcast"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = channel_dims(&self.0)?;
+        let out = crate::float1!("gm-channel-broadcast", s, l, |v| channel_broadcast_kernel(
+            v, dims
+        ));
+        Ok((out, self.0.clone()))
+    }
+    fn bwd(&self, _v: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(channel_sum(g)?))
+    }
+}
+
+/// A per-channel vector `v` — `(C,)`, or any shape with `C` elements such as `(1, C, 1, 1)` —
+/// materialised over `shape` (`(N, C, …)`): `out[n, c, …] = v[c]`. Multiplying or adding the
+/// result element-wise is candle's `broadcast_mul`/`broadcast_add` with a fast backward: the
+/// gradient of `v` is one contiguous [`channel_sum`] instead of candle's strided reduction over
+/// the batch and spatial axes. Returns `v`'s shape-compatible broadcast on other devices.
+pub fn channel_broadcast<S: Into<Shape>>(v: &Tensor, shape: S) -> Result<Tensor> {
+    let shape: Shape = shape.into();
+    let (_, c, _) = channel_dims(&shape)?;
+    if v.elem_count() != c {
+        bail!(
+            "channel_broadcast: {} values for {c} channels of {:?}",
+            v.elem_count(),
+            shape.dims()
+        )
+    }
+    let mut per_channel = vec![1; shape.rank()];
+    per_channel[1] = c;
+    if !v.device().is_cpu()
+        || !matches!(v.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    {
+        return v.reshape(per_channel)?.broadcast_as(shape)?.contiguous();
+    }
+    v.flatten_all()?
+        .contiguous()?
+        .apply_op1(ChannelBroadcast(shape))
+}
+
 /// `y = tanh(a) ⊙ σ(b)` for `x = [a; b]` split along dimension 1.
 struct Gate;
 /// `dx = [dy ⊙ σ(b)(1 − tanh²a); dy ⊙ tanh(a) σ(b)(1 − σ(b))]` from `x` and `dy`.

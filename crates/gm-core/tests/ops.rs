@@ -160,3 +160,34 @@ fn gated_tanh_matches_candle_and_finite_differences() -> Result<()> {
     assert!(gated_tanh(&rng.randn((2, 3), &dev)?).is_err());
     Ok(())
 }
+
+#[test]
+fn channel_broadcast_matches_candle_forward_and_backward() -> Result<()> {
+    use gm_core::ops::channel_broadcast;
+    let dev = Device::Cpu;
+    let mut rng = gm_core::GmRng::new(3);
+    for shape in [vec![3usize, 5, 4, 2], vec![2, 7], vec![1, 3, 5]] {
+        let c = shape[1];
+        let v = candle_core::Var::from_tensor(&rng.randn(c, &dev)?.to_dtype(DType::F64)?)?;
+        let x = rng.randn(shape.as_slice(), &dev)?.to_dtype(DType::F64)?;
+        let mut pc = vec![1; shape.len()];
+        pc[1] = c;
+        let ours = channel_broadcast(&v, shape.as_slice())?;
+        let theirs = v.reshape(pc.as_slice())?.broadcast_as(shape.as_slice())?;
+        assert_eq!(
+            ours.flatten_all()?.to_vec1::<f64>()?,
+            theirs.flatten_all()?.to_vec1::<f64>()?
+        );
+        let g1 = (ours * &x)?.sqr()?.sum_all()?.backward()?;
+        let g2 = (theirs * &x)?.sqr()?.sum_all()?.backward()?;
+        let (a, b) = (
+            g1.get(&v).unwrap().to_vec1::<f64>()?,
+            g2.get(&v).unwrap().to_vec1::<f64>()?,
+        );
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 1e-9 * (1.0 + q.abs()), "{a:?} vs {b:?}");
+        }
+    }
+    assert!(channel_broadcast(&Tensor::zeros(3, DType::F32, &dev)?, (2, 4, 1)).is_err());
+    Ok(())
+}

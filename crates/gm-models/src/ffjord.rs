@@ -35,7 +35,7 @@ use candle_nn::{Init, VarBuilder};
 use gm_core::cnf::{draw_probe, Divergence};
 use gm_core::conv::{conv2d, Conv2dParams};
 use gm_core::ode::{solve, OdeStats, SolverConfig};
-use gm_core::ops::Act;
+use gm_core::ops::{channel_broadcast, Act};
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -241,18 +241,18 @@ impl ConcatSquash {
 
     /// `(h, gate)` at time `t`.
     fn forward(&self, z: &Tensor, t: f64) -> Result<(Tensor, Tensor)> {
-        let gate =
-            candle_nn::ops::sigmoid(&self.gate_w.affine(t, 0.0)?.broadcast_add(&self.gate_b)?)?;
-        let h = self
-            .layer
-            .forward_act(z, Act::Identity)?
-            .broadcast_mul(&gate)?
-            .broadcast_add(&self.time_w.affine(t, 0.0)?)?;
+        let gate = candle_nn::ops::sigmoid(&(self.gate_w.affine(t, 0.0)? + &self.gate_b)?)?;
+        let lin = self.layer.forward_act(z, Act::Identity)?;
+        // Per-channel factors materialised by `channel_broadcast`: their gradients are one
+        // contiguous channel sum each, not candle's strided reduction.
+        let h = ((&lin * channel_broadcast(&gate, lin.shape())?)?
+            + channel_broadcast(&self.time_w.affine(t, 0.0)?, lin.shape())?)?;
         Ok((h, gate))
     }
 
     fn tangent(&self, dz: &Tensor, gate: &Tensor) -> Result<Tensor> {
-        conv2d(dz, self.layer.weight(), self.params)?.broadcast_mul(gate)
+        let lin = conv2d(dz, self.layer.weight(), self.params)?;
+        &lin * channel_broadcast(gate, lin.shape())?
     }
 }
 
