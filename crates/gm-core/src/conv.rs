@@ -338,6 +338,14 @@ impl<T: Elem> Unfold<T> {
             let plane = &self.plane[..];
             for r in 0..kk {
                 let row = &mut col[(c * kk + r) * ncols + c0..][..pix];
+                if g.p.stride == [1, 1] {
+                    // Each output row reads one contiguous run of the padded plane.
+                    let start = self.table[r * pix] as usize;
+                    for (oy, dst) in row.chunks_exact_mut(g.wo).enumerate() {
+                        dst.copy_from_slice(&plane[start + oy * self.wp..][..g.wo]);
+                    }
+                    continue;
+                }
                 for (d, &i) in row.iter_mut().zip(&self.table[r * pix..][..pix]) {
                     *d = plane[i as usize];
                 }
@@ -356,6 +364,16 @@ impl<T: Elem> Unfold<T> {
             self.plane.fill(T::zero());
             for r in 0..kk {
                 let row = &col[(c * kk + r) * ncols + c0..][..pix];
+                if g.p.stride == [1, 1] {
+                    let start = self.table[r * pix] as usize;
+                    for (oy, src) in row.chunks_exact(g.wo).enumerate() {
+                        let dst = &mut self.plane[start + oy * self.wp..][..g.wo];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d += *s;
+                        }
+                    }
+                    continue;
+                }
                 for (s, &i) in row.iter().zip(&self.table[r * pix..][..pix]) {
                     self.plane[i as usize] += *s;
                 }
