@@ -16,6 +16,7 @@
 //!     data_dir: None,
 //!     resume: false,
 //!     progress: true,
+//!     init_from: None,
 //! };
 //! let summary = train(&cfg, &opts).unwrap();
 //! println!("{:?}", summary.last_eval);
