@@ -120,8 +120,6 @@ pub(crate) fn lane_sum2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -
 pub(crate) trait Transcendental: WithDType {
     fn sigmoid(self) -> Self;
     fn tanh_(self) -> Self;
-    /// `log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|})`, stable for large `|x|`.
-    fn softplus(self) -> Self;
 }
 
 impl Transcendental for f32 {
@@ -133,10 +131,6 @@ impl Transcendental for f32 {
     fn tanh_(self) -> Self {
         2.0 / (1.0 + exp_f32(-2.0 * self)) - 1.0
     }
-    #[inline(always)]
-    fn softplus(self) -> Self {
-        self.max(0.0) + exp_f32(-self.abs()).ln_1p()
-    }
 }
 
 impl Transcendental for f64 {
@@ -145,9 +139,6 @@ impl Transcendental for f64 {
     }
     fn tanh_(self) -> Self {
         self.tanh()
-    }
-    fn softplus(self) -> Self {
-        self.max(0.0) + (-self.abs()).exp().ln_1p()
     }
 }
 

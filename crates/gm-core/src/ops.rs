@@ -311,35 +311,6 @@ pub fn channel_broadcast<S: Into<Shape>>(v: &Tensor, shape: S) -> Result<Tensor>
         .apply_op1(ChannelBroadcast(shape))
 }
 
-/// `softplus(x)` in one pass; its gradient is `σ(x) ⊙ g`.
-struct Softplus;
-
-impl CustomOp1 for Softplus {
-    fn name(&self) -> &'static str {
-        "gm-softplus"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = crate::float1!("gm-softplus", s, l, |x| x
-            .iter()
-            .map(|&v| Transcendental::softplus(v))
-            .collect());
-        Ok((out, l.shape().clone()))
-    }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some((candle_nn::ops::sigmoid(x)? * g)?))
-    }
-}
-
-/// `log(1 + eˣ)`, element-wise and stable for large `|x|`: one pass on the CPU (candle's
-/// composition takes seven), candle's ops elsewhere. Its derivative is `σ(x)`.
-pub fn softplus(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-    {
-        return x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    }
-    x.contiguous()?.apply_op1(Softplus)
-}
-
 /// `y = tanh(a) ⊙ σ(b)` for `x = [a; b]` split along dimension 1.
 struct Gate;
 /// `dx = [dy ⊙ σ(b)(1 − tanh²a); dy ⊙ tanh(a) σ(b)(1 − σ(b))]` from `x` and `dy`.

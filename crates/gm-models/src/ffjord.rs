@@ -35,7 +35,7 @@ use candle_nn::{Init, VarBuilder};
 use gm_core::cnf::{draw_probe, Divergence};
 use gm_core::conv::{conv2d, Conv2dParams};
 use gm_core::ode::{solve, OdeStats, SolverConfig};
-use gm_core::ops::{channel_broadcast, softplus, Act};
+use gm_core::ops::{channel_broadcast, Act};
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -58,7 +58,11 @@ impl Activation {
                 let d = a.sqr()?.affine(-1.0, 1.0)?;
                 Ok((a, d))
             }
-            Activation::Softplus => Ok((softplus(h)?, candle_nn::ops::sigmoid(h)?)),
+            Activation::Softplus => {
+                // log(1 + e^h) = relu(h) + log(1 + e^{−|h|}), stable for large |h|.
+                let a = (h.relu()? + (h.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+                Ok((a, candle_nn::ops::sigmoid(h)?))
+            }
         }
     }
 }
