@@ -441,9 +441,9 @@ def cmd_train(args):
     net = build(model)
     train = load_images(args.data_dir, "train")
     test = load_images(args.data_dir, "test")[: args.eval_images]
-    if isinstance(net, CNF):
+    if isinstance(net, CNF) and not args.init_from:
         # As gm's trainer: data-dependent values from the first 4,096 training images, with
-        # their own dequantisation noise; then --init-from weights, if given, replace everything.
+        # their own dequantisation noise (--init-from weights replace every parameter instead).
         gi = torch.Generator().manual_seed(args.seed + 2)
         first = train[:4096]
         net.data_init((first + torch.rand(first.shape, generator=gi)) / 256)

@@ -28,6 +28,7 @@
 //! before the ODE, which makes the convolutions cheaper.
 
 use crate::flow::{eight_bit_offset, squeeze, std_normal_log_prob, unsqueeze, Logit};
+use crate::flow_matching::ot_path;
 use crate::nn::Conv2d;
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Device, Result, Tensor};
@@ -500,8 +501,6 @@ impl Cnf {
         for _ in 0..self.cfg.squeeze {
             y = squeeze(&y)?;
         }
-        let [c, h, w] = self.cfg.state_shape();
-        let y = y.reshape((y.dim(0)?, c, h, w))?;
         Ok((y, ld))
     }
 
@@ -585,10 +584,11 @@ impl Cnf {
             let (zg, eg) = (z0.narrow(0, start, len)?, eps.narrow(0, start, len)?);
             start += len;
             let s = (g as f64 + ug) / groups as f64;
-            let zt = ((&zg * (1.0 - s))? + (&eg * s)?)?;
-            let target = ((&eg - &zg)? / tl)?;
+            // The OT path from the data's state (t = 0) to the Gaussian draw (t = T).
+            let times = Tensor::full(s, len, zg.device())?;
+            let (zt, u) = ot_path(&zg, &eg, &times, 0.0)?;
             let v = self.net.forward(&zt, s * tl)?;
-            out.push(sum_per_sample(&(v - target)?.sqr()?)?);
+            out.push(sum_per_sample(&(v - (u / tl)?)?.sqr()?)?);
         }
         Tensor::cat(&out, 0)
     }

@@ -348,19 +348,20 @@ const DATA_INIT_IMAGES: usize = 4096;
 
 /// Sets the model's data-dependent initial values from the first [`DATA_INIT_IMAGES`] training
 /// images (pre-processed as in training, with their own noise stream: the run's is untouched).
+/// The statistics are computed on the CPU (in f64 where a model wants it, which Metal lacks) and
+/// moved to each variable's device.
 fn data_init(
     model: &dyn Model,
     vm: &VarMap,
     train_ds: &ImageDataset,
     cfg: &RunConfig,
-    dev: &Device,
 ) -> Result<()> {
     let idx: Vec<usize> = (0..train_ds.len().min(DATA_INIT_IMAGES)).collect();
     if idx.is_empty() {
         return Ok(());
     }
     let mut rng = GmRng::new(cfg.train.seed.wrapping_add(2));
-    let batch = make_batch(train_ds, &idx, &cfg.data, &mut rng, dev)?;
+    let batch = make_batch(train_ds, &idx, &cfg.data, &mut rng, &Device::Cpu)?;
     let init = model.data_init(&batch)?;
     if init.is_empty() {
         return Ok(());
@@ -377,7 +378,7 @@ fn data_init(
                 var.dims()
             );
         }
-        var.set(&value.to_dtype(var.dtype())?)?;
+        var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
 }
@@ -416,8 +417,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let model = built.model.as_ref();
     let vars = named_vars(&built.varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    if !opts.resume {
-        data_init(model, &built.varmap, &train_ds, cfg, dev)?;
+    // --init-from replaces every variable, so a data-dependent start would be discarded.
+    if !opts.resume && opts.init_from.is_none() {
+        data_init(model, &built.varmap, &train_ds, cfg)?;
     }
     if let Some(src) = &opts.init_from {
         if opts.resume {
