@@ -229,13 +229,18 @@ class OdeNet(nn.Module):
         dims = [c] + list(cfg["hidden"]) + [c]
         self.layers = nn.ModuleList([ConcatSquash(a, b, k) for a, b in zip(dims[:-1], dims[1:])])
         self.act = torch.tanh if cfg["activation"] == "tanh" else F.softplus
+        n = len(dims) - 1
+        # gm's CnfConfig::residual: hidden layers of equal width add their input.
+        self.skip = [bool(cfg.get("residual")) and 0 < i < n - 1 and dims[i] == dims[i + 1]
+                     for i in range(n)]
 
     def forward(self, z, t):
         h = z
         for i, l in enumerate(self.layers):
-            h = l(h, t)
+            nh = l(h, t)
             if i + 1 < len(self.layers):
-                h = self.act(h)
+                nh = self.act(nh)
+            h = h + nh if self.skip[i] else nh
         return h
 
 

@@ -482,7 +482,7 @@ fn gm_and_pytorch_agree_on_realnvp_likelihoods() {
 
 /// CNF: gm's likelihood through 6 RK4 steps — forward-mode trace — equals PyTorch's with the
 /// autograd (vector–Jacobian) trace: exact on 2-D points, Hutchinson with the same probe on a
-/// squeezed image.
+/// squeezed image (plain, with the element-wise affine, and with residual hidden layers).
 #[test]
 fn gm_and_pytorch_agree_on_cnf_likelihoods() {
     use gm::gm_core::cnf::Divergence;
@@ -511,6 +511,11 @@ fn gm_and_pytorch_agree_on_cnf_likelihoods() {
         image.clone(),
         CnfConfig {
             element_norm: true,
+            ..image.clone()
+        },
+        CnfConfig {
+            hidden: vec![5, 5, 5],
+            residual: true,
             ..image
         },
     ] {

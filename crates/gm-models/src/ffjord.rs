@@ -122,6 +122,10 @@ pub struct CnfConfig {
     pub element_norm: bool,
     /// The training objective.
     pub objective: Objective,
+    /// Residual hidden layers: every hidden layer whose input and output widths agree computes
+    /// `h + a(L(h, t))` instead of `a(L(h, t))` (a ResNet-style field; the first and last layers
+    /// stay plain). Off: FFJORD's plain stack.
+    pub residual: bool,
 }
 
 impl Default for CnfConfig {
@@ -143,6 +147,7 @@ impl Default for CnfConfig {
             temperature: 1.0,
             element_norm: false,
             objective: Objective::Likelihood,
+            residual: false,
         }
     }
 }
@@ -262,6 +267,8 @@ impl ConcatSquash {
 pub struct OdeNet {
     layers: Vec<ConcatSquash>,
     act: Activation,
+    /// Per layer: whether its activated output is added to its input.
+    skip: Vec<bool>,
 }
 
 /// `k` copies of `x` stacked along the batch axis.
@@ -284,9 +291,14 @@ impl OdeNet {
             .enumerate()
             .map(|(i, w)| ConcatSquash::new(w[0], w[1], k, vb.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
+        let n = dims.len() - 1;
+        let skip = (0..n)
+            .map(|i| cfg.residual && i > 0 && i + 1 < n && dims[i] == dims[i + 1])
+            .collect();
         Ok(Self {
             layers,
             act: cfg.activation,
+            skip,
         })
     }
 
@@ -295,10 +307,11 @@ impl OdeNet {
         let mut h = z.clone();
         let n = self.layers.len();
         for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h, t)?.0;
+            let mut nh = l.forward(&h, t)?.0;
             if i + 1 < n {
-                h = self.act.value_and_slope(&h)?.0;
+                nh = self.act.value_and_slope(&nh)?.0;
             }
+            h = if self.skip[i] { (h + nh)? } else { nh };
         }
         Ok(h)
     }
@@ -314,13 +327,18 @@ impl OdeNet {
         let (mut h, mut dh) = (z.clone(), v.clone());
         let n = self.layers.len();
         for (i, l) in self.layers.iter().enumerate() {
-            let (nh, gate) = l.forward(&h, t)?;
-            dh = l.tangent(&dh, &gate)?;
-            h = nh;
+            let (mut nh, gate) = l.forward(&h, t)?;
+            let mut ndh = l.tangent(&dh, &gate)?;
             if i + 1 < n {
-                let (a, slope) = self.act.value_and_slope(&h)?;
-                dh = dh.mul(&repeat_batch(&slope, k)?)?;
-                h = a;
+                let (a, slope) = self.act.value_and_slope(&nh)?;
+                ndh = ndh.mul(&repeat_batch(&slope, k)?)?;
+                nh = a;
+            }
+            if self.skip[i] {
+                h = (h + nh)?;
+                dh = (dh + ndh)?;
+            } else {
+                (h, dh) = (nh, ndh);
             }
         }
         Ok((h, dh))

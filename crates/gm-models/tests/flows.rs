@@ -336,7 +336,8 @@ fn fd_jacobian(f: &dyn Fn(&Tensor) -> Tensor, z: &Tensor) -> Vec<Vec<f64>> {
 
 #[test]
 fn forward_mode_jvp_and_exact_trace_match_finite_differences() -> Result<()> {
-    // A vector net and a convolutional one (squeezed 1×4×4 image, softplus).
+    // A vector net and two convolutional ones (squeezed 1×4×4 image, softplus; plain and with
+    // residual hidden layers).
     let (cnf, _vm) = toy_cnf(DType::F64, 1, vec![7, 5])?;
     let img_cfg = CnfConfig {
         image_shape: [1, 4, 4],
@@ -346,8 +347,18 @@ fn forward_mode_jvp_and_exact_trace_match_finite_differences() -> Result<()> {
         divergence: Divergence::Rademacher,
         ..Default::default()
     };
+    let res_cfg = CnfConfig {
+        hidden: vec![3, 3, 3],
+        residual: true,
+        ..img_cfg.clone()
+    };
     let (img, _vm2) = perturbed(DType::F64, 2, 0.5, |vb| Cnf::new(img_cfg, vb))?;
-    for (model, shape) in [(&cnf, vec![1, 2, 1, 1]), (&img, vec![1, 4, 2, 2])] {
+    let (res, _vm3) = perturbed(DType::F64, 3, 0.5, |vb| Cnf::new(res_cfg, vb))?;
+    for (model, shape) in [
+        (&cnf, vec![1, 2, 1, 1]),
+        (&img, vec![1, 4, 2, 2]),
+        (&res, vec![1, 4, 2, 2]),
+    ] {
         let net = model.net();
         let d: usize = shape.iter().product();
         let z = GmRng::new(4)
