@@ -323,6 +323,22 @@ mod tests {
 
     const BASE: &str = "[model]\nkind = \"vae\"\nlatent_dim = 4\n[train]\nsteps = 10\n";
 
+    /// Every preset shipped under `models/` parses, knows all its keys and validates.
+    #[test]
+    fn every_preset_loads_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                // `load` validates; its errors name the file and the key.
+                RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 20, "only {n} presets found in {}", dir.display());
+    }
+
     #[test]
     fn overrides_apply_and_unknown_keys_fail_with_their_name() {
         let c = RunConfig::from_toml_str(
