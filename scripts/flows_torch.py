@@ -462,6 +462,10 @@ def cmd_train(args):
     bs = tr["batch_size"]
     perm, pos = torch.randperm(len(train), generator=g), 0
     times, nfes = [], []
+    # As gm's trainer: an exponential moving average of the weights (train.ema_decay), which the
+    # evaluation and the saved weights use.
+    decay = tr.get("ema_decay", 0.0)
+    shadow = {k: v.detach().clone() for k, v in net.state_dict().items()} if decay > 0 else None
     for step in range(steps):
         if step < warm:
             cur = lr * (step + 1) / warm
@@ -483,10 +487,16 @@ def cmd_train(args):
         if tr.get("grad_clip", 0) > 0:
             torch.nn.utils.clip_grad_norm_(net.parameters(), tr["grad_clip"])
         opt.step()
+        if shadow is not None:
+            with torch.no_grad():
+                for k, v in net.state_dict().items():
+                    shadow[k].mul_(decay).add_(v, alpha=1 - decay)
         times.append(time.perf_counter() - t0)
         nfes.append(nfe)
         if (step + 1) % 100 == 0:
             print(f"step {step + 1} loss {loss.item():.2f}", flush=True)
+    if shadow is not None:
+        net.load_state_dict(shadow)
     total, n = 0.0, 0
     eg = torch.Generator().manual_seed(4321)
     for i in range(0, len(test), 100):
