@@ -302,3 +302,183 @@ fn cropped_convolution_is_the_narrowed_full_one() -> Result<()> {
     }
     Ok(())
 }
+
+/// Forward, data gradient and filter gradient of one op in `dtype`, as f64 tensors.
+fn run_in(
+    case: &Case,
+    x: &Tensor,
+    w: &Tensor,
+    r: &Tensor,
+    crop: Option<[usize; 2]>,
+    dtype: DType,
+) -> Result<[Tensor; 3]> {
+    let xv = Var::from_tensor(&x.to_dtype(dtype)?)?;
+    let wv = Var::from_tensor(&w.to_dtype(dtype)?)?;
+    let y = match crop {
+        Some(out) => gm_core::conv::conv2d_cropped(&xv, &wv, case.params, out)?,
+        None => apply(case, &xv, &wv)?,
+    };
+    let grads = (&y
+        * r.narrow(2, 0, y.dim(2)?)?
+            .narrow(3, 0, y.dim(3)?)?
+            .to_dtype(dtype)?)?
+    .sum_all()?
+    .backward()?;
+    let f64_of = |t: &Tensor| t.to_dtype(DType::F64);
+    Ok([
+        f64_of(&y)?,
+        f64_of(grads.get(&xv).unwrap())?,
+        f64_of(grads.get(&wv).unwrap())?,
+    ])
+}
+
+/// The f32 kernels (on x86-64 with AVX2 the register-tile ones, which never build the column
+/// matrix) against the f64 im2col + gemm ones, on geometries that reach every edge of their
+/// tiling: output-channel and column-row counts that are not multiples of the tile, pixel panels
+/// that run across output rows and images, rows wider than a panel, depths beyond one slice,
+/// strides 2–3, dilation, uneven padding, groups, depthwise, 1×1, transposed with output
+/// padding, cropped outputs — batches of 2 and more so that the images split over threads.
+#[test]
+fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = GmRng::new(21);
+    let p = |s: [usize; 2], pad: [usize; 2], d: [usize; 2], g: usize| Conv2dParams {
+        stride: s,
+        padding: pad,
+        dilation: d,
+        groups: g,
+    };
+    // (transpose, x shape, w shape, params, output padding, cropped output)
+    type Geo = (
+        bool,
+        (usize, usize, usize, usize),
+        (usize, usize, usize, usize),
+        Conv2dParams,
+        [usize; 2],
+        Option<[usize; 2]>,
+    );
+    let cases: [Geo; 12] = [
+        (
+            false,
+            (6, 3, 5, 7),
+            (5, 3, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (4, 8, 9, 9),
+            (12, 8, 3, 3),
+            p([2, 2], [1, 2], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (3, 6, 11, 8),
+            (9, 6, 2, 3),
+            p([3, 2], [2, 0], [2, 1], 1),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (4, 8, 10, 10),
+            (12, 2, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 4),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (2, 40, 12, 12),
+            (8, 40, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (2, 4, 30, 30),
+            (8, 4, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (5, 7, 4, 6),
+            (3, 7, 1, 1),
+            p([1, 1], [0, 0], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (3, 6, 9, 9),
+            (6, 1, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 6),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (4, 16, 14, 14),
+            (32, 16, 4, 4),
+            p([2, 2], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        (
+            false,
+            (3, 5, 9, 11),
+            (7, 5, 3, 3),
+            p([1, 1], [2, 2], [1, 1], 1),
+            [0, 0],
+            Some([9, 11]),
+        ),
+        (
+            true,
+            (3, 16, 5, 5),
+            (16, 6, 4, 4),
+            p([2, 2], [1, 1], [1, 1], 1),
+            [1, 0],
+            None,
+        ),
+        (
+            true,
+            (4, 12, 7, 7),
+            (12, 2, 4, 4),
+            p([2, 2], [1, 1], [1, 1], 2),
+            [0, 0],
+            None,
+        ),
+    ];
+    for (i, (transpose, xs, ws, params, output_padding, crop)) in cases.into_iter().enumerate() {
+        let case = Case {
+            transpose,
+            params,
+            output_padding,
+        };
+        let x = rng.randn(xs, &dev)?.to_dtype(DType::F64)?;
+        let w = rng.randn(ws, &dev)?.to_dtype(DType::F64)?;
+        let y = apply(&case, &x, &w)?;
+        let r = rng.randn(y.shape(), &dev)?.to_dtype(DType::F64)?;
+        let want = run_in(&case, &x, &w, &r, crop, DType::F64)?;
+        let got = run_in(&case, &x, &w, &r, crop, DType::F32)?;
+        for (name, a, b) in [
+            ("y", &got[0], &want[0]),
+            ("dx", &got[1], &want[1]),
+            ("dw", &got[2], &want[2]),
+        ] {
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            let d = max_abs_diff(a, b)?;
+            assert!(
+                d <= 3e-6 * (1.0 + scale),
+                "case {i}: {name} of the f32 kernels differs from f64 by {d} (scale {scale})"
+            );
+        }
+    }
+    Ok(())
+}

@@ -28,6 +28,9 @@
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// Stride, padding, dilation (each `[along H, along W]`) and groups of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dParams {
@@ -218,8 +221,31 @@ struct Plan {
 }
 
 /// Element types with CPU kernels (f32 and f64).
-trait Elem: WithDType + std::ops::AddAssign {}
-impl Elem for f32 {}
+trait Elem: WithDType + std::ops::AddAssign {
+    /// The direction `dir` of `g` by a specialised kernel, or `None` for the generic im2col +
+    /// gemm one.
+    fn special(_dir: Dir, _g: &Geom, _plan: &Plan, _a: &[Self], _b: &[Self]) -> Option<Vec<Self>> {
+        None
+    }
+}
+
+impl Elem for f32 {
+    /// AVX2 + FMA kernels ([`avx2`]) on x86-64 CPUs that have them, when the images are split
+    /// over the threads (or there is one thread): their tasks are whole images.
+    #[allow(unused_variables)]
+    fn special(dir: Dir, g: &Geom, plan: &Plan, a: &[f32], b: &[f32]) -> Option<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() && (plan.parallel || matches!(plan.gemm_par, gemm::Parallelism::None))
+        {
+            return Some(match dir {
+                Dir::Fwd => avx2::conv_fwd(g, plan, a, b),
+                Dir::BwdData => avx2::conv_bwd_data(g, plan, a, b),
+                Dir::BwdFilter => avx2::conv_bwd_filter(g, plan, a, b),
+            });
+        }
+        None
+    }
+}
 impl Elem for f64 {}
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)` with explicit (row, column) strides.
@@ -522,6 +548,9 @@ where
 /// `y = conv2d(x, w)`: `(n, ci, h, w) × (co, cig, kh, kw) → (n, co, ho, wo)`.
 fn conv_fwd<T: Elem>(g: &Geom, x: &[T], wt: &[T]) -> Vec<T> {
     let plan = g.plan();
+    if let Some(y) = T::special(Dir::Fwd, g, &plan, x, wt) {
+        return y;
+    }
     let (k, pix, cog, out_len) = (g.k(), g.pix(), g.cog(), g.out_len());
     let mut y = vec![T::zero(); g.n * out_len];
     for_chunks(
@@ -591,6 +620,9 @@ fn conv_fwd<T: Elem>(g: &Geom, x: &[T], wt: &[T]) -> Vec<T> {
 /// `dx = conv2d_backward_data(dy, w)`, also the transposed convolution of `dy` by `w`.
 fn conv_bwd_data<T: Elem>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
     let plan = g.plan();
+    if let Some(dx) = T::special(Dir::BwdData, g, &plan, dy, wt) {
+        return dx;
+    }
     let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
     let mut dx = vec![T::zero(); g.n * in_len];
     for_chunks(
@@ -655,6 +687,9 @@ fn conv_bwd_data<T: Elem>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
 /// `dw = conv2d_backward_filter(x, dy)`: `(co, cig, kh, kw)`, summed over the batch.
 fn conv_bwd_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     let plan = g.plan();
+    if let Some(dw) = T::special(Dir::BwdFilter, g, &plan, x, dy) {
+        return dw;
+    }
     let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
     let wlen = g.co * k;
     // Images [first, last) into acc.

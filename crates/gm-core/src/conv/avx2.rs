@@ -1,0 +1,754 @@
+//! AVX2 + FMA kernels for f32 convolutions that never build the whole column matrix.
+//!
+//! Each image is first laid out as zero-padded *phase planes*: for stride `s`, the `s × s`
+//! sub-grids of the padded plane, so that the pixels one kernel tap reads along an output row are
+//! contiguous whatever the stride. Then, per direction:
+//! - **forward**: for each panel of [`NR`] output pixels (panels run across rows and images), the
+//!   `K × NR` block of the column matrix is copied from the planes into a panel that stays in L1,
+//!   and an `MR × NR` register tile multiplies the packed weight by it, stored straight into `y`;
+//! - **data gradient**: the weight's transpose times an `NR`-wide panel of `dy` gives the column
+//!   panel, which is added back onto gradient planes (col2im) while it is still in L1;
+//! - **filter gradient**: dot products along the pixels between rows of `dy` and rows of the
+//!   column matrix of a chunk of images, in 3 × 4 register tiles.
+//!
+//! The general gemm these replace packs both operands of every call into its own layout; here the
+//! panels *are* the packed layout, which removes that pass and the column matrix's round trip
+//! through memory.
+
+#![allow(unsafe_code)]
+
+use super::{for_chunks, Geom, Plan};
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Rows of a register tile (the broadcast operand).
+const MR: usize = 4;
+/// Columns of a register tile: three vectors of eight.
+const NR: usize = 24;
+/// Depth slice of the forward's register tiles.
+const KC: usize = 128;
+/// Floats of headroom after every buffer that vector copies may run past.
+const SLACK: usize = 32;
+
+/// Whether this CPU has AVX2 and FMA, and `GM_CONV` does not ask for the generic kernels.
+pub(super) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let generic = std::env::var("GM_CONV").is_ok_and(|v| v == "gemm");
+        !generic && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    })
+}
+
+/// Geometry of the phase planes of one image.
+#[derive(Clone, Debug)]
+struct Planes {
+    /// `spot[iy·w + ix]`: where pixel `(iy, ix)` of a channel goes in that channel's planes.
+    spot: Vec<u32>,
+    sh: usize,
+    sw: usize,
+    hq: usize,
+    wq: usize,
+    /// Floats per channel (all phases).
+    chan: usize,
+    /// Floats per image (all channels).
+    img: usize,
+}
+
+impl Planes {
+    fn new(g: &Geom) -> Self {
+        let [sh, sw] = g.p.stride;
+        let hp = g.h + 2 * g.p.padding[0];
+        let wp = g.w + 2 * g.p.padding[1];
+        let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
+        let chan = sh * sw * hq * wq;
+        let mut pl = Self {
+            spot: Vec::new(),
+            sh,
+            sw,
+            hq,
+            wq,
+            chan,
+            img: g.ci * chan,
+        };
+        let [ph, pw] = g.p.padding;
+        pl.spot = (0..g.h)
+            .flat_map(|iy| (0..g.w).map(move |ix| (iy, ix)))
+            .map(|(iy, ix)| pl.at(0, iy + ph, ix + pw) as u32)
+            .collect();
+        pl
+    }
+
+    /// Offset of padded position `(y, x)` of channel `c`.
+    fn at(&self, c: usize, y: usize, x: usize) -> usize {
+        c * self.chan
+            + ((y % self.sh) * self.sw + x % self.sw) * self.hq * self.wq
+            + (y / self.sh) * self.wq
+            + x / self.sw
+    }
+
+    /// Offsets read by each column-matrix row `(c, ky, kx)` of each group at output pixel
+    /// `(0, 0)`; output pixel `(oy, ox)` adds `oy·wq + ox`.
+    fn taps(&self, g: &Geom) -> Vec<usize> {
+        let [dh, dw] = g.p.dilation;
+        let mut t = Vec::with_capacity(g.ci * g.kh * g.kw);
+        for c in 0..g.ci {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    t.push(self.at(c, ky * dh, kx * dw));
+                }
+            }
+        }
+        t
+    }
+
+    /// Writes image `x` `(ci, h, w)` into the interior of its planes (the border stays as it is:
+    /// zero).
+    fn fill(&self, g: &Geom, x: &[f32], dst: &mut [f32]) {
+        let hw = g.h * g.w;
+        for (c, xc) in x.chunks_exact(hw).enumerate() {
+            let d = &mut dst[c * self.chan..][..self.chan];
+            if self.sw == 1 {
+                for (iy, src) in xc.chunks_exact(g.w).enumerate() {
+                    let o = self.spot[iy * g.w] as usize;
+                    d[o..o + g.w].copy_from_slice(src);
+                }
+            } else {
+                for (&v, &o) in xc.iter().zip(&self.spot) {
+                    d[o as usize] = v;
+                }
+            }
+        }
+    }
+
+    /// The inverse of [`Planes::fill`]: the interior of the planes into image `x`.
+    fn extract(&self, g: &Geom, src: &[f32], x: &mut [f32]) {
+        let hw = g.h * g.w;
+        for (c, xc) in x.chunks_exact_mut(hw).enumerate() {
+            let s = &src[c * self.chan..][..self.chan];
+            if self.sw == 1 {
+                for (iy, dst) in xc.chunks_exact_mut(g.w).enumerate() {
+                    let o = self.spot[iy * g.w] as usize;
+                    dst.copy_from_slice(&s[o..o + g.w]);
+                }
+            } else {
+                for (d, &o) in xc.iter_mut().zip(&self.spot) {
+                    *d = s[o as usize];
+                }
+            }
+        }
+    }
+}
+
+/// A run of panel columns `[j, j + len)` lying in one output row (or one image) of image `img`
+/// of the chunk, starting at its pixel `p`; `src` is where the run starts in the chunk's planes
+/// (before adding a tap).
+#[derive(Clone, Copy, Debug)]
+struct Seg {
+    j: usize,
+    len: usize,
+    img: usize,
+    p: usize,
+    src: usize,
+}
+
+/// Splits chunk columns `[q0, q0 + width)` (column `q` = image `q / pix`, pixel `q % pix`) at
+/// output rows (`rows`) or only at images.
+fn segments(g: &Geom, pl: &Planes, q0: usize, width: usize, rows: bool, out: &mut Vec<Seg>) {
+    out.clear();
+    let pix = g.pix();
+    let end = q0 + width;
+    let mut q = q0;
+    while q < end {
+        let (img, p) = (q / pix, q % pix);
+        let run = if rows { g.wo - p % g.wo } else { pix - p };
+        let len = run.min(end - q);
+        out.push(Seg {
+            j: q - q0,
+            len,
+            img,
+            p,
+            src: img * pl.img + (p / g.wo) * pl.wq + p % g.wo,
+        });
+        q += len;
+    }
+}
+
+/// A zeroed buffer of `len` floats plus [`SLACK`], and the offset at which a 32-byte aligned
+/// region of `len` floats starts.
+fn aligned(len: usize) -> (Vec<f32>, usize) {
+    let v = vec![0f32; len + SLACK + 8];
+    let off = v.as_ptr().align_offset(32).min(7);
+    (v, off)
+}
+
+/// Copies `len` floats from `src` to `dst` in whole vectors of 8 (up to 7 more are read and
+/// written).
+///
+/// # Safety
+/// `src` and `dst` must be valid for `len.next_multiple_of(8)` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn copy_over(dst: *mut f32, src: *const f32, len: usize) {
+    let mut t = 0;
+    while t < len {
+        _mm256_storeu_ps(dst.add(t), _mm256_loadu_ps(src.add(t)));
+        t += 8;
+    }
+}
+
+static MASK: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// `dst[t] += src[t]` for `t < len`, in whole vectors (the floats up to the next multiple of 8
+/// are read, and written back unchanged).
+///
+/// # Safety
+/// `src` and `dst` must be valid for `len.next_multiple_of(8)` floats, and nothing else may
+/// access `dst`'s range meanwhile.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_over(dst: *mut f32, src: *const f32, len: usize) {
+    let mut t = 0;
+    while t + 8 <= len {
+        let d = _mm256_loadu_ps(dst.add(t));
+        _mm256_storeu_ps(dst.add(t), _mm256_add_ps(d, _mm256_loadu_ps(src.add(t))));
+        t += 8;
+    }
+    if t < len {
+        let m = _mm256_loadu_si256(MASK.as_ptr().add(8 - (len - t)) as *const __m256i);
+        let v = _mm256_and_ps(_mm256_loadu_ps(src.add(t)), _mm256_castsi256_ps(m));
+        let d = _mm256_loadu_ps(dst.add(t));
+        _mm256_storeu_ps(dst.add(t), _mm256_add_ps(d, v));
+    }
+}
+
+/// Row `r` of `dst` (rows `ld` apart) gets the runs `segs` read from `planes` at tap `taps[r]`:
+/// the column-matrix rows of a panel.
+///
+/// # Safety
+/// Every run `planes[src + tap ..][..len]` must lie inside `planes` with 7 more floats readable,
+/// and every `dst[r·ld + j ..][..len + 7]` inside `dst`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gather(dst: *mut f32, ld: usize, planes: *const f32, taps: &[usize], segs: &[Seg]) {
+    for (r, &t) in taps.iter().enumerate() {
+        for s in segs {
+            copy_over(dst.add(r * ld + s.j), planes.add(s.src + t), s.len);
+        }
+    }
+}
+
+/// The adjoint of [`gather`]: adds row `r` of `src` (rows `ld` apart) onto `planes` at tap
+/// `taps[r]` along the runs `segs` (col2im of a panel).
+///
+/// # Safety
+/// As [`gather`] with the roles of the two buffers swapped; nothing else may access `planes`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scatter(planes: *mut f32, src: *const f32, ld: usize, taps: &[usize], segs: &[Seg]) {
+    for (r, &t) in taps.iter().enumerate() {
+        for s in segs {
+            add_over(planes.add(s.src + t), src.add(r * ld + s.j), s.len);
+        }
+    }
+}
+
+/// Row `o < rows` of `dst` (rows `NR` apart) gets, for each run of `segs`, `len` floats of
+/// `src` from `base + img·img_stride + o·row_stride + p`: an `NR`-wide panel of a
+/// `(N, C, pix)` tensor.
+///
+/// # Safety
+/// `dst` must be valid for `rows·NR + SLACK` floats and every run must lie inside `src`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_rows(
+    dst: *mut f32,
+    src: &[f32],
+    base: usize,
+    [rows, row_stride, img_stride]: [usize; 3],
+    segs: &[Seg],
+) {
+    for o in 0..rows {
+        for s in segs {
+            let off = base + s.img * img_stride + o * row_stride + s.p;
+            let d = dst.add(o * NR + s.j);
+            if off + s.len.next_multiple_of(8) <= src.len() {
+                copy_over(d, src.as_ptr().add(off), s.len);
+            } else {
+                std::ptr::copy_nonoverlapping(src[off..off + s.len].as_ptr(), d, s.len);
+            }
+        }
+    }
+}
+
+/// `c (MR × NR) = [c +] a · b`, `a` packed as `[depth][MR]`, `b` as `[depth][NR]`, `c` row-major
+/// with row stride `ldc`; `c` is added to when `accumulate`.
+///
+/// Written in assembly: the 4 × 24 tile needs all 16 vector registers (12 accumulators, three
+/// vectors of `b`, one broadcast of `a`), and the compiler's scheduling spills an accumulator.
+///
+/// # Safety
+/// `a`, `b` valid for `depth·MR` and `depth·NR` floats, `c` for `MR` rows of `NR` floats `ldc`
+/// apart.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile(
+    depth: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    const _: () = assert!(MR == 4 && NR == 24);
+    std::arch::asm!(
+        "lea {c3}, [{c} + {l}*2]",
+        "add {c3}, {l}",
+        "test {acc}, {acc}",
+        "jz 4f",
+        "vmovups ymm4, [{c}]",
+        "vmovups ymm5, [{c} + 32]",
+        "vmovups ymm6, [{c} + 64]",
+        "vmovups ymm7, [{c} + {l}]",
+        "vmovups ymm8, [{c} + {l} + 32]",
+        "vmovups ymm9, [{c} + {l} + 64]",
+        "vmovups ymm10, [{c} + {l}*2]",
+        "vmovups ymm11, [{c} + {l}*2 + 32]",
+        "vmovups ymm12, [{c} + {l}*2 + 64]",
+        "vmovups ymm13, [{c3}]",
+        "vmovups ymm14, [{c3} + 32]",
+        "vmovups ymm15, [{c3} + 64]",
+        "jmp 5f",
+        "4:",
+        "vxorps ymm4, ymm4, ymm4",
+        "vxorps ymm5, ymm5, ymm5",
+        "vxorps ymm6, ymm6, ymm6",
+        "vxorps ymm7, ymm7, ymm7",
+        "vxorps ymm8, ymm8, ymm8",
+        "vxorps ymm9, ymm9, ymm9",
+        "vxorps ymm10, ymm10, ymm10",
+        "vxorps ymm11, ymm11, ymm11",
+        "vxorps ymm12, ymm12, ymm12",
+        "vxorps ymm13, ymm13, ymm13",
+        "vxorps ymm14, ymm14, ymm14",
+        "vxorps ymm15, ymm15, ymm15",
+        "5:",
+        "test {d}, {d}",
+        "jz 3f",
+        "2:",
+        "vmovups ymm0, [{b}]",
+        "vmovups ymm1, [{b} + 32]",
+        "vmovups ymm2, [{b} + 64]",
+        "vbroadcastss ymm3, dword ptr [{a}]",
+        "vfmadd231ps ymm4, ymm3, ymm0",
+        "vfmadd231ps ymm5, ymm3, ymm1",
+        "vfmadd231ps ymm6, ymm3, ymm2",
+        "vbroadcastss ymm3, dword ptr [{a} + 4]",
+        "vfmadd231ps ymm7, ymm3, ymm0",
+        "vfmadd231ps ymm8, ymm3, ymm1",
+        "vfmadd231ps ymm9, ymm3, ymm2",
+        "vbroadcastss ymm3, dword ptr [{a} + 8]",
+        "vfmadd231ps ymm10, ymm3, ymm0",
+        "vfmadd231ps ymm11, ymm3, ymm1",
+        "vfmadd231ps ymm12, ymm3, ymm2",
+        "vbroadcastss ymm3, dword ptr [{a} + 12]",
+        "vfmadd231ps ymm13, ymm3, ymm0",
+        "vfmadd231ps ymm14, ymm3, ymm1",
+        "vfmadd231ps ymm15, ymm3, ymm2",
+        "add {a}, 16",
+        "add {b}, 96",
+        "dec {d}",
+        "jnz 2b",
+        "3:",
+        "vmovups [{c}], ymm4",
+        "vmovups [{c} + 32], ymm5",
+        "vmovups [{c} + 64], ymm6",
+        "vmovups [{c} + {l}], ymm7",
+        "vmovups [{c} + {l} + 32], ymm8",
+        "vmovups [{c} + {l} + 64], ymm9",
+        "vmovups [{c} + {l}*2], ymm10",
+        "vmovups [{c} + {l}*2 + 32], ymm11",
+        "vmovups [{c} + {l}*2 + 64], ymm12",
+        "vmovups [{c3}], ymm13",
+        "vmovups [{c3} + 32], ymm14",
+        "vmovups [{c3} + 64], ymm15",
+        "vzeroupper",
+        d = inout(reg) depth => _,
+        a = inout(reg) a => _,
+        b = inout(reg) b => _,
+        c = in(reg) c,
+        acc = in(reg) accumulate as usize,
+        l = in(reg) ldc * 4,
+        c3 = out(reg) _,
+        out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+        out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+        out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+        out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+        options(nostack),
+    );
+}
+
+/// Sum of the eight lanes.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// `out[i][j] += Σ_t a[i·lda + t] · b[j·ldb + t]` over `t < len` (`len` a multiple of 8).
+///
+/// # Safety
+/// The `M` rows of `a` and `N` rows of `b` must be valid for `len` floats.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // register tiles read best indexed
+unsafe fn dots<const M: usize, const N: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    len: usize,
+    out: &mut [[f32; 4]; 3],
+) {
+    let mut acc = [[_mm256_setzero_ps(); N]; M];
+    let mut t = 0;
+    while t < len {
+        let mut av = [_mm256_setzero_ps(); M];
+        for (i, v) in av.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(a.add(i * lda + t));
+        }
+        for j in 0..N {
+            let bv = _mm256_loadu_ps(b.add(j * ldb + t));
+            for i in 0..M {
+                acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
+            }
+        }
+        t += 8;
+    }
+    for i in 0..M {
+        for j in 0..N {
+            out[i][j] += hsum(acc[i][j]);
+        }
+    }
+}
+
+/// [`dots`] for an `m × n` tile, `m ≤ 3`, `n ≤ 4`.
+///
+/// # Safety
+/// As [`dots`].
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_mn(
+    m: usize,
+    n: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    len: usize,
+    out: &mut [[f32; 4]; 3],
+) {
+    match (m, n) {
+        (3, 4) => dots::<3, 4>(a, lda, b, ldb, len, out),
+        (3, 3) => dots::<3, 3>(a, lda, b, ldb, len, out),
+        (3, 2) => dots::<3, 2>(a, lda, b, ldb, len, out),
+        (3, 1) => dots::<3, 1>(a, lda, b, ldb, len, out),
+        (2, 4) => dots::<2, 4>(a, lda, b, ldb, len, out),
+        (2, 3) => dots::<2, 3>(a, lda, b, ldb, len, out),
+        (2, 2) => dots::<2, 2>(a, lda, b, ldb, len, out),
+        (2, 1) => dots::<2, 1>(a, lda, b, ldb, len, out),
+        (1, 4) => dots::<1, 4>(a, lda, b, ldb, len, out),
+        (1, 3) => dots::<1, 3>(a, lda, b, ldb, len, out),
+        (1, 2) => dots::<1, 2>(a, lda, b, ldb, len, out),
+        (1, 1) => dots::<1, 1>(a, lda, b, ldb, len, out),
+        _ => unreachable!("tile {m}×{n}"),
+    }
+}
+
+/// `y = conv2d(x, w)`.
+pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32> {
+    let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
+    let groups = g.p.groups;
+    let pl = Planes::new(g);
+    let taps = pl.taps(g);
+    let blocks = cog.div_ceil(MR);
+    // Weights packed as [group][block of MR output channels][k][MR], zero rows past cog.
+    let mut apack = vec![0f32; groups * blocks * k * MR];
+    for grp in 0..groups {
+        for o in 0..cog {
+            for r in 0..k {
+                apack[((grp * blocks + o / MR) * k + r) * MR + o % MR] =
+                    wt[(grp * cog + o) * k + r];
+            }
+        }
+    }
+    let mut y = vec![0f32; g.n * out_len];
+    for_chunks(
+        &mut y,
+        plan.per_task * out_len,
+        plan.parallel,
+        |task, ys| {
+            let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
+            let (mut panel, po) = aligned(k * NR);
+            let (mut ctiles, co) = aligned(blocks * MR * NR);
+            let (mut rsegs, mut isegs) = (Vec::new(), Vec::new());
+            for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
+                let first = task * plan.per_task + sub * plan.nb;
+                let nb = ys.len() / out_len;
+                for b in 0..nb {
+                    let xb = &x[(first + b) * in_len..][..in_len];
+                    pl.fill(g, xb, &mut planes[b * pl.img..][..pl.img]);
+                }
+                let ncols = nb * pix;
+                for q0 in (0..ncols).step_by(NR) {
+                    let width = NR.min(ncols - q0);
+                    segments(g, &pl, q0, width, true, &mut rsegs);
+                    segments(g, &pl, q0, width, false, &mut isegs);
+                    let direct = width == NR && isegs.len() == 1;
+                    for grp in 0..groups {
+                        let ktaps = &taps[grp * k..][..k];
+                        // Depth in slices of KC rows, so that the panel slice (KC × NR) stays in
+                        // L1 while every block of output channels reads it.
+                        for kc0 in (0..k).step_by(KC) {
+                            let kd = KC.min(k - kc0);
+                            // SAFETY: a run reads planes[src + tap ..][..len rounded up to 8];
+                            // src + tap + len ≤ nb·img (a valid padded position of the chunk),
+                            // and the planes buffer has SLACK ≥ 8 more. Panel row r gets columns
+                            // [j, j + len + 7] ⊂ [r·NR, (r + 1)·NR + 7], inside k·NR + SLACK.
+                            unsafe {
+                                gather(
+                                    panel.as_mut_ptr().add(po + kc0 * NR),
+                                    NR,
+                                    planes.as_ptr(),
+                                    &ktaps[kc0..kc0 + kd],
+                                    &rsegs,
+                                )
+                            };
+                            for blk in 0..blocks {
+                                let a =
+                                    &apack[(grp * blocks + blk) * k * MR + kc0 * MR..][..kd * MR];
+                                // A full panel inside one image, with MR real output channels,
+                                // accumulates straight in y; others go through `ctiles`.
+                                let (c, ldc) = if direct && (blk + 1) * MR <= cog {
+                                    let s = &isegs[0];
+                                    let o = grp * cog + blk * MR;
+                                    let off = s.img * out_len + o * pix + s.p;
+                                    (ys[off..].as_mut_ptr(), pix)
+                                } else {
+                                    (ctiles[co + blk * MR * NR..].as_mut_ptr(), NR)
+                                };
+                                // SAFETY: a holds kd·MR floats, the panel from row kc0 kd·NR;
+                                // c is either a tile of ctiles (MR·NR floats) or MR rows of y,
+                                // pix apart, each with NR columns left in its image.
+                                unsafe {
+                                    tile(
+                                        kd,
+                                        a.as_ptr(),
+                                        panel.as_ptr().add(po + kc0 * NR),
+                                        c,
+                                        ldc,
+                                        kc0 > 0,
+                                    )
+                                };
+                            }
+                        }
+                        for blk in 0..blocks {
+                            if direct && (blk + 1) * MR <= cog {
+                                continue;
+                            }
+                            let c = &ctiles[co + blk * MR * NR..][..MR * NR];
+                            for i in 0..MR.min(cog - blk * MR) {
+                                let o = grp * cog + blk * MR + i;
+                                for s in &isegs {
+                                    ys[s.img * out_len + o * pix + s.p..][..s.len]
+                                        .copy_from_slice(&c[i * NR + s.j..][..s.len]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    );
+    y
+}
+
+/// `dx = conv2d_backward_data(dy, w)` (the transposed convolution of `dy` by `w`).
+pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
+    let groups = g.p.groups;
+    let pl = Planes::new(g);
+    let taps = pl.taps(g);
+    let blocks = k.div_ceil(MR);
+    // The weight's transpose packed as [group][block of MR column rows][cog][MR].
+    let mut apack = vec![0f32; groups * blocks * cog * MR];
+    for grp in 0..groups {
+        for o in 0..cog {
+            for r in 0..k {
+                apack[((grp * blocks + r / MR) * cog + o) * MR + r % MR] =
+                    wt[(grp * cog + o) * k + r];
+            }
+        }
+    }
+    let mut dx = vec![0f32; g.n * in_len];
+    for_chunks(
+        &mut dx,
+        plan.per_task * in_len,
+        plan.parallel,
+        |task, xs| {
+            let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
+            let (mut bpanel, bo) = aligned(cog * NR);
+            let (mut colp, co) = aligned(blocks * MR * NR);
+            let (mut rsegs, mut isegs) = (Vec::new(), Vec::new());
+            for (sub, xs) in xs.chunks_mut(plan.nb * in_len).enumerate() {
+                let first = task * plan.per_task + sub * plan.nb;
+                let nb = xs.len() / in_len;
+                planes[..nb * pl.img].fill(0.0);
+                let ncols = nb * pix;
+                for q0 in (0..ncols).step_by(NR) {
+                    let width = NR.min(ncols - q0);
+                    segments(g, &pl, q0, width, true, &mut rsegs);
+                    segments(g, &pl, q0, width, false, &mut isegs);
+                    for grp in 0..groups {
+                        // SAFETY: the panel has cog rows of NR plus SLACK floats.
+                        unsafe {
+                            pack_rows(
+                                bpanel.as_mut_ptr().add(bo),
+                                dy,
+                                first * out_len + grp * cog * pix,
+                                [cog, pix, out_len],
+                                &isegs,
+                            )
+                        };
+                        for blk in 0..blocks {
+                            let a = &apack[(grp * blocks + blk) * cog * MR..][..cog * MR];
+                            // SAFETY: a holds cog·MR floats, bpanel cog·NR, colp blocks·MR·NR.
+                            unsafe {
+                                tile(
+                                    cog,
+                                    a.as_ptr(),
+                                    bpanel.as_ptr().add(bo),
+                                    colp.as_mut_ptr().add(co + blk * MR * NR),
+                                    NR,
+                                    false,
+                                )
+                            };
+                        }
+                        // SAFETY: as in the forward's panel copy, every run lies inside the
+                        // planes buffer with at most 7 floats past a valid position (SLACK ≥ 8),
+                        // and reads colp row r at [j, j + len + 7] ⊂ the buffer; the planes are
+                        // this task's own.
+                        unsafe {
+                            scatter(
+                                planes.as_mut_ptr(),
+                                colp.as_ptr().add(co),
+                                NR,
+                                &taps[grp * k..][..k],
+                                &rsegs,
+                            )
+                        };
+                    }
+                }
+                for b in 0..nb {
+                    pl.extract(
+                        g,
+                        &planes[b * pl.img..][..pl.img],
+                        &mut xs[b * in_len..][..in_len],
+                    );
+                }
+            }
+        },
+    );
+    dx
+}
+
+/// `dw = conv2d_backward_filter(x, dy)`, summed over the batch.
+pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
+    let groups = g.p.groups;
+    let pl = Planes::new(g);
+    let taps = pl.taps(g);
+    let wlen = g.co * k;
+    let cap = (plan.nb * pix).next_multiple_of(8);
+    let task = |first: usize, last: usize| -> Vec<f32> {
+        let mut acc = vec![0f32; wlen];
+        let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
+        let (mut colc, co) = aligned(k * cap);
+        let (mut dyc, dof) = aligned(cog * cap);
+        let mut rsegs = Vec::new();
+        for first in (first..last).step_by(plan.nb) {
+            let nb = plan.nb.min(last - first);
+            for b in 0..nb {
+                let xb = &x[(first + b) * in_len..][..in_len];
+                pl.fill(g, xb, &mut planes[b * pl.img..][..pl.img]);
+            }
+            let ncols = nb * pix;
+            let w8 = ncols.next_multiple_of(8);
+            segments(g, &pl, 0, ncols, true, &mut rsegs);
+            for grp in 0..groups {
+                // SAFETY: as in the forward's panel copy; row r of colc gets columns
+                // [j, j + len + 7] ⊂ [r·w8, (r + 1)·w8 + 7], inside k·cap + SLACK.
+                unsafe {
+                    gather(
+                        colc.as_mut_ptr().add(co),
+                        w8,
+                        planes.as_ptr(),
+                        &taps[grp * k..][..k],
+                        &rsegs,
+                    )
+                };
+                for r in 0..k {
+                    colc[co + r * w8 + ncols..co + (r + 1) * w8].fill(0.0);
+                }
+                for o in 0..cog {
+                    let row = &mut dyc[dof + o * w8..][..w8];
+                    for b in 0..nb {
+                        row[b * pix..][..pix].copy_from_slice(
+                            &dy[(first + b) * out_len + (grp * cog + o) * pix..][..pix],
+                        );
+                    }
+                    row[ncols..].fill(0.0);
+                }
+                for r0 in (0..k).step_by(4) {
+                    let n = 4.min(k - r0);
+                    for o0 in (0..cog).step_by(3) {
+                        let m = 3.min(cog - o0);
+                        let mut out = [[0f32; 4]; 3];
+                        // SAFETY: rows o0..o0 + m of dyc and r0..r0 + n of colc hold w8 floats.
+                        unsafe {
+                            dots_mn(
+                                m,
+                                n,
+                                dyc.as_ptr().add(dof + o0 * w8),
+                                w8,
+                                colc.as_ptr().add(co + r0 * w8),
+                                w8,
+                                w8,
+                                &mut out,
+                            )
+                        };
+                        for (i, row) in out.iter().enumerate().take(m) {
+                            let dst = &mut acc[(grp * cog + o0 + i) * k + r0..][..n];
+                            for (d, v) in dst.iter_mut().zip(row) {
+                                *d += *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        acc
+    };
+    if plan.parallel {
+        let tasks = g.n.div_ceil(plan.per_task);
+        let parts: Vec<Vec<f32>> = (0..tasks)
+            .into_par_iter()
+            .map(|t| task(t * plan.per_task, ((t + 1) * plan.per_task).min(g.n)))
+            .collect();
+        let mut parts = parts.into_iter();
+        let mut acc = parts.next().unwrap_or_else(|| vec![0f32; wlen]);
+        for p in parts {
+            acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
+        }
+        acc
+    } else {
+        task(0, g.n)
+    }
+}
