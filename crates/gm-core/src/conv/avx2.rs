@@ -17,8 +17,7 @@
 
 #![allow(unsafe_code)]
 
-use super::{for_chunks, Geom, Plan};
-use rayon::prelude::*;
+use super::{for_chunks, sum_tasks, Geom, Plan};
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
@@ -278,20 +277,21 @@ unsafe fn pack_rows(
     }
 }
 
-/// `c (MR × NR) = [c +] a · b`, `a` packed as `[depth][MR]`, `b` as `[depth][NR]`, `c` row-major
-/// with row stride `ldc`; `c` is added to when `accumulate`.
+/// `c (MR × NR) = [c +] a · b`, `a` packed as `[depth][MR]`, `b` `depth` rows of `NR` floats
+/// `ldb` apart, `c` row-major with row stride `ldc`; `c` is added to when `accumulate`.
 ///
 /// Written in assembly: the 4 × 24 tile needs all 16 vector registers (12 accumulators, three
 /// vectors of `b`, one broadcast of `a`), and the compiler's scheduling spills an accumulator.
 ///
 /// # Safety
-/// `a`, `b` valid for `depth·MR` and `depth·NR` floats, `c` for `MR` rows of `NR` floats `ldc`
-/// apart.
+/// `a` valid for `depth·MR` floats, `b` for `depth` rows of `NR` floats `ldb` apart, `c` for
+/// `MR` rows of `NR` floats `ldc` apart.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile(
     depth: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
@@ -352,7 +352,7 @@ unsafe fn tile(
         "vfmadd231ps ymm14, ymm3, ymm1",
         "vfmadd231ps ymm15, ymm3, ymm2",
         "add {a}, 16",
-        "add {b}, 96",
+        "add {b}, {lb}",
         "dec {d}",
         "jnz 2b",
         "3:",
@@ -375,6 +375,7 @@ unsafe fn tile(
         c = in(reg) c,
         acc = in(reg) accumulate as usize,
         l = in(reg) ldc * 4,
+        lb = in(reg) ldb * 4,
         c3 = out(reg) _,
         out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
         out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
@@ -542,6 +543,7 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
                                         kd,
                                         a.as_ptr(),
                                         panel.as_ptr().add(po + kc0 * NR),
+                                        NR,
                                         c,
                                         ldc,
                                         kc0 > 0,
@@ -607,24 +609,35 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
                     segments(g, &pl, q0, width, true, &mut rsegs);
                     segments(g, &pl, q0, width, false, &mut isegs);
                     for grp in 0..groups {
-                        // SAFETY: the panel has cog rows of NR plus SLACK floats.
-                        unsafe {
-                            pack_rows(
-                                bpanel.as_mut_ptr().add(bo),
-                                dy,
-                                first * out_len + grp * cog * pix,
-                                [cog, pix, out_len],
-                                &isegs,
-                            )
+                        // A full panel inside one image is read in place from dy; others are
+                        // packed.
+                        let (b, ldb) = if width == NR && isegs.len() == 1 {
+                            let s = &isegs[0];
+                            let off = (first + s.img) * out_len + grp * cog * pix + s.p;
+                            (dy[off..].as_ptr(), pix)
+                        } else {
+                            // SAFETY: the panel has cog rows of NR plus SLACK floats.
+                            unsafe {
+                                pack_rows(
+                                    bpanel.as_mut_ptr().add(bo),
+                                    dy,
+                                    first * out_len + grp * cog * pix,
+                                    [cog, pix, out_len],
+                                    &isegs,
+                                )
+                            };
+                            (bpanel[bo..].as_ptr(), NR)
                         };
                         for blk in 0..blocks {
                             let a = &apack[(grp * blocks + blk) * cog * MR..][..cog * MR];
-                            // SAFETY: a holds cog·MR floats, bpanel cog·NR, colp blocks·MR·NR.
+                            // SAFETY: a holds cog·MR floats; b has cog rows of NR floats ldb
+                            // apart (inside one image of dy, or the panel); colp blocks·MR·NR.
                             unsafe {
                                 tile(
                                     cog,
                                     a.as_ptr(),
-                                    bpanel.as_ptr().add(bo),
+                                    b,
+                                    ldb,
                                     colp.as_mut_ptr().add(co + blk * MR * NR),
                                     NR,
                                     false,
@@ -736,19 +749,5 @@ pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> V
         }
         acc
     };
-    if plan.parallel {
-        let tasks = g.n.div_ceil(plan.per_task);
-        let parts: Vec<Vec<f32>> = (0..tasks)
-            .into_par_iter()
-            .map(|t| task(t * plan.per_task, ((t + 1) * plan.per_task).min(g.n)))
-            .collect();
-        let mut parts = parts.into_iter();
-        let mut acc = parts.next().unwrap_or_else(|| vec![0f32; wlen]);
-        for p in parts {
-            acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
-        }
-        acc
-    } else {
-        task(0, g.n)
-    }
+    sum_tasks(g, plan, wlen, task)
 }

@@ -545,6 +545,30 @@ where
     }
 }
 
+/// Runs `task(first, last)` over the plan's ranges of images (in parallel when planned) and
+/// sums the results, each `len` long.
+fn sum_tasks<T: Elem>(
+    g: &Geom,
+    plan: &Plan,
+    len: usize,
+    task: impl Fn(usize, usize) -> Vec<T> + Sync,
+) -> Vec<T> {
+    if !plan.parallel {
+        return task(0, g.n);
+    }
+    let tasks = g.n.div_ceil(plan.per_task);
+    let parts: Vec<Vec<T>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| task(t * plan.per_task, ((t + 1) * plan.per_task).min(g.n)))
+        .collect();
+    let mut parts = parts.into_iter();
+    let mut acc = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
+    for p in parts {
+        acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
+    }
+    acc
+}
+
 /// `y = conv2d(x, w)`: `(n, ci, h, w) × (co, cig, kh, kw) → (n, co, ho, wo)`.
 fn conv_fwd<T: Elem>(g: &Geom, x: &[T], wt: &[T]) -> Vec<T> {
     let plan = g.plan();
@@ -752,21 +776,7 @@ fn conv_bwd_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
         }
         acc
     };
-    if plan.parallel {
-        let tasks = g.n.div_ceil(plan.per_task);
-        let parts: Vec<Vec<T>> = (0..tasks)
-            .into_par_iter()
-            .map(|t| task(t * plan.per_task, ((t + 1) * plan.per_task).min(g.n)))
-            .collect();
-        let mut parts = parts.into_iter();
-        let mut acc = parts.next().unwrap_or_else(|| vec![T::zero(); wlen]);
-        for p in parts {
-            acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
-        }
-        acc
-    } else {
-        task(0, g.n)
-    }
+    sum_tasks(g, &plan, wlen, task)
 }
 
 /// The three directions of one convolution geometry.
