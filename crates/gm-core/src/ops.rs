@@ -65,15 +65,6 @@ struct ChannelSum;
 /// Elements per parallel task of the element-wise kernels.
 const PAR_CHUNK: usize = 1 << 15;
 
-fn act_t<T: WithDType>(act: Act, v: T, slope: T) -> T {
-    match act {
-        Act::Identity => v,
-        _ if v > T::zero() => v,
-        Act::Relu => T::zero(),
-        Act::LeakyRelu(_) => v * slope,
-    }
-}
-
 fn leaky_slope<T: WithDType>(act: Act) -> T {
     match act {
         Act::LeakyRelu(a) => T::from_f64(a),
@@ -81,15 +72,60 @@ fn leaky_slope<T: WithDType>(act: Act) -> T {
     }
 }
 
+/// Calls `run` with the activation as a closure (and its slope where `x ≤ 0`), chosen once so
+/// that the element loops in `run` are monomorphised per activation and vectorise.
+macro_rules! with_act {
+    ($act:expr, $T:ty, |$f:ident| $run:expr) => {{
+        let slope = leaky_slope::<$T>($act);
+        match $act {
+            Act::Identity => {
+                let $f = |v: $T| v;
+                $run
+            }
+            Act::Relu => {
+                let $f = |v: $T| if v > <$T>::zero() { v } else { <$T>::zero() };
+                $run
+            }
+            Act::LeakyRelu(_) => {
+                let $f = move |v: $T| if v > <$T>::zero() { v } else { v * slope };
+                $run
+            }
+        }
+    }};
+}
+
 fn bias_act_kernel<T: WithDType>(
     act: Act,
     x: &[T],
     b: &[T],
-    (_, c, inner): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) -> Vec<T> {
-    let inner = inner.max(1);
-    let slope = leaky_slope::<T>(act);
+    with_act!(act, T, |f| bias_map(x, b, dims, f))
+}
+
+/// `y = f(x + bias[channel])`.
+fn bias_map<T: WithDType>(
+    x: &[T],
+    b: &[T],
+    (_, c, inner): (usize, usize, usize),
+    f: impl Fn(T) -> T + Sync,
+) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
+    if inner <= 1 {
+        // (N, C): every row of C features takes the whole bias vector.
+        let rows_per_task = PAR_CHUNK.div_ceil(c.max(1));
+        let len = rows_per_task * c.max(1);
+        y.par_chunks_mut(len)
+            .zip(x.par_chunks(len))
+            .for_each(|(ys, xs)| {
+                for (yr, xr) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                    for ((o, v), bias) in yr.iter_mut().zip(xr).zip(b) {
+                        *o = f(*v + *bias);
+                    }
+                }
+            });
+        return y;
+    }
     // Rows of `inner` elements share one bias; tasks take whole rows.
     let rows_per_task = PAR_CHUNK.div_ceil(inner);
     y.par_chunks_mut(rows_per_task * inner)
@@ -103,7 +139,7 @@ fn bias_act_kernel<T: WithDType>(
             {
                 let bias = b[(row0 + r) % c];
                 for (o, v) in yr.iter_mut().zip(xr) {
-                    *o = act_t(act, *v + bias, slope);
+                    *o = f(*v + bias);
                 }
             }
         });
@@ -111,14 +147,16 @@ fn bias_act_kernel<T: WithDType>(
 }
 
 fn act_grad_kernel<T: WithDType>(act: Act, dy: &[T], y: &[T]) -> Vec<T> {
-    let slope = leaky_slope::<T>(act);
+    // The slope where y ≤ 0 is act(−1)·(−1): 0 for ReLU, a for leaky ReLU, 1 for the identity.
+    let neg = with_act!(act, T, |f| T::zero() - f(T::zero() - T::one()));
     let mut dx = vec![T::zero(); dy.len()];
     dx.par_chunks_mut(PAR_CHUNK)
         .enumerate()
-        .for_each(|(t, out)| {
+        .for_each(move |(t, out)| {
             let (g, y) = (&dy[t * PAR_CHUNK..], &y[t * PAR_CHUNK..]);
+            // The slope is selected, then multiplied: branch-free, so the loop vectorises.
             for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
-                *o = if *y > T::zero() { *g } else { *g * slope };
+                *o = *g * if *y > T::zero() { T::one() } else { neg };
             }
         });
     dx
@@ -198,6 +236,15 @@ impl CustomOp2 for ActGrad {
 
 fn channel_sum_kernel<T: WithDType>(x: &[T], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
     let mut acc = vec![0f64; c];
+    if inner <= 1 {
+        // (N, C): sum the rows.
+        for row in x.chunks_exact(c.max(1)) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v.to_f64();
+            }
+        }
+        return acc.into_iter().map(T::from_f64).collect();
+    }
     for (i, chunk) in x.chunks_exact(inner.max(1)).enumerate() {
         acc[i % c] += lane_sum(chunk, |v| v);
     }
