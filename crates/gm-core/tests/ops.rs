@@ -23,7 +23,12 @@ fn forward_and_backward_match_candle() -> Result<()> {
     let dev = Device::Cpu;
     let mut rng = GmRng::new(1);
     // (N, C) rows spread over several parallel tasks too: 5,000 × 9.
-    for shape in [vec![3, 5, 4, 7], vec![6, 9], vec![5000, 9], vec![2, 3, 40, 50]] {
+    for shape in [
+        vec![3, 5, 4, 7],
+        vec![6, 9],
+        vec![5000, 9],
+        vec![2, 3, 40, 50],
+    ] {
         let c = shape[1];
         let x = Var::from_tensor(&rng.randn(shape.as_slice(), &dev)?)?;
         let b = Var::from_tensor(&rng.randn(c, &dev)?)?;

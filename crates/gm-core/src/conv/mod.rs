@@ -192,11 +192,18 @@ impl Geom {
     fn plan(&self) -> Plan {
         let threads = candle_core::utils::get_num_threads().max(1);
         let n = self.n.max(1);
-        // One task per thread when there are enough images, each reusing its buffers.
-        let parallel = threads > 1 && n >= threads;
-        let per_task = if parallel { n.div_ceil(threads) } else { n };
         // Wide enough column blocks keep gemm efficient on small feature maps.
-        let nb = 512usize.div_ceil(self.pix()).clamp(1, per_task);
+        let want = 512usize.div_ceil(self.pix());
+        // With enough images, up to four tasks per thread (each reusing its buffers, none
+        // smaller than one column block), so that a thread slowed by a noisy neighbour does not
+        // hold the others up.
+        let parallel = threads > 1 && n >= threads;
+        let per_task = if parallel {
+            n.div_ceil(4 * threads).max(want).min(n.div_ceil(threads))
+        } else {
+            n
+        };
+        let nb = want.clamp(1, per_task);
         Plan {
             nb,
             per_task,
