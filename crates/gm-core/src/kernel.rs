@@ -142,6 +142,29 @@ impl Transcendental for f64 {
     }
 }
 
+/// A vector of `len` elements written by `f(task, chunk)` over consecutive chunks of `chunk`
+/// elements spread over the rayon pool, without filling it with zeros first (a serial pass over
+/// memory that `f` overwrites anyway).
+///
+/// # Safety
+/// `f` must write every element of the chunk it is given.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn par_written<T: Copy + Send + Sync>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| f(i, c));
+    // SAFETY: the caller's `f` wrote all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

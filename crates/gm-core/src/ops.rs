@@ -104,62 +104,59 @@ fn bias_act_kernel<T: WithDType>(
 }
 
 /// `y = f(x + bias[channel])`.
+#[allow(unsafe_code)]
 fn bias_map<T: WithDType>(
     x: &[T],
     b: &[T],
     (_, c, inner): (usize, usize, usize),
-    f: impl Fn(T) -> T + Sync,
+    f: impl Fn(T) -> T + Sync + Send,
 ) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
-    if inner <= 1 {
-        // (N, C): every row of C features takes the whole bias vector.
-        let rows_per_task = PAR_CHUNK.div_ceil(c.max(1));
-        let len = rows_per_task * c.max(1);
-        y.par_chunks_mut(len)
-            .zip(x.par_chunks(len))
-            .for_each(|(ys, xs)| {
-                for (yr, xr) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-                    for ((o, v), bias) in yr.iter_mut().zip(xr).zip(b) {
-                        *o = f(*v + *bias);
-                    }
-                }
-            });
-        return y;
-    }
-    // Rows of `inner` elements share one bias; tasks take whole rows.
-    let rows_per_task = PAR_CHUNK.div_ceil(inner);
-    y.par_chunks_mut(rows_per_task * inner)
-        .enumerate()
-        .for_each(|(t, ys)| {
+    // (N, C) is N rows of C features, each taking the whole bias vector; (N, C, …) is N·C rows
+    // of `inner` elements sharing one bias. Tasks take whole rows.
+    let (row, per_bias) = if inner <= 1 {
+        (c.max(1), false)
+    } else {
+        (inner, true)
+    };
+    let rows_per_task = PAR_CHUNK.div_ceil(row);
+    // SAFETY: every task writes each element of its chunk (whole rows, zipped with x's).
+    unsafe {
+        crate::kernel::par_written(x.len(), rows_per_task * row, |t, ys| {
             let row0 = t * rows_per_task;
             for (r, (yr, xr)) in ys
-                .chunks_mut(inner)
-                .zip(x[row0 * inner..].chunks(inner))
+                .chunks_mut(row)
+                .zip(x[row0 * row..].chunks(row))
                 .enumerate()
             {
-                let bias = b[(row0 + r) % c];
-                for (o, v) in yr.iter_mut().zip(xr) {
-                    *o = f(*v + bias);
+                if per_bias {
+                    let bias = b[(row0 + r) % c];
+                    for (o, v) in yr.iter_mut().zip(xr) {
+                        o.write(f(*v + bias));
+                    }
+                } else {
+                    for ((o, v), bias) in yr.iter_mut().zip(xr).zip(b) {
+                        o.write(f(*v + *bias));
+                    }
                 }
             }
-        });
-    y
+        })
+    }
 }
 
+#[allow(unsafe_code)]
 fn act_grad_kernel<T: WithDType>(act: Act, dy: &[T], y: &[T]) -> Vec<T> {
     // The slope where y ≤ 0 is act(−1)·(−1): 0 for ReLU, a for leaky ReLU, 1 for the identity.
     let neg = with_act!(act, T, |f| T::zero() - f(T::zero() - T::one()));
-    let mut dx = vec![T::zero(); dy.len()];
-    dx.par_chunks_mut(PAR_CHUNK)
-        .enumerate()
-        .for_each(move |(t, out)| {
+    // SAFETY: every task writes each element of its chunk.
+    unsafe {
+        crate::kernel::par_written(dy.len(), PAR_CHUNK, move |t, out| {
             let (g, y) = (&dy[t * PAR_CHUNK..], &y[t * PAR_CHUNK..]);
             // The slope is selected, then multiplied: branch-free, so the loop vectorises.
             for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
-                *o = *g * if *y > T::zero() { T::one() } else { neg };
+                o.write(*g * if *y > T::zero() { T::one() } else { neg });
             }
-        });
-    dx
+        })
+    }
 }
 
 impl CustomOp2 for BiasAct {

@@ -4,6 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use candle_nn::VarMap;
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 #[derive(Clone, Debug)]
@@ -195,26 +196,38 @@ fn range_mut<'a, T>(v: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
     Ok(&mut v[a..b])
 }
 
+/// Elements per parallel task of the in-place updates.
+const CHUNK: usize = 1 << 14;
+
 macro_rules! adam_kernels {
     ($moment:ident, $apply:ident, $t:ty) => {
         fn $moment(op: &Moment, s: &mut [$t], g: &[$t]) {
             let (b, a) = (op.beta as $t, (1.0 - op.beta) as $t);
-            if op.square {
-                s.iter_mut()
-                    .zip(g)
-                    .for_each(|(s, g)| *s = b * *s + a * *g * *g);
-            } else {
-                s.iter_mut().zip(g).for_each(|(s, g)| *s = b * *s + a * *g);
-            }
+            let square = op.square;
+            s.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .for_each(move |(s, g)| {
+                    if square {
+                        s.iter_mut()
+                            .zip(g)
+                            .for_each(|(s, g)| *s = b * *s + a * *g * *g);
+                    } else {
+                        s.iter_mut().zip(g).for_each(|(s, g)| *s = b * *s + a * *g);
+                    }
+                });
         }
         fn $apply(op: &AdamApply, p: &mut [$t], m: &[$t], v: &[$t]) {
             let step = (op.lr / op.bc1) as $t;
             let inv_bc2 = (1.0 / op.bc2) as $t;
             let eps = op.eps as $t;
             let decay = (1.0 - op.lr * op.weight_decay) as $t;
-            for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-                *p = *p * decay - step * *m / ((*v * inv_bc2).sqrt() + eps);
-            }
+            p.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                .for_each(move |(p, (m, v))| {
+                    for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                        *p = *p * decay - step * *m / ((*v * inv_bc2).sqrt() + eps);
+                    }
+                });
         }
     };
 }

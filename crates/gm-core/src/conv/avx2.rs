@@ -17,8 +17,9 @@
 
 #![allow(unsafe_code)]
 
-use super::{for_chunks, sum_tasks, Geom, Plan};
+use super::{sum_tasks, Geom, Plan};
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Rows of a register tile (the broadcast operand).
@@ -121,21 +122,29 @@ impl Planes {
     }
 
     /// The inverse of [`Planes::fill`]: the interior of the planes into image `x`.
-    fn extract(&self, g: &Geom, src: &[f32], x: &mut [f32]) {
+    fn extract(&self, g: &Geom, src: &[f32], x: &mut [MaybeUninit<f32>]) {
         let hw = g.h * g.w;
         for (c, xc) in x.chunks_exact_mut(hw).enumerate() {
             let s = &src[c * self.chan..][..self.chan];
             if self.sw == 1 {
                 for (iy, dst) in xc.chunks_exact_mut(g.w).enumerate() {
                     let o = self.spot[iy * g.w] as usize;
-                    dst.copy_from_slice(&s[o..o + g.w]);
+                    put(dst, &s[o..o + g.w]);
                 }
             } else {
                 for (d, &o) in xc.iter_mut().zip(&self.spot) {
-                    *d = s[o as usize];
+                    d.write(s[o as usize]);
                 }
             }
         }
+    }
+}
+
+/// `dst = src`, element by element into memory that may not be initialised yet.
+fn put(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(*s);
     }
 }
 
@@ -480,96 +489,93 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
             }
         }
     }
-    let mut y = vec![0f32; g.n * out_len];
-    for_chunks(
-        &mut y,
-        plan.per_task * out_len,
-        plan.parallel,
-        |task, ys| {
-            let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
-            let (mut panel, po) = aligned(k * NR);
-            let (mut ctiles, co) = aligned(blocks * MR * NR);
-            let (mut rsegs, mut isegs) = (Vec::new(), Vec::new());
-            for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
-                let first = task * plan.per_task + sub * plan.nb;
-                let nb = ys.len() / out_len;
-                for b in 0..nb {
-                    let xb = &x[(first + b) * in_len..][..in_len];
-                    pl.fill(g, xb, &mut planes[b * pl.img..][..pl.img]);
-                }
-                let ncols = nb * pix;
-                for q0 in (0..ncols).step_by(NR) {
-                    let width = NR.min(ncols - q0);
-                    segments(g, &pl, q0, width, true, &mut rsegs);
-                    segments(g, &pl, q0, width, false, &mut isegs);
-                    let direct = width == NR && isegs.len() == 1;
-                    for grp in 0..groups {
-                        let ktaps = &taps[grp * k..][..k];
-                        // Depth in slices of KC rows, so that the panel slice (KC × NR) stays in
-                        // L1 while every block of output channels reads it.
-                        for kc0 in (0..k).step_by(KC) {
-                            let kd = KC.min(k - kc0);
-                            // SAFETY: a run reads planes[src + tap ..][..len rounded up to 8];
-                            // src + tap + len ≤ nb·img (a valid padded position of the chunk),
-                            // and the planes buffer has SLACK ≥ 8 more. Panel row r gets columns
-                            // [j, j + len + 7] ⊂ [r·NR, (r + 1)·NR + 7], inside k·NR + SLACK.
+    let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
+        let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
+        let (mut panel, po) = aligned(k * NR);
+        let (mut ctiles, co) = aligned(blocks * MR * NR);
+        let (mut rsegs, mut isegs) = (Vec::new(), Vec::new());
+        for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
+            let first = task * plan.per_task + sub * plan.nb;
+            let nb = ys.len() / out_len;
+            for b in 0..nb {
+                let xb = &x[(first + b) * in_len..][..in_len];
+                pl.fill(g, xb, &mut planes[b * pl.img..][..pl.img]);
+            }
+            let ncols = nb * pix;
+            for q0 in (0..ncols).step_by(NR) {
+                let width = NR.min(ncols - q0);
+                segments(g, &pl, q0, width, true, &mut rsegs);
+                segments(g, &pl, q0, width, false, &mut isegs);
+                let direct = width == NR && isegs.len() == 1;
+                for grp in 0..groups {
+                    let ktaps = &taps[grp * k..][..k];
+                    // Depth in slices of KC rows, so that the panel slice (KC × NR) stays in
+                    // L1 while every block of output channels reads it.
+                    for kc0 in (0..k).step_by(KC) {
+                        let kd = KC.min(k - kc0);
+                        // SAFETY: a run reads planes[src + tap ..][..len rounded up to 8];
+                        // src + tap + len ≤ nb·img (a valid padded position of the chunk),
+                        // and the planes buffer has SLACK ≥ 8 more. Panel row r gets columns
+                        // [j, j + len + 7] ⊂ [r·NR, (r + 1)·NR + 7], inside k·NR + SLACK.
+                        unsafe {
+                            gather(
+                                panel.as_mut_ptr().add(po + kc0 * NR),
+                                NR,
+                                planes.as_ptr(),
+                                &ktaps[kc0..kc0 + kd],
+                                &rsegs,
+                            )
+                        };
+                        for blk in 0..blocks {
+                            let a = &apack[(grp * blocks + blk) * k * MR + kc0 * MR..][..kd * MR];
+                            // A full panel inside one image, with MR real output channels,
+                            // accumulates straight in y; others go through `ctiles`.
+                            let (c, ldc) = if direct && (blk + 1) * MR <= cog {
+                                let s = &isegs[0];
+                                let o = grp * cog + blk * MR;
+                                let off = s.img * out_len + o * pix + s.p;
+                                (ys[off..].as_mut_ptr().cast::<f32>(), pix)
+                            } else {
+                                (ctiles[co + blk * MR * NR..].as_mut_ptr(), NR)
+                            };
+                            // SAFETY: a holds kd·MR floats, the panel from row kc0 kd·NR;
+                            // c is either a tile of ctiles (MR·NR floats) or MR rows of y,
+                            // pix apart, each with NR columns left in its image.
                             unsafe {
-                                gather(
-                                    panel.as_mut_ptr().add(po + kc0 * NR),
+                                tile(
+                                    kd,
+                                    a.as_ptr(),
+                                    panel.as_ptr().add(po + kc0 * NR),
                                     NR,
-                                    planes.as_ptr(),
-                                    &ktaps[kc0..kc0 + kd],
-                                    &rsegs,
+                                    c,
+                                    ldc,
+                                    kc0 > 0,
                                 )
                             };
-                            for blk in 0..blocks {
-                                let a =
-                                    &apack[(grp * blocks + blk) * k * MR + kc0 * MR..][..kd * MR];
-                                // A full panel inside one image, with MR real output channels,
-                                // accumulates straight in y; others go through `ctiles`.
-                                let (c, ldc) = if direct && (blk + 1) * MR <= cog {
-                                    let s = &isegs[0];
-                                    let o = grp * cog + blk * MR;
-                                    let off = s.img * out_len + o * pix + s.p;
-                                    (ys[off..].as_mut_ptr(), pix)
-                                } else {
-                                    (ctiles[co + blk * MR * NR..].as_mut_ptr(), NR)
-                                };
-                                // SAFETY: a holds kd·MR floats, the panel from row kc0 kd·NR;
-                                // c is either a tile of ctiles (MR·NR floats) or MR rows of y,
-                                // pix apart, each with NR columns left in its image.
-                                unsafe {
-                                    tile(
-                                        kd,
-                                        a.as_ptr(),
-                                        panel.as_ptr().add(po + kc0 * NR),
-                                        NR,
-                                        c,
-                                        ldc,
-                                        kc0 > 0,
-                                    )
-                                };
-                            }
                         }
-                        for blk in 0..blocks {
-                            if direct && (blk + 1) * MR <= cog {
-                                continue;
-                            }
-                            let c = &ctiles[co + blk * MR * NR..][..MR * NR];
-                            for i in 0..MR.min(cog - blk * MR) {
-                                let o = grp * cog + blk * MR + i;
-                                for s in &isegs {
-                                    ys[s.img * out_len + o * pix + s.p..][..s.len]
-                                        .copy_from_slice(&c[i * NR + s.j..][..s.len]);
-                                }
+                    }
+                    for blk in 0..blocks {
+                        if direct && (blk + 1) * MR <= cog {
+                            continue;
+                        }
+                        let c = &ctiles[co + blk * MR * NR..][..MR * NR];
+                        for i in 0..MR.min(cog - blk * MR) {
+                            let o = grp * cog + blk * MR + i;
+                            for s in &isegs {
+                                put(
+                                    &mut ys[s.img * out_len + o * pix + s.p..][..s.len],
+                                    &c[i * NR + s.j..][..s.len],
+                                );
                             }
                         }
                     }
                 }
             }
-        },
-    );
-    y
+        }
+    };
+    // SAFETY: every task writes all of its images' outputs: the panels cover every pixel of the
+    // chunk, and each block of output channels is stored (in place or from `ctiles`).
+    unsafe { crate::kernel::par_written(g.n * out_len, plan.per_task * out_len, images) }
 }
 
 /// `dx = conv2d_backward_data(dy, w)` (the transposed convolution of `dy` by `w`).
@@ -589,87 +595,82 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
             }
         }
     }
-    let mut dx = vec![0f32; g.n * in_len];
-    for_chunks(
-        &mut dx,
-        plan.per_task * in_len,
-        plan.parallel,
-        |task, xs| {
-            let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
-            let (mut bpanel, bo) = aligned(cog * NR);
-            let (mut colp, co) = aligned(blocks * MR * NR);
-            let (mut rsegs, mut isegs) = (Vec::new(), Vec::new());
-            for (sub, xs) in xs.chunks_mut(plan.nb * in_len).enumerate() {
-                let first = task * plan.per_task + sub * plan.nb;
-                let nb = xs.len() / in_len;
-                planes[..nb * pl.img].fill(0.0);
-                let ncols = nb * pix;
-                for q0 in (0..ncols).step_by(NR) {
-                    let width = NR.min(ncols - q0);
-                    segments(g, &pl, q0, width, true, &mut rsegs);
-                    segments(g, &pl, q0, width, false, &mut isegs);
-                    for grp in 0..groups {
-                        // A full panel inside one image is read in place from dy; others are
-                        // packed.
-                        let (b, ldb) = if width == NR && isegs.len() == 1 {
-                            let s = &isegs[0];
-                            let off = (first + s.img) * out_len + grp * cog * pix + s.p;
-                            (dy[off..].as_ptr(), pix)
-                        } else {
-                            // SAFETY: the panel has cog rows of NR plus SLACK floats.
-                            unsafe {
-                                pack_rows(
-                                    bpanel.as_mut_ptr().add(bo),
-                                    dy,
-                                    first * out_len + grp * cog * pix,
-                                    [cog, pix, out_len],
-                                    &isegs,
-                                )
-                            };
-                            (bpanel[bo..].as_ptr(), NR)
-                        };
-                        for blk in 0..blocks {
-                            let a = &apack[(grp * blocks + blk) * cog * MR..][..cog * MR];
-                            // SAFETY: a holds cog·MR floats; b has cog rows of NR floats ldb
-                            // apart (inside one image of dy, or the panel); colp blocks·MR·NR.
-                            unsafe {
-                                tile(
-                                    cog,
-                                    a.as_ptr(),
-                                    b,
-                                    ldb,
-                                    colp.as_mut_ptr().add(co + blk * MR * NR),
-                                    NR,
-                                    false,
-                                )
-                            };
-                        }
-                        // SAFETY: as in the forward's panel copy, every run lies inside the
-                        // planes buffer with at most 7 floats past a valid position (SLACK ≥ 8),
-                        // and reads colp row r at [j, j + len + 7] ⊂ the buffer; the planes are
-                        // this task's own.
+    let images = |task: usize, xs: &mut [MaybeUninit<f32>]| {
+        let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
+        let (mut bpanel, bo) = aligned(cog * NR);
+        let (mut colp, co) = aligned(blocks * MR * NR);
+        let (mut rsegs, mut isegs) = (Vec::new(), Vec::new());
+        for (sub, xs) in xs.chunks_mut(plan.nb * in_len).enumerate() {
+            let first = task * plan.per_task + sub * plan.nb;
+            let nb = xs.len() / in_len;
+            planes[..nb * pl.img].fill(0.0);
+            let ncols = nb * pix;
+            for q0 in (0..ncols).step_by(NR) {
+                let width = NR.min(ncols - q0);
+                segments(g, &pl, q0, width, true, &mut rsegs);
+                segments(g, &pl, q0, width, false, &mut isegs);
+                for grp in 0..groups {
+                    // A full panel inside one image is read in place from dy; others are
+                    // packed.
+                    let (b, ldb) = if width == NR && isegs.len() == 1 {
+                        let s = &isegs[0];
+                        let off = (first + s.img) * out_len + grp * cog * pix + s.p;
+                        (dy[off..].as_ptr(), pix)
+                    } else {
+                        // SAFETY: the panel has cog rows of NR plus SLACK floats.
                         unsafe {
-                            scatter(
-                                planes.as_mut_ptr(),
-                                colp.as_ptr().add(co),
+                            pack_rows(
+                                bpanel.as_mut_ptr().add(bo),
+                                dy,
+                                first * out_len + grp * cog * pix,
+                                [cog, pix, out_len],
+                                &isegs,
+                            )
+                        };
+                        (bpanel[bo..].as_ptr(), NR)
+                    };
+                    for blk in 0..blocks {
+                        let a = &apack[(grp * blocks + blk) * cog * MR..][..cog * MR];
+                        // SAFETY: a holds cog·MR floats; b has cog rows of NR floats ldb
+                        // apart (inside one image of dy, or the panel); colp blocks·MR·NR.
+                        unsafe {
+                            tile(
+                                cog,
+                                a.as_ptr(),
+                                b,
+                                ldb,
+                                colp.as_mut_ptr().add(co + blk * MR * NR),
                                 NR,
-                                &taps[grp * k..][..k],
-                                &rsegs,
+                                false,
                             )
                         };
                     }
-                }
-                for b in 0..nb {
-                    pl.extract(
-                        g,
-                        &planes[b * pl.img..][..pl.img],
-                        &mut xs[b * in_len..][..in_len],
-                    );
+                    // SAFETY: as in the forward's panel copy, every run lies inside the
+                    // planes buffer with at most 7 floats past a valid position (SLACK ≥ 8),
+                    // and reads colp row r at [j, j + len + 7] ⊂ the buffer; the planes are
+                    // this task's own.
+                    unsafe {
+                        scatter(
+                            planes.as_mut_ptr(),
+                            colp.as_ptr().add(co),
+                            NR,
+                            &taps[grp * k..][..k],
+                            &rsegs,
+                        )
+                    };
                 }
             }
-        },
-    );
-    dx
+            for b in 0..nb {
+                pl.extract(
+                    g,
+                    &planes[b * pl.img..][..pl.img],
+                    &mut xs[b * in_len..][..in_len],
+                );
+            }
+        }
+    };
+    // SAFETY: every task extracts all of its images' planes into its chunk of dx.
+    unsafe { crate::kernel::par_written(g.n * in_len, plan.per_task * in_len, images) }
 }
 
 /// `dw = conv2d_backward_filter(x, dy)`, summed over the batch.

@@ -1,9 +1,15 @@
 //! 2-D convolution and transposed convolution with fast CPU kernels in both directions.
 //!
 //! candle 0.11.1 computes the CPU conv2d *input* gradient and all of conv_transpose2d with a direct
-//! nested loop, 6–8× slower than PyTorch. gm's ops replace them on the CPU: every direction is
-//! im2col/col2im around one `gemm` call per chunk of images, chunks spread over the rayon pool
-//! (`RAYON_NUM_THREADS`). On CUDA and Metal the same public functions call candle's own kernels.
+//! nested loop, 6–8× slower than PyTorch. gm's ops replace them on the CPU, with images split
+//! into tasks over the rayon pool (`RAYON_NUM_THREADS`):
+//! - f32 on x86-64 CPUs with AVX2 and FMA: register-tile kernels that never build the column
+//!   matrix (the private `avx2` module: zero-padded phase planes, column panels that stay in L1,
+//!   4 × 24 tiles for the forward and data gradient, 3 × 4 dot tiles for the filter gradient);
+//! - otherwise (f64, other CPUs, or `GM_CONV=gemm` to compare): im2col/col2im around one `gemm`
+//!   call per chunk of images.
+//!
+//! On CUDA and Metal the same public functions call candle's own kernels.
 //!
 //! Three custom ops share one geometry — the forward convolution, its data gradient (which *is*
 //! the transposed convolution) and its filter gradient — and each op's backward is written with the
