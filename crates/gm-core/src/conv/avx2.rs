@@ -578,8 +578,49 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
     unsafe { crate::kernel::par_written(g.n * out_len, plan.per_task * out_len, images) }
 }
 
+/// At stride 1 the data gradient is itself a convolution: of `dy`, padded by
+/// `dilation·(k − 1) − padding`, with the weight flipped in space and its channel axes swapped
+/// within each group. Returns that geometry and weight when it applies (stride 1, the full output
+/// size, padding at most the kernel's span), so the forward kernel writes `dx` directly instead of
+/// col2im adding a column panel onto it.
+fn as_forward(g: &Geom, wt: &[f32]) -> Option<(Geom, Vec<f32>)> {
+    let [dh, dw] = g.p.dilation;
+    let span = [dh * (g.kh - 1), dw * (g.kw - 1)];
+    let full =
+        g.ho + span[0] == g.h + 2 * g.p.padding[0] && g.wo + span[1] == g.w + 2 * g.p.padding[1];
+    if g.p.stride != [1, 1] || !full || g.p.padding[0] > span[0] || g.p.padding[1] > span[1] {
+        return None;
+    }
+    let (cig, cog, kk) = (g.cig(), g.cog(), g.kh * g.kw);
+    let p = super::Conv2dParams {
+        padding: [span[0] - g.p.padding[0], span[1] - g.p.padding[1]],
+        ..g.p
+    };
+    let gt = Geom::new(g.n, g.co, [g.ho, g.wo], g.ci, [g.ci, cog, g.kh, g.kw], p).ok()?;
+    if (gt.ho, gt.wo) != (g.h, g.w) {
+        return None;
+    }
+    // w'[grp·cig + c][o][ky][kx] = w[grp·cog + o][c][kh − 1 − ky][kw − 1 − kx]
+    let mut wflip = vec![0f32; wt.len()];
+    for grp in 0..g.p.groups {
+        for o in 0..cog {
+            for c in 0..cig {
+                let src = &wt[((grp * cog + o) * cig + c) * kk..][..kk];
+                let dst = &mut wflip[((grp * cig + c) * cog + o) * kk..][..kk];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        }
+    }
+    Some((gt, wflip))
+}
+
 /// `dx = conv2d_backward_data(dy, w)` (the transposed convolution of `dy` by `w`).
 pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    if let Some((gt, wflip)) = as_forward(g, wt) {
+        return conv_fwd(&gt, &gt.plan(), dy, &wflip);
+    }
     let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
     let groups = g.p.groups;
     let pl = Planes::new(g);
