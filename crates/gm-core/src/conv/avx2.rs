@@ -6,8 +6,10 @@
 //! - **forward**: for each panel of [`NR`] output pixels (panels run across rows and images), the
 //!   `K × NR` block of the column matrix is copied from the planes into a panel that stays in L1,
 //!   and an `MR × NR` register tile multiplies the packed weight by it, stored straight into `y`;
-//! - **data gradient**: the weight's transpose times an `NR`-wide panel of `dy` gives the column
-//!   panel, which is added back onto gradient planes (col2im) while it is still in L1;
+//! - **data gradient**: at stride 1 (full output), the forward kernel itself, run on `dy` with the
+//!   weight flipped in space and its channel axes swapped; otherwise the weight's transpose times
+//!   an `NR`-wide panel of `dy` gives the column panel, which is added back onto gradient planes
+//!   (col2im) while it is still in L1;
 //! - **filter gradient**: dot products along the pixels between rows of `dy` and rows of the
 //!   column matrix of a chunk of images, in 3 × 4 register tiles.
 //!
