@@ -123,6 +123,16 @@ impl Planes {
         }
     }
 
+    /// [`Planes::fill`] for consecutive images `xs` into consecutive planes.
+    fn fill_images(&self, g: &Geom, xs: &[f32], planes: &mut [f32]) {
+        for (x, dst) in xs
+            .chunks_exact(g.in_len())
+            .zip(planes.chunks_exact_mut(self.img))
+        {
+            self.fill(g, x, dst);
+        }
+    }
+
     /// The inverse of [`Planes::fill`]: the interior of the planes into image `x`.
     fn extract(&self, g: &Geom, src: &[f32], x: &mut [MaybeUninit<f32>]) {
         let hw = g.h * g.w;
@@ -474,6 +484,26 @@ unsafe fn dots_mn(
     }
 }
 
+/// The broadcast operand of [`tile`] for each group: `rows` rows of `depth` values `at(group,
+/// row, d)`, packed as `[group][block of MR rows][depth][MR]`, zero rows past `rows`.
+fn pack_weight(
+    groups: usize,
+    rows: usize,
+    depth: usize,
+    at: impl Fn(usize, usize, usize) -> f32,
+) -> Vec<f32> {
+    let blocks = rows.div_ceil(MR);
+    let mut packed = vec![0f32; groups * blocks * depth * MR];
+    for grp in 0..groups {
+        for row in 0..rows {
+            for d in 0..depth {
+                packed[((grp * blocks + row / MR) * depth + d) * MR + row % MR] = at(grp, row, d);
+            }
+        }
+    }
+    packed
+}
+
 /// `y = conv2d(x, w)`.
 pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32> {
     let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
@@ -482,15 +512,7 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
     let taps = pl.taps(g);
     let blocks = cog.div_ceil(MR);
     // Weights packed as [group][block of MR output channels][k][MR], zero rows past cog.
-    let mut apack = vec![0f32; groups * blocks * k * MR];
-    for grp in 0..groups {
-        for o in 0..cog {
-            for r in 0..k {
-                apack[((grp * blocks + o / MR) * k + r) * MR + o % MR] =
-                    wt[(grp * cog + o) * k + r];
-            }
-        }
-    }
+    let apack = pack_weight(groups, cog, k, |grp, o, r| wt[(grp * cog + o) * k + r]);
     let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
         let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
         let (mut panel, po) = aligned(k * NR);
@@ -499,16 +521,16 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
         for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
             let first = task * plan.per_task + sub * plan.nb;
             let nb = ys.len() / out_len;
-            for b in 0..nb {
-                let xb = &x[(first + b) * in_len..][..in_len];
-                pl.fill(g, xb, &mut planes[b * pl.img..][..pl.img]);
-            }
+            pl.fill_images(g, &x[first * in_len..][..nb * in_len], &mut planes);
             let ncols = nb * pix;
             for q0 in (0..ncols).step_by(NR) {
                 let width = NR.min(ncols - q0);
                 segments(g, &pl, q0, width, true, &mut rsegs);
                 segments(g, &pl, q0, width, false, &mut isegs);
+                // A full panel inside one image, for a block of MR real output channels, is
+                // accumulated in place in y; the others go through `ctiles`.
                 let direct = width == NR && isegs.len() == 1;
+                let in_place = |blk: usize| direct && (blk + 1) * MR <= cog;
                 for grp in 0..groups {
                     let ktaps = &taps[grp * k..][..k];
                     // Depth in slices of KC rows, so that the panel slice (KC × NR) stays in
@@ -530,9 +552,7 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
                         };
                         for blk in 0..blocks {
                             let a = &apack[(grp * blocks + blk) * k * MR + kc0 * MR..][..kd * MR];
-                            // A full panel inside one image, with MR real output channels,
-                            // accumulates straight in y; others go through `ctiles`.
-                            let (c, ldc) = if direct && (blk + 1) * MR <= cog {
+                            let (c, ldc) = if in_place(blk) {
                                 let s = &isegs[0];
                                 let o = grp * cog + blk * MR;
                                 let off = s.img * out_len + o * pix + s.p;
@@ -557,7 +577,7 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
                         }
                     }
                     for blk in 0..blocks {
-                        if direct && (blk + 1) * MR <= cog {
+                        if in_place(blk) {
                             continue;
                         }
                         let c = &ctiles[co + blk * MR * NR..][..MR * NR];
@@ -629,15 +649,7 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
     let taps = pl.taps(g);
     let blocks = k.div_ceil(MR);
     // The weight's transpose packed as [group][block of MR column rows][cog][MR].
-    let mut apack = vec![0f32; groups * blocks * cog * MR];
-    for grp in 0..groups {
-        for o in 0..cog {
-            for r in 0..k {
-                apack[((grp * blocks + r / MR) * cog + o) * MR + r % MR] =
-                    wt[(grp * cog + o) * k + r];
-            }
-        }
-    }
+    let apack = pack_weight(groups, k, cog, |grp, r, o| wt[(grp * cog + o) * k + r]);
     let images = |task: usize, xs: &mut [MaybeUninit<f32>]| {
         let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
         let (mut bpanel, bo) = aligned(cog * NR);
@@ -732,10 +744,7 @@ pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> V
         let mut rsegs = Vec::new();
         for first in (first..last).step_by(plan.nb) {
             let nb = plan.nb.min(last - first);
-            for b in 0..nb {
-                let xb = &x[(first + b) * in_len..][..in_len];
-                pl.fill(g, xb, &mut planes[b * pl.img..][..pl.img]);
-            }
+            pl.fill_images(g, &x[first * in_len..][..nb * in_len], &mut planes);
             let ncols = nb * pix;
             let w8 = ncols.next_multiple_of(8);
             segments(g, &pl, 0, ncols, true, &mut rsegs);
