@@ -145,8 +145,11 @@ fn bias_map<T: WithDType>(
 
 #[allow(unsafe_code)]
 fn act_grad_kernel<T: WithDType>(act: Act, dy: &[T], y: &[T]) -> Vec<T> {
-    // The slope where y ≤ 0 is act(−1)·(−1): 0 for ReLU, a for leaky ReLU, 1 for the identity.
-    let neg = with_act!(act, T, |f| T::zero() - f(T::zero() - T::one()));
+    // The slope where y ≤ 0.
+    let neg = match act {
+        Act::Identity => T::one(),
+        _ => leaky_slope::<T>(act),
+    };
     // SAFETY: every task writes each element of its chunk.
     unsafe {
         crate::kernel::par_written(dy.len(), PAR_CHUNK, move |t, out| {
