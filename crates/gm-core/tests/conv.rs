@@ -336,7 +336,7 @@ fn run_in(
 /// matrix) against the f64 im2col + gemm ones, on geometries that reach every edge of their
 /// tiling: output-channel and column-row counts that are not multiples of the tile, pixel panels
 /// that run across output rows and images, rows wider than a panel, depths beyond one slice,
-/// strides 2–3, dilation, uneven padding, groups, depthwise, 1×1, transposed with output
+/// strides 2–3 (with kernels shorter than the stride), dilation, uneven padding, groups, depthwise, 1×1, transposed with output
 /// padding, cropped outputs — batches of 2 and more so that the images split over threads.
 #[test]
 fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
@@ -357,7 +357,7 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         [usize; 2],
         Option<[usize; 2]>,
     );
-    let cases: [Geo; 12] = [
+    let cases: [Geo; 15] = [
         (
             false,
             (6, 3, 5, 7),
@@ -451,6 +451,35 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             (4, 12, 7, 7),
             (12, 2, 4, 4),
             p([2, 2], [1, 1], [1, 1], 2),
+            [0, 0],
+            None,
+        ),
+        // The last three have enough channels and pixels for the sub-pixel data gradient.
+        // Kernel shorter than the stride: a sub-pixel phase of dx no tap reaches, and input
+        // rows past the last window.
+        (
+            false,
+            (2, 16, 30, 20),
+            (4, 16, 2, 2),
+            p([3, 2], [0, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // Stride 2 on rows wide enough for the vector interleave of the x-phases, odd width.
+        (
+            false,
+            (2, 16, 20, 37),
+            (5, 16, 4, 4),
+            p([2, 2], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // Stride with dilation: phases whose taps are two dilations apart.
+        (
+            false,
+            (3, 16, 26, 30),
+            (4, 16, 3, 2),
+            p([2, 3], [1, 0], [2, 1], 1),
             [0, 0],
             None,
         ),

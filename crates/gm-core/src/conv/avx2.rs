@@ -6,10 +6,12 @@
 //! - **forward**: for each panel of [`NR`] output pixels (panels run across rows and images), the
 //!   `K × NR` block of the column matrix is copied from the planes into a panel that stays in L1,
 //!   and an `MR × NR` register tile multiplies the packed weight by it, stored straight into `y`;
-//! - **data gradient**: at stride 1 (full output), the forward kernel itself, run on `dy` with the
-//!   weight flipped in space and its channel axes swapped; otherwise the weight's transpose times
-//!   an `NR`-wide panel of `dy` gives the column panel, which is added back onto gradient planes
-//!   (col2im) while it is still in L1;
+//! - **data gradient**: `s_h·s_w` sub-pixel convolutions. The pixels of `dx` that are
+//!   `≡ (py, px)` modulo the stride receive only the kernel taps whose offset matches that phase,
+//!   so each phase is a stride-1 convolution of `dy` (padded) by those taps, flipped, with the
+//!   weight's channel axes swapped: the forward kernel computes it, and the phases are
+//!   interleaved into `dx` (at stride 1, the one phase is `dx` itself). No column matrix is
+//!   built and nothing is added back (no col2im);
 //! - **filter gradient**: dot products along the pixels between rows of `dy` and rows of the
 //!   column matrix of a chunk of images, in 3 × 4 register tiles.
 //!
@@ -504,95 +506,146 @@ fn pack_weight(
     packed
 }
 
-/// `y = conv2d(x, w)`.
-pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32> {
-    let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
-    let groups = g.p.groups;
-    let pl = Planes::new(g);
-    let taps = pl.taps(g);
-    let blocks = cog.div_ceil(MR);
-    // Weights packed as [group][block of MR output channels][k][MR], zero rows past cog.
-    let apack = pack_weight(groups, cog, k, |grp, o, r| wt[(grp * cog + o) * k + r]);
-    let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
-        let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
-        let (mut panel, po) = aligned(k * NR);
-        let (mut ctiles, co) = aligned(blocks * MR * NR);
-        let (mut rsegs, mut isegs) = (Vec::new(), Vec::new());
-        for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
-            let first = task * plan.per_task + sub * plan.nb;
-            let nb = ys.len() / out_len;
-            pl.fill_images(g, &x[first * in_len..][..nb * in_len], &mut planes);
-            let ncols = nb * pix;
-            for q0 in (0..ncols).step_by(NR) {
-                let width = NR.min(ncols - q0);
-                segments(g, &pl, q0, width, true, &mut rsegs);
-                segments(g, &pl, q0, width, false, &mut isegs);
-                // A full panel inside one image, for a block of MR real output channels, is
-                // accumulated in place in y; the others go through `ctiles`.
-                let direct = width == NR && isegs.len() == 1;
-                let in_place = |blk: usize| direct && (blk + 1) * MR <= cog;
-                for grp in 0..groups {
-                    let ktaps = &taps[grp * k..][..k];
-                    // Depth in slices of KC rows, so that the panel slice (KC × NR) stays in
-                    // L1 while every block of output channels reads it.
-                    for kc0 in (0..k).step_by(KC) {
-                        let kd = KC.min(k - kc0);
-                        // SAFETY: a run reads planes[src + tap ..][..len rounded up to 8];
-                        // src + tap + len ≤ nb·img (a valid padded position of the chunk),
-                        // and the planes buffer has SLACK ≥ 8 more. Panel row r gets columns
-                        // [j, j + len + 7] ⊂ [r·NR, (r + 1)·NR + 7], inside k·NR + SLACK.
+/// The forward kernel on filled planes: for each panel of [`NR`] output pixels, the column
+/// panel is gathered from the planes at `taps` and multiplied by the packed weight `apack` in
+/// register tiles. `g` gives the output geometry (channels, groups, kernel depth, pixels).
+/// Shared by the forward and the data gradient's sub-pixel convolutions.
+struct Forward<'a> {
+    g: &'a Geom,
+    pl: &'a Planes,
+    /// Plane offsets of the column rows, `[group][k]`.
+    taps: &'a [usize],
+    /// The weight packed by [`pack_weight`] as `[group][block of MR output channels][k][MR]`.
+    apack: &'a [f32],
+}
+
+/// Per-task buffers of [`Forward::run`].
+struct Scratch {
+    panel: Vec<f32>,
+    po: usize,
+    ctiles: Vec<f32>,
+    co: usize,
+    rsegs: Vec<Seg>,
+    isegs: Vec<Seg>,
+}
+
+impl Scratch {
+    /// Buffers for kernel depths up to `k` and `cog` output channels per group.
+    fn new(k: usize, cog: usize) -> Self {
+        let (panel, po) = aligned(k * NR);
+        let (ctiles, co) = aligned(cog.div_ceil(MR) * MR * NR);
+        Self {
+            panel,
+            po,
+            ctiles,
+            co,
+            rsegs: Vec::new(),
+            isegs: Vec::new(),
+        }
+    }
+}
+
+impl Forward<'_> {
+    /// `ys`: the outputs of the images whose planes fill the start of `planes`.
+    fn run(&self, planes: &[f32], ys: &mut [MaybeUninit<f32>], s: &mut Scratch) {
+        let (g, pl) = (self.g, self.pl);
+        let (k, pix, cog, out_len) = (g.k(), g.pix(), g.cog(), g.out_len());
+        let blocks = cog.div_ceil(MR);
+        let ncols = ys.len() / out_len * pix;
+        assert!(planes.len() >= ys.len() / out_len * pl.img + SLACK && s.panel.len() >= k * NR);
+        for q0 in (0..ncols).step_by(NR) {
+            let width = NR.min(ncols - q0);
+            segments(g, pl, q0, width, true, &mut s.rsegs);
+            segments(g, pl, q0, width, false, &mut s.isegs);
+            // A full panel inside one image, for a block of MR real output channels, is
+            // accumulated in place in y; the others go through `ctiles`.
+            let direct = width == NR && s.isegs.len() == 1;
+            let in_place = |blk: usize| direct && (blk + 1) * MR <= cog;
+            for grp in 0..g.p.groups {
+                let ktaps = &self.taps[grp * k..][..k];
+                // Depth in slices of KC rows, so that the panel slice (KC × NR) stays in L1
+                // while every block of output channels reads it.
+                for kc0 in (0..k).step_by(KC) {
+                    let kd = KC.min(k - kc0);
+                    // SAFETY: a run reads planes[src + tap ..][..len rounded up to 8]; src + tap
+                    // + len ≤ nb·img (a valid padded position of the chunk), and the planes
+                    // have SLACK ≥ 8 more (asserted). Panel row r gets columns [j, j + len + 7]
+                    // ⊂ [r·NR, (r + 1)·NR + 7], inside k·NR + SLACK.
+                    unsafe {
+                        gather(
+                            s.panel.as_mut_ptr().add(s.po + kc0 * NR),
+                            NR,
+                            planes.as_ptr(),
+                            &ktaps[kc0..kc0 + kd],
+                            &s.rsegs,
+                        )
+                    };
+                    for blk in 0..blocks {
+                        let a = &self.apack[(grp * blocks + blk) * k * MR + kc0 * MR..][..kd * MR];
+                        let (c, ldc) = if in_place(blk) {
+                            let sg = &s.isegs[0];
+                            let o = grp * cog + blk * MR;
+                            let off = sg.img * out_len + o * pix + sg.p;
+                            (ys[off..].as_mut_ptr().cast::<f32>(), pix)
+                        } else {
+                            (s.ctiles[s.co + blk * MR * NR..].as_mut_ptr(), NR)
+                        };
+                        // SAFETY: a holds kd·MR floats, the panel from row kc0 kd·NR; c is
+                        // either a tile of ctiles (MR·NR floats) or MR rows of y, pix apart,
+                        // each with NR columns left in its image.
                         unsafe {
-                            gather(
-                                panel.as_mut_ptr().add(po + kc0 * NR),
+                            tile(
+                                kd,
+                                a.as_ptr(),
+                                s.panel.as_ptr().add(s.po + kc0 * NR),
                                 NR,
-                                planes.as_ptr(),
-                                &ktaps[kc0..kc0 + kd],
-                                &rsegs,
+                                c,
+                                ldc,
+                                kc0 > 0,
                             )
                         };
-                        for blk in 0..blocks {
-                            let a = &apack[(grp * blocks + blk) * k * MR + kc0 * MR..][..kd * MR];
-                            let (c, ldc) = if in_place(blk) {
-                                let s = &isegs[0];
-                                let o = grp * cog + blk * MR;
-                                let off = s.img * out_len + o * pix + s.p;
-                                (ys[off..].as_mut_ptr().cast::<f32>(), pix)
-                            } else {
-                                (ctiles[co + blk * MR * NR..].as_mut_ptr(), NR)
-                            };
-                            // SAFETY: a holds kd·MR floats, the panel from row kc0 kd·NR;
-                            // c is either a tile of ctiles (MR·NR floats) or MR rows of y,
-                            // pix apart, each with NR columns left in its image.
-                            unsafe {
-                                tile(
-                                    kd,
-                                    a.as_ptr(),
-                                    panel.as_ptr().add(po + kc0 * NR),
-                                    NR,
-                                    c,
-                                    ldc,
-                                    kc0 > 0,
-                                )
-                            };
-                        }
                     }
-                    for blk in 0..blocks {
-                        if in_place(blk) {
-                            continue;
-                        }
-                        let c = &ctiles[co + blk * MR * NR..][..MR * NR];
-                        for i in 0..MR.min(cog - blk * MR) {
-                            let o = grp * cog + blk * MR + i;
-                            for s in &isegs {
-                                put(
-                                    &mut ys[s.img * out_len + o * pix + s.p..][..s.len],
-                                    &c[i * NR + s.j..][..s.len],
-                                );
-                            }
+                }
+                for blk in 0..blocks {
+                    if in_place(blk) {
+                        continue;
+                    }
+                    let c = &s.ctiles[s.co + blk * MR * NR..][..MR * NR];
+                    for i in 0..MR.min(cog - blk * MR) {
+                        let o = grp * cog + blk * MR + i;
+                        for sg in &s.isegs {
+                            put(
+                                &mut ys[sg.img * out_len + o * pix + sg.p..][..sg.len],
+                                &c[i * NR + sg.j..][..sg.len],
+                            );
                         }
                     }
                 }
             }
+        }
+    }
+}
+
+/// `y = conv2d(x, w)`.
+pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32> {
+    let (k, cog, in_len, out_len) = (g.k(), g.cog(), g.in_len(), g.out_len());
+    let pl = Planes::new(g);
+    let taps = pl.taps(g);
+    let apack = pack_weight(g.p.groups, cog, k, |grp, o, r| wt[(grp * cog + o) * k + r]);
+    let fwd = Forward {
+        g,
+        pl: &pl,
+        taps: &taps,
+        apack: &apack,
+    };
+    let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
+        let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
+        let mut scratch = Scratch::new(k, cog);
+        for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
+            let first = task * plan.per_task + sub * plan.nb;
+            let nb = ys.len() / out_len;
+            pl.fill_images(g, &x[first * in_len..][..nb * in_len], &mut planes);
+            fwd.run(&planes, ys, &mut scratch);
         }
     };
     // SAFETY: every task writes all of its images' outputs: the panels cover every pixel of the
@@ -600,49 +653,250 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
     unsafe { crate::kernel::par_written(g.n * out_len, plan.per_task * out_len, images) }
 }
 
-/// At stride 1 the data gradient is itself a convolution: of `dy`, padded by
-/// `dilation·(k − 1) − padding`, with the weight flipped in space and its channel axes swapped
-/// within each group. Returns that geometry and weight when it applies (stride 1, the full output
-/// size, padding at most the kernel's span), so the forward kernel writes `dx` directly instead of
-/// col2im adding a column panel onto it.
-fn as_forward(g: &Geom, wt: &[f32]) -> Option<(Geom, Vec<f32>)> {
-    let [dh, dw] = g.p.dilation;
-    let span = [dh * (g.kh - 1), dw * (g.kw - 1)];
-    let full =
-        g.ho + span[0] == g.h + 2 * g.p.padding[0] && g.wo + span[1] == g.w + 2 * g.p.padding[1];
-    if g.p.stride != [1, 1] || !full || g.p.padding[0] > span[0] || g.p.padding[1] > span[1] {
-        return None;
+/// One sub-pixel phase `(py, px)` of the data gradient: the input pixels `(s·a + py, s·b + px)`
+/// receive only the kernel taps `ky·d ≡ py + p (mod s)` (and likewise in x), from `dy` at
+/// `(a + offy, b + offx)` with `off = (py + p − ky·d) / s` — a stride-1 convolution of `dy`.
+struct Phase {
+    /// `(ky, offy)` and `(kx, offx)` of the taps that reach this phase.
+    ty: Vec<(usize, isize)>,
+    tx: Vec<(usize, isize)>,
+    /// Input pixels of the phase: `ha × wa`.
+    ha: usize,
+    wa: usize,
+}
+
+impl Phase {
+    fn axis(
+        phase: usize,
+        size: usize,
+        kernel: usize,
+        s: usize,
+        p: usize,
+        d: usize,
+    ) -> (Vec<(usize, isize)>, usize) {
+        let taps = (0..kernel)
+            .filter_map(|k| {
+                let num = (phase + p) as isize - (k * d) as isize;
+                (num.rem_euclid(s as isize) == 0).then(|| (k, num.div_euclid(s as isize)))
+            })
+            .collect();
+        (taps, size.saturating_sub(phase).div_ceil(s))
     }
-    let (cig, cog, kk) = (g.cig(), g.cog(), g.kh * g.kw);
-    let p = super::Conv2dParams {
-        padding: [span[0] - g.p.padding[0], span[1] - g.p.padding[1]],
-        ..g.p
+
+    fn all(g: &Geom) -> Vec<Self> {
+        let [sh, sw] = g.p.stride;
+        let mut v = Vec::with_capacity(sh * sw);
+        for py in 0..sh {
+            for px in 0..sw {
+                let [ph, pw] = g.p.padding;
+                let [dh, dw] = g.p.dilation;
+                let (ty, ha) = Self::axis(py, g.h, g.kh, sh, ph, dh);
+                let (tx, wa) = Self::axis(px, g.w, g.kw, sw, pw, dw);
+                v.push(Self { ty, tx, ha, wa });
+            }
+        }
+        v
+    }
+}
+
+/// Padding of `dy` along one axis that every phase's reads `a + off` (`a < ha`, `dy` size `n`)
+/// stay within.
+fn phase_padding(n: usize, reach: impl Iterator<Item = (usize, isize)>) -> usize {
+    reach
+        .map(|(len, off)| {
+            let below = (-off).max(0) as usize;
+            let above = (len as isize - 1 + off - (n as isize - 1)).max(0) as usize;
+            below.max(above)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The sub-pixel data gradient needs this many `dx` channels per group (below, a register tile
+/// of [`MR`] channels is mostly empty and col2im is faster)…
+const SUBPIXEL_CHANNELS: usize = 16;
+/// …and this many pixels per phase of an image (below, panels break into short runs and the
+/// gather costs more than col2im's adds: 1.06× faster at 14 × 14 per phase, 0.94–0.97× at 7 × 7,
+/// measured with `gm bench --ops` at one thread).
+const SUBPIXEL_PIXELS: usize = 100;
+
+/// `dx = conv2d_backward_data(dy, w)` (the transposed convolution of `dy` by `w`), as `s_h·s_w`
+/// sub-pixel forward convolutions of `dy`: each phase of `dx` (the pixels `≡ (py, px)` modulo
+/// the stride) is a stride-1 convolution of `dy` with the kernel taps that reach it, flipped
+/// and with the channel axes swapped. Each phase is computed by [`Forward`] into a buffer and
+/// interleaved into `dx` (written directly at stride 1) — no col2im adds. Few channels or small
+/// phases go to [`conv_bwd_data_col2im`].
+pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    let phase_pixels = g.h * g.w / (g.p.stride[0] * g.p.stride[1]);
+    if g.cig() < SUBPIXEL_CHANNELS || phase_pixels < SUBPIXEL_PIXELS {
+        return conv_bwd_data_col2im(g, plan, dy, wt);
+    }
+    let (cog, cig, in_len, out_len) = (g.cog(), g.cig(), g.in_len(), g.out_len());
+    let (kk, groups) = (g.kh * g.kw, g.p.groups);
+    let phases = Phase::all(g);
+    let pad = [
+        phase_padding(
+            g.ho,
+            phases
+                .iter()
+                .flat_map(|f| f.ty.iter().map(|&(_, o)| (f.ha, o))),
+        ),
+        phase_padding(
+            g.wo,
+            phases
+                .iter()
+                .flat_map(|f| f.tx.iter().map(|&(_, o)| (f.wa, o))),
+        ),
+    ];
+    // dy as the input of stride-1 convolutions; one set of planes serves every phase.
+    let as_input = |f: &Phase| Geom {
+        n: g.n,
+        ci: g.co,
+        h: g.ho,
+        w: g.wo,
+        co: g.ci,
+        kh: f.ty.len(),
+        kw: f.tx.len(),
+        ho: f.ha,
+        wo: f.wa,
+        p: super::Conv2dParams {
+            stride: [1, 1],
+            padding: pad,
+            dilation: [1, 1],
+            groups,
+        },
     };
-    let gt = Geom::new(g.n, g.co, [g.ho, g.wo], g.ci, [g.ci, cog, g.kh, g.kw], p).ok()?;
-    if (gt.ho, gt.wo) != (g.h, g.w) {
-        return None;
-    }
-    // w'[grp·cig + c][o][ky][kx] = w[grp·cog + o][c][kh − 1 − ky][kw − 1 − kx]
-    let mut wflip = vec![0f32; wt.len()];
-    for grp in 0..g.p.groups {
-        for o in 0..cog {
-            for c in 0..cig {
-                let src = &wt[((grp * cog + o) * cig + c) * kk..][..kk];
-                let dst = &mut wflip[((grp * cig + c) * cog + o) * kk..][..kk];
-                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-                    *d = *s;
+    let geoms: Vec<Geom> = phases.iter().map(as_input).collect();
+    let pl = Planes::new(&geoms[0]);
+    let work: Vec<(Vec<usize>, Vec<f32>)> = phases
+        .iter()
+        .zip(&geoms)
+        .map(|(f, gp)| {
+            let mut taps = Vec::with_capacity(g.co * f.ty.len() * f.tx.len());
+            for o in 0..g.co {
+                for &(_, oy) in &f.ty {
+                    for &(_, ox) in &f.tx {
+                        let y = (pad[0] as isize + oy) as usize;
+                        taps.push(pl.at(o, y, (pad[1] as isize + ox) as usize));
+                    }
+                }
+            }
+            let t = f.tx.len();
+            let apack = pack_weight(groups, cig, gp.k(), |grp, c, d| {
+                let (o, ky, kx) = (
+                    d / (f.ty.len() * t),
+                    f.ty[d / t % f.ty.len()].0,
+                    f.tx[d % t].0,
+                );
+                wt[((grp * cog + o) * cig + c) * kk + ky * g.kw + kx]
+            });
+            (taps, apack)
+        })
+        .collect();
+    let kmax = geoms.iter().map(Geom::k).max().unwrap_or(0);
+    let direct = phases.len() == 1;
+    let [sh, sw] = g.p.stride;
+    let images = |task: usize, xs: &mut [MaybeUninit<f32>]| {
+        let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
+        let mut scratch = Scratch::new(kmax, cig);
+        let mut parts: Vec<Vec<MaybeUninit<f32>>> = vec![Vec::new(); phases.len()];
+        for (sub, xs) in xs.chunks_mut(plan.nb * in_len).enumerate() {
+            let first = task * plan.per_task + sub * plan.nb;
+            let nb = xs.len() / in_len;
+            pl.fill_images(
+                &geoms[0],
+                &dy[first * out_len..][..nb * out_len],
+                &mut planes,
+            );
+            for ((part, gp), (taps, apack)) in parts.iter_mut().zip(&geoms).zip(&work) {
+                let fwd = Forward {
+                    g: gp,
+                    pl: &pl,
+                    taps,
+                    apack,
+                };
+                if direct {
+                    fwd.run(&planes, xs, &mut scratch);
+                    continue;
+                }
+                part.resize(nb * gp.out_len(), MaybeUninit::new(0.0));
+                if gp.k() > 0 {
+                    fwd.run(&planes, part, &mut scratch);
+                } else {
+                    part.fill(MaybeUninit::new(0.0));
+                }
+            }
+            if direct {
+                continue;
+            }
+            // dx[.., sh·a + py, sw·b + px] = parts[py·sw + px][.., a, b], row by row.
+            for (plane, dst) in xs.chunks_exact_mut(g.h * g.w).enumerate() {
+                for (iy, row) in dst.chunks_exact_mut(g.w).enumerate() {
+                    let (py, a) = (iy % sh, iy / sh);
+                    let src = |px: usize| {
+                        let f = &phases[py * sw + px];
+                        &parts[py * sw + px][(plane * f.ha + a) * f.wa..][..f.wa]
+                    };
+                    if sw == 2 && g.w >= 2 {
+                        interleave2(row, src(0), src(1));
+                    } else {
+                        for px in 0..sw.min(g.w) {
+                            for (d, v) in row[px..].iter_mut().step_by(sw).zip(src(px)) {
+                                *d = *v;
+                            }
+                        }
+                    }
                 }
             }
         }
-    }
-    Some((gt, wflip))
+    };
+    // SAFETY: every task writes all of its images' dx: each dx pixel lies in exactly one phase,
+    // whose kernel run (or zero fill, for a phase no tap reaches) wrote every element of its
+    // part, copied row by row; or the single phase's run wrote `xs` directly.
+    unsafe { crate::kernel::par_written(g.n * in_len, plan.per_task * in_len, images) }
 }
 
-/// `dx = conv2d_backward_data(dy, w)` (the transposed convolution of `dy` by `w`).
-pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f32> {
-    if let Some((gt, wflip)) = as_forward(g, wt) {
-        return conv_fwd(&gt, &gt.plan(), dy, &wflip);
+/// `row[2b] = even[b]`, `row[2b + 1] = odd[b]` (`even` has `⌈len/2⌉` values, `odd` `⌊len/2⌋`).
+fn interleave2(row: &mut [MaybeUninit<f32>], even: &[MaybeUninit<f32>], odd: &[MaybeUninit<f32>]) {
+    assert!(even.len() == row.len().div_ceil(2) && odd.len() == row.len() / 2);
+    // SAFETY: the vector loop reads 8 values of each source and writes 16 of row while
+    // b + 8 ≤ odd.len() (so 2b + 16 ≤ row.len()); the tail is bounds-checked.
+    unsafe { interleave2_avx(row, even, odd) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn interleave2_avx(
+    row: &mut [MaybeUninit<f32>],
+    even: &[MaybeUninit<f32>],
+    odd: &[MaybeUninit<f32>],
+) {
+    let (e, o, d) = (
+        even.as_ptr().cast::<f32>(),
+        odd.as_ptr().cast::<f32>(),
+        row.as_mut_ptr().cast::<f32>(),
+    );
+    let mut b = 0;
+    while b + 8 <= odd.len() {
+        let (ev, ov) = (_mm256_loadu_ps(e.add(b)), _mm256_loadu_ps(o.add(b)));
+        let lo = _mm256_unpacklo_ps(ev, ov); // e0 o0 e1 o1 | e4 o4 e5 o5
+        let hi = _mm256_unpackhi_ps(ev, ov); // e2 o2 e3 o3 | e6 o6 e7 o7
+        _mm256_storeu_ps(d.add(2 * b), _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_storeu_ps(d.add(2 * b + 8), _mm256_permute2f128_ps(lo, hi, 0x31));
+        b += 8;
     }
+    for (i, v) in even.iter().enumerate().skip(b) {
+        row[2 * i] = *v;
+    }
+    for (i, v) in odd.iter().enumerate().skip(b) {
+        row[2 * i + 1] = *v;
+    }
+}
+
+/// [`conv_bwd_data`] by col2im: the weight's transpose times an `NR`-wide panel of `dy` gives a
+/// column panel, which is added onto gradient planes while it is still in L1. Cheaper than the
+/// sub-pixel convolutions when `dx` has few channels per group (a register tile of `MR`
+/// channels would be mostly empty).
+fn conv_bwd_data_col2im(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f32> {
     let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
     let groups = g.p.groups;
     let pl = Planes::new(g);
