@@ -993,7 +993,9 @@ pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> V
     let task = |first: usize, last: usize| -> Vec<f32> {
         let mut acc = vec![0f32; wlen];
         let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
-        let (mut colc, co) = aligned(k * cap);
+        // Four column rows at a time, gathered just before the dot products read them, so
+        // they stay in L1 instead of a whole column matrix streaming through L3.
+        let (mut colc, co) = aligned(4 * cap);
         let (mut dyc, dof) = aligned(cog * cap);
         let mut rsegs = Vec::new();
         for first in (first..last).step_by(plan.nb) {
@@ -1003,42 +1005,49 @@ pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> V
             let w8 = ncols.next_multiple_of(8);
             segments(g, &pl, 0, ncols, true, &mut rsegs);
             for grp in 0..groups {
-                // SAFETY: as in the forward's panel copy; row r of colc gets columns
-                // [j, j + len + 7] ⊂ [r·w8, (r + 1)·w8 + 7], inside k·cap + SLACK.
-                unsafe {
-                    gather(
-                        colc.as_mut_ptr().add(co),
-                        w8,
-                        planes.as_ptr(),
-                        &taps[grp * k..][..k],
-                        &rsegs,
-                    )
-                };
-                for r in 0..k {
-                    colc[co + r * w8 + ncols..co + (r + 1) * w8].fill(0.0);
-                }
-                for o in 0..cog {
-                    let row = &mut dyc[dof + o * w8..][..w8];
-                    for b in 0..nb {
-                        row[b * pix..][..pix].copy_from_slice(
-                            &dy[(first + b) * out_len + (grp * cog + o) * pix..][..pix],
-                        );
+                // One image whose pixel count is a multiple of 8: dy's rows are read in place.
+                let (dyp, ld) = if nb == 1 && ncols == w8 {
+                    (dy[first * out_len + grp * cog * pix..].as_ptr(), pix)
+                } else {
+                    for o in 0..cog {
+                        let row = &mut dyc[dof + o * w8..][..w8];
+                        for b in 0..nb {
+                            row[b * pix..][..pix].copy_from_slice(
+                                &dy[(first + b) * out_len + (grp * cog + o) * pix..][..pix],
+                            );
+                        }
+                        row[ncols..].fill(0.0);
                     }
-                    row[ncols..].fill(0.0);
-                }
+                    (dyc[dof..].as_ptr(), w8)
+                };
                 for r0 in (0..k).step_by(4) {
                     let n = 4.min(k - r0);
+                    // SAFETY: as in the forward's panel copy; row r of colc gets columns
+                    // [j, j + len + 7] ⊂ [r·w8, (r + 1)·w8 + 7], inside 4·cap + SLACK.
+                    unsafe {
+                        gather(
+                            colc.as_mut_ptr().add(co),
+                            w8,
+                            planes.as_ptr(),
+                            &taps[grp * k + r0..][..n],
+                            &rsegs,
+                        )
+                    };
+                    for r in 0..n {
+                        colc[co + r * w8 + ncols..co + (r + 1) * w8].fill(0.0);
+                    }
                     for o0 in (0..cog).step_by(3) {
                         let m = 3.min(cog - o0);
                         let mut out = [[0f32; 4]; 3];
-                        // SAFETY: rows o0..o0 + m of dyc and r0..r0 + n of colc hold w8 floats.
+                        // SAFETY: rows o0..o0 + m of dy (in place, or of dyc) hold w8 floats
+                        // ld apart, rows 0..n of colc w8 floats.
                         unsafe {
                             dots_mn(
                                 m,
                                 n,
-                                dyc.as_ptr().add(dof + o0 * w8),
-                                w8,
-                                colc.as_ptr().add(co + r0 * w8),
+                                dyp.add(o0 * ld),
+                                ld,
+                                colc.as_ptr().add(co),
                                 w8,
                                 w8,
                                 &mut out,
