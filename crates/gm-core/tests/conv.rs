@@ -357,7 +357,7 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         [usize; 2],
         Option<[usize; 2]>,
     );
-    let cases: [Geo; 15] = [
+    let cases: [Geo; 16] = [
         (
             false,
             (6, 3, 5, 7),
@@ -451,6 +451,15 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             (4, 12, 7, 7),
             (12, 2, 4, 4),
             p([2, 2], [1, 1], [1, 1], 2),
+            [0, 0],
+            None,
+        ),
+        // Stride 2 on wide rows of odd width, few channels (col2im data gradient).
+        (
+            false,
+            (2, 3, 20, 37),
+            (5, 3, 4, 4),
+            p([2, 2], [1, 1], [1, 1], 1),
             [0, 0],
             None,
         ),
