@@ -14,7 +14,8 @@ use std::time::Instant;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// `gm_core::conv` (gm's im2col/col2im + gemm kernels on the CPU).
+    /// `gm_core::conv` (gm's own CPU kernels: AVX2 register tiles for f32 on x86-64, im2col /
+    /// col2im + gemm otherwise).
     Gm,
     /// candle's `Tensor::conv2d` / `conv_transpose2d`.
     Candle,

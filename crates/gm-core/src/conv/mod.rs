@@ -5,7 +5,8 @@
 //! into tasks over the rayon pool (`RAYON_NUM_THREADS`):
 //! - f32 on x86-64 CPUs with AVX2 and FMA: register-tile kernels that never build the column
 //!   matrix (the private `avx2` module: zero-padded phase planes, column panels that stay in L1,
-//!   4 × 24 tiles for the forward and data gradient, 3 × 4 dot tiles for the filter gradient);
+//!   4 × 24 tiles for the forward and for the data gradient as sub-pixel convolutions — col2im
+//!   for few channels —, 3 × 4 dot tiles for the filter gradient);
 //! - otherwise (f64, other CPUs, or `GM_CONV=gemm` to compare): im2col/col2im around one `gemm`
 //!   call per chunk of images.
 //!
