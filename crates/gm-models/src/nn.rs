@@ -173,6 +173,12 @@ impl Conv2d {
         bias_then(conv2d(x, weight, self.params)?, self.bias.as_ref(), act)
     }
 
+    /// `act(y + bias)` with this layer's bias, for a `y` computed some other way (the sum of
+    /// convolutions by parts of the weight, say).
+    pub fn bias_act(&self, y: Tensor, act: Act) -> Result<Tensor> {
+        bias_then(y, self.bias.as_ref(), act)
+    }
+
     /// `act(conv(x) + bias)`, bias and activation fused.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         self.forward_with_weight(x, &self.weight, act)
