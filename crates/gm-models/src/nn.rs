@@ -170,7 +170,7 @@ impl Conv2d {
     /// `act(conv(x, weight) + bias)` with a weight other than the stored one (a masked weight,
     /// say).
     pub fn forward_with_weight(&self, x: &Tensor, weight: &Tensor, act: Act) -> Result<Tensor> {
-        bias_then(conv2d(x, weight, self.params)?, self.bias.as_ref(), act)
+        self.bias_act(conv2d(x, weight, self.params)?, act)
     }
 
     /// `act(y + bias)` with this layer's bias, for a `y` computed some other way (the sum of
@@ -187,11 +187,7 @@ impl Conv2d {
     /// `act(conv(x) + bias)` on the top-left `out = [H', W']` corner of the output only
     /// ([`gm_core::conv::conv2d_cropped`]): with padding on one side, a causal convolution.
     pub fn forward_cropped(&self, x: &Tensor, out: [usize; 2], act: Act) -> Result<Tensor> {
-        bias_then(
-            conv2d_cropped(x, &self.weight, self.params, out)?,
-            self.bias.as_ref(),
-            act,
-        )
+        self.bias_act(conv2d_cropped(x, &self.weight, self.params, out)?, act)
     }
 }
 

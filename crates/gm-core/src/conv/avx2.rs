@@ -684,18 +684,23 @@ impl Phase {
     }
 
     fn all(g: &Geom) -> Vec<Self> {
-        let [sh, sw] = g.p.stride;
-        let mut v = Vec::with_capacity(sh * sw);
-        for py in 0..sh {
-            for px in 0..sw {
-                let [ph, pw] = g.p.padding;
-                let [dh, dw] = g.p.dilation;
-                let (ty, ha) = Self::axis(py, g.h, g.kh, sh, ph, dh);
-                let (tx, wa) = Self::axis(px, g.w, g.kw, sw, pw, dw);
-                v.push(Self { ty, tx, ha, wa });
-            }
-        }
-        v
+        let ([sh, sw], [ph, pw], [dh, dw]) = (g.p.stride, g.p.padding, g.p.dilation);
+        let rows: Vec<_> = (0..sh)
+            .map(|py| Self::axis(py, g.h, g.kh, sh, ph, dh))
+            .collect();
+        let cols: Vec<_> = (0..sw)
+            .map(|px| Self::axis(px, g.w, g.kw, sw, pw, dw))
+            .collect();
+        rows.iter()
+            .flat_map(|(ty, ha)| {
+                cols.iter().map(|(tx, wa)| Self {
+                    ty: ty.clone(),
+                    tx: tx.clone(),
+                    ha: *ha,
+                    wa: *wa,
+                })
+            })
+            .collect()
     }
 }
 
@@ -996,7 +1001,9 @@ pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> V
         // Four column rows at a time, gathered just before the dot products read them, so
         // they stay in L1 instead of a whole column matrix streaming through L3.
         let (mut colc, co) = aligned(4 * cap);
-        let (mut dyc, dof) = aligned(cog * cap);
+        // Single images whose pixel count is a multiple of 8: dy's rows are read in place.
+        let in_place = plan.nb == 1 && pix % 8 == 0;
+        let (mut dyc, dof) = aligned(if in_place { 0 } else { cog * cap });
         let mut rsegs = Vec::new();
         for first in (first..last).step_by(plan.nb) {
             let nb = plan.nb.min(last - first);
@@ -1005,8 +1012,7 @@ pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> V
             let w8 = ncols.next_multiple_of(8);
             segments(g, &pl, 0, ncols, true, &mut rsegs);
             for grp in 0..groups {
-                // One image whose pixel count is a multiple of 8: dy's rows are read in place.
-                let (dyp, ld) = if nb == 1 && ncols == w8 {
+                let (dyp, ld) = if in_place {
                     (dy[first * out_len + grp * cog * pix..].as_ptr(), pix)
                 } else {
                     for o in 0..cog {

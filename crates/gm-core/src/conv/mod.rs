@@ -507,42 +507,32 @@ fn col2im<T: Elem>(g: &Geom, col: &[T], ncols: usize, c0: usize, grp: usize, x: 
     }
 }
 
-/// Copies rows `[ch0, ch0 + rows)` of `nb` images `(nb, C, pix)` into a `[rows, nb·pix]` block.
-fn pack_channels<T: Elem>(
-    src: &[T],
-    c_total: usize,
-    ch0: usize,
-    rows: usize,
-    pix: usize,
-    nb: usize,
-    dst: &mut [T],
-) {
-    let ncols = nb * pix;
+/// Calls `f(block, tensor)` for each `pix`-long row `r < rows` of each of `nb` images, given
+/// `[C, ch0, rows, pix, nb]`: its offset in a `[rows, nb·pix]` block and in the `(nb, C, pix)`
+/// tensor (channel `ch0 + r`).
+fn channel_rows([c_total, ch0, rows, pix, nb]: [usize; 5], mut f: impl FnMut(usize, usize)) {
     for b in 0..nb {
         for r in 0..rows {
-            dst[r * ncols + b * pix..][..pix]
-                .copy_from_slice(&src[(b * c_total + ch0 + r) * pix..][..pix]);
+            f(r * nb * pix + b * pix, (b * c_total + ch0 + r) * pix);
         }
     }
 }
 
+/// Copies rows `[ch0, ch0 + rows)` of `nb` images `(nb, C, pix)` into a `[rows, nb·pix]` block
+/// (`rows` as in [`channel_rows`]).
+fn pack_channels<T: Elem>(src: &[T], rows: [usize; 5], dst: &mut [T]) {
+    let pix = rows[3];
+    channel_rows(rows, |d, s| {
+        dst[d..][..pix].copy_from_slice(&src[s..][..pix])
+    });
+}
+
 /// The inverse of [`pack_channels`].
-fn unpack_channels<T: Elem>(
-    src: &[T],
-    c_total: usize,
-    ch0: usize,
-    rows: usize,
-    pix: usize,
-    nb: usize,
-    dst: &mut [T],
-) {
-    let ncols = nb * pix;
-    for b in 0..nb {
-        for r in 0..rows {
-            dst[(b * c_total + ch0 + r) * pix..][..pix]
-                .copy_from_slice(&src[r * ncols + b * pix..][..pix]);
-        }
-    }
+fn unpack_channels<T: Elem>(src: &[T], rows: [usize; 5], dst: &mut [T]) {
+    let pix = rows[3];
+    channel_rows(rows, |s, d| {
+        dst[d..][..pix].copy_from_slice(&src[s..][..pix])
+    });
 }
 
 /// Runs `f(chunk_index, chunk)` over `data` split into chunks of `len`, in parallel if asked.
@@ -646,7 +636,7 @@ fn conv_fwd<T: Elem>(g: &Geom, x: &[T], wt: &[T]) -> Vec<T> {
                             (ncols, 1),
                             plan.gemm_par,
                         );
-                        unpack_channels(tmp, g.co, grp * cog, cog, pix, nb, ys);
+                        unpack_channels(tmp, [g.co, grp * cog, cog, pix, nb], ys);
                     }
                 }
             }
@@ -697,7 +687,7 @@ fn conv_bwd_data<T: Elem>(g: &Geom, dy: &[T], wt: &[T]) -> Vec<T> {
                         );
                     } else {
                         let packed = &mut packed[..cog * ncols];
-                        pack_channels(dys, g.co, grp * cog, cog, pix, nb, packed);
+                        pack_channels(dys, [g.co, grp * cog, cog, pix, nb], packed);
                         matmul(
                             k,
                             ncols,
@@ -771,7 +761,7 @@ fn conv_bwd_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                     );
                 } else {
                     let packed = &mut packed[..cog * ncols];
-                    pack_channels(dys, g.co, grp * cog, cog, pix, nb, packed);
+                    pack_channels(dys, [g.co, grp * cog, cog, pix, nb], packed);
                     matmul(
                         cog,
                         k,
