@@ -143,7 +143,7 @@ impl Transcendental for f64 {
 }
 
 /// A vector of `len` elements written by `f(task, chunk)` over consecutive chunks of `chunk`
-/// elements spread over the rayon pool, without filling it with zeros first (a serial pass over
+/// elements spread over the thread pool ([`crate::par`]), without filling it with zeros first (a serial pass over
 /// memory that `f` overwrites anyway).
 ///
 /// # Safety
@@ -154,12 +154,8 @@ pub(crate) unsafe fn par_written<T: Copy + Send + Sync>(
     chunk: usize,
     f: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
 ) -> Vec<T> {
-    use rayon::prelude::*;
     let mut v = Vec::with_capacity(len);
-    v.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .for_each(|(i, c)| f(i, c));
+    crate::par::chunks_mut(&mut v.spare_capacity_mut()[..len], chunk, f);
     // SAFETY: the caller's `f` wrote all `len` elements.
     unsafe { v.set_len(len) };
     v

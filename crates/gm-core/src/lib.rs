@@ -21,6 +21,7 @@ pub mod loss;
 pub mod norm;
 pub mod ode;
 pub mod ops;
+pub mod par;
 pub mod rng;
 
 pub use device::{keep_freed_memory, select_device, DeviceChoice};

@@ -7,7 +7,6 @@
 
 use crate::kernel::{lane_sum, lane_sum2, Transcendental};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -77,7 +76,7 @@ fn fwd_kernel<T: Transcendental>(
 ) -> Vec<T> {
     let span = d.span();
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(span).enumerate().for_each(|(k, out)| {
+    crate::par::chunks_mut(&mut y, span, |k, out| {
         let g = k % d.groups;
         let xs = &x[k * span..][..span];
         let (mean, rstd) = stats(xs, eps);
@@ -110,47 +109,45 @@ fn bwd_kernel<T: Transcendental>(
     let mut dx = vec![T::zero(); x.len()];
     // Per (sample, channel) partial sums of dγ and dβ, reduced over samples afterwards.
     let mut part = vec![0f64; d.n * d.c * 2];
-    dx.par_chunks_mut(span)
-        .zip(part.par_chunks_mut(cg * 2).enumerate())
-        .for_each(|(out, (k, p))| {
-            let g = k % d.groups;
-            let xs = &x[k * span..][..span];
-            let gs = &dy[k * span..][..span];
-            let (mean, rstd) = stats(xs, eps);
-            let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
-            // Pass 1: dz, the sums for dγ, dβ, and the two group means of dx̂ = γ·dz.
-            let (mut s1, mut s2) = (0f64, 0f64);
-            for cc in 0..cg {
-                let ch = g * cg + cc;
-                let (ga, be) = (gamma[ch], beta[ch]);
-                let row = cc * d.inner..(cc + 1) * d.inner;
-                let (o, xr) = (&mut out[row.clone()], &xs[row.clone()]);
-                if silu {
-                    for ((o, v), gy) in o.iter_mut().zip(xr).zip(&gs[row]) {
-                        let z = (*v - mean_t) * rstd_t * ga + be;
-                        let s = z.sigmoid();
-                        *o = *gy * s * (T::one() + z * (T::one() - s));
-                    }
-                } else {
-                    o.copy_from_slice(&gs[row]);
+    crate::par::chunks2_mut(&mut dx, span, &mut part, cg * 2, |k, out, p| {
+        let g = k % d.groups;
+        let xs = &x[k * span..][..span];
+        let gs = &dy[k * span..][..span];
+        let (mean, rstd) = stats(xs, eps);
+        let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
+        // Pass 1: dz, the sums for dγ, dβ, and the two group means of dx̂ = γ·dz.
+        let (mut s1, mut s2) = (0f64, 0f64);
+        for cc in 0..cg {
+            let ch = g * cg + cc;
+            let (ga, be) = (gamma[ch], beta[ch]);
+            let row = cc * d.inner..(cc + 1) * d.inner;
+            let (o, xr) = (&mut out[row.clone()], &xs[row.clone()]);
+            if silu {
+                for ((o, v), gy) in o.iter_mut().zip(xr).zip(&gs[row]) {
+                    let z = (*v - mean_t) * rstd_t * ga + be;
+                    let s = z.sigmoid();
+                    *o = *gy * s * (T::one() + z * (T::one() - s));
                 }
-                let db = lane_sum(o, |v| v);
-                let dg = lane_sum2(o, xr, |dz, v| dz * ((v - mean_t) * rstd_t));
-                p[cc * 2] = dg;
-                p[cc * 2 + 1] = db;
-                let gaf = ga.to_f64();
-                s1 += gaf * db;
-                s2 += gaf * dg;
-                o.iter_mut().for_each(|v| *v *= ga); // dx̂ for now
+            } else {
+                o.copy_from_slice(&gs[row]);
             }
-            let m = span as f64;
-            let (m1, m2) = (T::from_f64(s1 / m), T::from_f64(s2 / m));
-            // Pass 2: dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ ⊙ x̂)).
-            for (o, v) in out.iter_mut().zip(xs) {
-                let xh = (*v - mean_t) * rstd_t;
-                *o = rstd_t * (*o - m1 - xh * m2);
-            }
-        });
+            let db = lane_sum(o, |v| v);
+            let dg = lane_sum2(o, xr, |dz, v| dz * ((v - mean_t) * rstd_t));
+            p[cc * 2] = dg;
+            p[cc * 2 + 1] = db;
+            let gaf = ga.to_f64();
+            s1 += gaf * db;
+            s2 += gaf * dg;
+            o.iter_mut().for_each(|v| *v *= ga); // dx̂ for now
+        }
+        let m = span as f64;
+        let (m1, m2) = (T::from_f64(s1 / m), T::from_f64(s2 / m));
+        // Pass 2: dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ ⊙ x̂)).
+        for (o, v) in out.iter_mut().zip(xs) {
+            let xh = (*v - mean_t) * rstd_t;
+            *o = rstd_t * (*o - m1 - xh * m2);
+        }
+    });
     let mut dgamma = vec![0f64; d.c];
     let mut dbeta = vec![0f64; d.c];
     for s in 0..d.n {

@@ -21,7 +21,6 @@ use crate::kernel::{lane_sum, Transcendental};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
-use rayon::prelude::*;
 
 /// A piecewise-linear activation.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -375,17 +374,15 @@ fn gate_rows<T: WithDType, const OUT_ROWS: usize>(
     let row = OUT_ROWS * inner;
     let mut out = vec![T::zero(); outer * c * row];
     let rows_per_task = PAR_CHUNK.div_ceil(row);
-    out.par_chunks_mut(rows_per_task * row)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (r, o) in chunk.chunks_mut(row).enumerate() {
-                let k = t * rows_per_task + r;
-                let (n, ch) = (k / c, k % c);
-                let a = &x[(n * c2 + ch) * inner..][..inner];
-                let b = &x[(n * c2 + c + ch) * inner..][..inner];
-                f(k, a, b, o);
-            }
-        });
+    crate::par::chunks_mut(&mut out, rows_per_task * row, |t, chunk| {
+        for (r, o) in chunk.chunks_mut(row).enumerate() {
+            let k = t * rows_per_task + r;
+            let (n, ch) = (k / c, k % c);
+            let a = &x[(n * c2 + ch) * inner..][..inner];
+            let b = &x[(n * c2 + c + ch) * inner..][..inner];
+            f(k, a, b, o);
+        }
+    });
     out
 }
 
@@ -404,19 +401,17 @@ fn gate_grad_kernel<T: Transcendental>(x: &[T], dy: &[T], dims: (usize, usize, u
     let half = c2 / 2 * inner.max(1);
     let mut dx = vec![T::zero(); outer * 2 * half];
     let one = T::one();
-    dx.par_chunks_mut(2 * half)
-        .enumerate()
-        .for_each(|(n, out)| {
-            let (da, db) = out.split_at_mut(half);
-            let xa = &x[n * 2 * half..][..half];
-            let xb = &x[n * 2 * half + half..][..half];
-            let g = &dy[n * half..][..half];
-            for i in 0..half {
-                let (t, s) = (xa[i].tanh_(), xb[i].sigmoid());
-                da[i] = g[i] * s * (one - t * t);
-                db[i] = g[i] * t * s * (one - s);
-            }
-        });
+    crate::par::chunks_mut(&mut dx, 2 * half, |n, out| {
+        let (da, db) = out.split_at_mut(half);
+        let xa = &x[n * 2 * half..][..half];
+        let xb = &x[n * 2 * half + half..][..half];
+        let g = &dy[n * half..][..half];
+        for i in 0..half {
+            let (t, s) = (xa[i].tanh_(), xb[i].sigmoid());
+            da[i] = g[i] * s * (one - t * t);
+            db[i] = g[i] * t * s * (one - s);
+        }
+    });
     dx
 }
 

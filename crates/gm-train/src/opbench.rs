@@ -278,7 +278,7 @@ pub fn run_case(
         case: *c,
         backend,
         batch,
-        threads: candle_core::utils::get_num_threads(),
+        threads: gm_core::par::threads(),
         median_ms,
         min_ms: times[0],
         flop,

@@ -4,7 +4,6 @@
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use candle_nn::VarMap;
-use rayon::prelude::*;
 use std::collections::HashMap;
 
 #[derive(Clone, Debug)]
@@ -204,30 +203,28 @@ macro_rules! adam_kernels {
         fn $moment(op: &Moment, s: &mut [$t], g: &[$t]) {
             let (b, a) = (op.beta as $t, (1.0 - op.beta) as $t);
             let square = op.square;
-            s.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .for_each(move |(s, g)| {
-                    if square {
-                        s.iter_mut()
-                            .zip(g)
-                            .for_each(|(s, g)| *s = b * *s + a * *g * *g);
-                    } else {
-                        s.iter_mut().zip(g).for_each(|(s, g)| *s = b * *s + a * *g);
-                    }
-                });
+            gm_core::par::chunks_mut(s, CHUNK, move |i, s| {
+                let g = &g[i * CHUNK..][..s.len()];
+                if square {
+                    s.iter_mut()
+                        .zip(g)
+                        .for_each(|(s, g)| *s = b * *s + a * *g * *g);
+                } else {
+                    s.iter_mut().zip(g).for_each(|(s, g)| *s = b * *s + a * *g);
+                }
+            });
         }
         fn $apply(op: &AdamApply, p: &mut [$t], m: &[$t], v: &[$t]) {
             let step = (op.lr / op.bc1) as $t;
             let inv_bc2 = (1.0 / op.bc2) as $t;
             let eps = op.eps as $t;
             let decay = (1.0 - op.lr * op.weight_decay) as $t;
-            p.par_chunks_mut(CHUNK)
-                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-                .for_each(move |(p, (m, v))| {
-                    for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-                        *p = *p * decay - step * *m / ((*v * inv_bc2).sqrt() + eps);
-                    }
-                });
+            gm_core::par::chunks_mut(p, CHUNK, move |i, p| {
+                let (m, v) = (&m[i * CHUNK..][..p.len()], &v[i * CHUNK..][..p.len()]);
+                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                    *p = *p * decay - step * *m / ((*v * inv_bc2).sqrt() + eps);
+                }
+            });
         }
     };
 }

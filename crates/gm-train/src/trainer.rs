@@ -852,7 +852,7 @@ pub fn bench_train_step(
     Ok(BenchReport {
         model: cfg.model.kind().to_string(),
         batch_size: t.batch_size,
-        threads: candle_core::utils::get_num_threads(),
+        threads: gm_core::par::threads(),
         median_ms: times[times.len() / 2],
         min_ms: times[0],
         steps,

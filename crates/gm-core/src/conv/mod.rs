@@ -2,7 +2,7 @@
 //!
 //! candle 0.11.1 computes the CPU conv2d *input* gradient and all of conv_transpose2d with a direct
 //! nested loop, 6–8× slower than PyTorch. gm's ops replace them on the CPU, with images split
-//! into tasks over the rayon pool (`RAYON_NUM_THREADS`):
+//! into tasks over candle's thread pool ([`crate::par`]):
 //! - f32 on x86-64 CPUs with AVX2 and FMA: register-tile kernels that never build the column
 //!   matrix (the private `avx2` module: zero-padded phase planes, column panels that stay in L1,
 //!   4 × 24 tiles for the forward and for the data gradient as sub-pixel convolutions — col2im
@@ -33,7 +33,6 @@
 //! ```
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -197,7 +196,7 @@ impl Geom {
     }
     /// How images are grouped into gemm calls and into parallel tasks.
     fn plan(&self) -> Plan {
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = crate::par::threads();
         let n = self.n.max(1);
         // Wide enough column blocks keep gemm efficient on small feature maps.
         let want = 512usize.div_ceil(self.pix());
@@ -541,9 +540,7 @@ where
     F: Fn(usize, &mut [T]) + Sync + Send,
 {
     if parallel {
-        data.par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+        crate::par::chunks_mut(data, len, f);
     } else {
         data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
     }
@@ -561,10 +558,9 @@ fn sum_tasks<T: Elem>(
         return task(0, g.n);
     }
     let tasks = g.n.div_ceil(plan.per_task);
-    let parts: Vec<Vec<T>> = (0..tasks)
-        .into_par_iter()
-        .map(|t| task(t * plan.per_task, ((t + 1) * plan.per_task).min(g.n)))
-        .collect();
+    let parts = crate::par::map(tasks, |t| {
+        task(t * plan.per_task, ((t + 1) * plan.per_task).min(g.n))
+    });
     let mut parts = parts.into_iter();
     let mut acc = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
     for p in parts {
