@@ -357,7 +357,7 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         [usize; 2],
         Option<[usize; 2]>,
     );
-    let cases: [Geo; 16] = [
+    let cases: [Geo; 22] = [
         (
             false,
             (6, 3, 5, 7),
@@ -491,6 +491,62 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             p([2, 3], [1, 0], [2, 1], 1),
             [0, 0],
             None,
+        ),
+        // The rest are stride-1 3 × 3 with ≥ 16 channels per group (Winograd F(2×2, 3×3) for
+        // the forward and the data gradient). Odd output sizes (partial tiles), tiles of
+        // several images in one panel.
+        (
+            false,
+            (3, 16, 13, 11),
+            (20, 16, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // Padding 0 in y and 2 in x (data gradient padded by 2 and 0).
+        (
+            false,
+            (2, 32, 9, 14),
+            (16, 32, 3, 3),
+            p([1, 1], [0, 2], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // Groups.
+        (
+            false,
+            (2, 32, 10, 10),
+            (32, 16, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 2),
+            [0, 0],
+            None,
+        ),
+        // More input channels than one depth slice of the register tiles (KC = 128).
+        (
+            false,
+            (1, 136, 6, 5),
+            (16, 136, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // A stride-1 transposed convolution (its forward is the data gradient's kernel).
+        (
+            true,
+            (2, 16, 7, 9),
+            (16, 24, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // Cropped: padding 2 on one side only.
+        (
+            false,
+            (2, 16, 9, 11),
+            (16, 16, 3, 3),
+            p([1, 1], [2, 2], [1, 1], 1),
+            [0, 0],
+            Some([9, 11]),
         ),
     ];
     for (i, (transpose, xs, ws, params, output_padding, crop)) in cases.into_iter().enumerate() {

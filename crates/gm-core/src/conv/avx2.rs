@@ -22,6 +22,8 @@
 #![allow(unsafe_code)]
 
 use super::{sum_tasks, Geom, Plan};
+
+mod winograd;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -626,8 +628,28 @@ impl Forward<'_> {
     }
 }
 
+/// Whether `g` is a stride-1, dilation-1 3 × 3 convolution with enough channels per group for
+/// [`winograd`], padded by at most 2 (so that its data gradient is one too), and `GM_WINOGRAD`
+/// is not `0`.
+fn winograd_fits(g: &Geom) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GM_WINOGRAD").map_or(true, |v| v != "0"))
+        && (g.kh, g.kw) == (3, 3)
+        && g.p.stride == [1, 1]
+        && g.p.dilation == [1, 1]
+        && g.p.padding.iter().all(|&p| p <= 2)
+        && g.cig().min(g.cog()) >= winograd::MIN_CHANNELS
+}
+
 /// `y = conv2d(x, w)`.
 pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32> {
+    if winograd_fits(g) {
+        let (cig, cog) = (g.cig(), g.cog());
+        let shape = winograd::Shape::of(g, false);
+        return winograd::conv3x3(&shape, plan.per_task, x, |grp, o, c, ky, kx| {
+            wt[((grp * cog + o) * cig + c) * 9 + ky * 3 + kx]
+        });
+    }
     let (k, cog, in_len, out_len) = (g.k(), g.cog(), g.in_len(), g.out_len());
     let pl = Planes::new(g);
     let taps = pl.taps(g);
@@ -732,6 +754,14 @@ const SUBPIXEL_PIXELS: usize = 100;
 /// interleaved into `dx` (written directly at stride 1) — no col2im adds. Few channels or small
 /// phases go to [`conv_bwd_data_col2im`].
 pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    if winograd_fits(g) {
+        // dx = conv3x3(dy, w flipped, channel axes swapped), padded by 2 − p.
+        let (cig, cog) = (g.cig(), g.cog());
+        let shape = winograd::Shape::of(g, true);
+        return winograd::conv3x3(&shape, plan.per_task, dy, |grp, c, o, ky, kx| {
+            wt[((grp * cog + o) * cig + c) * 9 + (2 - ky) * 3 + (2 - kx)]
+        });
+    }
     let phase_pixels = g.h * g.w / (g.p.stride[0] * g.p.stride[1]);
     if g.cig() < SUBPIXEL_CHANNELS || phase_pixels < SUBPIXEL_PIXELS {
         return conv_bwd_data_col2im(g, plan, dy, wt);

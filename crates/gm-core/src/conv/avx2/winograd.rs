@@ -1,0 +1,400 @@
+//! Stride-1 3 × 3 convolutions by Winograd's minimal filtering F(2 × 2, 3 × 3).
+//!
+//! Each 2 × 2 block of outputs (a *tile*) is computed from the 4 × 4 input patch `d` under it
+//! as `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`: the patch and the kernel are carried into a 16-point
+//! transform domain, where the sum over input channels is one matrix product per point
+//! (`M[ξ] = U[ξ] · V[ξ]`, output channels × input channels times input channels × tiles), and
+//! the result is carried back. That is 16 multiply-adds per tile and channel pair instead of the
+//! direct convolution's 36 (2.25× fewer); the transforms are additions only. The products run
+//! in the forward kernel's 4 × 24 register tiles, on panels of 24 tiles whose input transform is
+//! computed just before (so the panel stays in L1/L2) and whose output transform follows.
+//!
+//! Rounding: the transforms have coefficients 1 and ½; in f32 the result differs from a direct
+//! convolution by a few units in the last place of the largest partial sums (the f64 comparison
+//! in the tests bounds it).
+
+use super::{aligned, pack_weight, tile, Geom, KC, MR, NR};
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+/// Channels per group (in and out) from which the transform pays for itself.
+pub(in crate::conv) const MIN_CHANNELS: usize = 16;
+
+/// A stride-1, dilation-1 3 × 3 convolution of `x` `(n, ci, h, w)` to `(n, co, ho, wo)`, padded
+/// by `pad`, in `groups` groups.
+#[derive(Clone, Copy, Debug)]
+pub(in crate::conv) struct Shape {
+    pub n: usize,
+    pub ci: usize,
+    pub h: usize,
+    pub w: usize,
+    pub co: usize,
+    pub ho: usize,
+    pub wo: usize,
+    pub pad: [usize; 2],
+    pub groups: usize,
+}
+
+impl Shape {
+    /// The forward convolution of `g`, or (`data_gradient`) the one that computes its data
+    /// gradient: `dx = conv3x3(dy, w flipped, channel axes swapped)`, padded by `2 − p`.
+    pub(in crate::conv) fn of(g: &Geom, data_gradient: bool) -> Self {
+        let (ci, h, w, co, ho, wo) = if data_gradient {
+            (g.co, g.ho, g.wo, g.ci, g.h, g.w)
+        } else {
+            (g.ci, g.h, g.w, g.co, g.ho, g.wo)
+        };
+        Self {
+            n: g.n,
+            ci,
+            h,
+            w,
+            co,
+            ho,
+            wo,
+            pad: if data_gradient {
+                g.p.padding.map(|p| 2 - p)
+            } else {
+                g.p.padding
+            },
+            groups: g.p.groups,
+        }
+    }
+    fn th(&self) -> usize {
+        self.ho.div_ceil(2)
+    }
+    fn tw(&self) -> usize {
+        self.wo.div_ceil(2)
+    }
+    /// Rows and columns of the even/odd column planes of one channel: the padded input
+    /// covering every tile (`2·th + 2` rows), split into its even and odd columns
+    /// (`tw + 1` each) plus room for whole vectors.
+    fn plane_rows(&self) -> usize {
+        2 * self.th() + 2
+    }
+    fn plane_cols(&self) -> usize {
+        (self.tw() + 1).next_multiple_of(8) + 8
+    }
+    fn plane_len(&self) -> usize {
+        2 * self.plane_rows() * self.plane_cols()
+    }
+}
+
+/// `y = conv3x3(x, w)` with `w(group, o, c, ky, kx)` the weight of output channel `o` and input
+/// channel `c` of a group, `images_per_task` images per parallel task.
+pub(in crate::conv) fn conv3x3(
+    s: &Shape,
+    images_per_task: usize,
+    x: &[f32],
+    w: impl Fn(usize, usize, usize, usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    let (cig, cog, groups) = (s.ci / s.groups, s.co / s.groups, s.groups);
+    let tiles = s.th() * s.tw();
+    // Images per chunk: the one (up to 8) that wastes least of its last 24-tile panel.
+    let nb = (1..=8usize.min(images_per_task))
+        .min_by_key(|&b| ((b * tiles).next_multiple_of(NR) - b * tiles) * 1000 / (b * tiles))
+        .unwrap_or(1);
+    let u = filter_transform(groups, cog, cig, &w);
+    let in_len = s.ci * s.h * s.w;
+    let out_len = s.co * s.ho * s.wo;
+    let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
+        let mut planes = vec![0f32; nb * s.ci * s.plane_len()];
+        // The panel's transformed input `[ξ][c][NR + 8]` (ξ blocks `vx` apart, staggered by a
+        // cache line so that the 16 stores of a tile do not alias in L1), and its products
+        // `[ξ][o][NR]`.
+        let vw = NR + 8;
+        let vx = s.ci * vw + 16;
+        let (mut v, vo) = aligned(16 * vx);
+        let (mut m, mo) = aligned(16 * cog.next_multiple_of(MR) * NR);
+        let mut segs = Vec::new();
+        for (sub, ys) in ys.chunks_mut(nb * out_len).enumerate() {
+            let first = task * images_per_task + sub * nb;
+            let nimg = ys.len() / out_len;
+            fill_planes(s, &x[first * in_len..][..nimg * in_len], &mut planes);
+            let ntiles = nimg * tiles;
+            for q0 in (0..ntiles).step_by(NR) {
+                let width = NR.min(ntiles - q0);
+                tile_segments(s, q0, width, &mut segs);
+                // SAFETY: `v` holds 16·ci rows of vw = NR + 8 floats; a segment writes columns
+                // [j, j + len rounded up to 8) ⊂ [0, NR + 8). Plane reads stay inside each
+                // channel's planes (`plane_cols` leaves a vector of slack).
+                unsafe { input_transform(s, &planes, &segs, v[vo..].as_mut_ptr(), vw, vx) };
+                for grp in 0..groups {
+                    for xi in 0..16 {
+                        let blocks = cog.div_ceil(MR);
+                        for blk in 0..blocks {
+                            let a =
+                                &u[((xi * groups + grp) * blocks + blk) * cig * MR..][..cig * MR];
+                            for kc0 in (0..cig).step_by(KC) {
+                                let kd = KC.min(cig - kc0);
+                                // SAFETY: a holds cig·MR floats; the kd rows of v from
+                                // (ξ, group channel kc0) hold NR floats each, vw apart;
+                                // the MR rows of m from (ξ, blk·MR) NR floats each.
+                                unsafe {
+                                    tile(
+                                        kd,
+                                        a.as_ptr().add(kc0 * MR),
+                                        v.as_ptr().add(vo + xi * vx + (grp * cig + kc0) * vw),
+                                        vw,
+                                        m.as_mut_ptr().add(
+                                            mo + (xi * cog.next_multiple_of(MR) + blk * MR) * NR,
+                                        ),
+                                        NR,
+                                        kc0 > 0,
+                                    )
+                                };
+                            }
+                        }
+                    }
+                    output_transform(s, grp, &m[mo..], &segs, ys);
+                }
+            }
+        }
+    };
+    // SAFETY: every tile of every image is in one panel, and the output transform writes the
+    // tile's (up to) 2 × 2 outputs of every output channel.
+    unsafe { crate::kernel::par_written(s.n * out_len, images_per_task * out_len, images) }
+}
+
+/// `U = G g Gᵀ` of every kernel, packed for [`tile`] as `[ξ][group][block of MR o][c][MR]`.
+fn filter_transform(
+    groups: usize,
+    cog: usize,
+    cig: usize,
+    w: &(impl Fn(usize, usize, usize, usize, usize) -> f32 + Sync),
+) -> Vec<f32> {
+    // G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
+    let g4 = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    let u_at = |grp: usize, o: usize, c: usize| -> [f32; 16] {
+        let k = |ky, kx| w(grp, o, c, ky, kx);
+        // Columns first (g Gᵀ per kernel row), then rows.
+        let rows: [[f32; 4]; 3] = std::array::from_fn(|ky| g4(k(ky, 0), k(ky, 1), k(ky, 2)));
+        let mut u = [0f32; 16];
+        for j in 0..4 {
+            let col = g4(rows[0][j], rows[1][j], rows[2][j]);
+            for i in 0..4 {
+                u[i * 4 + j] = col[i];
+            }
+        }
+        u
+    };
+    let all: Vec<[f32; 16]> = (0..groups * cog * cig)
+        .map(|t| u_at(t / (cog * cig), t / cig % cog, t % cig))
+        .collect();
+    pack_weight(16 * groups, cog, cig, |xg, o, c| {
+        let (xi, grp) = (xg / groups, xg % groups);
+        all[(grp * cog + o) * cig + c][xi]
+    })
+}
+
+/// Writes images `xs` into their even/odd column planes: channel `c`'s padded row `r` (input
+/// row `r − pad`) has its even columns at `[0][r]` and odd ones at `[1][r]`, zero outside the
+/// input.
+fn fill_planes(s: &Shape, xs: &[f32], planes: &mut [f32]) {
+    let (rows, cols) = (s.plane_rows(), s.plane_cols());
+    let [ph, pw] = s.pad;
+    // One padded row: pw zeros, the input row, zeros to 2·cols.
+    let mut padded = vec![0f32; 2 * cols];
+    for (xc, pc) in xs
+        .chunks_exact(s.h * s.w)
+        .zip(planes.chunks_exact_mut(s.plane_len()))
+    {
+        let (even, odd) = pc.split_at_mut(rows * cols);
+        for r in 0..rows {
+            let (e, o) = (&mut even[r * cols..][..cols], &mut odd[r * cols..][..cols]);
+            match r.checked_sub(ph).filter(|&iy| iy < s.h) {
+                None => {
+                    e.fill(0.0);
+                    o.fill(0.0);
+                }
+                Some(iy) => {
+                    let src = &xc[iy * s.w..][..s.w];
+                    // SAFETY: padded holds 2·cols ≥ pw + w floats.
+                    unsafe { copy_exact(padded[pw..].as_mut_ptr(), src.as_ptr(), s.w) };
+                    for ((e, o), pair) in e.iter_mut().zip(o.iter_mut()).zip(padded.chunks_exact(2))
+                    {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A run of panel columns `[j, j + len)`: tiles `tx0 .. tx0 + len` of tile row `ty` of image
+/// `img` of the chunk.
+#[derive(Clone, Copy, Debug)]
+struct TileSeg {
+    j: usize,
+    len: usize,
+    img: usize,
+    ty: usize,
+    tx0: usize,
+}
+
+/// Splits chunk tiles `[q0, q0 + width)` (tile `q` = image `q / (th·tw)`, row-major inside)
+/// at tile rows.
+fn tile_segments(s: &Shape, q0: usize, width: usize, out: &mut Vec<TileSeg>) {
+    out.clear();
+    let (tw, per_img) = (s.tw(), s.th() * s.tw());
+    let mut q = q0;
+    while q < q0 + width {
+        let (img, t) = (q / per_img, q % per_img);
+        let (ty, tx0) = (t / tw, t % tw);
+        let len = (tw - tx0).min(q0 + width - q);
+        out.push(TileSeg {
+            j: q - q0,
+            len,
+            img,
+            ty,
+            tx0,
+        });
+        q += len;
+    }
+}
+
+/// `V[ξ][c][j + t] = (Bᵀ d B)[ξ]` (at `ξ·vx + c·vw + j + t`) for every tile of `segs` and channel `c`, eight tiles at a
+/// time, with `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
+///
+/// # Safety
+/// `v` must be valid for 16 blocks of `vx ≥ ci·vw` floats, rows `vw ≥ NR + 8` apart; segments
+/// must lie in the chunk.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // the transform reads best indexed
+unsafe fn input_transform(
+    s: &Shape,
+    planes: &[f32],
+    segs: &[TileSeg],
+    v: *mut f32,
+    vw: usize,
+    vx: usize,
+) {
+    let (rows, cols) = (s.plane_rows(), s.plane_cols());
+    let half = rows * cols;
+    for c in 0..s.ci {
+        for sg in segs {
+            let base = (sg.img * s.ci + c) * s.plane_len();
+            let pc = &planes[base..base + s.plane_len()];
+            let mut t = 0;
+            while t < sg.len {
+                let tx = sg.tx0 + t;
+                // Column transform of the 4 rows under the tiles: d·B per row, vectorised over
+                // 8 tiles (tile tx reads even/odd columns tx and tx + 1).
+                let mut r = [[_mm256_setzero_ps(); 4]; 4];
+                for (i, ri) in r.iter_mut().enumerate() {
+                    let row = (2 * sg.ty + i) * cols + tx;
+                    assert!(half + row + 9 <= pc.len());
+                    let p = pc.as_ptr();
+                    let e0 = _mm256_loadu_ps(p.add(row));
+                    let e1 = _mm256_loadu_ps(p.add(row + 1));
+                    let o0 = _mm256_loadu_ps(p.add(half + row));
+                    let o1 = _mm256_loadu_ps(p.add(half + row + 1));
+                    *ri = [
+                        _mm256_sub_ps(e0, e1),
+                        _mm256_add_ps(o0, e1),
+                        _mm256_sub_ps(e1, o0),
+                        _mm256_sub_ps(o0, o1),
+                    ];
+                }
+                // Row transform Bᵀ·(d·B), stored to the panel.
+                for j in 0..4 {
+                    let out = [
+                        _mm256_sub_ps(r[0][j], r[2][j]),
+                        _mm256_add_ps(r[1][j], r[2][j]),
+                        _mm256_sub_ps(r[2][j], r[1][j]),
+                        _mm256_sub_ps(r[1][j], r[3][j]),
+                    ];
+                    for (i, val) in out.into_iter().enumerate() {
+                        _mm256_storeu_ps(v.add((i * 4 + j) * vx + c * vw + sg.j + t), val);
+                    }
+                }
+                t += 8;
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A` with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]` for the panel's tiles, written to the
+/// outputs of group `grp` (the right column or bottom row of a tile is dropped where the
+/// output ends).
+fn output_transform(
+    s: &Shape,
+    grp: usize,
+    m: &[f32],
+    segs: &[TileSeg],
+    ys: &mut [MaybeUninit<f32>],
+) {
+    let cog = s.co / s.groups;
+    let ldo = cog.next_multiple_of(MR) * NR;
+    let out_len = s.co * s.ho * s.wo;
+    assert!(m.len() >= 15 * ldo + cog * NR);
+    // The two output rows of each tile, interleaved: `rows[a][2t + b] = Y[a][b]` of tile t.
+    let mut rows = [[0f32; 2 * NR]; 2];
+    for o in 0..cog {
+        // SAFETY: m holds 16 blocks of ldo floats, each with cog rows of NR (asserted).
+        unsafe { transform_back(m.as_ptr().add(o * NR), ldo, &mut rows) };
+        let ch = grp * cog + o;
+        for sg in segs {
+            let plane = sg.img * out_len + ch * s.ho * s.wo;
+            let ox = 2 * sg.tx0;
+            let n = (2 * sg.len).min(s.wo - ox);
+            for (a, row) in rows.iter().enumerate() {
+                let oy = 2 * sg.ty + a;
+                if oy < s.ho {
+                    let dst = &mut ys[plane + oy * s.wo + ox..][..n];
+                    // SAFETY: both ranges hold n floats (row: 2·(j + len) ≤ 2·NR).
+                    unsafe {
+                        copy_exact(dst.as_mut_ptr().cast(), row[2 * sg.j..][..n].as_ptr(), n)
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `dst[..n] = src[..n]` in vectors of 8, the last one masked.
+///
+/// # Safety
+/// Both must be valid for `n` floats.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn copy_exact(dst: *mut f32, src: *const f32, n: usize) {
+    let mut t = 0;
+    while t + 8 <= n {
+        _mm256_storeu_ps(dst.add(t), _mm256_loadu_ps(src.add(t)));
+        t += 8;
+    }
+    if t < n {
+        let m = _mm256_loadu_si256(super::MASK.as_ptr().add(8 - (n - t)) as *const __m256i);
+        _mm256_maskstore_ps(dst.add(t), m, _mm256_maskload_ps(src.add(t), m));
+    }
+}
+
+/// `rows[a][2t + b] = (Aᵀ M A)[a][b]` of the `NR` tiles of one output channel, `m[ξ·ld + t]`.
+///
+/// # Safety
+/// `m` must be valid for 16 rows of `NR` floats, `ld` apart.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // the transform reads best indexed
+unsafe fn transform_back(m: *const f32, ld: usize, rows: &mut [[f32; 2 * NR]; 2]) {
+    for t in (0..NR).step_by(8) {
+        let at = |xi: usize| _mm256_loadu_ps(m.add(xi * ld + t));
+        let mut sv = [[_mm256_setzero_ps(); 4]; 2];
+        for j in 0..4 {
+            let (m1, m2) = (at(4 + j), at(8 + j));
+            sv[0][j] = _mm256_add_ps(_mm256_add_ps(at(j), m1), m2);
+            sv[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), at(12 + j));
+        }
+        for (a, row) in rows.iter_mut().enumerate() {
+            let [s0, s1, s2, s3] = sv[a];
+            let y0 = _mm256_add_ps(_mm256_add_ps(s0, s1), s2);
+            let y1 = _mm256_sub_ps(_mm256_sub_ps(s1, s2), s3);
+            // Interleave y0 and y1: lanes (0, 1, 2, 3 | 4, 5, 6, 7) → pairs in tile order.
+            let lo = _mm256_unpacklo_ps(y0, y1);
+            let hi = _mm256_unpackhi_ps(y0, y1);
+            let p = row.as_mut_ptr().add(2 * t);
+            _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+            _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
+    }
+}
