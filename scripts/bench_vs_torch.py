@@ -2,14 +2,18 @@
 (RAYON_NUM_THREADS for gm, torch.set_num_threads for PyTorch, both pinned with taskset when
 available), alternating runs, medians.
 
-    python3 scripts/bench_vs_torch.py [--gm target/release/gm] [--threads 1 2] [--what models ops]
+    python3 scripts/bench_vs_torch.py [--gm target/release/gm] [--threads 1 2] [--what models ops directions]
 
-Two tables:
+Three tables:
 - models: the train step (loss, backward, Adam) of every preset in PRESETS — gm ms, PyTorch ms,
   ratio PyTorch/gm (> 1 means gm is faster), peak RSS of each process;
 - ops: the convolution shapes of `gm bench --ops` with gm's kernels, candle's own kernels and
   PyTorch — ms, ratio PyTorch/gm, and achieved GFLOP/s against this CPU's fp32 peak
-  (32 FLOP per cycle per core for AVX2+FMA, at the clock /proc/cpuinfo reports).
+  (32 FLOP per cycle per core for AVX2+FMA, at the clock /proc/cpuinfo reports);
+- directions (not run by default): each fwd+bwd op case timed four ways on both sides — forward
+  alone, forward + data gradient only, forward + filter gradient only, and both gradients — so
+  that each direction's time (data = forward with the input's gradient − forward) can be compared
+  on its own, apart from how each framework's autograd combines them.
 """
 import argparse
 import json
@@ -68,18 +72,21 @@ for c in cases:
                 opt.zero_grad(); y.square().mean().backward(); opt.step()
     else:
         shape = (c["c_out"], c["c_in"]) if c["op"] == "conv" else (c["c_in"], c["c_out"])
-        w = torch.nn.Parameter(torch.randn(*shape, c["kernel"], c["kernel"]) * 0.1)
-        xv = x.clone().requires_grad_(True)
+        grads = c.get("grads", "both")
+        w = (torch.randn(*shape, c["kernel"], c["kernel"]) * 0.1).requires_grad_(grads in ("both", "weight"))
+        xv = x.clone().requires_grad_(grads in ("both", "input"))
         f = F.conv2d if c["op"] == "conv" else F.conv_transpose2d
         def step():
             xv.grad = None; w.grad = None
-            f(xv, w, stride=c["stride"], padding=c["padding"]).sum().backward()
+            y = f(xv, w, stride=c["stride"], padding=c["padding"])
+            if grads != "none":
+                y.sum().backward()
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter(); step()
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
-    out[c["name"]] = float(np.median(times))
+    out[c["name"] + ":" + c.get("grads", "both")] = float(np.median(times))
 print(json.dumps(out))
 """
 
@@ -120,13 +127,43 @@ def bench_ops(args):
         for c in cases:
             g = median([r["median_ms"] for run in gm_runs for r in run if r["name"] == c["name"] and r["backend"] == "gm"])
             cd = median([r["median_ms"] for run in gm_runs for r in run if r["name"] == c["name"] and r["backend"] == "candle"])
-            t = median([run[c["name"]] for run in torch_runs])
+            t = median([run[c["name"] + ":both"] for run in torch_runs])
             peak = 32 * mhz * 1e-3 * th if mhz else float("nan")
             rows.append((c["name"], th, g, cd, t, t / g, c["flop"] / g / 1e6, c["flop"] / t / 1e6, peak))
     print(f"\nconvolution ops, batch {args.batch}, fp32 peak = 32 FLOP/cycle/core x {mhz or float('nan'):.0f} MHz x threads")
     print(f"{'case':<30}{'thr':>4}{'gm ms':>9}{'candle ms':>10}{'torch ms':>9}{'torch/gm':>9}{'gm GF/s':>9}{'torch GF/s':>11}{'gm %peak':>9}")
     for n, th, g, cd, t, r, gg, tg, peak in rows:
         print(f"{n:<30}{th:>4}{g:>9.1f}{cd:>10.1f}{t:>9.1f}{r:>9.2f}{gg:>9.1f}{tg:>11.1f}{100 * gg / peak:>8.0f}%")
+
+
+def bench_directions(args):
+    kinds = ["none", "input", "weight", "both"]
+    rows = []
+    for th in args.threads:
+        pin, env = pinning(th)
+        gm_runs, torch_runs, cases = [], [], None
+        for _ in range(args.repeats):
+            recs = run_child(pin + [args.gm, "bench", "--ops", "--backend", "gm", "--device", "cpu",
+                                    "--batch", str(args.batch), "--steps", str(args.op_steps), "--warmup", "1",
+                                    "--grads", ",".join(kinds)], env, all_lines=True)
+            recs = [r for r in recs if r["mode"] == "fwdbwd"]
+            gm_runs.append(recs)
+            cases = recs
+            torch_runs.append(run_child(pin + [args.python, "-c", TORCH_OPS_CHILD, json.dumps(cases), str(th),
+                                               str(args.op_steps), "1", str(args.batch)], env))
+        names = list(dict.fromkeys(r["name"] for r in cases))
+        for n in names:
+            g = {k: median([r["median_ms"] for run in gm_runs for r in run if r["name"] == n and r["grads"] == k])
+                 for k in kinds}
+            t = {k: median([run[n + ":" + k] for run in torch_runs]) for k in kinds}
+            dirs = lambda m: (m["none"], m["input"] - m["none"], m["weight"] - m["none"], m["both"])
+            rows.append((n, th, dirs(g), dirs(t)))
+    print(f"\nconvolution directions, batch {args.batch}, gm ms / PyTorch ms (PyTorch/gm): forward; data gradient = "
+          "(forward + input's gradient) - forward; filter gradient = (forward + weight's gradient) - forward; both")
+    print(f"{'case':<30}{'thr':>4}{'forward':>20}{'data grad':>20}{'filter grad':>20}{'fwd+bwd':>20}")
+    for n, th, g, t in rows:
+        cells = "".join(f"{f'{a:.1f}/{b:.1f} ({b / a:.2f})':>20}" for a, b in zip(g, t))
+        print(f"{n:<30}{th:>4}{cells}")
 
 
 def pinning(th):
@@ -142,7 +179,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
-    ap.add_argument("--what", nargs="+", default=["models", "ops"], choices=["models", "ops"])
+    ap.add_argument("--what", nargs="+", default=["models", "ops"], choices=["models", "ops", "directions"])
     ap.add_argument("--presets", nargs="+", default=PRESETS, help="presets of the train-step table")
     ap.add_argument("--batch", type=int, default=128, help="batch of the ops table")
     ap.add_argument("--op-steps", type=int, default=5, help="timed calls per op case")
@@ -151,6 +188,8 @@ def main():
         bench_models(args)
     if "ops" in args.what:
         bench_ops(args)
+    if "directions" in args.what:
+        bench_directions(args)
 
 
 def bench_models(args):

@@ -357,7 +357,7 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         [usize; 2],
         Option<[usize; 2]>,
     );
-    let cases: [Geo; 22] = [
+    let cases: [Geo; 23] = [
         (
             false,
             (6, 3, 5, 7),
@@ -535,6 +535,16 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             true,
             (2, 16, 7, 9),
             (16, 24, 3, 3),
+            p([1, 1], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // An odd number of input channels and outputs not a multiple of the tile height (4),
+        // in both directions.
+        (
+            false,
+            (2, 17, 8, 8),
+            (18, 17, 3, 3),
             p([1, 1], [1, 1], [1, 1], 1),
             [0, 0],
             None,

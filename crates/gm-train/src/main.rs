@@ -167,6 +167,10 @@ enum Cmd {
         /// Backends of `--ops`: gm, candle, or both.
         #[arg(long, default_value = "both", value_parser = ["gm", "candle", "both"])]
         backend: String,
+        /// Gradients of the `--ops` fwd+bwd cases, one line each: both (as named), input (the data
+        /// gradient only), weight (the filter gradient only), none (the forward alone).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "both")]
+        grads: Vec<gm_train::opbench::Grads>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
         #[arg(long, default_value_t = 30)]
@@ -485,6 +489,7 @@ fn run() -> Result<()> {
             batch,
             cases,
             backend,
+            grads,
             overrides,
             steps,
             warmup,
@@ -509,8 +514,12 @@ fn run() -> Result<()> {
                     .filter(|c| cases.is_empty() || cases.iter().any(|n| n == c.name))
                 {
                     for &b in backends {
-                        let r = run_case(c, b, batch, warmup, steps.max(1), &dev)?;
-                        println!("{}", serde_json::to_string(&r)?);
+                        // Cases other than fwd+bwd have one form.
+                        let n = if c.mode == "fwdbwd" { grads.len() } else { 1 };
+                        for &gr in &grads[..n] {
+                            let r = run_case(c, b, gr, batch, warmup, steps.max(1), &dev)?;
+                            println!("{}", serde_json::to_string(&r)?);
+                        }
                     }
                 }
                 return Ok(());

@@ -133,12 +133,26 @@ pub const CASES: &[OpCase] = &[
     },
 ];
 
+/// Which gradients a `fwdbwd` case computes: both (the case as named), only the input's (the
+/// data gradient), only the weight's (the filter gradient), or none (the forward alone). Timing
+/// all four separates the directions: e.g. data ≈ `input` − `none`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Grads {
+    Both,
+    Input,
+    Weight,
+    None,
+}
+
 /// Result of one case on one backend.
 #[derive(Clone, Debug, Serialize)]
 pub struct OpReport {
     #[serde(flatten)]
     pub case: OpCase,
     pub backend: Backend,
+    /// The gradients computed (`fwdbwd` cases; `both` otherwise).
+    pub grads: Grads,
     pub batch: usize,
     pub threads: usize,
     pub median_ms: f64,
@@ -191,6 +205,19 @@ impl OpCase {
         };
         3.0 * f
     }
+
+    /// FLOPs of one call of a `fwdbwd` case computing only `grads`.
+    pub fn flop_with(&self, batch: usize, grads: Grads) -> f64 {
+        let f = self.flop(batch);
+        if self.mode != "fwdbwd" {
+            return f;
+        }
+        match grads {
+            Grads::Both => f,
+            Grads::Input | Grads::Weight => f * 2.0 / 3.0,
+            Grads::None => f / 3.0,
+        }
+    }
 }
 
 /// The case's convolution (`c.op`, kernel, stride, padding) of `x` by `w` on `backend`.
@@ -204,10 +231,13 @@ pub fn conv(backend: Backend, x: &Tensor, w: &Tensor, c: &OpCase) -> candle_core
     }
 }
 
-/// Times one case: `warmup` untimed calls, then the median of `steps`.
+/// Times one case: `warmup` untimed calls, then the median of `steps`; `grads` selects the
+/// gradients of a `fwdbwd` case (other cases ignore it).
+#[allow(clippy::too_many_arguments)]
 pub fn run_case(
     c: &OpCase,
     backend: Backend,
+    grads: Grads,
     batch: usize,
     warmup: usize,
     steps: usize,
@@ -249,16 +279,25 @@ pub fn run_case(
             })
         }
         _ => {
-            let w = Var::from_tensor(&(rng.randn(c.weight_shape(), dev)? * 0.1)?)?;
-            let xv = Var::from_tensor(&x)?;
+            let w = (rng.randn(c.weight_shape(), dev)? * 0.1)?;
+            // A variable where its gradient is asked for, a constant otherwise.
+            let var = |t: &Tensor, on: bool| -> Result<Tensor> {
+                Ok(if on {
+                    Var::from_tensor(t)?.as_tensor().clone()
+                } else {
+                    t.clone()
+                })
+            };
+            let xv = var(&x, matches!(grads, Grads::Both | Grads::Input))?;
+            let wv = var(&w, matches!(grads, Grads::Both | Grads::Weight))?;
             Box::new(move || {
-                let y = conv(backend, &xv, &w, c)?;
-                let grads = y.sum_all()?.backward()?;
-                grads
-                    .get(&w)
-                    .expect("weight gradient")
-                    .device()
-                    .synchronize()?;
+                let y = conv(backend, &xv, &wv, c)?;
+                if grads == Grads::None {
+                    return Ok(y.device().synchronize()?);
+                }
+                let g = y.sum_all()?.backward()?;
+                let any = g.get(&wv).or_else(|| g.get(&xv)).expect("a gradient");
+                any.device().synchronize()?;
                 Ok(())
             })
         }
@@ -273,10 +312,15 @@ pub fn run_case(
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median_ms = times[times.len() / 2];
-    let flop = c.flop(batch);
+    let flop = c.flop_with(batch, grads);
     Ok(OpReport {
         case: *c,
         backend,
+        grads: if c.mode == "fwdbwd" {
+            grads
+        } else {
+            Grads::Both
+        },
         batch,
         threads: gm_core::par::threads(),
         median_ms,

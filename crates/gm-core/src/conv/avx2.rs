@@ -644,11 +644,8 @@ fn winograd_fits(g: &Geom) -> bool {
 /// `y = conv2d(x, w)`.
 pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32> {
     if winograd_fits(g) {
-        let (cig, cog) = (g.cig(), g.cog());
         let shape = winograd::Shape::of(g, false);
-        return winograd::conv3x3(&shape, plan.per_task, x, |grp, o, c, ky, kx| {
-            wt[((grp * cog + o) * cig + c) * 9 + ky * 3 + kx]
-        });
+        return winograd::conv3x3(&shape, plan.per_task, x, wt, false);
     }
     let (k, cog, in_len, out_len) = (g.k(), g.cog(), g.in_len(), g.out_len());
     let pl = Planes::new(g);
@@ -756,11 +753,8 @@ const SUBPIXEL_PIXELS: usize = 100;
 pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f32> {
     if winograd_fits(g) {
         // dx = conv3x3(dy, w flipped, channel axes swapped), padded by 2 − p.
-        let (cig, cog) = (g.cig(), g.cog());
         let shape = winograd::Shape::of(g, true);
-        return winograd::conv3x3(&shape, plan.per_task, dy, |grp, c, o, ky, kx| {
-            wt[((grp * cog + o) * cig + c) * 9 + (2 - ky) * 3 + (2 - kx)]
-        });
+        return winograd::conv3x3(&shape, plan.per_task, dy, wt, true);
     }
     let phase_pixels = g.h * g.w / (g.p.stride[0] * g.p.stride[1]);
     if g.cig() < SUBPIXEL_CHANNELS || phase_pixels < SUBPIXEL_PIXELS {

@@ -13,7 +13,7 @@
 //! convolution by a few units in the last place of the largest partial sums (the f64 comparison
 //! in the tests bounds it).
 
-use super::{aligned, pack_weight, tile, Geom, KC, MR, NR};
+use super::{aligned, tile, Geom, KC, MASK, MR, NR};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -80,13 +80,15 @@ impl Shape {
     }
 }
 
-/// `y = conv3x3(x, w)` with `w(group, o, c, ky, kx)` the weight of output channel `o` and input
-/// channel `c` of a group, `images_per_task` images per parallel task.
+/// `y = conv3x3(x, w)`, `images_per_task` images per parallel task. `w` is a convolution weight
+/// `(C_out, C_in / groups, 3, 3)`: of this convolution, or (`data_gradient`) of the convolution
+/// whose data gradient this is (it is then used flipped, channel axes swapped).
 pub(in crate::conv) fn conv3x3(
     s: &Shape,
     images_per_task: usize,
     x: &[f32],
-    w: impl Fn(usize, usize, usize, usize, usize) -> f32 + Sync,
+    w: &[f32],
+    data_gradient: bool,
 ) -> Vec<f32> {
     let (cig, cog, groups) = (s.ci / s.groups, s.co / s.groups, s.groups);
     let tiles = s.th() * s.tw();
@@ -94,7 +96,12 @@ pub(in crate::conv) fn conv3x3(
     let nb = (1..=8usize.min(images_per_task))
         .min_by_key(|&b| ((b * tiles).next_multiple_of(NR) - b * tiles) * 1000 / (b * tiles))
         .unwrap_or(1);
-    let u = filter_transform(groups, cog, cig, &w);
+    let u = filter_transform(
+        groups,
+        cog,
+        cig,
+        &kernels(groups, cog, cig, w, data_gradient),
+    );
     let in_len = s.ci * s.h * s.w;
     let out_len = s.co * s.ho * s.wo;
     let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
@@ -156,35 +163,96 @@ pub(in crate::conv) fn conv3x3(
     unsafe { crate::kernel::par_written(s.n * out_len, images_per_task * out_len, images) }
 }
 
-/// `U = G g Gᵀ` of every kernel, packed for [`tile`] as `[ξ][group][block of MR o][c][MR]`.
-fn filter_transform(
+/// The 3 × 3 kernels `[group][o][c]` of this convolution (`cog` outputs, `cig` inputs per
+/// group) from weight `w`; with `data_gradient`, `w` is `(groups·cig, cog, 3, 3)` and each kernel
+/// is `w[c][o]` flipped. `w` is read front to back either way (a weight that is not in cache
+/// then streams in instead of being fetched kernel by kernel).
+fn kernels(groups: usize, cog: usize, cig: usize, w: &[f32], data_gradient: bool) -> Vec<[f32; 9]> {
+    if !data_gradient {
+        return w
+            .chunks_exact(9)
+            .map(|k| std::array::from_fn(|t| k[t]))
+            .collect();
+    }
+    let mut out = vec![[0f32; 9]; groups * cog * cig];
+    for (i, k) in w.chunks_exact(9).enumerate() {
+        // Weight row (group grp, channel c of this convolution's input), column o.
+        let (grp, c, o) = (i / (cig * cog), i / cog % cig, i % cog);
+        out[(grp * cog + o) * cig + c] = std::array::from_fn(|t| k[8 - t]);
+    }
+    out
+}
+
+/// `U = G g Gᵀ` of every kernel `k[(group·cog + o)·cig + c]`, packed for [`tile`] as
+/// `[ξ][group][block of MR o][c][MR]`.
+fn filter_transform(groups: usize, cog: usize, cig: usize, k: &[[f32; 9]]) -> Vec<f32> {
+    let blocks = cog.div_ceil(MR);
+    let mut packed = vec![0f32; 16 * groups * blocks * cig * MR];
+    // SAFETY: `packed` and `k` have the sizes `transform_kernels` requires.
+    unsafe { transform_kernels(groups, cog, cig, k, &mut packed) };
+    packed
+}
+
+/// [`filter_transform`] into `packed` (`16·groups·⌈cog / MR⌉·cig·MR` floats, zero), eight
+/// (input channel, output channel) pairs at a time: two input channels × the MR output channels
+/// of a block, which are eight consecutive floats of each ξ block of the packed layout.
+///
+/// # Safety
+/// `k` must hold `groups·cog·cig` kernels and `packed` the size above.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // the transform reads best indexed
+unsafe fn transform_kernels(
     groups: usize,
     cog: usize,
     cig: usize,
-    w: &(impl Fn(usize, usize, usize, usize, usize) -> f32 + Sync),
-) -> Vec<f32> {
-    // G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
-    let g4 = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-    let u_at = |grp: usize, o: usize, c: usize| -> [f32; 16] {
-        let k = |ky, kx| w(grp, o, c, ky, kx);
-        // Columns first (g Gᵀ per kernel row), then rows.
-        let rows: [[f32; 4]; 3] = std::array::from_fn(|ky| g4(k(ky, 0), k(ky, 1), k(ky, 2)));
-        let mut u = [0f32; 16];
-        for j in 0..4 {
-            let col = g4(rows[0][j], rows[1][j], rows[2][j]);
-            for i in 0..4 {
-                u[i * 4 + j] = col[i];
+    k: &[[f32; 9]],
+    packed: &mut [f32],
+) {
+    let blocks = cog.div_ceil(MR);
+    assert!(k.len() >= groups * cog * cig && packed.len() >= 16 * groups * blocks * cig * MR);
+    let half = _mm256_set1_ps(0.5);
+    // G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]] applied to three vectors.
+    let g4 = |a: __m256, b: __m256, c: __m256| {
+        let ac = _mm256_add_ps(a, c);
+        [
+            a,
+            _mm256_mul_ps(half, _mm256_add_ps(ac, b)),
+            _mm256_mul_ps(half, _mm256_sub_ps(ac, b)),
+            c,
+        ]
+    };
+    for grp in 0..groups {
+        for blk in 0..blocks {
+            let rows = MR.min(cog - blk * MR);
+            for c0 in (0..cig).step_by(2) {
+                let pair = 2.min(cig - c0);
+                // Lane l: input channel c0 + l / MR, output channel blk·MR + l % MR.
+                let mut taps = [[0f32; 8]; 9];
+                for l in 0..pair * MR {
+                    let (c, i) = (c0 + l / MR, l % MR);
+                    if i < rows {
+                        let g = &k[(grp * cog + blk * MR + i) * cig + c];
+                        for t in 0..9 {
+                            taps[t][l] = g[t];
+                        }
+                    }
+                }
+                let g: [__m256; 9] = std::array::from_fn(|t| _mm256_loadu_ps(taps[t].as_ptr()));
+                // g Gᵀ per kernel row, then G per column.
+                let r: [[__m256; 4]; 3] =
+                    std::array::from_fn(|ky| g4(g[ky * 3], g[ky * 3 + 1], g[ky * 3 + 2]));
+                let mask = _mm256_loadu_si256(MASK.as_ptr().add(8 - pair * MR) as *const __m256i);
+                for j in 0..4 {
+                    let col = g4(r[0][j], r[1][j], r[2][j]);
+                    for i in 0..4 {
+                        let xi = i * 4 + j;
+                        let at = (((xi * groups + grp) * blocks + blk) * cig + c0) * MR;
+                        _mm256_maskstore_ps(packed.as_mut_ptr().add(at), mask, col[i]);
+                    }
+                }
             }
         }
-        u
-    };
-    let all: Vec<[f32; 16]> = (0..groups * cog * cig)
-        .map(|t| u_at(t / (cog * cig), t / cig % cog, t % cig))
-        .collect();
-    pack_weight(16 * groups, cog, cig, |xg, o, c| {
-        let (xi, grp) = (xg / groups, xg % groups);
-        all[(grp * cog + o) * cig + c][xi]
-    })
+    }
 }
 
 /// Writes images `xs` into their even/odd column planes: channel `c`'s padded row `r` (input
@@ -365,7 +433,7 @@ unsafe fn copy_exact(dst: *mut f32, src: *const f32, n: usize) {
         t += 8;
     }
     if t < n {
-        let m = _mm256_loadu_si256(super::MASK.as_ptr().add(8 - (n - t)) as *const __m256i);
+        let m = _mm256_loadu_si256(MASK.as_ptr().add(8 - (n - t)) as *const __m256i);
         _mm256_maskstore_ps(dst.add(t), m, _mm256_maskload_ps(src.add(t), m));
     }
 }
