@@ -122,9 +122,10 @@ pub(in crate::conv) fn conv3x3(
             for q0 in (0..ntiles).step_by(NR) {
                 let width = NR.min(ntiles - q0);
                 tile_segments(s, q0, width, &mut segs);
-                // SAFETY: `v` holds 16·ci rows of vw = NR + 8 floats; a segment writes columns
-                // [j, j + len rounded up to 8) ⊂ [0, NR + 8). Plane reads stay inside each
-                // channel's planes (`plane_cols` leaves a vector of slack).
+                // SAFETY: `v` holds 16 blocks of vx ≥ ci·vw floats, rows vw = NR + 8 apart; a
+                // segment writes columns [j, j + len rounded up to 8) ⊂ [0, NR + 8) of a row.
+                // Plane reads stay inside each channel's planes (`plane_cols` leaves a vector of
+                // slack; asserted).
                 unsafe { input_transform(s, &planes, &segs, v[vo..].as_mut_ptr(), vw, vx) };
                 for grp in 0..groups {
                     for xi in 0..16 {
