@@ -524,8 +524,8 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         // More input channels than one depth slice of the register tiles (KC = 128).
         (
             false,
-            (1, 136, 6, 5),
-            (16, 136, 3, 3),
+            (2, 136, 6, 5),
+            (40, 136, 3, 3),
             p([1, 1], [1, 1], [1, 1], 1),
             [0, 0],
             None,
