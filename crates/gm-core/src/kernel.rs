@@ -143,8 +143,8 @@ impl Transcendental for f64 {
 }
 
 /// A vector of `len` elements written by `f(task, chunk)` over consecutive chunks of `chunk`
-/// elements spread over the thread pool ([`crate::par`]), without filling it with zeros first (a serial pass over
-/// memory that `f` overwrites anyway).
+/// elements spread over the thread pool ([`crate::par`]), without filling it with zeros first (a
+/// serial pass over memory that `f` overwrites anyway).
 ///
 /// # Safety
 /// `f` must write every element of the chunk it is given.

@@ -22,11 +22,11 @@
 #![allow(unsafe_code)]
 
 use super::{sum_tasks, Geom, Plan};
-
-mod winograd;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
+
+mod winograd;
 
 /// Rows of a register tile (the broadcast operand).
 const MR: usize = 4;

@@ -104,6 +104,7 @@ pub(in crate::conv) fn conv3x3(
     );
     let in_len = s.ci * s.h * s.w;
     let out_len = s.co * s.ho * s.wo;
+    let (blocks, cop) = (cog.div_ceil(MR), cog.next_multiple_of(MR));
     let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
         let mut planes = vec![0f32; nb * s.ci * s.plane_len()];
         // The panel's transformed input `[ξ][c][NR + 8]` (ξ blocks `vx` apart, staggered by a
@@ -112,7 +113,7 @@ pub(in crate::conv) fn conv3x3(
         let vw = NR + 8;
         let vx = s.ci * vw + 16;
         let (mut v, vo) = aligned(16 * vx);
-        let (mut m, mo) = aligned(16 * cog.next_multiple_of(MR) * NR);
+        let (mut m, mo) = aligned(16 * cop * NR);
         let mut segs = Vec::new();
         for (sub, ys) in ys.chunks_mut(nb * out_len).enumerate() {
             let first = task * images_per_task + sub * nb;
@@ -129,7 +130,6 @@ pub(in crate::conv) fn conv3x3(
                 unsafe { input_transform(s, &planes, &segs, v[vo..].as_mut_ptr(), vw, vx) };
                 for grp in 0..groups {
                     for xi in 0..16 {
-                        let blocks = cog.div_ceil(MR);
                         for blk in 0..blocks {
                             let a =
                                 &u[((xi * groups + grp) * blocks + blk) * cig * MR..][..cig * MR];
@@ -144,9 +144,7 @@ pub(in crate::conv) fn conv3x3(
                                         a.as_ptr().add(kc0 * MR),
                                         v.as_ptr().add(vo + xi * vx + (grp * cig + kc0) * vw),
                                         vw,
-                                        m.as_mut_ptr().add(
-                                            mo + (xi * cog.next_multiple_of(MR) + blk * MR) * NR,
-                                        ),
+                                        m.as_mut_ptr().add(mo + (xi * cop + blk * MR) * NR),
                                         NR,
                                         kc0 > 0,
                                     )
@@ -323,8 +321,9 @@ fn tile_segments(s: &Shape, q0: usize, width: usize, out: &mut Vec<TileSeg>) {
     }
 }
 
-/// `V[ξ][c][j + t] = (Bᵀ d B)[ξ]` (at `ξ·vx + c·vw + j + t`) for every tile of `segs` and channel `c`, eight tiles at a
-/// time, with `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
+/// `V[ξ][c][j + t] = (Bᵀ d B)[ξ]` (at `ξ·vx + c·vw + j + t`) for every tile of `segs` and
+/// channel `c`, eight tiles at a time, with `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0],
+/// [0, 1, 0, −1]]`.
 ///
 /// # Safety
 /// `v` must be valid for 16 blocks of `vx ≥ ci·vw` floats, rows `vw ≥ NR + 8` apart; segments
