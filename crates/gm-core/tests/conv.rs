@@ -357,7 +357,7 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         [usize; 2],
         Option<[usize; 2]>,
     );
-    let cases: [Geo; 23] = [
+    let cases: [Geo; 24] = [
         (
             false,
             (6, 3, 5, 7),
@@ -480,6 +480,15 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             (2, 16, 20, 37),
             (5, 16, 4, 4),
             p([2, 2], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // Groups, stride and dilation in the direct kernel (16 output channels per group).
+        (
+            false,
+            (2, 16, 11, 9),
+            (32, 8, 3, 3),
+            p([2, 2], [1, 1], [2, 1], 2),
             [0, 0],
             None,
         ),

@@ -1,15 +1,20 @@
 //! AVX2 + FMA kernels for f32 convolutions that never build the whole column matrix.
 //!
-//! Each image is first laid out as zero-padded *phase planes*: for stride `s`, the `s × s`
+//! Each image is first laid out as zero-padded *planes*: for stride `s`, the `s × s` *phase*
 //! sub-grids of the padded plane, so that the pixels one kernel tap reads along an output row are
-//! contiguous whatever the stride. Then, per direction:
-//! - **forward**: for each panel of [`NR`] output pixels (panels run across rows and images), the
-//!   `K × NR` block of the column matrix is copied from the planes into a panel that stays in L1,
-//!   and an `MR × NR` register tile multiplies the packed weight by it, stored straight into `y`;
+//! contiguous whatever the stride (the direct kernel reads single values, and takes the padded
+//! plane itself). Then, per direction:
+//! - **forward**: with at least 12 output channels per group, the [`direct`] kernel: register
+//!   tiles of 6 output pixels × 16 channels, each input value broadcast from the planes against
+//!   two vectors of packed weights, so nothing is gathered; transposed into `y` once per 48
+//!   pixels. With fewer channels, the *panel* kernel: for each panel of [`NR`] output pixels
+//!   (panels run across rows and images), the `K × NR` block of the column matrix is copied from
+//!   the phase planes into a panel that stays in L1, and an `MR × NR` register tile multiplies
+//!   the packed weight by it, stored straight into `y`;
 //! - **data gradient**: `s_h·s_w` sub-pixel convolutions. The pixels of `dx` that are
 //!   `≡ (py, px)` modulo the stride receive only the kernel taps whose offset matches that phase,
 //!   so each phase is a stride-1 convolution of `dy` (padded) by those taps, flipped, with the
-//!   weight's channel axes swapped: the forward kernel computes it, and the phases are
+//!   weight's channel axes swapped: a forward kernel computes it, and the phases are
 //!   interleaved into `dx` (at stride 1, the one phase is `dx` itself). No column matrix is
 //!   built and nothing is added back (no col2im);
 //! - **filter gradient**: dot products along the pixels between rows of `dy` and rows of the
@@ -26,6 +31,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
+mod direct;
 mod winograd;
 
 /// Rows of a register tile (the broadcast operand).
@@ -628,6 +634,84 @@ impl Forward<'_> {
     }
 }
 
+/// Whether `cog` output channels per group suit the [`direct`] kernel, whose register tiles are
+/// [`direct::CH`] channels wide: at most a quarter of a tile's channels wasted. Fewer channels go
+/// to the panel kernel [`Forward`], whose tiles are [`MR`] channels by [`NR`] pixels.
+fn direct_fits(cog: usize) -> bool {
+    4 * cog >= 3 * cog.next_multiple_of(direct::CH)
+}
+
+/// The weight packed for the forward kernel [`Kernel::new`] builds (`rows` output channels per
+/// group, `at(group, row, d)`).
+fn pack_fwd(
+    direct: bool,
+    groups: usize,
+    rows: usize,
+    depth: usize,
+    at: impl Fn(usize, usize, usize) -> f32,
+) -> Vec<f32> {
+    if direct {
+        direct::pack(groups, rows, depth, at)
+    } else {
+        pack_weight(groups, rows, depth, at)
+    }
+}
+
+/// A forward kernel on filled planes (the convolution, or a sub-pixel phase of a data
+/// gradient): the direct kernel on stride-1 planes, or the panel kernel on phase planes.
+enum Kernel<'a> {
+    Panel(Forward<'a>),
+    Direct(direct::Direct<'a>),
+}
+
+/// Per-task buffers of either kernel.
+enum Scratches {
+    Panel(Scratch),
+    Direct(direct::Scratch),
+}
+
+impl Scratches {
+    /// Buffers for kernel depths up to `k` and `cog` output channels per group.
+    fn new(direct: bool, k: usize, cog: usize) -> Self {
+        if direct {
+            Self::Direct(direct::Scratch::new(cog))
+        } else {
+            Self::Panel(Scratch::new(k, cog))
+        }
+    }
+}
+
+impl<'a> Kernel<'a> {
+    /// `pack` from [`pack_fwd`] with the same `direct`; `taps` from `pl`, which for the direct
+    /// kernel has stride 1.
+    fn new(direct: bool, g: &'a Geom, pl: &'a Planes, taps: &'a [usize], pack: &'a [f32]) -> Self {
+        if direct {
+            Self::Direct(direct::Direct {
+                g,
+                pl,
+                taps,
+                wpack: pack,
+            })
+        } else {
+            Self::Panel(Forward {
+                g,
+                pl,
+                taps,
+                apack: pack,
+            })
+        }
+    }
+
+    /// `ys`: the outputs of the images whose planes fill the start of `planes`.
+    fn run(&self, planes: &[f32], ys: &mut [MaybeUninit<f32>], s: &mut Scratches) {
+        match (self, s) {
+            (Self::Direct(k), Scratches::Direct(s)) => k.run(planes, ys, s),
+            (Self::Panel(k), Scratches::Panel(s)) => k.run(planes, ys, s),
+            _ => unreachable!("scratch for the other kernel"),
+        }
+    }
+}
+
 /// Whether `g` is a stride-1, dilation-1 3 × 3 convolution padded by at most 2 (so that its data
 /// gradient is one too) whose direction (`data_gradient` or the forward) [`winograd`] computes
 /// faster, and `GM_WINOGRAD` is not `0`: at least [`winograd::MIN_CHANNELS`] channels per group
@@ -658,18 +742,20 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
         return winograd::conv3x3(&shape, plan.per_task, x, wt, false);
     }
     let (k, cog, in_len, out_len) = (g.k(), g.cog(), g.in_len(), g.out_len());
-    let pl = Planes::new(g);
+    let direct = direct_fits(cog);
+    // The direct kernel reads any stride from plain padded planes; the panel kernel's runs
+    // need the phase planes.
+    let mut flat = *g;
+    flat.p.stride = [1, 1];
+    let pl = Planes::new(if direct { &flat } else { g });
     let taps = pl.taps(g);
-    let apack = pack_weight(g.p.groups, cog, k, |grp, o, r| wt[(grp * cog + o) * k + r]);
-    let fwd = Forward {
-        g,
-        pl: &pl,
-        taps: &taps,
-        apack: &apack,
-    };
+    let pack = pack_fwd(direct, g.p.groups, cog, k, |grp, o, r| {
+        wt[(grp * cog + o) * k + r]
+    });
+    let fwd = Kernel::new(direct, g, &pl, &taps, &pack);
     let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
         let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
-        let mut scratch = Scratch::new(k, cog);
+        let mut scratch = Scratches::new(direct, k, cog);
         for (sub, ys) in ys.chunks_mut(plan.nb * out_len).enumerate() {
             let first = task * plan.per_task + sub * plan.nb;
             let nb = ys.len() / out_len;
@@ -677,8 +763,9 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
             fwd.run(&planes, ys, &mut scratch);
         }
     };
-    // SAFETY: every task writes all of its images' outputs: the panels cover every pixel of the
-    // chunk, and each block of output channels is stored (in place or from `ctiles`).
+    // SAFETY: every task writes all of its images' outputs: the panels (or pixel groups) cover
+    // every pixel of the chunk, and each block of output channels is stored (the panel kernel's
+    // in place or from `ctiles`, the direct kernel's from its tile results).
     unsafe { crate::kernel::par_written(g.n * out_len, plan.per_task * out_len, images) }
 }
 
@@ -757,7 +844,7 @@ const SUBPIXEL_PIXELS: usize = 100;
 /// `dx = conv2d_backward_data(dy, w)` (the transposed convolution of `dy` by `w`), as `s_h·s_w`
 /// sub-pixel forward convolutions of `dy`: each phase of `dx` (the pixels `≡ (py, px)` modulo
 /// the stride) is a stride-1 convolution of `dy` with the kernel taps that reach it, flipped
-/// and with the channel axes swapped. Each phase is computed by [`Forward`] into a buffer and
+/// and with the channel axes swapped. Each phase is computed by a [`Kernel`] into a buffer and
 /// interleaved into `dx` (written directly at stride 1) — no col2im adds. Few channels or small
 /// phases go to [`conv_bwd_data_col2im`].
 pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f32> {
@@ -806,6 +893,7 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
         },
     };
     let geoms: Vec<Geom> = phases.iter().map(as_input).collect();
+    let direct = direct_fits(cig);
     let pl = Planes::new(&geoms[0]);
     let work: Vec<(Vec<usize>, Vec<f32>)> = phases
         .iter()
@@ -821,7 +909,7 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
                 }
             }
             let t = f.tx.len();
-            let apack = pack_weight(groups, cig, gp.k(), |grp, c, d| {
+            let apack = pack_fwd(direct, groups, cig, gp.k(), |grp, c, d| {
                 let (o, ky, kx) = (
                     d / (f.ty.len() * t),
                     f.ty[d / t % f.ty.len()].0,
@@ -833,11 +921,11 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
         })
         .collect();
     let kmax = geoms.iter().map(Geom::k).max().unwrap_or(0);
-    let direct = phases.len() == 1;
+    let single = phases.len() == 1;
     let [sh, sw] = g.p.stride;
     let images = |task: usize, xs: &mut [MaybeUninit<f32>]| {
         let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
-        let mut scratch = Scratch::new(kmax, cig);
+        let mut scratch = Scratches::new(direct, kmax, cig);
         let mut parts: Vec<Vec<MaybeUninit<f32>>> = vec![Vec::new(); phases.len()];
         for (sub, xs) in xs.chunks_mut(plan.nb * in_len).enumerate() {
             let first = task * plan.per_task + sub * plan.nb;
@@ -848,13 +936,8 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
                 &mut planes,
             );
             for ((part, gp), (taps, apack)) in parts.iter_mut().zip(&geoms).zip(&work) {
-                let fwd = Forward {
-                    g: gp,
-                    pl: &pl,
-                    taps,
-                    apack,
-                };
-                if direct {
+                let fwd = Kernel::new(direct, gp, &pl, taps, apack);
+                if single {
                     fwd.run(&planes, xs, &mut scratch);
                     continue;
                 }
@@ -865,7 +948,7 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
                     part.fill(MaybeUninit::new(0.0));
                 }
             }
-            if direct {
+            if single {
                 continue;
             }
             // dx[.., sh·a + py, sw·b + px] = parts[py·sw + px][.., a, b], row by row.
