@@ -7,6 +7,11 @@
 //! dilation or row break costs nothing: no column panel is gathered, and the planes are plain
 //! padded copies of the images (whole rows copied). The tile's results are pixel-major; they are
 //! transposed into the `(channel, pixel)` output once, after the whole depth.
+//!
+//! The filter gradient ([`filter`]) has the same shape with the roles turned: a tile is [`PX`]
+//! column-matrix rows × [`CH`] output channels, its loop runs over the pixels, and per pixel it
+//! reads the [`CH`] values of a pixel-major copy of `dy` and broadcasts the input value each of
+//! the rows reads there.
 
 use super::{aligned, segments, Planes, Seg, KC};
 use crate::conv::Geom;
@@ -249,6 +254,7 @@ fn store(cb: &[f32], j: usize, len: usize, chans: usize, dst: &mut [MaybeUninit<
             unsafe {
                 transpose8(
                     cb.as_ptr().add((j + t) * CH + 8 * h),
+                    CH,
                     dst.as_mut_ptr().add(8 * h * pix + t).cast::<f32>(),
                     pix,
                     n,
@@ -264,14 +270,14 @@ fn store(cb: &[f32], j: usize, len: usize, chans: usize, dst: &mut [MaybeUninit<
     }
 }
 
-/// `dst[i·ld + r] = src[r·CH + i]` for 8 rows `r` and the first `n` of 8 columns `i`.
+/// `dst[i·ldd + r] = src[r·lds + i]` for 8 rows `r` and the first `n` of 8 columns `i`.
 ///
 /// # Safety
-/// `src` valid for 8 rows of 8 floats `CH` apart, `dst` for `n` rows of 8 floats `ld` apart.
+/// `src` valid for 8 rows of 8 floats `lds` apart, `dst` for `n` rows of 8 floats `ldd` apart.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn transpose8(src: *const f32, dst: *mut f32, ld: usize, n: usize) {
+unsafe fn transpose8(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, n: usize) {
     use std::arch::x86_64::*;
-    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * CH)));
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * lds)));
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
     let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -299,6 +305,214 @@ unsafe fn transpose8(src: *const f32, dst: *mut f32, ld: usize, n: usize) {
         _mm256_permute2f128_ps::<0x31>(s3, s7),
     ];
     for (i, v) in out.iter().enumerate().take(n) {
-        _mm256_storeu_ps(dst.add(i * ld), *v);
+        _mm256_storeu_ps(dst.add(i * ldd), *v);
+    }
+}
+
+/// Pixels per range of the filter gradient: the transposed `dy` block of a range
+/// (`FR × CH` floats, 16 KB) stays in L1 while every tile of column rows sweeps it.
+const FR: usize = 256;
+
+/// `acc (PX × CH) += Σ_p x(p)[taps[i]] · dyt[p][j]` over `n` pixels: `px[p]` is pixel `p`'s
+/// origin in the planes, `dyt` the pixel-major `dy` block (`[p][CH]`), `acc` row-major
+/// `[PX][CH]` (one row per column-matrix row).
+///
+/// # Safety
+/// `px` and `dyt` valid for `n` pixels, each `px[p].add(taps[i])` for one float, `acc` for
+/// `PX·CH` floats.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn filter_tile(
+    n: usize,
+    px: *const *const f32,
+    dyt: *const f32,
+    taps: &[usize; PX],
+    acc: *mut f32,
+) {
+    const _: () = assert!(PX == 6 && CH == 16);
+    std::arch::asm!(
+        "vmovups ymm4, [{c}]",
+        "vmovups ymm5, [{c} + 32]",
+        "vmovups ymm6, [{c} + 64]",
+        "vmovups ymm7, [{c} + 96]",
+        "vmovups ymm8, [{c} + 128]",
+        "vmovups ymm9, [{c} + 160]",
+        "vmovups ymm10, [{c} + 192]",
+        "vmovups ymm11, [{c} + 224]",
+        "vmovups ymm12, [{c} + 256]",
+        "vmovups ymm13, [{c} + 288]",
+        "vmovups ymm14, [{c} + 320]",
+        "vmovups ymm15, [{c} + 352]",
+        "test {n}, {n}",
+        "jz 3f",
+        "2:",
+        "mov {b}, [{px}]",
+        "vmovups ymm0, [{dy}]",
+        "vmovups ymm1, [{dy} + 32]",
+        "vbroadcastss ymm2, dword ptr [{b} + {t0}*4]",
+        "vfmadd231ps ymm4, ymm2, ymm0",
+        "vfmadd231ps ymm5, ymm2, ymm1",
+        "vbroadcastss ymm3, dword ptr [{b} + {t1}*4]",
+        "vfmadd231ps ymm6, ymm3, ymm0",
+        "vfmadd231ps ymm7, ymm3, ymm1",
+        "vbroadcastss ymm2, dword ptr [{b} + {t2}*4]",
+        "vfmadd231ps ymm8, ymm2, ymm0",
+        "vfmadd231ps ymm9, ymm2, ymm1",
+        "vbroadcastss ymm3, dword ptr [{b} + {t3}*4]",
+        "vfmadd231ps ymm10, ymm3, ymm0",
+        "vfmadd231ps ymm11, ymm3, ymm1",
+        "vbroadcastss ymm2, dword ptr [{b} + {t4}*4]",
+        "vfmadd231ps ymm12, ymm2, ymm0",
+        "vfmadd231ps ymm13, ymm2, ymm1",
+        "vbroadcastss ymm3, dword ptr [{b} + {t5}*4]",
+        "vfmadd231ps ymm14, ymm3, ymm0",
+        "vfmadd231ps ymm15, ymm3, ymm1",
+        "add {px}, 8",
+        "add {dy}, 64",
+        "dec {n}",
+        "jnz 2b",
+        "3:",
+        "vmovups [{c}], ymm4",
+        "vmovups [{c} + 32], ymm5",
+        "vmovups [{c} + 64], ymm6",
+        "vmovups [{c} + 96], ymm7",
+        "vmovups [{c} + 128], ymm8",
+        "vmovups [{c} + 160], ymm9",
+        "vmovups [{c} + 192], ymm10",
+        "vmovups [{c} + 224], ymm11",
+        "vmovups [{c} + 256], ymm12",
+        "vmovups [{c} + 288], ymm13",
+        "vmovups [{c} + 320], ymm14",
+        "vmovups [{c} + 352], ymm15",
+        "vzeroupper",
+        n = inout(reg) n => _,
+        px = inout(reg) px => _,
+        dy = inout(reg) dyt => _,
+        b = out(reg) _,
+        t0 = in(reg) taps[0],
+        t1 = in(reg) taps[1],
+        t2 = in(reg) taps[2],
+        t3 = in(reg) taps[3],
+        t4 = in(reg) taps[4],
+        t5 = in(reg) taps[5],
+        c = in(reg) acc,
+        out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+        out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+        out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+        out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+        options(nostack),
+    );
+}
+
+/// The filter gradient of the images whose stride-1 planes fill the start of `planes` (outputs
+/// `dy`, `(nb, co, pix)`), added to `acc`, laid out `[group][block of CH output channels][tile
+/// of PX column rows][PX][CH]` ([`filter_acc_len`]): for each range of [`FR`] pixels and block
+/// of output channels, `dy` is transposed to pixel-major and every tile of column rows sweeps
+/// it, broadcasting the input value each row reads at each pixel.
+pub(super) fn filter(
+    g: &Geom,
+    pl: &Planes,
+    taps: &[usize],
+    planes: &[f32],
+    dy: &[f32],
+    acc: &mut [f32],
+) {
+    let (k, pix, cog, out_len) = (g.k(), g.pix(), g.cog(), g.out_len());
+    let (blocks, ktiles) = (cog.div_ceil(CH), k.div_ceil(PX));
+    let nimg = dy.len() / out_len;
+    let ncols = nimg * pix;
+    let [sh, sw] = g.p.stride;
+    assert!(planes.len() >= nimg * pl.img && acc.len() >= filter_acc_len(g));
+    let origins: Vec<*const f32> = (0..ncols)
+        .map(|q| {
+            let (img, p) = (q / pix, q % pix);
+            let (oy, ox) = (p / g.wo, p % g.wo);
+            planes[img * pl.img + sh * oy * pl.wq + sw * ox..].as_ptr()
+        })
+        .collect();
+    let mut dyt = vec![0f32; FR * CH];
+    let mut segs = Vec::new();
+    for q0 in (0..ncols).step_by(FR) {
+        let width = FR.min(ncols - q0);
+        segments(g, pl, q0, width, false, &mut segs);
+        for grp in 0..g.p.groups {
+            let gtaps = &taps[grp * k..][..k];
+            for blk in 0..blocks {
+                let chans = CH.min(cog - blk * CH);
+                for sg in &segs {
+                    let at = sg.img * out_len + (grp * cog + blk * CH) * pix + sg.p;
+                    load_t(&dy[at..], pix, chans, sg.len, &mut dyt[sg.j * CH..]);
+                }
+                for kt in 0..ktiles {
+                    let t: [usize; PX] = std::array::from_fn(|i| gtaps[(kt * PX + i).min(k - 1)]);
+                    let a = &mut acc[((grp * blocks + blk) * ktiles + kt) * PX * CH..][..PX * CH];
+                    // SAFETY: origins[q0..] and dyt hold width pixels; every origin plus a tap
+                    // is a padded position of its image's planes; a is PX·CH floats.
+                    unsafe {
+                        filter_tile(
+                            width,
+                            origins[q0..].as_ptr(),
+                            dyt.as_ptr(),
+                            &t,
+                            a.as_mut_ptr(),
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Length of [`filter`]'s accumulator.
+pub(super) fn filter_acc_len(g: &Geom) -> usize {
+    g.p.groups * g.cog().div_ceil(CH) * g.k().div_ceil(PX) * PX * CH
+}
+
+/// The filter gradient `(co, k)` from [`filter`]'s accumulator.
+pub(super) fn filter_unpack(g: &Geom, acc: &[f32]) -> Vec<f32> {
+    let (k, cog) = (g.k(), g.cog());
+    let (blocks, ktiles) = (cog.div_ceil(CH), k.div_ceil(PX));
+    let mut dw = vec![0f32; g.co * k];
+    for grp in 0..g.p.groups {
+        for o in 0..cog {
+            for r in 0..k {
+                let (blk, i, kt, rr) = (o / CH, o % CH, r / PX, r % PX);
+                dw[(grp * cog + o) * k + r] =
+                    acc[(((grp * blocks + blk) * ktiles + kt) * PX + rr) * CH + i];
+            }
+        }
+    }
+    dw
+}
+
+/// `dst[p·CH + i] = src[i·ld + p]` for `chans` channel rows of `len` pixels (`chans ≤ CH`;
+/// the other columns of `dst` are zeroed).
+fn load_t(src: &[f32], ld: usize, chans: usize, len: usize, dst: &mut [f32]) {
+    assert!(chans == 0 || src.len() >= (chans - 1) * ld + len);
+    assert!(dst.len() >= len * CH);
+    // Whole blocks of 8 channels by 8 × 8 transposes, the rest one by one.
+    let full = chans / 8;
+    let mut p = 0;
+    while p + 8 <= len {
+        for h in 0..full {
+            // SAFETY: channel rows 8h .. 8h + 8 < chans of src have pixels p .. p + 8 < len;
+            // dst rows p .. p + 8 have CH ≥ 8h + 8 columns (asserted).
+            unsafe {
+                transpose8(
+                    src.as_ptr().add(8 * h * ld + p),
+                    ld,
+                    dst.as_mut_ptr().add(p * CH + 8 * h),
+                    CH,
+                    8,
+                )
+            };
+        }
+        p += 8;
+    }
+    for q in 0..len {
+        let row = &mut dst[q * CH..][..CH];
+        let from = if q < p { 8 * full } else { 0 };
+        for (i, d) in row.iter_mut().enumerate().skip(from) {
+            *d = if i < chans { src[i * ld + q] } else { 0.0 };
+        }
     }
 }
