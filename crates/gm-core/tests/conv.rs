@@ -357,7 +357,7 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         [usize; 2],
         Option<[usize; 2]>,
     );
-    let cases: [Geo; 24] = [
+    let cases: [Geo; 25] = [
         (
             false,
             (6, 3, 5, 7),
@@ -483,12 +483,24 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             [0, 0],
             None,
         ),
-        // Groups, stride and dilation in the direct kernel (16 output channels per group).
+        // Groups, stride and dilation in the direct kernels (12 output channels per group: a
+        // partly empty 16-channel tile; column depth 144).
         (
             false,
-            (2, 16, 11, 9),
-            (32, 8, 3, 3),
+            (2, 32, 11, 9),
+            (24, 16, 3, 3),
             p([2, 2], [1, 1], [2, 1], 2),
+            [0, 0],
+            None,
+        ),
+        // Deep enough for the direct kernel in every direction: forward (depth 256), the
+        // sub-pixel data gradient's phases (depth 128, 10 × 11 pixels each) and the filter
+        // gradient.
+        (
+            false,
+            (2, 16, 20, 22),
+            (32, 16, 4, 4),
+            p([2, 2], [1, 1], [1, 1], 1),
             [0, 0],
             None,
         ),

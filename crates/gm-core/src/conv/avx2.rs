@@ -4,13 +4,13 @@
 //! sub-grids of the padded plane, so that the pixels one kernel tap reads along an output row are
 //! contiguous whatever the stride (the direct kernel reads single values, and takes the padded
 //! plane itself). Then, per direction:
-//! - **forward**: with at least 12 output channels per group, the [`direct`] kernel: register
-//!   tiles of 6 output pixels × 16 channels, each input value broadcast from the planes against
-//!   two vectors of packed weights, so nothing is gathered; transposed into `y` once per 48
-//!   pixels. With fewer channels, the *panel* kernel: for each panel of [`NR`] output pixels
-//!   (panels run across rows and images), the `K × NR` block of the column matrix is copied from
-//!   the phase planes into a panel that stays in L1, and an `MR × NR` register tile multiplies
-//!   the packed weight by it, stored straight into `y`;
+//! - **forward**: with at least 12 output channels per group and a column depth of 128 or
+//!   more, the [`direct`] kernel: register tiles of 6 output pixels × 16 channels, each input
+//!   value broadcast from the planes against two vectors of packed weights, so nothing is
+//!   gathered; transposed into `y` once per 48 pixels. Otherwise the *panel* kernel: for each
+//!   panel of [`NR`] output pixels (panels run across rows and images), the `K × NR` block of
+//!   the column matrix is copied from the phase planes into a panel that stays in L1, and an
+//!   `MR × NR` register tile multiplies the packed weight by it, stored straight into `y`;
 //! - **data gradient**: `s_h·s_w` sub-pixel convolutions. The pixels of `dx` that are
 //!   `≡ (py, px)` modulo the stride receive only the kernel taps whose offset matches that phase,
 //!   so each phase is a stride-1 convolution of `dy` (padded) by those taps, flipped, with the
@@ -24,8 +24,8 @@
 //!   register tiles.
 //!
 //! The general gemm these replace packs both operands of every call into its own layout; here the
-//! panels *are* the packed layout, which removes that pass and the column matrix's round trip
-//! through memory.
+//! panels (or the planes the direct kernel reads) *are* the packed layout, which removes that
+//! pass and the column matrix's round trip through memory.
 
 #![allow(unsafe_code)]
 
@@ -644,6 +644,13 @@ fn direct_fits(cog: usize) -> bool {
     4 * cog >= 3 * cog.next_multiple_of(direct::CH)
 }
 
+/// Column-matrix depth from which a forward takes the [`direct`] kernel: its results are
+/// transposed into the output, a fixed cost per output value that a shallow depth does not
+/// repay (the panel kernel stores in place). pixelcnn-mnist's train step (1 × 1 and split
+/// masked convolutions of depth 32–96): 231.6 ms with this threshold against 243.6 with the
+/// direct kernel at every depth (five alternating pairs, one thread).
+const DIRECT_DEPTH: usize = 128;
+
 /// The weight packed for the forward kernel [`Kernel::new`] builds (`rows` output channels per
 /// group, `at(group, row, d)`).
 fn pack_fwd(
@@ -745,7 +752,7 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
         return winograd::conv3x3(&shape, plan.per_task, x, wt, false);
     }
     let (k, cog, in_len, out_len) = (g.k(), g.cog(), g.in_len(), g.out_len());
-    let direct = direct_fits(cog);
+    let direct = direct_fits(cog) && k >= DIRECT_DEPTH;
     // The direct kernel reads any stride from plain padded planes; the panel kernel's runs
     // need the phase planes.
     let mut flat = *g;
@@ -896,7 +903,7 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
         },
     };
     let geoms: Vec<Geom> = phases.iter().map(as_input).collect();
-    let direct = direct_fits(cig);
+    let direct = direct_fits(cig) && geoms.iter().any(|gp| gp.k() >= DIRECT_DEPTH);
     let pl = Planes::new(&geoms[0]);
     let work: Vec<(Vec<usize>, Vec<f32>)> = phases
         .iter()
