@@ -4,9 +4,11 @@
 //! nested loop, 6–8× slower than PyTorch. gm's ops replace them on the CPU, with images split
 //! into tasks over candle's thread pool ([`crate::par`]):
 //! - f32 on x86-64 CPUs with AVX2 and FMA: register-tile kernels that never build the column
-//!   matrix (the private `avx2` module: zero-padded phase planes, column panels that stay in L1,
-//!   4 × 24 tiles for the forward and for the data gradient as sub-pixel convolutions — col2im
-//!   for few channels —, 3 × 4 dot tiles for the filter gradient);
+//!   matrix (the private `avx2` module: direct 6-pixel × 16-channel tiles that broadcast input
+//!   values from zero-padded planes, for the forward and the filter gradient of deep enough
+//!   convolutions; otherwise column panels that stay in L1 with 4 × 24 tiles, and 3 × 4 dot
+//!   tiles for the filter gradient; the data gradient as sub-pixel convolutions through the
+//!   forward kernels — col2im for few channels —; Winograd F(2×2, 3×3) for stride-1 3 × 3);
 //! - otherwise (f64, other CPUs, or `GM_CONV=gemm` to compare): im2col/col2im around one `gemm`
 //!   call per chunk of images.
 //!
