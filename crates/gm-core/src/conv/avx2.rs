@@ -34,6 +34,26 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
+/// Assembly that zeroes the 12 accumulators `ymm4`–`ymm15` of the register tiles.
+macro_rules! zero_acc {
+    () => {
+        concat!(
+            "vxorps ymm4, ymm4, ymm4\n",
+            "vxorps ymm5, ymm5, ymm5\n",
+            "vxorps ymm6, ymm6, ymm6\n",
+            "vxorps ymm7, ymm7, ymm7\n",
+            "vxorps ymm8, ymm8, ymm8\n",
+            "vxorps ymm9, ymm9, ymm9\n",
+            "vxorps ymm10, ymm10, ymm10\n",
+            "vxorps ymm11, ymm11, ymm11\n",
+            "vxorps ymm12, ymm12, ymm12\n",
+            "vxorps ymm13, ymm13, ymm13\n",
+            "vxorps ymm14, ymm14, ymm14\n",
+            "vxorps ymm15, ymm15, ymm15\n",
+        )
+    };
+}
+
 mod direct;
 mod winograd;
 
@@ -350,18 +370,7 @@ unsafe fn tile(
         "vmovups ymm15, [{c3} + 64]",
         "jmp 5f",
         "4:",
-        "vxorps ymm4, ymm4, ymm4",
-        "vxorps ymm5, ymm5, ymm5",
-        "vxorps ymm6, ymm6, ymm6",
-        "vxorps ymm7, ymm7, ymm7",
-        "vxorps ymm8, ymm8, ymm8",
-        "vxorps ymm9, ymm9, ymm9",
-        "vxorps ymm10, ymm10, ymm10",
-        "vxorps ymm11, ymm11, ymm11",
-        "vxorps ymm12, ymm12, ymm12",
-        "vxorps ymm13, ymm13, ymm13",
-        "vxorps ymm14, ymm14, ymm14",
-        "vxorps ymm15, ymm15, ymm15",
+        zero_acc!(),
         "5:",
         "test {d}, {d}",
         "jz 3f",
@@ -497,20 +506,22 @@ unsafe fn dots_mn(
     }
 }
 
-/// The broadcast operand of [`tile`] for each group: `rows` rows of `depth` values `at(group,
-/// row, d)`, packed as `[group][block of MR rows][depth][MR]`, zero rows past `rows`.
-fn pack_weight(
+/// A weight packed for the register tiles of each group: `rows` rows of `depth` values
+/// `at(group, row, d)`, as `[group][block of W rows][depth][W]`, zero rows past `rows` — the
+/// broadcast operand of [`tile`] (`W` = [`MR`]) or the vector operand of the direct kernels
+/// (`W` = [`direct::CH`]).
+fn pack_weight<const W: usize>(
     groups: usize,
     rows: usize,
     depth: usize,
     at: impl Fn(usize, usize, usize) -> f32,
 ) -> Vec<f32> {
-    let blocks = rows.div_ceil(MR);
-    let mut packed = vec![0f32; groups * blocks * depth * MR];
+    let blocks = rows.div_ceil(W);
+    let mut packed = vec![0f32; groups * blocks * depth * W];
     for grp in 0..groups {
         for row in 0..rows {
             for d in 0..depth {
-                packed[((grp * blocks + row / MR) * depth + d) * MR + row % MR] = at(grp, row, d);
+                packed[((grp * blocks + row / W) * depth + d) * W + row % W] = at(grp, row, d);
             }
         }
     }
@@ -661,9 +672,9 @@ fn pack_fwd(
     at: impl Fn(usize, usize, usize) -> f32,
 ) -> Vec<f32> {
     if direct {
-        direct::pack(groups, rows, depth, at)
+        pack_weight::<{ direct::CH }>(groups, rows, depth, at)
     } else {
-        pack_weight(groups, rows, depth, at)
+        pack_weight::<MR>(groups, rows, depth, at)
     }
 }
 
@@ -1035,7 +1046,7 @@ fn conv_bwd_data_col2im(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f3
     let taps = pl.taps(g);
     let blocks = k.div_ceil(MR);
     // The weight's transpose packed as [group][block of MR column rows][cog][MR].
-    let apack = pack_weight(groups, k, cog, |grp, r, o| wt[(grp * cog + o) * k + r]);
+    let apack = pack_weight::<MR>(groups, k, cog, |grp, r, o| wt[(grp * cog + o) * k + r]);
     let images = |task: usize, xs: &mut [MaybeUninit<f32>]| {
         let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
         let (mut bpanel, bo) = aligned(cog * NR);

@@ -24,6 +24,47 @@ pub(super) const CH: usize = 16;
 /// Pixels per group: the tiles of a group share the weight slice and the planes' lines in L1.
 const GROUP: usize = PX * 8;
 
+/// Assembly that loads the 12 accumulators `ymm4`–`ymm15` from 12 consecutive vectors at `{c}`
+/// (a `[PX][CH]` tile).
+macro_rules! load_acc {
+    () => {
+        concat!(
+            "vmovups ymm4, [{c}]\n",
+            "vmovups ymm5, [{c} + 32]\n",
+            "vmovups ymm6, [{c} + 64]\n",
+            "vmovups ymm7, [{c} + 96]\n",
+            "vmovups ymm8, [{c} + 128]\n",
+            "vmovups ymm9, [{c} + 160]\n",
+            "vmovups ymm10, [{c} + 192]\n",
+            "vmovups ymm11, [{c} + 224]\n",
+            "vmovups ymm12, [{c} + 256]\n",
+            "vmovups ymm13, [{c} + 288]\n",
+            "vmovups ymm14, [{c} + 320]\n",
+            "vmovups ymm15, [{c} + 352]\n",
+        )
+    };
+}
+
+/// Assembly that stores the 12 accumulators back where [`load_acc`] reads them.
+macro_rules! store_acc {
+    () => {
+        concat!(
+            "vmovups [{c}], ymm4\n",
+            "vmovups [{c} + 32], ymm5\n",
+            "vmovups [{c} + 64], ymm6\n",
+            "vmovups [{c} + 96], ymm7\n",
+            "vmovups [{c} + 128], ymm8\n",
+            "vmovups [{c} + 160], ymm9\n",
+            "vmovups [{c} + 192], ymm10\n",
+            "vmovups [{c} + 224], ymm11\n",
+            "vmovups [{c} + 256], ymm12\n",
+            "vmovups [{c} + 288], ymm13\n",
+            "vmovups [{c} + 320], ymm14\n",
+            "vmovups [{c} + 352], ymm15\n",
+        )
+    };
+}
+
 /// `c (PX × CH) = [c +] Σ_d px[i][taps[d]] · w[d][j]`: `w` packed as `[depth][CH]`, `c`
 /// row-major `[PX][CH]`.
 ///
@@ -46,32 +87,10 @@ unsafe fn tile(
     std::arch::asm!(
         "test {acc}, {acc}",
         "jz 4f",
-        "vmovups ymm4, [{c}]",
-        "vmovups ymm5, [{c} + 32]",
-        "vmovups ymm6, [{c} + 64]",
-        "vmovups ymm7, [{c} + 96]",
-        "vmovups ymm8, [{c} + 128]",
-        "vmovups ymm9, [{c} + 160]",
-        "vmovups ymm10, [{c} + 192]",
-        "vmovups ymm11, [{c} + 224]",
-        "vmovups ymm12, [{c} + 256]",
-        "vmovups ymm13, [{c} + 288]",
-        "vmovups ymm14, [{c} + 320]",
-        "vmovups ymm15, [{c} + 352]",
+        load_acc!(),
         "jmp 5f",
         "4:",
-        "vxorps ymm4, ymm4, ymm4",
-        "vxorps ymm5, ymm5, ymm5",
-        "vxorps ymm6, ymm6, ymm6",
-        "vxorps ymm7, ymm7, ymm7",
-        "vxorps ymm8, ymm8, ymm8",
-        "vxorps ymm9, ymm9, ymm9",
-        "vxorps ymm10, ymm10, ymm10",
-        "vxorps ymm11, ymm11, ymm11",
-        "vxorps ymm12, ymm12, ymm12",
-        "vxorps ymm13, ymm13, ymm13",
-        "vxorps ymm14, ymm14, ymm14",
-        "vxorps ymm15, ymm15, ymm15",
+        zero_acc!(),
         "5:",
         "test {d}, {d}",
         "jz 3f",
@@ -102,18 +121,7 @@ unsafe fn tile(
         "dec {d}",
         "jnz 2b",
         "3:",
-        "vmovups [{c}], ymm4",
-        "vmovups [{c} + 32], ymm5",
-        "vmovups [{c} + 64], ymm6",
-        "vmovups [{c} + 96], ymm7",
-        "vmovups [{c} + 128], ymm8",
-        "vmovups [{c} + 160], ymm9",
-        "vmovups [{c} + 192], ymm10",
-        "vmovups [{c} + 224], ymm11",
-        "vmovups [{c} + 256], ymm12",
-        "vmovups [{c} + 288], ymm13",
-        "vmovups [{c} + 320], ymm14",
-        "vmovups [{c} + 352], ymm15",
+        store_acc!(),
         "vzeroupper",
         d = inout(reg) depth => _,
         tp = inout(reg) taps => _,
@@ -135,26 +143,6 @@ unsafe fn tile(
     );
 }
 
-/// The weight packed for [`tile`]: `[group][block of CH output channels][k][CH]`, zero
-/// channels past `cog`; `at(group, channel, d)` gives the weight of column-matrix row `d`.
-pub(super) fn pack(
-    groups: usize,
-    cog: usize,
-    k: usize,
-    at: impl Fn(usize, usize, usize) -> f32,
-) -> Vec<f32> {
-    let blocks = cog.div_ceil(CH);
-    let mut packed = vec![0f32; groups * blocks * k * CH];
-    for grp in 0..groups {
-        for o in 0..cog {
-            for d in 0..k {
-                packed[((grp * blocks + o / CH) * k + d) * CH + o % CH] = at(grp, o, d);
-            }
-        }
-    }
-    packed
-}
-
 /// The direct kernel on filled stride-1 planes: `g` gives the output geometry (channels,
 /// groups, kernel depth, pixels, and the stride at which output pixels step through the
 /// planes).
@@ -164,7 +152,7 @@ pub(super) struct Direct<'a> {
     pub pl: &'a Planes,
     /// Plane offsets of the column rows from an output pixel's origin, `[group][k]`.
     pub taps: &'a [usize],
-    /// The weight packed by [`pack`].
+    /// The weight packed by [`super::pack_weight`] in blocks of [`CH`] output channels.
     pub wpack: &'a [f32],
 }
 
@@ -330,18 +318,7 @@ unsafe fn filter_tile(
 ) {
     const _: () = assert!(PX == 6 && CH == 16);
     std::arch::asm!(
-        "vmovups ymm4, [{c}]",
-        "vmovups ymm5, [{c} + 32]",
-        "vmovups ymm6, [{c} + 64]",
-        "vmovups ymm7, [{c} + 96]",
-        "vmovups ymm8, [{c} + 128]",
-        "vmovups ymm9, [{c} + 160]",
-        "vmovups ymm10, [{c} + 192]",
-        "vmovups ymm11, [{c} + 224]",
-        "vmovups ymm12, [{c} + 256]",
-        "vmovups ymm13, [{c} + 288]",
-        "vmovups ymm14, [{c} + 320]",
-        "vmovups ymm15, [{c} + 352]",
+        load_acc!(),
         "test {n}, {n}",
         "jz 3f",
         "2:",
@@ -371,18 +348,7 @@ unsafe fn filter_tile(
         "dec {n}",
         "jnz 2b",
         "3:",
-        "vmovups [{c}], ymm4",
-        "vmovups [{c} + 32], ymm5",
-        "vmovups [{c} + 64], ymm6",
-        "vmovups [{c} + 96], ymm7",
-        "vmovups [{c} + 128], ymm8",
-        "vmovups [{c} + 160], ymm9",
-        "vmovups [{c} + 192], ymm10",
-        "vmovups [{c} + 224], ymm11",
-        "vmovups [{c} + 256], ymm12",
-        "vmovups [{c} + 288], ymm13",
-        "vmovups [{c} + 320], ymm14",
-        "vmovups [{c} + 352], ymm15",
+        store_acc!(),
         "vzeroupper",
         n = inout(reg) n => _,
         px = inout(reg) px => _,
