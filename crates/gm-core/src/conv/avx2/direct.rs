@@ -183,17 +183,13 @@ impl Direct<'_> {
         let blocks = cog.div_ceil(CH);
         let nimg = ys.len() / out_len;
         let ncols = nimg * pix;
-        let [sh, sw] = g.p.stride;
         assert!(planes.len() >= nimg * pl.img && s.cbuf.len() >= s.co + blocks * GROUP * CH);
         let mut px = [planes.as_ptr(); GROUP];
         for q0 in (0..ncols).step_by(GROUP) {
             let width = GROUP.min(ncols - q0);
             for (j, p) in px.iter_mut().enumerate() {
                 // Pixels past the chunk repeat its last one: read, computed and dropped.
-                let q = q0 + j.min(width - 1);
-                let (img, p0) = (q / pix, q % pix);
-                let (oy, ox) = (p0 / g.wo, p0 % g.wo);
-                *p = planes[img * pl.img + sh * oy * pl.wq + sw * ox..].as_ptr();
+                *p = planes[pl.origin(g, q0 + j.min(width - 1))..].as_ptr();
             }
             segments(g, pl, q0, width, false, &mut s.isegs);
             let tiles = width.div_ceil(PX);
@@ -386,14 +382,9 @@ pub(super) fn filter(
     let (blocks, ktiles) = (cog.div_ceil(CH), k.div_ceil(PX));
     let nimg = dy.len() / out_len;
     let ncols = nimg * pix;
-    let [sh, sw] = g.p.stride;
     assert!(planes.len() >= nimg * pl.img && acc.len() >= filter_acc_len(g));
     let origins: Vec<*const f32> = (0..ncols)
-        .map(|q| {
-            let (img, p) = (q / pix, q % pix);
-            let (oy, ox) = (p / g.wo, p % g.wo);
-            planes[img * pl.img + sh * oy * pl.wq + sw * ox..].as_ptr()
-        })
+        .map(|q| planes[pl.origin(g, q)..].as_ptr())
         .collect();
     let mut dyt = vec![0f32; FR * CH];
     let mut segs = Vec::new();
