@@ -1,8 +1,13 @@
-"""gm vs PyTorch on the CPU, side by side in one run: same architecture, batch and thread count
+"""gm vs PyTorch, side by side in one run: same architecture, batch and thread count
 (RAYON_NUM_THREADS for gm, torch.set_num_threads for PyTorch, both pinned with taskset when
 available), alternating runs, medians.
 
     python3 scripts/bench_vs_torch.py [--gm target/release/gm] [--threads 1 2] [--what models ops directions]
+    python3 scripts/bench_vs_torch.py --device cuda --gm target/cuda/release/gm   # models table on a GPU
+
+With `--device cuda` both run on the GPU (f32, TF32 off on both sides, each step timed up to a
+device synchronisation after the optimizer's update); only the models table applies, nothing is
+pinned, and the table adds images per second.
 
 Three tables:
 - models: the train step (loss, backward, Adam) of every preset in PRESETS — gm ms, PyTorch ms,
@@ -35,7 +40,9 @@ import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
 from vae_torch import VAE
 cfg, threads, steps, warmup, batch = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
 torch.set_num_threads(threads)
+torch.set_default_device(device)
 torch.manual_seed(0)
 cfg.pop("kind", None)
 m = VAE(**cfg)
@@ -46,6 +53,8 @@ for i in range(warmup + steps):
     t0 = time.perf_counter()
     loss = -m.elbo(x, torch.randn(batch, cfg["latent_dim"])).mean()
     opt.zero_grad(); loss.backward(); opt.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
     if i >= warmup:
         times.append((time.perf_counter() - t0) * 1e3)
 print(json.dumps({"median_ms": float(np.median(times)), "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -166,7 +175,9 @@ def bench_directions(args):
         print(f"{n:<30}{th:>4}{cells}")
 
 
-def pinning(th):
+def pinning(th, device="cpu"):
+    if device != "cpu":
+        return [], dict(os.environ, NVIDIA_TF32_OVERRIDE="0")
     pin = ["taskset", "-c", ",".join(str(i) for i in range(th))] if shutil.which("taskset") else []
     return pin, dict(os.environ, RAYON_NUM_THREADS=str(th), OMP_NUM_THREADS=str(th))
 
@@ -183,7 +194,12 @@ def main():
     ap.add_argument("--presets", nargs="+", default=PRESETS, help="presets of the train-step table")
     ap.add_argument("--batch", type=int, default=128, help="batch of the ops table")
     ap.add_argument("--op-steps", type=int, default=5, help="timed calls per op case")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the models table on the GPU for both (no pinning; --threads then sets host threads)")
     args = ap.parse_args()
+    if args.device != "cpu":
+        args.what = ["models"]
+        args.threads = args.threads[:1]
     if "models" in args.what:
         bench_models(args)
     if "ops" in args.what:
@@ -194,41 +210,42 @@ def main():
 
 def bench_models(args):
     rows = []
+    dev = ["--device", args.device]
     for preset in args.presets:
         with open(os.path.join(ROOT, preset), "rb") as f:
             toml = tomllib.load(f)
         model, batch = toml["model"], toml["train"]["batch_size"]
         for th in args.threads:
-            pin, env = pinning(th)
+            pin, env = pinning(th, args.device)
             g, t, grss, trss = [], [], 0, 0
             for _ in range(args.repeats):
-                r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), "--device", "cpu",
+                r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
                                      "--steps", str(args.steps), "--warmup", str(args.warmup)], env)
                 g.append(r["median_ms"]); grss = max(grss, r["peak_rss_mb"] or 0)
+                common = ["--threads", str(th), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                          "--batch", str(batch), *dev]
                 if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
                     cmd = [args.python, os.path.join(HERE, "pixelcnn_torch.py"), "bench", "--config",
-                           json.dumps(model), "--threads", str(th), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--batch", str(batch)]
+                           json.dumps(model), *common]
                 elif model["kind"] in ("ddpm", "flow-matching"):
                     cmd = [args.python, os.path.join(HERE, "unet_torch.py"), "bench", "--config",
-                           json.dumps(model), "--threads", str(th), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--batch", str(batch)]
+                           json.dumps(model), *common]
                 elif model["kind"] in ("realnvp", "cnf", "gan"):
                     script = "gan_torch.py" if model["kind"] == "gan" else "flows_torch.py"
                     cmd = [args.python, os.path.join(HERE, script), "bench", "--config",
-                           json.dumps(model), "--threads", str(th), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--batch", str(batch)]
+                           json.dumps(model), *common]
                 else:
                     cmd = [args.python, "-c", TORCH_CHILD, HERE, json.dumps(model), str(th),
-                           str(args.steps), str(args.warmup), str(batch)]
+                           str(args.steps), str(args.warmup), str(batch), args.device]
                 r = run_child(pin + cmd, env)
                 t.append(r["median_ms"]); trss = max(trss, r["maxrss_mb"])
             gm_ms, pt_ms = sorted(g)[len(g) // 2], sorted(t)[len(t) // 2]
             rows.append((os.path.basename(preset), th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, trss))
-    print(f"train step, medians of {args.repeats} alternating runs")
-    print(f"{'preset':<24}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm MB':>8}{'torch MB':>9}")
+            print(f"  {rows[-1][0]} thr {th}: gm {gm_ms:.2f} ms, torch {pt_ms:.2f} ms", file=sys.stderr, flush=True)
+    print(f"train step on {args.device}, medians of {args.repeats} alternating runs; images/s at the median")
+    print(f"{'preset':<26}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'torch MB':>9}")
     for p, th, b, g, t, r, gr, tr in rows:
-        print(f"{p:<24}{th:>4}{b:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{gr:>8.0f}{tr:>9.0f}")
+        print(f"{p:<26}{th:>4}{b:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{b / g * 1e3:>10.0f}{b / t * 1e3:>12.0f}{gr:>8.0f}{tr:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,49 @@ pub fn keep_freed_memory() -> bool {
         false
     }
 }
+
+/// Which implementation gm's fused ops take on the CPU.
+///
+/// On CUDA and Metal every op gm has a CPU kernel for (convolutions, fused bias + activation,
+/// GroupNorm, the gated tanh, channel sums and broadcasts, the fused Adam) runs as a composition
+/// of candle's own ops: the *portable path*. On the CPU gm's kernels run unless the portable mode
+/// is on, in which case the CPU runs exactly the code a GPU runs (with candle's CPU kernels
+/// underneath). That makes the device path testable on any machine: `GM_KERNELS=portable cargo
+/// test` runs the model tests through it, and `gm doctor` compares both paths.
+///
+/// The mode is read from the environment variable `GM_KERNELS` (`native`, the default, or
+/// `portable`) at the first dispatch, and [`set_portable_kernels`] changes it at run time.
+pub fn portable_kernels() -> bool {
+    use std::sync::atomic::Ordering;
+    match PORTABLE.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("GM_KERNELS").is_ok_and(|v| v == "portable");
+            // A concurrent set_portable_kernels wins over the environment.
+            let _ = PORTABLE.compare_exchange(0, if on { 2 } else { 1 }, Ordering::Relaxed, Ordering::Relaxed);
+            PORTABLE.load(Ordering::Relaxed) == 2
+        }
+        v => v == 2,
+    }
+}
+
+/// Turns the portable mode of [`portable_kernels`] on or off for the whole process.
+pub fn set_portable_kernels(on: bool) {
+    PORTABLE.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// 0: not read yet, 1: native, 2: portable.
+static PORTABLE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether gm's own CPU kernels serve a tensor on `device`: on the CPU unless the portable mode
+/// is on ([`portable_kernels`]); never on CUDA or Metal.
+pub fn native_kernels(device: &Device) -> bool {
+    device.is_cpu() && !portable_kernels()
+}
+
+/// A deliberate error planted in the portable path for testing the checks that must catch it
+/// (`gm doctor` exits non-zero when it is planted): `GM_PLANT_FAULT=conv` scales the output of
+/// the portable convolution by `1 + 1e-2`. Read once; never set it outside such a test.
+pub fn planted_fault(what: &str) -> bool {
+    static FAULT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FAULT.get_or_init(|| std::env::var("GM_PLANT_FAULT").unwrap_or_default()) == what
+}

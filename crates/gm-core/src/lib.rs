@@ -23,8 +23,12 @@ pub mod ode;
 pub mod ops;
 pub mod par;
 pub mod rng;
+pub mod traffic;
 
-pub use device::{keep_freed_memory, select_device, DeviceChoice};
+pub use device::{
+    keep_freed_memory, native_kernels, portable_kernels, select_device, set_portable_kernels,
+    DeviceChoice,
+};
 pub use dist::{Bernoulli, Categorical, DiagonalGaussian, StandardNormal};
 pub use rng::{GmRng, RngState};
 

@@ -280,7 +280,7 @@ pub fn group_norm(
             d.c
         )
     }
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    if !crate::native_kernels(x.device()) || !matches!(x.dtype(), DType::F32 | DType::F64) {
         let shape = x.shape().clone();
         let xs = x.reshape((d.n, groups, ()))?;
         let mean = xs.mean_keepdim(2)?;

@@ -276,7 +276,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
     if bias.dims() != [c] {
         bail!("bias_act: bias of shape {:?} for {c} channels", bias.dims())
     }
-    if !x.device().is_cpu()
+    if !crate::native_kernels(x.device())
         || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
     {
         let mut shape = vec![1; x.rank()];
@@ -289,7 +289,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
 /// `Σ` over every dimension but 1: `(N, C, ...) → (C,)`, one contiguous pass on the CPU.
 pub fn channel_sum(x: &Tensor) -> Result<Tensor> {
     let (_, c, _) = channel_dims(x.shape())?;
-    if !x.device().is_cpu() {
+    if !crate::native_kernels(x.device()) {
         let mut t = x.transpose(0, 1)?.contiguous()?;
         t = t.reshape((c, ()))?;
         return t.sum(1);
@@ -347,7 +347,7 @@ pub fn channel_broadcast<S: Into<Shape>>(v: &Tensor, shape: S) -> Result<Tensor>
     }
     let mut per_channel = vec![1; shape.rank()];
     per_channel[1] = c;
-    if !v.device().is_cpu()
+    if !crate::native_kernels(v.device())
         || !matches!(v.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
     {
         return v.reshape(per_channel)?.broadcast_as(shape)?.contiguous();
@@ -461,7 +461,7 @@ pub fn gated_tanh(x: &Tensor) -> Result<Tensor> {
     if c2 % 2 != 0 {
         bail!("gated_tanh: {c2} channels cannot be split in two halves")
     }
-    if !x.device().is_cpu()
+    if !crate::native_kernels(x.device())
         || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
     {
         let c = c2 / 2;

@@ -110,6 +110,7 @@ impl GmRng {
         let v: Vec<f32> = (0..shape.elem_count())
             .map(|_| StandardNormal.sample(&mut self.inner))
             .collect();
+        crate::traffic::record_upload(v.len() * 4);
         Tensor::from_vec(v, shape, device)
     }
 
@@ -122,15 +123,35 @@ impl GmRng {
         device: &Device,
     ) -> Result<Tensor> {
         let shape = shape.into();
-        let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| lo + (hi - lo) * self.inner.random::<f32>())
-            .collect();
+        let v = self.uniform_vec(shape.elem_count(), lo, hi);
+        crate::traffic::record_upload(v.len() * 4);
         Tensor::from_vec(v, shape, device)
+    }
+
+    /// `n` uniform f32 values in `[lo, hi)` (the numbers [`GmRng::uniform`] draws).
+    pub fn uniform_vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| lo + (hi - lo) * self.inner.random::<f32>())
+            .collect()
     }
 
     /// Draws `x ~ Bernoulli(p)` elementwise; returns 0/1 values in `p`'s dtype and device.
     pub fn bernoulli(&mut self, p: &Tensor) -> Result<Tensor> {
         let u = self.uniform(p.shape(), 0.0, 1.0, p.device())?;
+        u.lt(&p.to_dtype(DType::F32)?)?.to_dtype(p.dtype())
+    }
+
+    /// [`GmRng::uniform`] for data prepared on the host and uploaded as part of a batch: the same
+    /// numbers, not counted as an upload of their own ([`crate::traffic`]).
+    pub fn host_uniform<S: Into<Shape>>(&mut self, shape: S, lo: f32, hi: f32) -> Result<Tensor> {
+        let shape = shape.into();
+        let v = self.uniform_vec(shape.elem_count(), lo, hi);
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// [`GmRng::bernoulli`] for host data (see [`GmRng::host_uniform`]); `p` must be on the CPU.
+    pub fn host_bernoulli(&mut self, p: &Tensor) -> Result<Tensor> {
+        let u = self.host_uniform(p.shape(), 0.0, 1.0)?;
         u.lt(&p.to_dtype(DType::F32)?)?.to_dtype(p.dtype())
     }
 

@@ -128,6 +128,7 @@ impl Denoiser {
         let y = batch.labels.as_ref().ok_or_else(|| {
             candle_core::Error::Msg("a class-conditional model needs labels".into())
         })?;
+        gm_core::traffic::record_readback(gm_core::traffic::bytes_of(y));
         let v: Vec<u32> = y.to_dtype(DType::U32)?.to_vec1()?;
         let out: Vec<u32> = v
             .into_iter()

@@ -297,17 +297,17 @@ pub fn preprocess(
     let x01 = (raw / 255.0)?;
     Ok(match cfg.binarize {
         Binarize::None if cfg.dequantize => {
-            let u = rng.uniform(raw.shape(), 0.0, 1.0, &Device::Cpu)?;
+            let u = rng.host_uniform(raw.shape(), 0.0, 1.0)?;
             ((raw + u)? / 256.0)?
         }
         Binarize::None => x01,
-        Binarize::Dynamic => rng.bernoulli(&x01)?,
+        Binarize::Dynamic => rng.host_bernoulli(&x01)?,
         Binarize::Static => {
             let per = raw.elem_count() / raw.dim(0)?.max(1);
             let mut rows = Vec::with_capacity(image_ids.len());
             for (row, &id) in image_ids.iter().enumerate() {
                 let mut r = GmRng::new(cfg.static_seed).derive(id as u64);
-                rows.push(r.bernoulli(&x01.get(row)?.reshape(per)?)?);
+                rows.push(r.host_bernoulli(&x01.get(row)?.reshape(per)?)?);
             }
             Tensor::stack(&rows, 0)?.reshape(raw.shape())?
         }
@@ -368,6 +368,10 @@ pub fn make_batch(
         None => preprocess(&raw, idx, cfg, rng)?,
     }
     .to_device(device)?;
+    gm_core::traffic::record_upload(gm_core::traffic::bytes_of(&x));
+    if let Some(y) = &y {
+        gm_core::traffic::record_upload(gm_core::traffic::bytes_of(y));
+    }
     Ok(Batch {
         x,
         labels: y.map(|t| t.to_device(device)).transpose()?,

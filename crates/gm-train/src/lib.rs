@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod doctor;
 pub mod eval;
 pub mod fetch;
 pub mod images;

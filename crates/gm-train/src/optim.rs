@@ -82,7 +82,7 @@ impl Adam {
             };
             // A gradient may carry the graph it was computed from; the optimizer state must not.
             let g = g.detach();
-            let fused = p.device().is_cpu()
+            let fused = gm_core::native_kernels(p.device())
                 && matches!(p.dtype(), DType::F32 | DType::F64)
                 && g.dtype() == p.dtype()
                 && p.is_contiguous();
@@ -291,7 +291,7 @@ pub fn clip_grad_norm(
     if sq.is_empty() {
         return Ok(0.0);
     }
-    let norm = (Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt();
+    let norm = gm_core::traffic::read_f64(&Tensor::stack(&sq, 0)?.sum_all()?)?.sqrt();
     if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
         let s = max_norm / (norm + 1e-6);
         for (_, p) in params {

@@ -278,6 +278,7 @@ pub fn train_text(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> 
     let mut log = String::new();
     let mut losses = Vec::new();
     let span = (train_ids.len() - mc.context - 1) as u64;
+    let traffic0 = gm_core::traffic::snapshot();
     for step in 0..t.steps {
         let v: Vec<u32> = (0..t.batch_size)
             .flat_map(|_| {
@@ -285,9 +286,10 @@ pub fn train_text(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> 
                 train_ids[s..s + mc.context + 1].to_vec()
             })
             .collect();
+        gm_core::traffic::record_upload(v.len() * 4);
         let w = Tensor::from_vec(v, (t.batch_size, mc.context + 1), dev)?;
         let loss = model.token_nll(&w)?.mean_all()?;
-        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let l = gm_core::traffic::read_f64(&loss)?;
         if !l.is_finite() {
             bail!("non-finite loss at step {step}");
         }
@@ -305,6 +307,7 @@ pub fn train_text(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> 
             }
         }
     }
+    let step_traffic = gm_core::traffic::snapshot().since(&traffic0);
     let eval = evaluate_text(&model, &test_ids, test_bytes, 64, dev)?;
     let mut ev = serde_json::json!(eval);
     ev["split"] = "test".into();
@@ -340,6 +343,7 @@ pub fn train_text(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> 
         last_eval: Some(eval),
         checkpoint: wp,
         data_source: corpus.source,
+        step_traffic,
     })
 }
 

@@ -140,7 +140,7 @@ pub fn optimizer_groups(model: &dyn Model, vars: &[(String, Var)]) -> Result<Vec
 }
 
 /// The optimiser groups of a model and one Adam for each.
-fn optimizers(
+pub(crate) fn optimizers(
     model: &dyn Model,
     vars: &[(String, Var)],
     t: &crate::config::TrainConfig,
@@ -154,7 +154,7 @@ fn optimizers(
 }
 
 /// The loss of optimiser group `i`: the model's loss for the single group, its phase loss else.
-fn group_loss(
+pub(crate) fn group_loss(
     model: &dyn Model,
     phase: &gm_models::Phase,
     i: usize,
@@ -296,6 +296,9 @@ pub struct TrainSummary {
     pub last_eval: Option<BTreeMap<String, f64>>,
     pub checkpoint: PathBuf,
     pub data_source: String,
+    /// Host↔device traffic of the training steps run in this call (batches, noise, loss
+    /// read-backs; evaluations and checkpoints excluded), summed.
+    pub step_traffic: gm_core::traffic::Traffic,
 }
 
 struct Ema {
@@ -669,8 +672,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         Ok(())
     };
 
+    let mut step_traffic = gm_core::traffic::Traffic::default();
     for step in start..t.steps {
         let done = step + 1;
+        let traffic0 = gm_core::traffic::snapshot();
         let lr = lr_at(t, step);
         let idx = batcher.indices(step);
         let batch = make_batch(&train_ds, &idx, &cfg.data, &mut rng, dev)?;
@@ -680,9 +685,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         for (pi, (phase, pvars)) in groups.iter().enumerate() {
             for _ in 0..phase.repeats {
                 let loss = group_loss(model, phase, pi, &batch, &mut rng)?;
-                total = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                total = gm_core::traffic::read_f64(&loss.total)?;
                 for (name, p) in &loss.parts {
-                    let v = p.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let v = gm_core::traffic::read_f64(p)?;
                     match parts.iter_mut().find(|q| q.0 == *name) {
                         Some(q) => q.1 = v,
                         None => parts.push((name, v)),
@@ -723,6 +728,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     ((&e.shadow[i] * e.decay)? + (v.as_tensor() * (1.0 - e.decay))?)?.detach();
             }
         }
+        let dt = gm_core::traffic::snapshot().since(&traffic0);
+        step_traffic = step_traffic.plus(&dt);
         losses.push((done, total));
         pb.inc(1);
         let part_msg: Vec<String> = parts.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
@@ -785,6 +792,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         last_eval,
         checkpoint,
         data_source,
+        step_traffic,
     })
 }
 
@@ -792,11 +800,20 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
     pub model: String,
+    /// The device the step ran on (`cpu`, `cuda:0`, …).
+    pub device: String,
     pub batch_size: usize,
     pub threads: usize,
     pub median_ms: f64,
     pub min_ms: f64,
+    /// Training images per second at the median step time.
+    pub images_per_s: f64,
     pub steps: usize,
+    /// Host↔device traffic of one timed step (host-drawn noise, read-backs), averaged.
+    pub upload_bytes_per_step: f64,
+    pub readbacks_per_step: f64,
+    /// Bytes of the batch a training step uploads on top (the benchmark reuses one batch).
+    pub batch_upload_bytes: usize,
     /// Peak resident memory of the process (Linux `VmHWM`), MiB.
     pub peak_rss_mb: Option<f64>,
 }
@@ -808,8 +825,18 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// A device's name in reports: `cpu`, `cuda:0`, `metal:0`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Times `steps` train steps (loss, backward, Adam update) on random binary images of the
-/// configured batch size after `warmup` untimed ones.
+/// configured batch size after `warmup` untimed ones. Each step ends by waiting for the device
+/// (after the optimizer's update, so its kernels are inside the time).
 pub fn bench_train_step(
     cfg: &RunConfig,
     device: &Device,
@@ -832,30 +859,41 @@ pub fn bench_train_step(
         x: rng.bernoulli(&p)?,
         labels: Some(labels),
     };
+    let batch_upload_bytes = gm_core::traffic::bytes_of(&batch.x) + 4 * t.batch_size;
     let mut times = Vec::with_capacity(steps);
+    let mut traffic = gm_core::traffic::Traffic::default();
     for i in 0..warmup + steps {
+        device.synchronize()?;
         let t0 = Instant::now();
+        let tr0 = gm_core::traffic::snapshot();
         for (pi, (phase, _)) in groups.iter().enumerate() {
             for _ in 0..phase.repeats {
                 let loss = group_loss(built.model.as_ref(), phase, pi, &batch, &mut rng)?;
                 let grads = loss.total.backward()?;
                 adams[pi].step(&grads, t.lr * phase.lr_scale)?;
-                // Wait for the device so the time covers the whole step.
-                let _ = loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             }
         }
+        // Wait for the device so the time covers the whole step, the update included.
+        device.synchronize()?;
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
+            traffic = traffic.plus(&gm_core::traffic::snapshot().since(&tr0));
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
+    let median_ms = times[times.len() / 2];
     Ok(BenchReport {
         model: cfg.model.kind().to_string(),
+        device: device_name(device),
         batch_size: t.batch_size,
         threads: gm_core::par::threads(),
-        median_ms: times[times.len() / 2],
+        median_ms,
         min_ms: times[0],
+        images_per_s: t.batch_size as f64 / (median_ms / 1e3),
         steps,
+        upload_bytes_per_step: traffic.upload_bytes as f64 / steps as f64,
+        readbacks_per_step: traffic.readbacks as f64 / steps as f64,
+        batch_upload_bytes,
         peak_rss_mb: peak_rss_mb(),
     })
 }

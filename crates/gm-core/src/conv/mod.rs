@@ -12,7 +12,9 @@
 //! - otherwise (f64, other CPUs, or `GM_CONV=gemm` to compare): im2col/col2im around one `gemm`
 //!   call per chunk of images.
 //!
-//! On CUDA and Metal the same public functions call candle's own kernels.
+//! On CUDA and Metal the same public functions call candle's own kernels (the portable path,
+//! which takes any stride, padding and dilation per axis); `GM_KERNELS=portable` runs that path on
+//! the CPU too ([`crate::portable_kernels`]).
 //!
 //! Three custom ops share one geometry — the forward convolution, its data gradient (which *is*
 //! the transposed convolution) and its filter gradient — and each op's backward is written with the
@@ -930,7 +932,7 @@ fn conv2d_upto(
         g.ho = g.ho.min(oh);
         g.wo = g.wo.min(ow);
     }
-    if !x.device().is_cpu() {
+    if !crate::native_kernels(x.device()) {
         let y = device_conv2d(x, weight, p)?;
         return match out {
             None => Ok(y),
@@ -983,7 +985,7 @@ pub fn conv_transpose2d(
     if (g.ho, g.wo) != (h, w) {
         bail!("conv_transpose2d: inconsistent geometry {g:?} for input {h}x{w}")
     }
-    if !x.device().is_cpu() {
+    if !crate::native_kernels(x.device()) {
         return device_conv_transpose2d(x, weight, p, output_padding);
     }
     check_float(x, "conv_transpose2d")?;
@@ -991,53 +993,124 @@ pub fn conv_transpose2d(
         .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::BwdData))
 }
 
-fn symmetric(p: Conv2dParams, what: &str) -> Result<(usize, usize, usize)> {
-    let [s0, s1] = p.stride;
-    let [p0, p1] = p.padding;
-    let [d0, d1] = p.dilation;
-    if s0 != s1 || p0 != p1 || d0 != d1 {
-        bail!("{what}: candle's GPU kernels take equal H and W parameters, got {p:?}")
+/// Inserts `f − 1` zeros between neighbouring elements along `axis` (`n → (n − 1)·f + 1`),
+/// with candle ops only (differentiable, any device).
+fn dilate_axis(t: &Tensor, axis: usize, f: usize) -> Result<Tensor> {
+    if f == 1 {
+        return Ok(t.clone());
     }
-    Ok((s0, p0, d0))
+    let n = t.dim(axis)?;
+    let mut parts = vec![t.clone()];
+    parts.extend(std::iter::repeat_n(t.zeros_like()?, f - 1));
+    let mut dims = t.dims().to_vec();
+    dims[axis] = n * f;
+    Tensor::stack(&parts, axis + 1)?
+        .reshape(dims)?
+        .narrow(axis, 0, (n - 1) * f + 1)
 }
 
-/// candle's own kernel, for CUDA and Metal tensors (unequal H and W padding is applied to the
-/// input first).
+/// Every `s`-th element along `axis`, starting with the first, with candle ops only.
+fn subsample_axis(t: &Tensor, axis: usize, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(t.clone());
+    }
+    let n = t.dim(axis)?;
+    let m = n.div_ceil(s);
+    let t = t.pad_with_zeros(axis, 0, m * s - n)?;
+    let mut dims = t.dims().to_vec();
+    dims[axis] = m;
+    dims.insert(axis + 1, s);
+    t.reshape(dims)?.narrow(axis + 1, 0, 1)?.squeeze(axis + 1)
+}
+
+/// The kernel and parameters with equal dilations along H and W: an axis with a single tap
+/// takes the other axis's dilation (it has no effect there), otherwise the kernel is dilated
+/// explicitly with zeros.
+fn equal_dilation(weight: &Tensor, mut p: Conv2dParams) -> Result<(Tensor, Conv2dParams)> {
+    let (_, _, kh, kw) = weight.dims4()?;
+    if kh == 1 {
+        p.dilation[0] = p.dilation[1];
+    } else if kw == 1 {
+        p.dilation[1] = p.dilation[0];
+    }
+    if p.dilation[0] == p.dilation[1] {
+        return Ok((weight.clone(), p));
+    }
+    let w = dilate_axis(&dilate_axis(weight, 2, p.dilation[0])?, 3, p.dilation[1])?;
+    p.dilation = [1, 1];
+    Ok((w, p))
+}
+
+/// The portable convolution: candle's own kernels, which take one stride, padding and dilation
+/// for both axes; other parameters are reduced to those (zero padding first, a kernel dilated
+/// with zeros, stride 1 followed by subsampling). This is what runs on CUDA and Metal, and on the
+/// CPU in the portable mode ([`crate::portable_kernels`]).
 fn device_conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let (weight, mut p) = equal_dilation(weight, p)?;
+    let mut x = x.clone();
     if p.padding[0] != p.padding[1] {
         let [ph, pw] = p.padding;
-        let xp = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
-        let q = Conv2dParams {
-            padding: [0, 0],
-            ..p
-        };
-        return device_conv2d(&xp, weight, q);
+        x = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
+        p.padding = [0, 0];
     }
-    let (s, pad, d) = symmetric(p, "conv2d")?;
-    x.conv2d(weight, pad, s, d, p.groups)
+    let y = if p.stride[0] == p.stride[1] {
+        x.conv2d(&weight, p.padding[0], p.stride[0], p.dilation[0], p.groups)?
+    } else {
+        let y = x.conv2d(&weight, p.padding[0], 1, p.dilation[0], p.groups)?;
+        subsample_axis(&subsample_axis(&y, 2, p.stride[0])?, 3, p.stride[1])?
+    };
+    if crate::device::planted_fault("conv") {
+        return y.affine(1.0 + 1e-2, 0.0);
+    }
+    Ok(y)
 }
 
-/// candle's own kernel, for CUDA and Metal tensors (groups run one by one: candle has none here).
+/// The portable transposed convolution (see [`device_conv2d`]): unequal strides become zeros
+/// inserted into the input, unequal padding or output padding a crop of the full output; groups
+/// run one by one (candle's transposed convolution has none).
 fn device_conv_transpose2d(
     x: &Tensor,
     weight: &Tensor,
     p: Conv2dParams,
     op: [usize; 2],
 ) -> Result<Tensor> {
-    let (s, pad, d) = symmetric(p, "conv_transpose2d")?;
-    if op[0] != op[1] {
-        bail!("conv_transpose2d: candle's GPU kernel takes one output_padding, got {op:?}")
+    let (weight, p) = equal_dilation(weight, p)?;
+    let d = p.dilation[0];
+    if p.stride[0] == p.stride[1] && p.padding[0] == p.padding[1] && op[0] == op[1] {
+        return candle_conv_transpose2d(x, &weight, p.padding[0], op[0], p.stride[0], d, p.groups);
     }
-    if p.groups == 1 {
-        return x.conv_transpose2d(weight, pad, op[0], s, d);
+    // The full output (stride 1 over the zero-inserted input, no padding), then the crop.
+    let xs = dilate_axis(&dilate_axis(x, 2, p.stride[0])?, 3, p.stride[1])?;
+    let mut y = candle_conv_transpose2d(&xs, &weight, 0, 0, 1, d, p.groups)?;
+    for (i, axis) in [2, 3].into_iter().enumerate() {
+        let full = y.dim(axis)?;
+        y = y
+            .pad_with_zeros(axis, 0, op[i])?
+            .narrow(axis, p.padding[i], full + op[i] - 2 * p.padding[i])?;
     }
-    let cig = x.dim(1)? / p.groups;
-    let parts = (0..p.groups)
+    Ok(y)
+}
+
+/// candle's transposed convolution, groups one by one.
+fn candle_conv_transpose2d(
+    x: &Tensor,
+    weight: &Tensor,
+    pad: usize,
+    op: usize,
+    s: usize,
+    d: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    if groups == 1 {
+        return x.conv_transpose2d(weight, pad, op, s, d);
+    }
+    let cig = x.dim(1)? / groups;
+    let parts = (0..groups)
         .map(|g| {
             x.narrow(1, g * cig, cig)?.conv_transpose2d(
                 &weight.narrow(0, g * cig, cig)?,
                 pad,
-                op[0],
+                op,
                 s,
                 d,
             )
