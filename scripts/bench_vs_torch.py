@@ -100,9 +100,12 @@ print(json.dumps(out))
 """
 
 
-def run_child(cmd, env, all_lines=False):
+def run_child(cmd, env, all_lines=False, fatal=True):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
+        if not fatal:
+            print(f"{' '.join(cmd[:3])} ... failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+            return None
         sys.exit(f"{cmd[0]} failed:\n{out.stderr}")
     lines = [json.loads(l) for l in out.stdout.strip().splitlines() if l.startswith("{")]
     return lines if all_lines else lines[-1]
@@ -220,8 +223,8 @@ def bench_models(args):
             g, t, grss, trss = [], [], 0, 0
             for _ in range(args.repeats):
                 r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
-                                     "--steps", str(args.steps), "--warmup", str(args.warmup)], env)
-                g.append(r["median_ms"]); grss = max(grss, r["peak_rss_mb"] or 0)
+                                     "--steps", str(args.steps), "--warmup", str(args.warmup)], env, fatal=False)
+                g.append(r["median_ms"] if r else float("nan")); grss = max(grss, (r or {}).get("peak_rss_mb") or 0)
                 common = ["--threads", str(th), "--steps", str(args.steps), "--warmup", str(args.warmup),
                           "--batch", str(batch), *dev]
                 if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
@@ -237,8 +240,8 @@ def bench_models(args):
                 else:
                     cmd = [args.python, "-c", TORCH_CHILD, HERE, json.dumps(model), str(th),
                            str(args.steps), str(args.warmup), str(batch), args.device]
-                r = run_child(pin + cmd, env)
-                t.append(r["median_ms"]); trss = max(trss, r["maxrss_mb"])
+                r = run_child(pin + cmd, env, fatal=False)
+                t.append(r["median_ms"] if r else float("nan")); trss = max(trss, (r or {}).get("maxrss_mb", 0))
             gm_ms, pt_ms = sorted(g)[len(g) // 2], sorted(t)[len(t) // 2]
             rows.append((os.path.basename(preset), th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, trss))
             print(f"  {rows[-1][0]} thr {th}: gm {gm_ms:.2f} ms, torch {pt_ms:.2f} ms", file=sys.stderr, flush=True)

@@ -125,7 +125,12 @@ pub fn portable_kernels() -> bool {
         0 => {
             let on = std::env::var("GM_KERNELS").is_ok_and(|v| v == "portable");
             // A concurrent set_portable_kernels wins over the environment.
-            let _ = PORTABLE.compare_exchange(0, if on { 2 } else { 1 }, Ordering::Relaxed, Ordering::Relaxed);
+            let _ = PORTABLE.compare_exchange(
+                0,
+                if on { 2 } else { 1 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             PORTABLE.load(Ordering::Relaxed) == 2
         }
         v => v == 2,

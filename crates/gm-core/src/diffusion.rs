@@ -162,7 +162,7 @@ pub fn per_sample(values: &[f64], t: &[usize], like: &Tensor) -> Result<Tensor> 
     let v: Vec<f64> = t.iter().map(|&i| values[i]).collect();
     let mut shape = vec![t.len()];
     shape.extend(std::iter::repeat_n(1, like.rank().saturating_sub(1)));
-    Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())
+    crate::traffic::upload(v, shape, like.device())?.to_dtype(like.dtype())
 }
 
 fn map_per_sample(
@@ -264,7 +264,7 @@ pub fn loss_weights(
             }
         })
         .collect();
-    Tensor::from_vec(w, t.len(), like.device())?.to_dtype(like.dtype())
+    crate::traffic::upload(w, t.len(), like.device())?.to_dtype(like.dtype())
 }
 
 /// Elementwise `KL(N(μ₁, e^{lv₁}) ‖ N(μ₂, e^{lv₂}))` in nats.

@@ -81,3 +81,13 @@ pub fn read_f64(t: &Tensor) -> Result<f64> {
     record_readback(bytes_of(t));
     t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
 }
+
+/// `Tensor::from_vec` on `device`, counted as an upload.
+pub fn upload<D: candle_core::WithDType, S: Into<candle_core::Shape>>(
+    v: Vec<D>,
+    shape: S,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    record_upload(v.len() * D::DTYPE.size_in_bytes());
+    Tensor::from_vec(v, shape, device)
+}

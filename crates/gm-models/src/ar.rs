@@ -112,7 +112,7 @@ pub fn sample_in_order(
             buf[i * d + pix] = v;
         }
     }
-    Tensor::from_vec(buf, (n, c, h, w), device)?.to_dtype(dtype)
+    gm_core::traffic::upload(buf, (n, c, h, w), device)?.to_dtype(dtype)
 }
 
 /// Samples `n` single-channel images in raster order when the logits of row `i` depend only on
@@ -143,7 +143,7 @@ pub fn sample_raster(
             for b in 0..n {
                 band.extend_from_slice(&buf[b * d + lo * w..b * d + (i + 1) * w]);
             }
-            let x = Tensor::from_vec(band, (n, 1, rows, w), device)?.to_dtype(dtype)?;
+            let x = gm_core::traffic::upload(band, (n, 1, rows, w), device)?.to_dtype(dtype)?;
             let l = logits(&x)?
                 .narrow(D::Minus1, (i - lo) * w + j, 1)?
                 .squeeze(D::Minus1)?
@@ -154,14 +154,14 @@ pub fn sample_raster(
             }
         }
     }
-    Tensor::from_vec(buf, (n, c, h, w), device)?.to_dtype(dtype)
+    gm_core::traffic::upload(buf, (n, c, h, w), device)?.to_dtype(dtype)
 }
 
 /// Labels `0, 1, …` cycling through `num_classes` (what an unconditional `sample(n)` of a
 /// class-conditional model draws), as a `(n,)` u32 tensor.
 pub fn cycle_labels(n: usize, num_classes: usize, device: &Device) -> Result<Tensor> {
     let v: Vec<u32> = (0..n).map(|i| (i % num_classes) as u32).collect();
-    Tensor::from_vec(v, n, device)
+    gm_core::traffic::upload(v, n, device)
 }
 
 /// Checks labels against the number of classes; the error names the bad label.

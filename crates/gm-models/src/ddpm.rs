@@ -140,7 +140,7 @@ impl Denoiser {
                 }
             })
             .collect();
-        Ok(Some(Tensor::from_vec(out, y.dim(0)?, y.device())?))
+        Ok(Some(gm_core::traffic::upload(out, y.dim(0)?, y.device())?))
     }
 
     /// Labels for evaluation: the data's own labels (conditional likelihood).
@@ -251,7 +251,7 @@ impl Ddpm {
         w: f64,
     ) -> Result<Tensor> {
         let tt: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-        let tt = Tensor::from_vec(tt, t.len(), x_t.device())?;
+        let tt = gm_core::traffic::upload(tt, t.len(), x_t.device())?;
         self.net.guided(x_t, &tt, labels, w)
     }
 
@@ -325,7 +325,7 @@ impl Ddpm {
         let lv_true = col(&|t| post[t].2.max(1e-20).ln())?;
         let kl = sum_per_sample(&normal_kl(&true_mean, &lv_true, &model_mean, &lv_model)?)?;
         let is_dec: Vec<u8> = ts.iter().map(|&t| u8::from(t == 0)).collect();
-        let is_dec = Tensor::from_vec(is_dec, ts.len(), x0.device())?;
+        let is_dec = gm_core::traffic::upload(is_dec, ts.len(), x0.device())?;
         is_dec.where_cond(&dec, &kl)
     }
 

@@ -478,7 +478,7 @@ impl Gan {
         }
         let k = self.cfg.num_classes as u64;
         let v: Vec<u32> = (0..n).map(|_| (rng.next_u64() % k) as u32).collect();
-        Ok(Some(Tensor::from_vec(v, n, &self.device)?))
+        Ok(Some(gm_core::traffic::upload(v, n, &self.device)?))
     }
 
     /// Generated samples on the model scale, `(n, C, H, W)`.

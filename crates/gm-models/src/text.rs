@@ -185,7 +185,7 @@ impl TextAr {
             let start = rows[0].len().saturating_sub(self.cfg.context);
             let ctx: Vec<u32> = rows.iter().flat_map(|r| r[start..].to_vec()).collect();
             let len = rows[0].len() - start;
-            let x = Tensor::from_vec(ctx, (b, len), prompt.device())?;
+            let x = gm_core::traffic::upload(ctx, (b, len), prompt.device())?;
             let last = self
                 .logits(&x)?
                 .narrow(2, len - 1, 1)?
@@ -197,7 +197,7 @@ impl TextAr {
             }
         }
         let flat: Vec<u32> = rows.iter().flatten().copied().collect();
-        Tensor::from_vec(flat, (b, rows[0].len()), prompt.device())
+        gm_core::traffic::upload(flat, (b, rows[0].len()), prompt.device())
     }
 }
 

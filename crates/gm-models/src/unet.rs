@@ -244,7 +244,7 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let freqs: Vec<f64> = (0..half)
         .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp())
         .collect();
-    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
+    let freqs = gm_core::traffic::upload(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let e = Tensor::cat(&[args.sin()?, args.cos()?], 1)?;
     if dim % 2 == 1 {

@@ -376,7 +376,11 @@ fn rel_tensors(a: &[(String, Tensor)], b: &[(String, Tensor)], floor: f64) -> Re
             .find(|(n, _)| n == name)
             .ok_or_else(|| anyhow!("'{name}' is missing from the device run"))?;
         if ta.1.dims() != tb.dims() {
-            bail!("'{name}': shape {:?} on the device, {:?} on the CPU", ta.1.dims(), tb.dims());
+            bail!(
+                "'{name}': shape {:?} on the device, {:?} on the CPU",
+                ta.1.dims(),
+                tb.dims()
+            );
         }
         let d = max_abs(&(&ta.1 - tb)?)?;
         let scale = max_abs(tb)?.max(floor).max(f64::MIN_POSITIVE);
@@ -454,7 +458,10 @@ pub fn check_family(f: &Family, dev: &Device) -> Result<FamilyReport> {
         .iter()
         .zip(&on_dev.losses)
         .map(|(r, d)| (d - r).abs() / r.abs().max(1e-12))
-        .fold(0f64, |a, b| if b.is_nan() { f64::INFINITY } else { a.max(b) });
+        .fold(
+            0f64,
+            |a, b| if b.is_nan() { f64::INFINITY } else { a.max(b) },
+        );
     let gmax = reference
         .grads
         .iter()
@@ -466,7 +473,11 @@ pub fn check_family(f: &Family, dev: &Device) -> Result<FamilyReport> {
     let params_rel = rel_tensors(&on_dev.params, &reference.params, 0.0)?;
     let samples_diff = match (&reference.samples, &on_dev.samples) {
         (Some(r), Some(d)) if f.discrete => {
-            let ne = r.ne(d)?.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
+            let ne = r
+                .ne(d)?
+                .to_dtype(DType::F64)?
+                .mean_all()?
+                .to_scalar::<f64>()?;
             Some(ne)
         }
         (Some(r), Some(d)) => Some(max_abs(&(d - r)?)?),
@@ -481,10 +492,16 @@ pub fn check_family(f: &Family, dev: &Device) -> Result<FamilyReport> {
         why.push(format!("loss differs by {loss_rel:.2e} > {:.0e}", t.loss));
     }
     if !(grads_rel <= t.grads) {
-        why.push(format!("gradients differ by {grads_rel:.2e} > {:.0e}", t.grads));
+        why.push(format!(
+            "gradients differ by {grads_rel:.2e} > {:.0e}",
+            t.grads
+        ));
     }
     if !(params_rel <= t.params) {
-        why.push(format!("Adam's update differs by {params_rel:.2e} > {:.0e}", t.params));
+        why.push(format!(
+            "Adam's update differs by {params_rel:.2e} > {:.0e}",
+            t.params
+        ));
     }
     if let Some(s) = samples_diff {
         if !(s <= t.samples) {
@@ -539,7 +556,10 @@ fn roundtrip(vm: &VarMap, dev: &Device) -> Result<bool> {
             _ => bail!("the round trip lost '{name}'"),
         };
         if !c.device().is_cpu() || !d.device().same_device(dev) {
-            bail!("'{name}' was not read onto the CPU and back onto {}", device_name(dev));
+            bail!(
+                "'{name}' was not read onto the CPU and back onto {}",
+                device_name(dev)
+            );
         }
         if bits(c)? != want || bits(d)? != want {
             return Ok(false);
@@ -568,7 +588,11 @@ pub fn table(reports: &[FamilyReport]) -> String {
             f(r.grads_rel, r.tol.grads),
             f(r.params_rel, r.tol.params),
             samples,
-            if r.roundtrip_ok { "bit-exact" } else { "CHANGED" },
+            if r.roundtrip_ok {
+                "bit-exact"
+            } else {
+                "CHANGED"
+            },
             r.cpu_s,
             r.device_s,
             if r.pass {
@@ -616,9 +640,15 @@ pub fn cuda_environment() -> Vec<String> {
             .lines()
             .filter_map(|l| l.split_whitespace().nth(5))
             .filter(|p| {
-                ["libcuda.so", "libcublas", "libcurand", "libcudart", "libnvrtc"]
-                    .iter()
-                    .any(|n| p.contains(n))
+                [
+                    "libcuda.so",
+                    "libcublas",
+                    "libcurand",
+                    "libcudart",
+                    "libnvrtc",
+                ]
+                .iter()
+                .any(|n| p.contains(n))
             })
             .collect();
         libs.sort();

@@ -656,7 +656,9 @@ fn doctor(
     use gm_train::doctor as dr;
     let open = || -> Result<Device> {
         match choice {
-            DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| anyhow!(dr::explain_cuda_error(&e))),
+            DeviceChoice::Cuda => {
+                Device::new_cuda(0).map_err(|e| anyhow!(dr::explain_cuda_error(&e)))
+            }
             c => Ok(select_device(c)?.0),
         }
     };
@@ -664,7 +666,11 @@ fn doctor(
         let f = dr::family(&name)?;
         let dev = open()?;
         let r = dr::check_family(f, &dev).unwrap_or_else(|e| {
-            dr::failed(&name, &gm_train::trainer::device_name(&dev), format!("{e:#}"))
+            dr::failed(
+                &name,
+                &gm_train::trainer::device_name(&dev),
+                format!("{e:#}"),
+            )
         });
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -682,7 +688,11 @@ fn doctor(
     eprintln!(
         "gm doctor: {} against gm's CPU kernels{}",
         dev_name,
-        if dev.is_cpu() { " (the device path run on the CPU: GM_KERNELS=portable)" } else { "" }
+        if dev.is_cpu() {
+            " (the device path run on the CPU: GM_KERNELS=portable)"
+        } else {
+            ""
+        }
     );
     drop(dev);
     let exe = std::env::current_exe().context("cannot find the gm executable")?;
@@ -692,7 +702,13 @@ fn doctor(
         .filter(|f| only.is_empty() || only.iter().any(|o| o == f.name))
     {
         let out = std::process::Command::new(&exe)
-            .args(["doctor", "--family", f.name, "--device", &choice.to_string()])
+            .args([
+                "doctor",
+                "--family",
+                f.name,
+                "--device",
+                &choice.to_string(),
+            ])
             .stdin(std::process::Stdio::null())
             .output()
             .with_context(|| format!("cannot run {}", exe.display()))?;
@@ -708,7 +724,11 @@ fn doctor(
                 dr::failed(
                     f.name,
                     &dev_name,
-                    format!("the check exited with {} and no report: {}", out.status, tail.join(" / ")),
+                    format!(
+                        "the check exited with {} and no report: {}",
+                        out.status,
+                        tail.join(" / ")
+                    ),
                 )
             });
         eprintln!(
@@ -727,7 +747,11 @@ fn doctor(
         std::fs::write(&path, lines.join("\n") + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let failed: Vec<&str> = reports.iter().filter(|r| !r.pass).map(|r| r.family.as_str()).collect();
+    let failed: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.pass)
+        .map(|r| r.family.as_str())
+        .collect();
     if !failed.is_empty() {
         bail!(
             "{} of {} families failed on {dev_name}: {}",
@@ -736,7 +760,10 @@ fn doctor(
             failed.join(", ")
         );
     }
-    eprintln!("gm doctor: all {} families pass on {dev_name}", reports.len());
+    eprintln!(
+        "gm doctor: all {} families pass on {dev_name}",
+        reports.len()
+    );
     Ok(())
 }
 

@@ -1084,9 +1084,11 @@ fn device_conv_transpose2d(
     let mut y = candle_conv_transpose2d(&xs, &weight, 0, 0, 1, d, p.groups)?;
     for (i, axis) in [2, 3].into_iter().enumerate() {
         let full = y.dim(axis)?;
-        y = y
-            .pad_with_zeros(axis, 0, op[i])?
-            .narrow(axis, p.padding[i], full + op[i] - 2 * p.padding[i])?;
+        y = y.pad_with_zeros(axis, 0, op[i])?.narrow(
+            axis,
+            p.padding[i],
+            full + op[i] - 2 * p.padding[i],
+        )?;
     }
     Ok(y)
 }

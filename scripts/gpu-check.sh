@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One pass that proves a CUDA build of gm on a GPU machine, in priority order, each section under
+# its own time limit, appending its results to OUT as it goes (a cut run still leaves what it did):
+#   1) the CUDA libraries found, then `gm doctor --device cuda` (every family against the CPU);
+#   2) `gm bench` train steps next to their PyTorch twins on the same GPU (scripts/bench_vs_torch.py);
+#   3) one epoch of Fashion-MNIST (60,000 images) for the VAE and the DDPM UNet, with samples.
+#
+#   bash scripts/gpu-check.sh --gm GM_BINARY[.gz] --out DIR [--fashion DIR] [--device cuda]
+#
+# Needs on the GPU machine: the NVIDIA driver, Python 3 with PyTorch (CUDA) and numpy — PyTorch's
+# CUDA 13 wheels also provide libcublas, libcurand and libcudart for gm. Nothing is downloaded.
+# `--device cpu` with a CPU build rehearses the whole script on any machine (GM_CHECK_QUICK=1
+# shortens the bench and the epochs so that a rehearsal takes a few minutes).
+set -uo pipefail
+
+GM="" OUT="" FASHION="" DEVICE=cuda
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --gm) GM="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --fashion) FASHION="$2"; shift 2 ;;
+        --device) DEVICE="$2"; shift 2 ;;
+        *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+[ -n "$GM" ] && [ -n "$OUT" ] || { echo "usage: gpu-check.sh --gm GM[.gz] --out DIR [--fashion DIR] [--device cuda|cpu]" >&2; exit 2; }
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+QUICK="${GM_CHECK_QUICK:-0}"
+say() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
+
+if [[ "$GM" == *.gz ]]; then
+    gunzip -c "$GM" > /tmp/gm-check-bin && chmod +x /tmp/gm-check-bin && GM=/tmp/gm-check-bin
+fi
+
+# --- 1) environment and the doctor -------------------------------------------------------------
+say "environment"
+{
+    echo "host: $(uname -srm); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); cores: $(nproc)"
+    if [ "$DEVICE" = cuda ]; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
+        # gm links libcuda (the driver's), libcublas/libcublasLt, libcurand and libcudart.
+        dirs=""
+        for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+            f="$(find /usr/local/nvidia /usr/lib /usr/lib64 /usr/local /opt -name "$lib" 2>/dev/null | head -n 1)"
+            if [ -n "$f" ]; then echo "found $lib: $f"; dirs="$dirs:$(dirname "$f")"; else echo "MISSING $lib"; fi
+        done
+        export LD_LIBRARY_PATH="${dirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+        ldd "$GM" | grep -E 'not found|cuda|cublas|curand|cudart' || true
+    fi
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1
+} 2>&1 | tee "$OUT/env.txt" | tee -a "$LOG"
+# The exports inside the braces ran in a subshell of the pipe: repeat the search here.
+if [ "$DEVICE" = cuda ]; then
+    dirs=""
+    for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+        f="$(find /usr/local/nvidia /usr/lib /usr/lib64 /usr/local /opt -name "$lib" 2>/dev/null | head -n 1)"
+        [ -n "$f" ] && dirs="$dirs:$(dirname "$f")"
+    done
+    export LD_LIBRARY_PATH="${dirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+say "gm doctor --device $DEVICE"
+timeout 150 "$GM" doctor --device "$DEVICE" --json "$OUT/doctor.jsonl" > "$OUT/doctor.txt" 2> >(tee -a "$LOG" >&2)
+echo "doctor exit: $?" | tee -a "$OUT/doctor.txt" "$LOG"
+cat "$OUT/doctor.txt" >> "$LOG"
+
+# --- 2) train steps next to PyTorch ------------------------------------------------------------
+say "gm bench vs PyTorch on $DEVICE"
+STEPS=20; WARM=5; REP=2
+[ "$QUICK" = 1 ] && { STEPS=2; WARM=1; REP=1; }
+timeout 170 env PYTHONUNBUFFERED=1 python3 "$ROOT/scripts/bench_vs_torch.py" --device "$DEVICE" --gm "$GM" \
+    --what models --threads "$(nproc)" --steps $STEPS --warmup $WARM --repeats $REP --presets \
+    models/vae-mnist.toml models/vae-conv-mnist.toml models/pixelcnn-mnist.toml models/ddpm-mnist.toml \
+    models/realnvp-mnist.toml models/dcgan-mnist.toml > "$OUT/bench.txt" 2> >(tee -a "$LOG" >&2)
+echo "bench exit: $?" | tee -a "$OUT/bench.txt" "$LOG"
+cat "$OUT/bench.txt" >> "$LOG"
+
+# --- 3) one epoch of Fashion-MNIST -------------------------------------------------------------
+if [ -n "$FASHION" ]; then
+    for spec in "vae-mnist 128 60" "ddpm-mnist 64 120"; do
+        set -- $spec
+        preset=$1 batch=$2 limit=$3
+        steps=$(( (60000 + batch - 1) / batch ))
+        [ "$QUICK" = 1 ] && steps=10
+        say "one epoch: $preset on Fashion-MNIST, $steps steps of $batch"
+        run="/tmp/gm-check-$preset"
+        rm -rf "$run"
+        t0=$(date +%s.%N)
+        timeout "$limit" "$GM" train --config "$ROOT/models/$preset.toml" --data-dir "$FASHION" --out "$run" \
+            --device "$DEVICE" --quiet --set train.steps=$steps --set train.eval_every=0 \
+            --set train.sample_every=0 --set train.checkpoint_every=0 --set train.eval_images=500 \
+            --set train.warmup_steps=10 > "$OUT/epoch-$preset.json" 2> >(tee -a "$LOG" >&2)
+        rc=$?
+        t1=$(date +%s.%N)
+        echo "epoch $preset: exit $rc, wall $(awk "BEGIN{printf \"%.1f\", $t1 - $t0}") s (data loading, $steps steps, final evaluation, samples, checkpoint)" | tee -a "$OUT/epochs.txt" "$LOG"
+        tail -n 3 "$run/metrics.jsonl" 2>/dev/null >> "$OUT/epochs.txt"
+        cat "$OUT/epoch-$preset.json" >> "$OUT/epochs.txt" 2>/dev/null
+        rm -f "$OUT/epoch-$preset.json"
+        last="$(ls "$run"/samples/step-*.png 2>/dev/null | tail -n 1)"
+        [ -n "$last" ] && cp "$last" "$OUT/samples-$preset.png"
+    done
+fi
+say "done"
