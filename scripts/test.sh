@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs gm's test suite. Sets up .venv with PyTorch (for the gm <-> PyTorch interop test) unless
 # GM_PYTHON already points at a Python with torch; GM_SKIP_TORCH=1 skips that step.
+# Then runs the model and core tests a second time with GM_KERNELS=portable: the composition of
+# candle ops that CUDA and Metal run, on the CPU (GM_SKIP_PORTABLE=1 skips that pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${GM_PYTHON:-}" ] && [ "${GM_SKIP_TORCH:-0}" != 1 ]; then
@@ -12,3 +14,10 @@ if [ -z "${GM_PYTHON:-}" ] && [ "${GM_SKIP_TORCH:-0}" != 1 ]; then
   export GM_PYTHON="$PWD/.venv/bin/python"
 fi
 cargo test --workspace "$@"
+if [ "${GM_SKIP_PORTABLE:-0}" != 1 ] && [ $# -eq 0 ]; then
+  echo "test.sh: the model and core tests again on the portable path (GM_KERNELS=portable)"
+  # --workspace keeps the feature set of the first pass, so nothing is rebuilt.
+  GM_KERNELS=portable cargo test --workspace --lib --test autoregressive --test diffusion \
+    --test flows --test gan --test text --test conv --test conv_second_order --test ops \
+    --test norm --test cnf
+fi

@@ -488,23 +488,25 @@ pub fn check_family(f: &Family, dev: &Device) -> Result<FamilyReport> {
 
     let mut why = Vec::new();
     let t = f.tol;
-    if !(loss_rel <= t.loss) {
+    // NaN is out of tolerance too.
+    let within = |v: f64, tol: f64| v <= tol;
+    if !within(loss_rel, t.loss) {
         why.push(format!("loss differs by {loss_rel:.2e} > {:.0e}", t.loss));
     }
-    if !(grads_rel <= t.grads) {
+    if !within(grads_rel, t.grads) {
         why.push(format!(
             "gradients differ by {grads_rel:.2e} > {:.0e}",
             t.grads
         ));
     }
-    if !(params_rel <= t.params) {
+    if !within(params_rel, t.params) {
         why.push(format!(
             "Adam's update differs by {params_rel:.2e} > {:.0e}",
             t.params
         ));
     }
     if let Some(s) = samples_diff {
-        if !(s <= t.samples) {
+        if !within(s, t.samples) {
             why.push(format!("samples differ by {s:.2e} > {:.0e}", t.samples));
         }
     }

@@ -683,18 +683,21 @@ fn doctor(
             eprintln!("gm doctor: {line}");
         }
     }
-    let dev = open()?;
-    let dev_name = gm_train::trainer::device_name(&dev);
-    eprintln!(
-        "gm doctor: {} against gm's CPU kernels{}",
-        dev_name,
-        if dev.is_cpu() {
-            " (the device path run on the CPU: GM_KERNELS=portable)"
-        } else {
-            ""
-        }
-    );
-    drop(dev);
+    // The parent opens the device once, to report a broken setup before any child runs.
+    let dev_name = {
+        let dev = open()?;
+        let dev_name = gm_train::trainer::device_name(&dev);
+        eprintln!(
+            "gm doctor: {} against gm's CPU kernels{}",
+            dev_name,
+            if dev.is_cpu() {
+                " (the device path run on the CPU: GM_KERNELS=portable)"
+            } else {
+                ""
+            }
+        );
+        dev_name
+    };
     let exe = std::env::current_exe().context("cannot find the gm executable")?;
     let mut reports = Vec::new();
     for f in gm_train::doctor::FAMILIES

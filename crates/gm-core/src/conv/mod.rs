@@ -932,6 +932,7 @@ fn conv2d_upto(
         g.ho = g.ho.min(oh);
         g.wo = g.wo.min(ow);
     }
+    check_float(x, what)?;
     if !crate::native_kernels(x.device()) {
         let y = device_conv2d(x, weight, p)?;
         return match out {
@@ -939,7 +940,6 @@ fn conv2d_upto(
             Some(_) => y.narrow(2, 0, g.ho)?.narrow(3, 0, g.wo)?.contiguous(),
         };
     }
-    check_float(x, what)?;
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::Fwd))
 }
@@ -985,10 +985,10 @@ pub fn conv_transpose2d(
     if (g.ho, g.wo) != (h, w) {
         bail!("conv_transpose2d: inconsistent geometry {g:?} for input {h}x{w}")
     }
+    check_float(x, "conv_transpose2d")?;
     if !crate::native_kernels(x.device()) {
         return device_conv_transpose2d(x, weight, p, output_padding);
     }
-    check_float(x, "conv_transpose2d")?;
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::BwdData))
 }
@@ -1047,10 +1047,32 @@ fn equal_dilation(weight: &Tensor, mut p: Conv2dParams) -> Result<(Tensor, Conv2
 /// CPU in the portable mode ([`crate::portable_kernels`]).
 fn device_conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     let (weight, mut p) = equal_dilation(weight, p)?;
+    let (_, _, kh, kw) = weight.dims4()?;
     let mut x = x.clone();
-    if p.padding[0] != p.padding[1] {
+    // The padded rows (columns) that the last output row (column) reads up to; with a stride,
+    // trailing ones may be read by no output. candle's backward rebuilds the input's size from
+    // the output's and errors when they are there (a 9-row input at stride 2 with a 2-row
+    // kernel), so the padding is then applied here and the unread tail cut off.
+    let mut used = [0; 2];
+    let mut tail = false;
+    for (i, k) in [kh, kw].into_iter().enumerate() {
+        let span = x.dim(2 + i)? + 2 * p.padding[i];
+        let reach = p.dilation[i] * (k - 1) + 1;
+        if span < reach {
+            bail!(
+                "conv2d: the kernel ({kh}x{kw}, dilation {:?}) is larger than the padded input",
+                p.dilation
+            )
+        }
+        used[i] = (span - reach) / p.stride[i] * p.stride[i] + reach;
+        tail |= used[i] != span;
+    }
+    if p.padding[0] != p.padding[1] || tail {
         let [ph, pw] = p.padding;
         x = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
+        if tail {
+            x = x.narrow(2, 0, used[0])?.narrow(3, 0, used[1])?;
+        }
         p.padding = [0, 0];
     }
     let y = if p.stride[0] == p.stride[1] {
