@@ -29,14 +29,17 @@ pub use gm_models;
 pub use gm_train;
 
 pub use gm_core::{
-    bits_per_dim, cnf, conv, diffusion, dist, em, keep_freed_memory, loss, norm, ode, ops,
-    select_device, sum_per_sample, DeviceChoice, GmRng, RngState,
+    bits_per_dim, cnf, conv, diffusion, dist, em, keep_freed_memory, loss, native_kernels, norm,
+    ode, ops, portable_kernels, select_device, set_portable_kernels, sum_per_sample, traffic,
+    DeviceChoice, GmRng, RngState,
 };
 pub use gm_models::{
     ar, classifier, ddpm, ffjord, flow, flow_matching, fvsbn, gated_pixelcnn, made, nn, pixelcnn,
     realnvp, unet, vae, Batch, EvalOptions, Loss, Model, ModelConfig, PixelData,
 };
-pub use gm_train::{checkpoint, config, data, eval, fetch, images, opbench, optim, trainer};
+pub use gm_train::{
+    checkpoint, config, data, doctor, eval, fetch, images, opbench, optim, trainer,
+};
 pub use gm_train::{
     load_checkpoint, load_checkpoint_with, train, RunConfig, TrainOptions, TrainSummary,
 };
