@@ -266,6 +266,19 @@ impl ModelConfig {
         }
     }
 
+    /// The number of classes of a class-conditional model or classifier; 0 for the others.
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Self::Classifier(c) => c.num_classes,
+            Self::PixelCnn(c) => c.num_classes,
+            Self::GatedPixelCnn(c) => c.num_classes,
+            Self::Ddpm(c) => c.num_classes,
+            Self::FlowMatching(c) => c.num_classes,
+            Self::Gan(c) => c.num_classes,
+            _ => 0,
+        }
+    }
+
     /// Labels the model needs in every batch (class-conditional models and classifiers).
     pub fn needs_labels(&self) -> bool {
         match self {

@@ -135,6 +135,67 @@ pub fn complete_steps(run: &Path) -> Vec<usize> {
     steps
 }
 
+/// Refuses to start a fresh run in `run` when that directory already holds a run or anything
+/// else: a run directory is never mixed with another run. A missing or empty directory is fine.
+pub fn ensure_fresh_run_dir(run: &Path) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(run) else {
+        if run.exists() {
+            bail!(
+                "--out {} exists and is not a readable directory",
+                run.display()
+            );
+        }
+        return Ok(());
+    };
+    let entries: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let steps = complete_steps(run);
+    if let Some(last) = steps.last() {
+        bail!(
+            "{} already holds a run (checkpoints up to step {last}): continue it with `gm train --resume {}` (and --set train.steps=N to go further), or give a new --out directory",
+            run.display(),
+            run.display()
+        );
+    }
+    if entries
+        .iter()
+        .any(|e| e == "config.toml" || e == "metrics.jsonl")
+    {
+        bail!(
+            "{} already holds a run that left no complete checkpoint: remove it or give a new --out directory",
+            run.display()
+        );
+    }
+    bail!(
+        "--out {} is not empty ({} entries, e.g. '{}'): a run gets a directory of its own; give a new --out directory",
+        run.display(),
+        entries.len(),
+        entries[0]
+    )
+}
+
+/// The first of `base`, `base-2`, `base-3`, … that is missing or empty: where a run goes when no
+/// `--out` was given and the preset's default directory is taken.
+pub fn free_run_dir(base: &Path) -> PathBuf {
+    let free = |p: &Path| ensure_fresh_run_dir(p).is_ok();
+    if free(base) {
+        return base.to_path_buf();
+    }
+    let name = base
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    (2..)
+        .map(|i| base.with_file_name(format!("{name}-{i}")))
+        .find(|p| free(p))
+        .expect("an unbounded range has a free name")
+}
+
 /// Resolves `--checkpoint`: a weights file, or a run directory (its latest checkpoint).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.is_file() {

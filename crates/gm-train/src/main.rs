@@ -31,7 +31,7 @@ enum Cmd {
     /// Train a model from a TOML preset (or resume a run).
     Train {
         /// A preset such as models/vae-mnist.toml.
-        #[arg(long, required_unless_present = "resume")]
+        #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
         config: Option<PathBuf>,
         /// A folder of MNIST-style IDX files; default: download MNIST into the cache.
         #[arg(long)]
@@ -260,7 +260,25 @@ fn run() -> Result<()> {
                         .file_stem()
                         .map(|s| s.to_string_lossy().to_string())
                         .unwrap_or("run".into());
-                    (cfg, out.unwrap_or_else(|| PathBuf::from("runs").join(stem)))
+                    let out = match out {
+                        Some(o) => o,
+                        None => {
+                            // The preset's default directory, or a fresh sibling when an
+                            // earlier run holds it: runs are never mixed.
+                            let base = PathBuf::from("runs").join(stem);
+                            let free = gm_train::checkpoint::free_run_dir(&base);
+                            if free != base {
+                                eprintln!(
+                                    "gm: {} holds an earlier run; this one goes to {} (--out chooses, --resume {} continues the earlier one)",
+                                    base.display(),
+                                    free.display(),
+                                    base.display()
+                                );
+                            }
+                            free
+                        }
+                    };
+                    (cfg, out)
                 }
                 (None, None) => bail!("give --config PRESET or --resume RUN_DIR"),
             };

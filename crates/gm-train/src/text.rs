@@ -232,6 +232,7 @@ pub fn train_text(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> 
     let t = &cfg.train;
     let dev = &opts.device;
     let run = &opts.out;
+    checkpoint::ensure_fresh_run_dir(run)?;
     let corpus = load_corpus(&corpus_dir(cfg, opts.data_dir.as_deref()))?;
     let clock = Instant::now();
     let tok = train_tokenizer(&corpus.train, mc.vocab_size)?;

@@ -386,13 +386,40 @@ fn data_init(
     Ok(())
 }
 
+/// Checks a split against the model before any step: image size, and labels within
+/// `num_classes` for class-conditional models. Errors name the data and the key.
+fn check_split(ds: &ImageDataset, cfg: &RunConfig, split: &str) -> Result<()> {
+    if ds.values.is_none() && ds.shape != cfg.model.image_shape() {
+        let [c, h, w] = ds.shape;
+        bail!(
+            "{}: the {split} images are {c}×{h}×{w} (C×H×W), the model's model.image_shape is {:?}",
+            ds.source,
+            cfg.model.image_shape()
+        );
+    }
+    let k = cfg.model.num_classes();
+    if let (Some(labels), true) = (&ds.labels, k > 0) {
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= k) {
+            bail!(
+                "{}: {split} image {i} has label {l}, outside model.num_classes = {k}",
+                ds.source
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Trains `cfg` into `opts.out`.
 pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let t = &cfg.train;
     let dev = &opts.device;
     let run = &opts.out;
+    if !opts.resume {
+        checkpoint::ensure_fresh_run_dir(run)?;
+    }
     let (mut train_ds, data_source) = load_data(cfg, opts.data_dir.as_deref(), Split::Train)?;
     train_ds.truncate(cfg.data.max_train);
+    check_split(&train_ds, cfg, "training")?;
     if cfg.model.needs_labels() && train_ds.labels.is_none() {
         bail!(
             "a '{}' model needs class labels, but {} has no train-labels file",
@@ -402,7 +429,12 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let test_ds: Option<ImageDataset> = match load_data(cfg, opts.data_dir.as_deref(), Split::Test)
     {
-        Ok((d, _)) => Some(d),
+        Ok((d, _)) => {
+            // A test split the periodic evaluations cannot read must stop the run now, not
+            // after the steps before the first evaluation.
+            check_split(&d, cfg, "test")?;
+            Some(d)
+        }
         Err(e) => {
             eprintln!("gm: no test split ({e:#}); periodic evaluation is off");
             None
@@ -461,6 +493,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let Some(&step) = checkpoint::complete_steps(run).last() else {
             bail!("--resume: {} has no complete checkpoint", run.display());
         };
+        if t.steps <= step {
+            bail!(
+                "--resume: {} has run {step} steps and train.steps = {} leaves none to run; give more with --set train.steps=N (N > {step})",
+                run.display(),
+                t.steps
+            );
+        }
         let saved_cfg = std::fs::read_to_string(run.join("config.toml")).unwrap_or_default();
         let saved = RunConfig::from_toml_str(&saved_cfg, &[], "config.toml").ok();
         if saved.as_ref().map(|s| &s.model) != Some(&cfg.model) {

@@ -1,0 +1,260 @@
+//! A run directory is never mixed with another run, a resume refuses what it cannot honour, and a
+//! split the run cannot read stops it before step 0 — each with a message that names the path or
+//! key and says what to do.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn gm_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gm"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("gm runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// A small IDX folder: `n_train` / `n_test` images of `h × w`, labels `i % 4` except `bad_label`
+/// as the last test label when given.
+fn idx_dir(dir: &Path, test_hw: [usize; 2], bad_label: Option<u8>) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = gm_core::GmRng::new(3);
+    for (split, n, [h, w]) in [("train", 64usize, [28, 28]), ("t10k", 16, test_hw)] {
+        let px: Vec<u8> = (0..n * h * w)
+            .map(|_| (rng.next_u64() % 256) as u8)
+            .collect();
+        let mut labels: Vec<u8> = (0..n).map(|i| (i % 4) as u8).collect();
+        if split == "t10k" {
+            if let Some(l) = bad_label {
+                labels[n - 1] = l;
+            }
+        }
+        gm_train::fetch::write_idx_gz(
+            &dir.join(format!("{split}-images-idx3-ubyte.gz")),
+            &[n, h, w],
+            &px,
+        )
+        .unwrap();
+        gm_train::fetch::write_idx_gz(
+            &dir.join(format!("{split}-labels-idx1-ubyte.gz")),
+            &[n],
+            &labels,
+        )
+        .unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Every file under `dir` with its bytes, sorted: a directory's full state.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn tiny_vae(tmp: &Path, data: &Path, out: Option<&Path>, steps: usize) -> Output {
+    let cfg = root().join("models/vae-tiny.toml");
+    let steps = format!("train.steps={steps}");
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--set",
+        &steps,
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.sample_every=0",
+        "--set",
+        "train.eval_images=16",
+    ];
+    if let Some(o) = out {
+        args.extend(["--out", o.to_str().unwrap()]);
+    }
+    gm_in(tmp, &args)
+}
+
+/// A temporary folder with an IDX set and a finished 6-step tiny VAE run in `run/`.
+fn finished_run() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = idx_dir(&tmp.path().join("data"), [28, 28], None);
+    let run = tmp.path().join("run");
+    let first = tiny_vae(tmp.path(), &data, Some(&run), 6);
+    assert!(first.status.success(), "{}", stderr(&first));
+    (tmp, data, run)
+}
+
+#[test]
+fn a_finished_run_is_never_mixed_with_a_new_one() {
+    let (tmp, data, run) = finished_run();
+    let before = snapshot(&run);
+
+    // A fresh run into it: refused, and nothing in it changes.
+    let again = tiny_vae(tmp.path(), &data, Some(&run), 4);
+    let err = stderr(&again);
+    assert!(!again.status.success());
+    assert!(
+        err.contains(&format!(
+            "{} already holds a run (checkpoints up to step 6)",
+            run.display()
+        )) && err.contains(&format!("--resume {}", run.display())),
+        "{err}"
+    );
+    assert!(
+        snapshot(&run) == before,
+        "the refused run changed {}",
+        run.display()
+    );
+
+    // A non-empty directory that is not a run is refused too.
+    let other = tmp.path().join("notes");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("todo.txt"), "mine").unwrap();
+    let o = tiny_vae(tmp.path(), &data, Some(&other), 2);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is not empty (1 entries, e.g. 'todo.txt')"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Without --out, the preset's default directory is taken by then: a sibling is used.
+    let a = tiny_vae(tmp.path(), &data, None, 2);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let b = tiny_vae(tmp.path(), &data, None, 2);
+    let err = stderr(&b);
+    assert!(b.status.success(), "{err}");
+    assert!(
+        err.contains("runs/vae-tiny holds an earlier run; this one goes to runs/vae-tiny-2"),
+        "{err}"
+    );
+    assert!(tmp.path().join("runs/vae-tiny-2/checkpoints").is_dir());
+}
+
+#[test]
+fn a_resume_refuses_what_it_cannot_honour() {
+    let (tmp, data, run) = finished_run();
+    let before = snapshot(&run);
+    let r = run.to_str().unwrap();
+    let d = data.to_str().unwrap();
+    let resume = |steps: usize| {
+        let s = format!("train.steps={steps}");
+        gm_in(
+            tmp.path(),
+            &[
+                "train",
+                "--resume",
+                r,
+                "--data-dir",
+                d,
+                "--quiet",
+                "--device",
+                "cpu",
+                "--set",
+                &s,
+            ],
+        )
+    };
+
+    // No steps left: refused, the config untouched.
+    let o = resume(3);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("has run 6 steps and train.steps = 3 leaves none to run")
+            && err.contains("--set train.steps=N (N > 6)"),
+        "{err}"
+    );
+    assert!(snapshot(&run) == before, "a refused resume changed the run");
+
+    // --config with --resume: the run's own config is what a resume continues.
+    let cfg = root().join("models/made-tiny.toml");
+    let o = gm_in(
+        tmp.path(),
+        &["train", "--resume", r, "--config", cfg.to_str().unwrap()],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("'--resume <RUN_DIR>' cannot be used with '--config <CONFIG>'"),
+        "{err}"
+    );
+    assert!(snapshot(&run) == before);
+
+    // More steps: it continues.
+    let o = resume(8);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("done: 8 steps"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_split_the_run_cannot_read_stops_it_before_step_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Test images of 32 × 32 for a 28 × 28 model.
+    let data = idx_dir(&tmp.path().join("wide"), [32, 32], None);
+    let run = tmp.path().join("run-wide");
+    let o = tiny_vae(tmp.path(), &data, Some(&run), 4);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&data.display().to_string())
+            && err.contains(
+                "the test images are 1×32×32 (C×H×W), the model's model.image_shape is [1, 28, 28]"
+            ),
+        "{err}"
+    );
+    assert!(
+        !run.join("checkpoints").exists(),
+        "a step ran before the check"
+    );
+
+    // A label of 200 for a 10-class conditional model.
+    let data = idx_dir(&tmp.path().join("labels"), [28, 28], Some(200));
+    let cfg = root().join("models/dcgan-cond-tiny.toml");
+    let run = tmp.path().join("run-labels");
+    let o = gm_in(
+        tmp.path(),
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("test image 15 has label 200, outside model.num_classes = 10"),
+        "{err}"
+    );
+    assert!(!run.join("checkpoints").exists());
+}
