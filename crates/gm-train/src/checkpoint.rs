@@ -30,12 +30,19 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    {
+    let written = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        // A full disk must not leave a partial file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -56,7 +63,41 @@ pub fn to_safetensors(
         .into_iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
-    Ok(safetensors::serialize(cpu, Some(meta.clone()))?)
+    let bytes = safetensors::serialize(cpu, Some(meta.clone()))?;
+    canonical_header(bytes)
+}
+
+/// The same safetensors bytes with the JSON header's keys sorted (metadata included): safetensors
+/// writes the metadata in a hash map's order, which changes from process to process, so
+/// identical runs would write different files. With this, equal tensors and metadata give equal
+/// bytes.
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    use std::collections::BTreeMap;
+    let bad = || anyhow!("safetensors produced a malformed header");
+    let n = u64::from_le_bytes(bytes.get(..8).ok_or_else(bad)?.try_into()?) as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(bad)?;
+    let top: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)?;
+    let sorted: BTreeMap<String, serde_json::Value> = top
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::Object(m) => serde_json::to_value(
+                    m.into_iter()
+                        .collect::<BTreeMap<String, serde_json::Value>>(),
+                )?,
+                v => v,
+            };
+            Ok((k, v))
+        })
+        .collect::<Result<_>>()?;
+    let mut h = serde_json::to_string(&sorted)?.into_bytes();
+    // safetensors aligns the data to 8 bytes by padding the header with spaces.
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// A safetensors file read back: tensors and metadata.
@@ -177,6 +218,27 @@ pub fn ensure_fresh_run_dir(run: &Path) -> Result<()> {
         entries.len(),
         entries[0]
     )
+}
+
+/// Removes the temporary files that an interrupted [`atomic_write`] left in a run directory and
+/// its `checkpoints/` (`.NAME.tmp-PID`); returns how many. A resumed run calls it first.
+pub fn remove_stale_temps(run: &Path) -> usize {
+    let mut n = 0;
+    for dir in [run.to_path_buf(), checkpoint_dir(run)] {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.')
+                && name.contains(".tmp-")
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// The first of `base`, `base-2`, `base-3`, … that is missing or empty: where a run goes when no

@@ -493,6 +493,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let Some(&step) = checkpoint::complete_steps(run).last() else {
             bail!("--resume: {} has no complete checkpoint", run.display());
         };
+        let stale = checkpoint::remove_stale_temps(run);
+        if stale > 0 {
+            eprintln!(
+                "gm: removed {stale} temporary file(s) an interrupted write left in {}",
+                run.display()
+            );
+        }
         if t.steps <= step {
             bail!(
                 "--resume: {} has run {step} steps and train.steps = {} leaves none to run; give more with --set train.steps=N (N > {step})",

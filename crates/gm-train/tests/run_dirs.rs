@@ -258,3 +258,56 @@ fn a_split_the_run_cannot_read_stops_it_before_step_zero() {
     );
     assert!(!run.join("checkpoints").exists());
 }
+
+#[test]
+fn identical_runs_write_identical_checkpoint_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = idx_dir(&tmp.path().join("data"), [28, 28], None);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for run in [&a, &b] {
+        let o = tiny_vae(tmp.path(), &data, Some(run), 4);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let (fa, fb) = (
+        snapshot(&a.join("checkpoints")),
+        snapshot(&b.join("checkpoints")),
+    );
+    assert!(fa.len() >= 2, "{fa:?}");
+    assert_eq!(fa.len(), fb.len());
+    for ((pa, ba), (_, bb)) in fa.iter().zip(&fb) {
+        assert!(
+            ba == bb,
+            "{} differs between two identical runs",
+            pa.display()
+        );
+    }
+}
+
+#[test]
+fn a_resume_removes_what_an_interrupted_write_left() {
+    let (tmp, data, run) = finished_run();
+    let stale = run.join("checkpoints/.step-00000008.safetensors.tmp-4242");
+    std::fs::write(&stale, b"half a file").unwrap();
+    let o = gm_in(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--set",
+            "train.steps=8",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("removed 1 temporary file(s)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stale.exists());
+}
