@@ -21,7 +21,7 @@ use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use gm_core::conv::Conv2dParams;
-use gm_core::dist::{log_mean_exp, Bernoulli, DiagonalGaussian, StandardNormal};
+use gm_core::dist::{Bernoulli, DiagonalGaussian, StandardNormal};
 use gm_core::ops::Act;
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
@@ -295,6 +295,57 @@ impl Vae {
         rng: &mut GmRng,
         max_pairs: usize,
     ) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        self.for_log_weights(x, k, rng, max_pairs, |lw| {
+            parts.push(lw);
+            Ok(())
+        })?;
+        Tensor::cat(&parts, 0)
+    }
+
+    /// The mean and the log-mean-exp over `k` samples of [`Vae::log_weights`], per image `(B,)`
+    /// f64, accumulated chunk by chunk: memory is bounded by `max_pairs` whatever `k` is.
+    pub fn log_weight_stats(
+        &self,
+        x: &Tensor,
+        k: usize,
+        rng: &mut GmRng,
+        max_pairs: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        // Σ lw, and log Σ exp(lw) as (running max m, Σ exp(lw − m)).
+        let mut acc: Option<(Tensor, Tensor, Tensor)> = None;
+        self.for_log_weights(x, k, rng, max_pairs, |lw| {
+            let lw = lw.to_dtype(DType::F64)?;
+            let sum = lw.sum(0)?;
+            let cm = lw.max(0)?;
+            acc = Some(match acc.take() {
+                None => {
+                    let se = lw.broadcast_sub(&cm.unsqueeze(0)?)?.exp()?.sum(0)?;
+                    (sum, cm, se)
+                }
+                Some((s0, m0, se0)) => {
+                    let m = m0.maximum(&cm)?;
+                    let se = ((se0 * (&m0 - &m)?.exp()?)?
+                        + lw.broadcast_sub(&m.unsqueeze(0)?)?.exp()?.sum(0)?)?;
+                    ((s0 + sum)?, m, se)
+                }
+            });
+            Ok(())
+        })?;
+        let (sum, m, se) = acc.ok_or_else(|| candle_core::Error::Msg("k must be > 0".into()))?;
+        let kf = k as f64;
+        Ok(((sum / kf)?, ((m + se.log()?)? - kf.ln())?))
+    }
+
+    /// Calls `f` with each chunk `(kc, B)` of the `k` log-weights, in order.
+    fn for_log_weights(
+        &self,
+        x: &Tensor,
+        k: usize,
+        rng: &mut GmRng,
+        max_pairs: usize,
+        mut f: impl FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
         let b = x.dim(0)?;
         let q = self.encode(x)?;
         let std = q.std()?;
@@ -303,7 +354,6 @@ impl Vae {
         let log2pi = (2.0 * std::f64::consts::PI).ln();
         // log q(z|x) = Σ −½(log 2π + log σ² + ε²), independent of the decoder.
         let lq_const = ((&q.log_var + log2pi)?.sum(1)? * -0.5)?; // (b,)
-        let mut parts = Vec::new();
         let mut done = 0;
         while done < k {
             let kc = chunk.min(k - done);
@@ -323,10 +373,10 @@ impl Vae {
             let lpx = self.log_px_given_z(&out, &xs)?.reshape((kc, b))?;
             let lpz = StandardNormal.log_prob(&zf)?.reshape((kc, b))?;
             let lq = ((eps.sqr()?.sum(2)? * -0.5)?.broadcast_add(&lq_const.unsqueeze(0)?))?;
-            parts.push(((lpx + lpz)? - lq)?);
+            f(((lpx + lpz)? - lq)?)?;
             done += kc;
         }
-        Tensor::cat(&parts, 0)
+        Ok(())
     }
 }
 
@@ -373,12 +423,10 @@ impl Model for Vae {
     fn eval_metrics(&self, batch: &Batch, rng: &mut GmRng, opts: &EvalOptions) -> Result<Metrics> {
         let x = &batch.x;
         let k = opts.iwae_k.max(1);
-        let lw = self
-            .log_weights(x, k, rng, opts.max_pairs)?
-            .to_dtype(DType::F64)?;
+        let (mean_lw, lme_lw) = self.log_weight_stats(x, k, rng, opts.max_pairs)?;
         let off = self.discrete_offset();
-        let elbo = (lw.mean(0)?.neg()? + off)?;
-        let iwae = (log_mean_exp(&lw, 0)?.neg()? + off)?;
+        let elbo = (mean_lw.neg()? + off)?;
+        let iwae = (lme_lw.neg()? + off)?;
         let q = self.encode(x)?;
         let kl = q.kl_std_normal()?.to_dtype(DType::F64)?;
         Ok(vec![
@@ -435,6 +483,33 @@ mod tests {
         Batch {
             x: rng.bernoulli(&p).unwrap(),
             labels: None,
+        }
+    }
+
+    #[test]
+    fn streamed_iwae_statistics_equal_the_full_ones() {
+        let (_vm, v) = tiny(Arch::Mlp, Likelihood::Bernoulli);
+        let b = batch(&mut GmRng::new(0));
+        // 37 samples in chunks of 1 (max_pairs below the batch), 2 and all at once.
+        for max_pairs in [1, 2 * b.x.dim(0).unwrap(), 100_000] {
+            let lw = v
+                .log_weights(&b.x, 37, &mut GmRng::new(5), max_pairs)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let (mean, lme) = v
+                .log_weight_stats(&b.x, 37, &mut GmRng::new(5), max_pairs)
+                .unwrap();
+            let want_mean = lw.mean(0).unwrap().to_vec1::<f64>().unwrap();
+            let want_lme = gm_core::dist::log_mean_exp(&lw, 0)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for (a, w) in [(mean, want_mean), (lme, want_lme)] {
+                for (a, w) in a.to_vec1::<f64>().unwrap().iter().zip(&w) {
+                    assert!((a - w).abs() < 1e-9 * w.abs().max(1.0), "{a} vs {w}");
+                }
+            }
         }
     }
 

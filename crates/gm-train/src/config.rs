@@ -145,6 +145,14 @@ pub struct RunConfig {
     pub eval: EvalConfig,
 }
 
+/// Most images one sample grid (`gm sample`, `train.sample_n`) or one `--fid` set holds: a grid
+/// of 65,536 28×28 images is already a 7,168-pixel square.
+pub const MAX_SAMPLES: usize = 65_536;
+
+/// Most importance samples per image (`--iwae-k`, `eval.iwae_k`): memory stays bounded at any
+/// `k` (chunks of `eval.max_pairs`), but time grows with it — a million decoder passes per image.
+pub const MAX_IWAE_K: usize = 1_000_000;
+
 /// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML, else taken as a string.
 pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
@@ -211,6 +219,15 @@ impl RunConfig {
         for (k, v) in positive {
             if v == 0 {
                 return Err(format!("{k} must be > 0"));
+            }
+        }
+        for (k, v, max) in [
+            ("train.sample_n", t.sample_n, MAX_SAMPLES),
+            ("eval.iwae_k", self.eval.iwae_k, MAX_IWAE_K),
+            ("eval.train_iwae_k", self.eval.train_iwae_k, MAX_IWAE_K),
+        ] {
+            if v > max {
+                return Err(format!("{k} = {v} is above gm's limit of {max}"));
             }
         }
         if !t.lr.is_finite() || t.lr <= 0.0 {

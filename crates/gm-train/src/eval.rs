@@ -189,6 +189,38 @@ pub fn sample_quality(
     })
 }
 
+/// `n` samples drawn `chunk` at a time (at most [`crate::config::MAX_SAMPLES`]): the same
+/// images as one `model.sample(n)` call when `n ≤ chunk`, in bounded memory beyond. `None` for
+/// models that do not sample.
+pub fn sample_chunked(
+    model: &dyn gm_models::Model,
+    n: usize,
+    chunk: usize,
+    rng: &mut gm_core::GmRng,
+) -> anyhow::Result<Option<candle_core::Tensor>> {
+    check_sample_count("samples", n)?;
+    let mut parts = Vec::new();
+    let mut done = 0;
+    while done < n {
+        let c = chunk.max(1).min(n - done);
+        match model.sample(c, rng)? {
+            Some(s) => parts.push(s),
+            None => return Ok(None),
+        }
+        done += c;
+    }
+    Ok(Some(candle_core::Tensor::cat(&parts, 0)?))
+}
+
+/// Refuses a sample count above [`crate::config::MAX_SAMPLES`], naming the option.
+pub fn check_sample_count(what: &str, n: usize) -> anyhow::Result<()> {
+    let max = crate::config::MAX_SAMPLES;
+    if n > max {
+        anyhow::bail!("{what}: {n} images asked for, gm's limit is {max} per call");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -204,6 +204,10 @@ enum Cmd {
     },
 }
 
+/// Images generated per model call by `gm sample` and `--fid`: one call up to this many (the
+/// same images as before chunking), bounded memory beyond.
+const SAMPLE_CHUNK: usize = 1024;
+
 fn device(d: &DeviceArg) -> Result<Device> {
     let (dev, desc) = select_device(d.device)?;
     eprintln!("gm: device {desc}");
@@ -348,8 +352,21 @@ fn run() -> Result<()> {
             if n == 0 {
                 bail!("--n must be > 0");
             }
+            let rows = labels.as_deref().map(parse_labels).transpose()?;
+            let total = n.saturating_mul(rows.as_ref().map_or(1, Vec::len));
+            gm_train::eval::check_sample_count(
+                if rows.is_some() {
+                    "--n × --labels"
+                } else {
+                    "--n"
+                },
+                total,
+            )?;
             let dev = device(&d)?;
             if gm_train::text::checkpoint_kind(&checkpoint)? == "text-ar" {
+                if tokens > 1_000_000 {
+                    bail!("--tokens {tokens}: gm's limit is 1,000,000 new tokens per sample");
+                }
                 let ck = gm_train::text::load_text_checkpoint(&checkpoint, &dev)?;
                 let t0 = std::time::Instant::now();
                 let texts = gm_train::text::generate(
@@ -390,26 +407,27 @@ fn run() -> Result<()> {
                 );
                 return Ok(());
             }
-            let (s, ncol) = match &labels {
+            let (s, ncol) = match &rows {
                 None => (
-                    model
-                        .sample(n, &mut rng)?
+                    gm_train::eval::sample_chunked(model, n, SAMPLE_CHUNK, &mut rng)?
                         .ok_or_else(|| anyhow!("a '{}' model does not sample", model.kind()))?,
                     (n as f64).sqrt().ceil() as usize,
                 ),
-                Some(spec) => {
-                    let rows = parse_labels(spec)?;
+                Some(rows) => {
                     let all: Vec<u32> = rows
                         .iter()
                         .flat_map(|&l| std::iter::repeat_n(l, n))
                         .collect();
-                    let s = model.sample_labels(&all, &mut rng)?.ok_or_else(|| {
-                        anyhow!(
-                            "--labels: a '{}' model is not class-conditional",
-                            model.kind()
-                        )
-                    })?;
-                    (s, n)
+                    let mut parts = Vec::new();
+                    for c in all.chunks(SAMPLE_CHUNK) {
+                        parts.push(model.sample_labels(c, &mut rng)?.ok_or_else(|| {
+                            anyhow!(
+                                "--labels: a '{}' model is not class-conditional",
+                                model.kind()
+                            )
+                        })?);
+                    }
+                    (candle_core::Tensor::cat(&parts, 0)?, n)
                 }
             };
             let total = s.dim(0)?;
@@ -434,6 +452,9 @@ fn run() -> Result<()> {
             overrides,
             device: d,
         } => {
+            if fid {
+                gm_train::eval::check_sample_count(&format!("--fid-n {fid_n}"), fid_n)?;
+            }
             let dev = device(&d)?;
             if gm_train::text::checkpoint_kind(&checkpoint)? == "text-ar" {
                 use gm_train::text;
@@ -464,8 +485,12 @@ fn run() -> Result<()> {
                 max_pairs: cfg.eval.max_pairs,
                 full: true,
             };
-            if opts.iwae_k == 0 {
-                bail!("--iwae-k must be > 0");
+            if opts.iwae_k == 0 || opts.iwae_k > gm_train::config::MAX_IWAE_K {
+                bail!(
+                    "--iwae-k must be in 1..={} (memory is bounded at any k, time is not), got {}",
+                    gm_train::config::MAX_IWAE_K,
+                    opts.iwae_k
+                );
             }
             let model = ck.built.model.as_ref();
             let mut m = serde_json::Map::new();
@@ -499,9 +524,14 @@ fn run() -> Result<()> {
                 let cls = load_checkpoint(&classifier, &dev).with_context(|| {
                     format!("--fid needs gm's classifier at {} (gm train --config models/classifier-mnist.toml)", classifier.display())
                 })?;
-                let samples = model
-                    .sample(fid_n, &mut GmRng::new(cfg.eval.seed))?
-                    .ok_or_else(|| anyhow!("--fid: a '{}' model does not sample", model.kind()))?;
+                let samples = gm_train::eval::sample_chunked(
+                    model,
+                    fid_n,
+                    SAMPLE_CHUNK,
+                    &mut GmRng::new(cfg.eval.seed),
+                )
+                .with_context(|| format!("--fid-n {fid_n}"))?
+                .ok_or_else(|| anyhow!("--fid: a '{}' model does not sample", model.kind()))?;
                 let n_real = fid_n.min(ds.len());
                 let (raw, _) = ds.gather(&(0..n_real).collect::<Vec<_>>())?;
                 let real = (raw / 255.0)?.to_device(&dev)?;
@@ -594,6 +624,13 @@ fn run() -> Result<()> {
                 max_pairs: cfg.eval.max_pairs,
                 full: true,
             };
+            if opts.iwae_k == 0 || opts.iwae_k > gm_train::config::MAX_IWAE_K {
+                bail!(
+                    "--iwae-k must be in 1..={}, got {}",
+                    gm_train::config::MAX_IWAE_K,
+                    opts.iwae_k
+                );
+            }
             let score = |ds: &gm_train::data::ImageDataset| {
                 gm_train::score::score_images(
                     model,

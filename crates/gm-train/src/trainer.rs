@@ -686,9 +686,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 &run.join(format!("samples/density-step-{step:08}.png")),
             )
             .map(|_| None),
-            n => model
-                .sample(n, &mut GmRng::new(t.seed.wrapping_add(1)))
-                .map_err(anyhow::Error::from),
+            n => {
+                crate::eval::sample_chunked(model, n, 1024, &mut GmRng::new(t.seed.wrapping_add(1)))
+            }
         };
         // Reconstructions of the first 32 test images: originals on top, reconstructions below.
         let recon = match &test_ds {

@@ -70,6 +70,29 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// The tiny VAE for 2 steps into `out` with extra `--set` values.
+fn tiny_vae_with(tmp: &Path, data: &Path, out: &Path, sets: &[&str]) -> Output {
+    let cfg = root().join("models/vae-tiny.toml");
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--set",
+        "train.steps=2",
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    gm_in(tmp, &args)
+}
+
 fn tiny_vae(tmp: &Path, data: &Path, out: Option<&Path>, steps: usize) -> Output {
     let cfg = root().join("models/vae-tiny.toml");
     let steps = format!("train.steps={steps}");
@@ -310,4 +333,82 @@ fn a_resume_removes_what_an_interrupted_write_left() {
         stderr(&o)
     );
     assert!(!stale.exists());
+}
+
+#[test]
+fn counts_beyond_gm_limits_are_refused_up_front() {
+    let (tmp, data, run) = finished_run();
+    let (r, d) = (run.to_str().unwrap(), data.to_str().unwrap());
+    let png = tmp.path().join("grid.png");
+    let p = png.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["sample", "--checkpoint", r, "--n", "1000000000", "--out", p],
+            "--n: 1000000000 images asked for, gm's limit is 65536 per call",
+        ),
+        (
+            vec![
+                "sample",
+                "--checkpoint",
+                r,
+                "--n",
+                "1000",
+                "--labels",
+                "0-99",
+                "--out",
+                p,
+            ],
+            "--n × --labels: 100000 images asked for, gm's limit is 65536 per call",
+        ),
+        (
+            vec![
+                "eval",
+                "--checkpoint",
+                r,
+                "--data-dir",
+                d,
+                "--iwae-k",
+                "1000000000",
+            ],
+            "--iwae-k must be in 1..=1000000",
+        ),
+        (
+            vec![
+                "eval",
+                "--checkpoint",
+                r,
+                "--data-dir",
+                d,
+                "--fid",
+                "--fid-n",
+                "70000",
+            ],
+            "--fid-n 70000",
+        ),
+    ] {
+        let o = gm_in(
+            tmp.path(),
+            &[args.as_slice(), &["--device", "cpu"]].concat(),
+        );
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} ran");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("memory allocation"),
+            "{err}"
+        );
+    }
+    assert!(!png.exists());
+    let o = tiny_vae_with(
+        tmp.path(),
+        &data,
+        &tmp.path().join("big"),
+        &["train.sample_n=1000000000"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("train.sample_n = 1000000000 is above gm's limit of 65536"),
+        "{}",
+        stderr(&o)
+    );
 }
