@@ -63,8 +63,54 @@ pub fn to_safetensors(
         .into_iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
-    let bytes = safetensors::serialize(cpu, Some(meta.clone()))?;
+    let mut meta = meta.clone();
+    meta.insert(HASH_KEY.into(), content_hash(&cpu));
+    let bytes = safetensors::serialize(cpu, Some(meta))?;
     canonical_header(bytes)
+}
+
+/// The metadata key of the tensors' content hash.
+pub const HASH_KEY: &str = "gm.sha256";
+
+/// SHA-256 over every tensor in name order: its name, dtype, shape and bytes. safetensors has no
+/// checksum of its own; gm stores this at save time and checks it on load, so a flipped bit in a
+/// weight is an error naming the file rather than a silently different model.
+pub fn content_hash<V: safetensors::View>(tensors: &[(String, V)]) -> String {
+    use sha2::Digest;
+    let mut order: Vec<&(String, V)> = tensors.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = sha2::Sha256::new();
+    for (name, t) in order {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(format!("{:?}", t.dtype()).as_bytes());
+        for d in t.shape() {
+            h.update((*d as u64).to_le_bytes());
+        }
+        h.update(t.data());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks a file's stored [`HASH_KEY`] against its tensors (files without one — written by other
+/// tools or older gm versions — pass). `GM_SKIP_CHECKSUM=1` skips the check.
+fn verify_hash(path: &Path, bytes: &[u8], meta: &HashMap<String, String>) -> Result<()> {
+    let Some(want) = meta.get(HASH_KEY) else {
+        return Ok(());
+    };
+    if std::env::var("GM_SKIP_CHECKSUM").is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    let got = content_hash(&st.tensors());
+    if &got != want {
+        bail!(
+            "{}: the tensors do not match the checksum stored at save time ({HASH_KEY}): the file is corrupt (restore it from a copy, or set GM_SKIP_CHECKSUM=1 to load it anyway)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// The same safetensors bytes with the JSON header's keys sorted (metadata included): safetensors
@@ -111,6 +157,7 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Loaded> {
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
     let meta = header.metadata().clone().unwrap_or_default();
+    verify_hash(path, &bytes, &meta)?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, device)
         .with_context(|| format!("{}: cannot decode tensors", path.display()))?;
     Ok(Loaded { tensors, meta })

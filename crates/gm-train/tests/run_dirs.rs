@@ -412,3 +412,44 @@ fn counts_beyond_gm_limits_are_refused_up_front() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_flipped_bit_in_a_checkpoint_is_an_error_naming_the_file() {
+    let (tmp, data, run) = finished_run();
+    let w = run.join("checkpoints/step-00000006.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let last = bytes.len() - 3; // inside the last tensor's data
+    bytes[last] ^= 0x10;
+    std::fs::write(&w, &bytes).unwrap();
+    let args = [
+        "eval",
+        "--checkpoint",
+        w.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--iwae-k",
+        "2",
+        "--max-images",
+        "8",
+        "--device",
+        "cpu",
+    ];
+    let o = gm_in(tmp.path(), &args);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!(
+            "{}: the tensors do not match the checksum stored at save time",
+            w.display()
+        )),
+        "{err}"
+    );
+    // The explicit way past the check.
+    let o = Command::new(env!("CARGO_BIN_EXE_gm"))
+        .current_dir(tmp.path())
+        .env("GM_SKIP_CHECKSUM", "1")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
