@@ -453,3 +453,76 @@ fn a_flipped_bit_in_a_checkpoint_is_an_error_naming_the_file() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn a_run_in_checkpoint_format_1_keeps_loading_evaluating_and_resuming() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = idx_dir(&tmp.path().join("data"), [28, 28], None);
+    let fixture = root().join("crates/gm-train/tests/data/checkpoint-format-1");
+    let run = tmp.path().join("old-run");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoints/step-00000004.safetensors",
+        "checkpoints/step-00000004.state.safetensors",
+    ] {
+        std::fs::copy(fixture.join(f), run.join(f)).unwrap();
+    }
+    let (r, d) = (run.to_str().unwrap(), data.to_str().unwrap());
+    let o = gm_in(
+        tmp.path(),
+        &[
+            "eval",
+            "--checkpoint",
+            r,
+            "--data-dir",
+            d,
+            "--iwae-k",
+            "4",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m["step"], 4);
+    assert!(m["nll_iwae_nats"].as_f64().unwrap().is_finite(), "{m}");
+    let png = tmp.path().join("s.png");
+    let o = gm_in(
+        tmp.path(),
+        &[
+            "sample",
+            "--checkpoint",
+            r,
+            "--n",
+            "4",
+            "--out",
+            png.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(o.status.success() && png.is_file(), "{}", stderr(&o));
+    let o = gm_in(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            r,
+            "--data-dir",
+            d,
+            "--quiet",
+            "--device",
+            "cpu",
+            "--set",
+            "train.steps=6",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("resuming") && stderr(&o).contains("done: 6 steps"),
+        "{}",
+        stderr(&o)
+    );
+}
