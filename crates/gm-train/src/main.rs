@@ -394,6 +394,13 @@ fn run() -> Result<()> {
             }
             let ck = load_checkpoint_with(&checkpoint, &dev, &overrides)?;
             let model = ck.built.model.as_ref();
+            let k = ck.built.cfg.model.num_classes();
+            if let Some(bad) = rows.iter().flatten().find(|&&l| k > 0 && l as usize >= k) {
+                bail!(
+                    "--labels: label {bad} is outside the model's {k} classes (model.num_classes = {k}: labels 0-{})",
+                    k - 1
+                );
+            }
             let mut rng = GmRng::new(seed);
             let t0 = std::time::Instant::now();
             if gm_train::data::toy_name(&ck.built.cfg.data.dataset).is_some() {

@@ -257,12 +257,43 @@ pub fn load_checkpoint_with(
     })?;
     let cfg =
         RunConfig::from_toml_str(text, overrides, &format!("{} (gm.config)", path.display()))?;
+    check_checkpoint_meta(&path, &l.meta, &cfg)?;
+    for (name, t) in &l.tensors {
+        if t.dtype() != DType::F32 {
+            bail!(
+                "{}: tensor '{name}' is {:?}; gm checkpoints hold f32 weights",
+                path.display(),
+                t.dtype()
+            );
+        }
+        let finite = t
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .abs()?
+            .max(0)?
+            .to_scalar::<f64>()?
+            .is_finite();
+        if !finite && t.elem_count() > 0 {
+            bail!(
+                "{}: tensor '{name}' holds NaN or infinite values: these weights cannot be evaluated or sampled (use an earlier checkpoint of the run)",
+                path.display()
+            );
+        }
+    }
     let built = build(&cfg, device)?;
     set_vars(&built.varmap, &l.tensors, "", &path, true)?;
     let step = l
         .meta
         .get("gm.step")
-        .and_then(|s| s.parse().ok())
+        .map(|s| s.parse::<usize>())
+        .transpose()
+        .map_err(|_| {
+            anyhow!(
+                "{}: gm.step = '{}' is not a step number",
+                path.display(),
+                l.meta["gm.step"]
+            )
+        })?
         .unwrap_or(0);
     Ok(LoadedCheckpoint {
         built,
@@ -270,6 +301,36 @@ pub fn load_checkpoint_with(
         meta: l.meta,
         path,
     })
+}
+
+/// Checks a gm checkpoint's metadata: the format version this gm reads, and a kind that agrees
+/// with the stored config. Errors name the file, the key and what was found.
+fn check_checkpoint_meta(
+    path: &Path,
+    meta: &HashMap<String, String>,
+    cfg: &RunConfig,
+) -> Result<()> {
+    if let Some(f) = meta.get("gm.format") {
+        if f != checkpoint::FORMAT {
+            bail!(
+                "{}: gm.format = '{f}', this gm (version {}) reads '{}': use the gm version that wrote it ({})",
+                path.display(),
+                env!("CARGO_PKG_VERSION"),
+                checkpoint::FORMAT,
+                meta.get("gm.version").map(String::as_str).unwrap_or("unknown")
+            );
+        }
+    }
+    if let Some(kind) = meta.get("gm.kind") {
+        if kind != cfg.model.kind() {
+            bail!(
+                "{}: gm.kind = '{kind}' but its gm.config describes a '{}' model",
+                path.display(),
+                cfg.model.kind()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// How to run [`train`].

@@ -526,3 +526,135 @@ fn a_run_in_checkpoint_format_1_keeps_loading_evaluating_and_resuming() {
         stderr(&o)
     );
 }
+
+#[test]
+fn checkpoints_gm_cannot_use_are_refused_with_the_reason() {
+    use candle_core::{DType, Device};
+    let (tmp, _data, run) = finished_run();
+    let src = run.join("checkpoints/step-00000006.safetensors");
+    let loaded = gm_train::checkpoint::read_safetensors(&src, &Device::Cpu).unwrap();
+    let name = loaded.tensors.keys().min().unwrap().clone();
+    type Edit =
+        Box<dyn Fn(&mut HashMap<String, candle_core::Tensor>, &mut HashMap<String, String>)>;
+    use std::collections::HashMap;
+    let cases: Vec<(&str, Edit, String)> = vec![
+        (
+            "kind",
+            Box::new(|_, m| {
+                m.insert("gm.kind".into(), "bogus".into());
+            }),
+            "gm.kind = 'bogus' but its gm.config describes a 'vae' model".into(),
+        ),
+        (
+            "format",
+            Box::new(|_, m| {
+                m.insert("gm.format".into(), "gm-checkpoint-9".into());
+            }),
+            "gm.format = 'gm-checkpoint-9', this gm".into(),
+        ),
+        (
+            "step",
+            Box::new(|_, m| {
+                m.insert("gm.step".into(), "-5".into());
+            }),
+            "gm.step = '-5' is not a step number".into(),
+        ),
+        (
+            "f64",
+            Box::new({
+                let n = name.clone();
+                move |t, _| {
+                    let v = t[&n].to_dtype(DType::F64).unwrap();
+                    t.insert(n.clone(), v);
+                }
+            }),
+            format!("tensor '{name}' is F64"),
+        ),
+        (
+            "nan",
+            Box::new({
+                let n = name.clone();
+                move |t, _| {
+                    let v = (&t[&n] * f64::NAN).unwrap();
+                    t.insert(n.clone(), v);
+                }
+            }),
+            format!("tensor '{name}' holds NaN or infinite values"),
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let (mut t, mut m) = (loaded.tensors.clone(), loaded.meta.clone());
+        edit(&mut t, &mut m);
+        m.remove(gm_train::checkpoint::HASH_KEY);
+        let path = tmp.path().join(format!("{what}.safetensors"));
+        let bytes = gm_train::checkpoint::to_safetensors(&t, &m).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let png = tmp.path().join("s.png");
+        let o = gm_in(
+            tmp.path(),
+            &[
+                "sample",
+                "--checkpoint",
+                path.to_str().unwrap(),
+                "--n",
+                "2",
+                "--out",
+                png.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ],
+        );
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{what}: accepted");
+        assert!(
+            err.contains(&format!("{}: ", path.display())) && err.contains(&want),
+            "{what}: {err}"
+        );
+    }
+
+    // A label the conditional model does not have.
+    let data = idx_dir(&tmp.path().join("d2"), [28, 28], None);
+    let gan = tmp.path().join("gan");
+    let cfg = root().join("models/dcgan-cond-tiny.toml");
+    let o = gm_in(
+        tmp.path(),
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            gan.to_str().unwrap(),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--set",
+            "train.steps=2",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let png = tmp.path().join("g.png");
+    let o = gm_in(
+        tmp.path(),
+        &[
+            "sample",
+            "--checkpoint",
+            gan.to_str().unwrap(),
+            "--labels",
+            "3,12",
+            "--n",
+            "2",
+            "--out",
+            png.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--labels: label 12 is outside the model's 10 classes"),
+        "{}",
+        stderr(&o)
+    );
+}
