@@ -184,15 +184,27 @@ pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
 impl RunConfig {
     /// Parses TOML text (after applying overrides) and validates it.
     pub fn from_toml_str(text: &str, overrides: &[String], origin: &str) -> Result<Self> {
-        let mut table: toml::Table =
+        let table: toml::Table =
             toml::from_str(text).with_context(|| format!("{origin}: not valid TOML"))?;
+        let parse = |table: toml::Table| -> std::result::Result<RunConfig, String> {
+            let cfg =
+                RunConfig::deserialize(toml::Value::Table(table)).map_err(|e| e.to_string())?;
+            cfg.validate()?;
+            Ok(cfg)
+        };
+        let mut set = table.clone();
         for o in overrides {
-            apply_override(&mut table, o)?;
+            apply_override(&mut set, o)?;
         }
-        let cfg: RunConfig = RunConfig::deserialize(toml::Value::Table(table))
-            .map_err(|e| anyhow!("{origin}: {e}"))?;
-        cfg.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
-        Ok(cfg)
+        parse(set).map_err(|e| {
+            // Blame the --set values when the file alone is fine.
+            if !overrides.is_empty() && parse(table).is_ok() {
+                let sets: Vec<String> = overrides.iter().map(|o| format!("--set {o}")).collect();
+                anyhow!("{} (with {origin}): {e}", sets.join(" "))
+            } else {
+                anyhow!("{origin}: {e}")
+            }
+        })
     }
 
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {

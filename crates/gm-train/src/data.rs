@@ -33,8 +33,14 @@ pub enum IdxError {
         want: usize,
         got: usize,
     },
-    #[error("{path}: {extra} bytes after the data the header describes")]
-    Trailing { path: PathBuf, extra: usize },
+    #[error("{path}: {extra} bytes after the data the header describes (its magic gives rank {rank}, dimensions {dims:?}: {want} bytes; is the rank byte — the 4th of the magic — right?)")]
+    Trailing {
+        path: PathBuf,
+        extra: usize,
+        rank: usize,
+        dims: Vec<usize>,
+        want: usize,
+    },
 }
 
 /// A decoded IDX array of bytes.
@@ -111,6 +117,9 @@ pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray, IdxError> {
         return Err(IdxError::Trailing {
             path: p(),
             extra: have - n,
+            rank,
+            dims,
+            want: n,
         });
     }
     Ok(IdxArray {

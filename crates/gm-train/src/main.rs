@@ -397,7 +397,7 @@ fn run() -> Result<()> {
             let k = ck.built.cfg.model.num_classes();
             if let Some(bad) = rows.iter().flatten().find(|&&l| k > 0 && l as usize >= k) {
                 bail!(
-                    "--labels: label {bad} is outside the model's {k} classes (model.num_classes = {k}: labels 0-{})",
+                    "--labels: label {bad} is out of range for the model's {k} classes (model.num_classes = {k}: labels 0-{})",
                     k - 1
                 );
             }
@@ -531,6 +531,13 @@ fn run() -> Result<()> {
                 let cls = load_checkpoint(&classifier, &dev).with_context(|| {
                     format!("--fid needs gm's classifier at {} (gm train --config models/classifier-mnist.toml)", classifier.display())
                 })?;
+                if cls.built.model.kind() != "classifier" {
+                    bail!(
+                        "--classifier {}: a '{}' checkpoint; --fid needs gm's classifier (gm train --config models/classifier-mnist.toml)",
+                        cls.path.display(),
+                        cls.built.model.kind()
+                    );
+                }
                 let samples = gm_train::eval::sample_chunked(
                     model,
                     fid_n,

@@ -72,7 +72,15 @@ pub fn load_corpus(path: &Path) -> Result<Corpus> {
     let mut docs = Vec::new();
     for f in &files {
         let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-        let text = String::from_utf8_lossy(&bytes).replace("\r\n", "\n");
+        let text = String::from_utf8(bytes)
+            .map_err(|e| {
+                anyhow!(
+                    "{}: not UTF-8 text (invalid byte at offset {}): the text model trains on text files",
+                    f.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })?
+            .replace("\r\n", "\n");
         let parts: Vec<&str> = if text.contains("\n%\n") {
             text.split("\n%\n").collect()
         } else {

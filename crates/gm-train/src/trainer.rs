@@ -605,7 +605,12 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(adam_t),
             };
-            opt.load_state(&s.tensors, t_i)?;
+            opt.load_state(&s.tensors, t_i).with_context(|| {
+                format!(
+                    "{}: this optimizer state does not belong to the run's model",
+                    sp.display()
+                )
+            })?;
         }
         let rs: RngState =
             serde_json::from_str(s.meta.get("gm.rng").map(String::as_str).unwrap_or(""))

@@ -70,6 +70,32 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// Two steps of the preset `cfg` into `out`.
+fn train_two_steps(tmp: &Path, cfg: &Path, data: &Path, out: &Path) -> Output {
+    let (c, d, o) = (
+        cfg.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    gm_in(
+        tmp,
+        &[
+            "train",
+            "--config",
+            c,
+            "--data-dir",
+            d,
+            "--out",
+            o,
+            "--quiet",
+            "--device",
+            "cpu",
+            "--set",
+            "train.steps=2",
+        ],
+    )
+}
+
 /// The tiny VAE for 2 steps into `out` with extra `--set` values.
 fn tiny_vae_with(tmp: &Path, data: &Path, out: &Path, sets: &[&str]) -> Output {
     let cfg = root().join("models/vae-tiny.toml");
@@ -616,23 +642,7 @@ fn checkpoints_gm_cannot_use_are_refused_with_the_reason() {
     let data = idx_dir(&tmp.path().join("d2"), [28, 28], None);
     let gan = tmp.path().join("gan");
     let cfg = root().join("models/dcgan-cond-tiny.toml");
-    let o = gm_in(
-        tmp.path(),
-        &[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--out",
-            gan.to_str().unwrap(),
-            "--quiet",
-            "--device",
-            "cpu",
-            "--set",
-            "train.steps=2",
-        ],
-    );
+    let o = train_two_steps(tmp.path(), &cfg, &data, &gan);
     assert!(o.status.success(), "{}", stderr(&o));
     let png = tmp.path().join("g.png");
     let o = gm_in(
@@ -653,8 +663,79 @@ fn checkpoints_gm_cannot_use_are_refused_with_the_reason() {
     );
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("--labels: label 12 is outside the model's 10 classes"),
+        stderr(&o).contains("--labels: label 12 is out of range for the model's 10 classes"),
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn bad_inputs_get_messages_that_name_the_file_or_key() {
+    let (tmp, data, run) = finished_run();
+    let t = tmp.path();
+    let (r, d) = (run.to_str().unwrap(), data.to_str().unwrap());
+
+    // An IDX file whose magic claims rank 4 for 3-D data.
+    let idx = t.join("rank4");
+    std::fs::create_dir_all(&idx).unwrap();
+    for f in [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ] {
+        std::fs::copy(data.join(f), idx.join(f)).unwrap();
+    }
+    let mut raw = vec![0u8, 0, 8, 4, 0, 0, 0, 64, 0, 0, 0, 28, 0, 0, 0, 28];
+    raw.extend(vec![0u8; 64 * 28 * 28]);
+    std::fs::write(idx.join("train-images-idx3-ubyte"), &raw).unwrap();
+
+    // A second model's optimizer state in the run.
+    let other = t.join("other");
+    let cfg = root().join("models/made-tiny.toml");
+    let o = train_two_steps(t, &cfg, &data, &other);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mixed = t.join("mixed");
+    std::fs::create_dir_all(mixed.join("checkpoints")).unwrap();
+    for f in ["config.toml", "checkpoints/step-00000006.safetensors"] {
+        std::fs::copy(run.join(f), mixed.join(f)).unwrap();
+    }
+    let state = mixed.join("checkpoints/step-00000006.state.safetensors");
+    std::fs::copy(
+        other.join("checkpoints/step-00000002.state.safetensors"),
+        &state,
+    )
+    .unwrap();
+
+    // Binary files as a text corpus.
+    let text_cfg = root().join("models/text-ar-tiny.toml");
+    let vae = root().join("models/vae-tiny.toml");
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["train", "--config", vae.to_str().unwrap(), "--data-dir", idx.to_str().unwrap(), "--out", "x1"],
+            format!("{}: 50172 bytes after the data the header describes (its magic gives rank 4, dimensions [64, 28, 28, 0]", idx.join("train-images-idx3-ubyte").display()),
+        ),
+        (
+            vec!["train", "--config", vae.to_str().unwrap(), "--data-dir", d, "--out", "x2", "--set", "model.latent_dim=0"],
+            format!("--set model.latent_dim=0 (with {}): ", vae.display()),
+        ),
+        (
+            vec!["train", "--resume", mixed.to_str().unwrap(), "--data-dir", d, "--set", "train.steps=8"],
+            format!("{}: this optimizer state does not belong to the run's model", state.display()),
+        ),
+        (
+            vec!["eval", "--checkpoint", r, "--data-dir", d, "--fid", "--fid-n", "8", "--classifier", r],
+            "a 'vae' checkpoint; --fid needs gm's classifier".to_string(),
+        ),
+        (
+            vec!["train", "--quiet", "--config", text_cfg.to_str().unwrap(), "--data-dir", d, "--out", "x3"],
+            "not UTF-8 text (invalid byte at offset".to_string(),
+        ),
+    ];
+    for (args, want) in cases {
+        let o = gm_in(t, &[args.as_slice(), &["--device", "cpu"]].concat());
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} ran");
+        assert!(err.contains(&want), "{args:?}:\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
