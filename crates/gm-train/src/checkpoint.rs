@@ -44,12 +44,33 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
+    crash_point("after-write", path);
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
+    crash_point("after-rename", path);
     Ok(())
+}
+
+/// Fault injection for crash-safety tests: `GM_CRASH_AT=after-write:NAME` kills the process
+/// (abort, no unwinding, like `kill -9`) once the temporary file of `NAME` is written and synced
+/// but not yet renamed; `after-rename:NAME` once it is in place. `NAME` is a file name such as
+/// `step-00000004.state.safetensors`. Never set it outside such a test.
+fn crash_point(at: &str, path: &Path) {
+    static SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let Some(spec) = SPEC.get_or_init(|| std::env::var("GM_CRASH_AT").ok()) else {
+        return;
+    };
+    let hit = spec.strip_prefix(at).and_then(|r| r.strip_prefix(':'));
+    if hit.is_some_and(|name| {
+        path.file_name()
+            .is_some_and(|f| f.to_string_lossy() == name)
+    }) {
+        eprintln!("gm: GM_CRASH_AT={spec}: stopping the process here");
+        std::process::abort();
+    }
 }
 
 /// Serialises named tensors and string metadata to safetensors bytes.

@@ -870,9 +870,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     if p < best {
                         best = p;
                         let wp = save(done, &adams, &ema, &rng, best)?;
-                        std::fs::copy(
-                            &wp,
-                            checkpoint::checkpoint_dir(run).join("best.safetensors"),
+                        // Atomically, like every checkpoint file: a plain copy killed
+                        // half-way would leave a torn best.safetensors.
+                        let bytes = std::fs::read(&wp)
+                            .with_context(|| format!("cannot read {}", wp.display()))?;
+                        atomic_write(
+                            &checkpoint::checkpoint_dir(run).join("best.safetensors"),
+                            &bytes,
                         )?;
                         last_ckpt = Some(wp);
                     }

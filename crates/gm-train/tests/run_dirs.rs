@@ -739,3 +739,113 @@ fn bad_inputs_get_messages_that_name_the_file_or_key() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// Every file a run keeps (checkpoints, their states, `best`), by name, with its bytes.
+fn checkpoint_files(run: &Path) -> Vec<(String, Vec<u8>)> {
+    snapshot(&run.join("checkpoints"))
+        .into_iter()
+        .map(|(p, b)| (p.file_name().unwrap().to_string_lossy().to_string(), b))
+        .collect()
+}
+
+#[test]
+fn a_run_killed_at_any_write_resumes_to_the_same_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = idx_dir(&t.join("data"), [28, 28], None);
+    let run = |out: &Path, crash: Option<&str>| {
+        let cfg = root().join("models/vae-tiny.toml");
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gm"));
+        c.current_dir(t).args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.checkpoint_every=2",
+            "--set",
+            "train.keep_last=5",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            "train.eval_images=16",
+            "--set",
+            "train.sample_every=0",
+        ]);
+        if let Some(at) = crash {
+            c.env("GM_CRASH_AT", at);
+        }
+        c.output().unwrap()
+    };
+    let whole = t.join("whole");
+    let o = run(&whole, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = checkpoint_files(&whole);
+    for at in [
+        "after-write:step-00000004.safetensors",
+        "after-rename:step-00000004.safetensors",
+        "after-write:step-00000004.state.safetensors",
+        "after-rename:step-00000004.state.safetensors",
+        "after-write:best.safetensors",
+    ] {
+        let dir = t.join(at.replace(':', "-"));
+        let o = run(&dir, Some(at));
+        assert!(!o.status.success(), "{at}: the fault did not fire");
+        assert!(
+            stderr(&o).contains("stopping the process here"),
+            "{at}: {}",
+            stderr(&o)
+        );
+        // Every complete checkpoint left behind loads and evaluates.
+        for step in gm_train::checkpoint::complete_steps(&dir) {
+            let w = gm_train::checkpoint::weights_path(&dir, step);
+            let e = gm_in(
+                t,
+                &[
+                    "eval",
+                    "--checkpoint",
+                    w.to_str().unwrap(),
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--iwae-k",
+                    "2",
+                    "--max-images",
+                    "8",
+                    "--device",
+                    "cpu",
+                ],
+            );
+            assert!(e.status.success(), "{at}: step {step}: {}", stderr(&e));
+        }
+        // The resume finishes, leaves no temporary file, and ends with the uninterrupted
+        // run's files, byte for byte.
+        let r = gm_in(
+            t,
+            &[
+                "train",
+                "--resume",
+                dir.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--quiet",
+                "--device",
+                "cpu",
+            ],
+        );
+        assert!(r.status.success(), "{at}: {}", stderr(&r));
+        let got = checkpoint_files(&dir);
+        let names = |v: &[(String, Vec<u8>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&got), names(&want), "{at}");
+        for ((n, a), (_, b)) in got.iter().zip(&want) {
+            assert!(a == b, "{at}: {n} differs from the uninterrupted run's");
+        }
+    }
+}
