@@ -153,6 +153,29 @@ pub const MAX_SAMPLES: usize = 65_536;
 /// `k` (chunks of `eval.max_pairs`), but time grows with it — a million decoder passes per image.
 pub const MAX_IWAE_K: usize = 1_000_000;
 
+/// The key of the `[model]` table whose value causes `err` (the first whose removal changes the
+/// error), with its value, when the error is a deserialisation error inside `model`.
+fn culprit_model_key(root: &toml::Table, err: &str) -> Option<(String, String)> {
+    if !err.contains("in `model`") || err.contains("unknown field") {
+        return None;
+    }
+    let model = root.get("model")?.as_table()?;
+    model
+        .iter()
+        .filter(|(k, _)| k.as_str() != "kind")
+        .find(|(k, _)| {
+            let mut t = root.clone();
+            if let Some(toml::Value::Table(m)) = t.get_mut("model") {
+                m.remove(k.as_str());
+            }
+            match RunConfig::deserialize(toml::Value::Table(t)) {
+                Ok(_) => true,
+                Err(e2) => e2.to_string() != err,
+            }
+        })
+        .map(|(k, v)| (k.clone(), v.to_string()))
+}
+
 /// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML, else taken as a string.
 pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
@@ -196,7 +219,14 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut set, o)?;
         }
+        let set_for_key = set.clone();
         parse(set).map_err(|e| {
+            // serde reports a wrong value inside the tagged model table as "… in `model`",
+            // without the key: find it by leaving keys out one at a time.
+            let e = match culprit_model_key(&set_for_key, &e) {
+                Some((key, value)) => format!("model.{key} = {value}: {e}"),
+                None => e,
+            };
             // Blame the --set values when the file alone is fine.
             if !overrides.is_empty() && parse(table).is_ok() {
                 let sets: Vec<String> = overrides.iter().map(|o| format!("--set {o}")).collect();

@@ -706,10 +706,18 @@ fn bad_inputs_get_messages_that_name_the_file_or_key() {
     )
     .unwrap();
 
+    // A preset with another model's value for a key.
+    let other_keys = t.join("other-keys.toml");
+    std::fs::write(&other_keys, "[model]\nkind = \"vae\"\nchannels = 8\n").unwrap();
+
     // Binary files as a text corpus.
     let text_cfg = root().join("models/text-ar-tiny.toml");
     let vae = root().join("models/vae-tiny.toml");
     let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["train", "--config", other_keys.to_str().unwrap(), "--out", "x0"],
+            format!("{}: model.channels = 8: invalid type: integer `8`, expected an array of length 2", other_keys.display()),
+        ),
         (
             vec!["train", "--config", vae.to_str().unwrap(), "--data-dir", idx.to_str().unwrap(), "--out", "x1"],
             format!("{}: 50172 bytes after the data the header describes (its magic gives rank 4, dimensions [64, 28, 28, 0]", idx.join("train-images-idx3-ubyte").display()),
