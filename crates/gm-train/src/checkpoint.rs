@@ -85,13 +85,39 @@ pub fn to_safetensors(
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
     let mut meta = meta.clone();
+    meta.remove(HASH_KEY);
+    meta.remove(META_HASH_KEY);
+    let meta_hash = meta_hash(&meta);
     meta.insert(HASH_KEY.into(), content_hash(&cpu));
+    meta.insert(META_HASH_KEY.into(), meta_hash);
     let bytes = safetensors::serialize(cpu, Some(meta))?;
     canonical_header(bytes)
 }
 
 /// The metadata key of the tensors' content hash.
 pub const HASH_KEY: &str = "gm.sha256";
+
+/// The metadata key of the hash of the other metadata (the config, the step, …): a flipped bit
+/// in `gm.config` could change a model's settings without breaking its shapes.
+pub const META_HASH_KEY: &str = "gm.meta_sha256";
+
+/// SHA-256 over the metadata entries in key order, the two hash keys left out.
+pub fn meta_hash(meta: &HashMap<String, String>) -> String {
+    use sha2::Digest;
+    let mut keys: Vec<&String> = meta
+        .keys()
+        .filter(|k| *k != HASH_KEY && *k != META_HASH_KEY)
+        .collect();
+    keys.sort();
+    let mut h = sha2::Sha256::new();
+    for k in keys {
+        for part in [k.as_bytes(), meta[k].as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// SHA-256 over every tensor in name order: its name, dtype, shape and bytes. safetensors has no
 /// checksum of its own; gm stores this at save time and checks it on load, so a flipped bit in a
@@ -116,12 +142,20 @@ pub fn content_hash<V: safetensors::View>(tensors: &[(String, V)]) -> String {
 /// Checks a file's stored [`HASH_KEY`] against its tensors (files without one — written by other
 /// tools or older gm versions — pass). `GM_SKIP_CHECKSUM=1` skips the check.
 fn verify_hash(path: &Path, bytes: &[u8], meta: &HashMap<String, String>) -> Result<()> {
-    let Some(want) = meta.get(HASH_KEY) else {
-        return Ok(());
-    };
     if std::env::var("GM_SKIP_CHECKSUM").is_ok_and(|v| v == "1") {
         return Ok(());
     }
+    if let Some(want) = meta.get(META_HASH_KEY) {
+        if &meta_hash(meta) != want {
+            bail!(
+                "{}: the metadata (config, step, …) does not match the checksum stored at save time ({META_HASH_KEY}): the file is corrupt (restore it from a copy, or set GM_SKIP_CHECKSUM=1 to load it anyway)",
+                path.display()
+            );
+        }
+    }
+    let Some(want) = meta.get(HASH_KEY) else {
+        return Ok(());
+    };
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
     let got = content_hash(&st.tensors());

@@ -470,6 +470,27 @@ fn a_flipped_bit_in_a_checkpoint_is_an_error_naming_the_file() {
         )),
         "{err}"
     );
+    // A changed setting in the stored config (same length, shapes intact): the metadata's hash.
+    let w2 = run.join("checkpoints/best.safetensors");
+    let mut bytes = std::fs::read(&w2).unwrap();
+    let at = bytes
+        .windows(10)
+        .position(|b| b == b"beta = 1.0")
+        .expect("beta in gm.config");
+    bytes[at + 7] = b'9';
+    std::fs::write(&w2, &bytes).unwrap();
+    let mut a2 = args;
+    a2[2] = w2.to_str().unwrap();
+    let o = gm_in(tmp.path(), &a2);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!(
+            "{}: the metadata (config, step, …) does not match the checksum",
+            w2.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
     // The explicit way past the check.
     let o = Command::new(env!("CARGO_BIN_EXE_gm"))
         .current_dir(tmp.path())
