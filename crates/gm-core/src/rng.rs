@@ -110,8 +110,7 @@ impl GmRng {
         let v: Vec<f32> = (0..shape.elem_count())
             .map(|_| StandardNormal.sample(&mut self.inner))
             .collect();
-        crate::traffic::record_upload(v.len() * 4);
-        Tensor::from_vec(v, shape, device)
+        crate::traffic::upload(v, shape, device)
     }
 
     /// A tensor of uniform f32 values in `[lo, hi)`.
@@ -124,8 +123,7 @@ impl GmRng {
     ) -> Result<Tensor> {
         let shape = shape.into();
         let v = self.uniform_vec(shape.elem_count(), lo, hi);
-        crate::traffic::record_upload(v.len() * 4);
-        Tensor::from_vec(v, shape, device)
+        crate::traffic::upload(v, shape, device)
     }
 
     /// `n` uniform f32 values in `[lo, hi)` (the numbers [`GmRng::uniform`] draws).

@@ -153,6 +153,14 @@ pub const MAX_SAMPLES: usize = 65_536;
 /// `k` (chunks of `eval.max_pairs`), but time grows with it — a million decoder passes per image.
 pub const MAX_IWAE_K: usize = 1_000_000;
 
+/// Refuses an `--iwae-k` outside `1..=MAX_IWAE_K`, naming the option and the limit.
+pub fn check_iwae_k(k: usize) -> Result<()> {
+    if k == 0 || k > MAX_IWAE_K {
+        bail!("--iwae-k must be in 1..={MAX_IWAE_K} (memory is bounded at any k, time is not), got {k}");
+    }
+    Ok(())
+}
+
 /// The key of the `[model]` table whose value causes `err` (the first whose removal changes the
 /// error), with its value, when the error is a deserialisation error inside `model`.
 fn culprit_model_key(root: &toml::Table, err: &str) -> Option<(String, String)> {
@@ -209,9 +217,9 @@ impl RunConfig {
     pub fn from_toml_str(text: &str, overrides: &[String], origin: &str) -> Result<Self> {
         let table: toml::Table =
             toml::from_str(text).with_context(|| format!("{origin}: not valid TOML"))?;
-        let parse = |table: toml::Table| -> std::result::Result<RunConfig, String> {
-            let cfg =
-                RunConfig::deserialize(toml::Value::Table(table)).map_err(|e| e.to_string())?;
+        let parse = |table: &toml::Table| -> std::result::Result<RunConfig, String> {
+            let cfg = RunConfig::deserialize(toml::Value::Table(table.clone()))
+                .map_err(|e| e.to_string())?;
             cfg.validate()?;
             Ok(cfg)
         };
@@ -219,16 +227,15 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut set, o)?;
         }
-        let set_for_key = set.clone();
-        parse(set).map_err(|e| {
+        parse(&set).map_err(|e| {
             // serde reports a wrong value inside the tagged model table as "… in `model`",
             // without the key: find it by leaving keys out one at a time.
-            let e = match culprit_model_key(&set_for_key, &e) {
+            let e = match culprit_model_key(&set, &e) {
                 Some((key, value)) => format!("model.{key} = {value}: {e}"),
                 None => e,
             };
             // Blame the --set values when the file alone is fine.
-            if !overrides.is_empty() && parse(table).is_ok() {
+            if !overrides.is_empty() && parse(&table).is_ok() {
                 let sets: Vec<String> = overrides.iter().map(|o| format!("--set {o}")).collect();
                 anyhow!("{} (with {origin}): {e}", sets.join(" "))
             } else {

@@ -15,7 +15,7 @@
 
 use crate::checkpoint::{read_safetensors, to_safetensors};
 use crate::optim::{named_vars, Adam, AdamConfig};
-use crate::trainer::{build, device_name, group_loss, optimizers, set_vars};
+use crate::trainer::{build, device_name, group_loss, optimizers, set_data_init, set_vars};
 use crate::RunConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -253,6 +253,35 @@ fn snapshot(vm: &VarMap) -> Result<HashMap<String, Tensor>> {
         .collect()
 }
 
+/// Each variable's gradient, kept on the host under `prefix + name`; with `ref_grads`, the
+/// reference gradient of that name takes its place in `grads` for the optimizer.
+fn take_grads(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[(String, Var)],
+    prefix: &str,
+    ref_grads: Option<&[(String, Tensor)]>,
+    dev: &Device,
+    out: &mut Vec<(String, Tensor)>,
+) -> Result<()> {
+    for (name, var) in vars {
+        let key = format!("{prefix}{name}");
+        if let Some(g) = grads.get(var.as_tensor()) {
+            out.push((key.clone(), to_host(g)?));
+        }
+        if let Some(r) = ref_grads.and_then(|r| r.iter().find(|(k, _)| *k == key)) {
+            grads.insert(var.as_tensor(), r.1.to_dtype(var.dtype())?.to_device(dev)?);
+        }
+    }
+    Ok(())
+}
+
+/// Every variable's value on the host, in f64.
+fn host_values(vars: &[(String, Var)]) -> Result<Vec<(String, Tensor)>> {
+    vars.iter()
+        .map(|(n, v)| Ok((n.clone(), to_host(v.as_tensor())?)))
+        .collect()
+}
+
 /// One training step (every phase once) and one sampling pass of an image model. `ref_grads`,
 /// when given, replaces the computed gradients before each Adam update.
 fn run_image(
@@ -278,16 +307,14 @@ fn run_image(
         let loss = group_loss(model, phase, pi, &batch, &mut rng)?;
         losses.push(gm_core::traffic::read_f64(&loss.total)?);
         let mut grads = loss.total.backward()?;
-        for (name, var) in pvars {
-            let key = format!("{}{name}", phase.name);
-            if let Some(g) = grads.get(var.as_tensor()) {
-                grads_out.push((key.clone(), to_host(g)?));
-            }
-            if let Some(r) = ref_grads.and_then(|r| r.iter().find(|(k, _)| *k == key)) {
-                let g = r.1.to_dtype(var.dtype())?.to_device(dev)?;
-                grads.insert(var.as_tensor(), g);
-            }
-        }
+        take_grads(
+            &mut grads,
+            pvars,
+            phase.name,
+            ref_grads,
+            dev,
+            &mut grads_out,
+        )?;
         adams[pi].step(&grads, cfg.train.lr * phase.lr_scale)?;
     }
     let samples = match cfg.model {
@@ -296,10 +323,7 @@ fn run_image(
     };
     let samples = samples.map(|s| to_host(&s)).transpose()?;
     dev.synchronize()?;
-    let params = vars
-        .iter()
-        .map(|(n, v)| Ok((n.clone(), to_host(v.as_tensor())?)))
-        .collect::<Result<Vec<_>>>()?;
+    let params = host_values(&vars)?;
     Ok((
         Outcome {
             losses,
@@ -335,22 +359,12 @@ fn run_text(
     let losses = vec![gm_core::traffic::read_f64(&loss)?];
     let mut grads = loss.backward()?;
     let mut grads_out = Vec::new();
-    for (name, var) in &vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            grads_out.push((name.clone(), to_host(g)?));
-        }
-        if let Some(r) = ref_grads.and_then(|r| r.iter().find(|(k, _)| k == name)) {
-            grads.insert(var.as_tensor(), r.1.to_dtype(var.dtype())?.to_device(dev)?);
-        }
-    }
+    take_grads(&mut grads, &vars, "", ref_grads, dev, &mut grads_out)?;
     adam.step(&grads, cfg.train.lr)?;
     let ctx = w.narrow(1, 0, mc.context)?;
     let logits = model.logits(&ctx)?.narrow(2, mc.context - 1, 1)?;
     let samples = Some(to_host(&logits)?);
-    let params = vars
-        .iter()
-        .map(|(n, v)| Ok((n.clone(), to_host(v.as_tensor())?)))
-        .collect::<Result<Vec<_>>>()?;
+    let params = host_values(&vars)?;
     Ok((
         Outcome {
             losses,
@@ -427,15 +441,7 @@ pub fn check_family(f: &Family, dev: &Device) -> Result<FamilyReport> {
         let host = host_batch(&cfg, &mut rng)?;
         let built = build(&cfg, &cpu)?;
         // Data-dependent initialisation (the CNF's element norm), as a fresh run does.
-        for (name, value) in built.model.data_init(&host)? {
-            let vars = named_vars(&built.varmap);
-            let var: &Var = &vars
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| anyhow!("data_init names unknown variable '{name}'"))?
-                .1;
-            var.set(&value.to_dtype(var.dtype())?)?;
-        }
+        set_data_init(&built.varmap, built.model.data_init(&host)?)?;
         (snapshot(&built.varmap)?, None, Some(host))
     };
     let run = |dev: &Device, refg: Option<&[(String, Tensor)]>| match (&tokens, &host) {
@@ -577,10 +583,10 @@ pub fn table(reports: &[FamilyReport]) -> String {
     );
     let f = |v: f64, t: f64| format!("{v:.1e} (≤ {t:.0e})");
     for r in reports {
-        let samples = match (r.samples_diff, r.family.as_str()) {
-            (None, _) => "—".to_string(),
-            (Some(v), _) if r.tol.samples == 0.0 => format!("{:.1}% differ (= 0)", v * 100.0),
-            (Some(v), _) => f(v, r.tol.samples),
+        let samples = match r.samples_diff {
+            None => "—".to_string(),
+            Some(v) if r.tol.samples == 0.0 => format!("{:.1}% differ (= 0)", v * 100.0),
+            Some(v) => f(v, r.tol.samples),
         };
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} |\n",

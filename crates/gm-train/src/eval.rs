@@ -189,6 +189,10 @@ pub fn sample_quality(
     })
 }
 
+/// Images generated per model call by `gm sample`, `--fid` and the trainer's sample grids: one
+/// call up to this many (the same images as before chunking), bounded memory beyond.
+pub const SAMPLE_CHUNK: usize = 1024;
+
 /// `n` samples drawn `chunk` at a time (at most [`crate::config::MAX_SAMPLES`]): the same
 /// images as one `model.sample(n)` call when `n ≤ chunk`, in bounded memory beyond. `None` for
 /// models that do not sample.

@@ -204,10 +204,6 @@ enum Cmd {
     },
 }
 
-/// Images generated per model call by `gm sample` and `--fid`: one call up to this many (the
-/// same images as before chunking), bounded memory beyond.
-const SAMPLE_CHUNK: usize = 1024;
-
 fn device(d: &DeviceArg) -> Result<Device> {
     let (dev, desc) = select_device(d.device)?;
     eprintln!("gm: device {desc}");
@@ -416,8 +412,13 @@ fn run() -> Result<()> {
             }
             let (s, ncol) = match &rows {
                 None => (
-                    gm_train::eval::sample_chunked(model, n, SAMPLE_CHUNK, &mut rng)?
-                        .ok_or_else(|| anyhow!("a '{}' model does not sample", model.kind()))?,
+                    gm_train::eval::sample_chunked(
+                        model,
+                        n,
+                        gm_train::eval::SAMPLE_CHUNK,
+                        &mut rng,
+                    )?
+                    .ok_or_else(|| anyhow!("a '{}' model does not sample", model.kind()))?,
                     (n as f64).sqrt().ceil() as usize,
                 ),
                 Some(rows) => {
@@ -426,7 +427,7 @@ fn run() -> Result<()> {
                         .flat_map(|&l| std::iter::repeat_n(l, n))
                         .collect();
                     let mut parts = Vec::new();
-                    for c in all.chunks(SAMPLE_CHUNK) {
+                    for c in all.chunks(gm_train::eval::SAMPLE_CHUNK) {
                         parts.push(model.sample_labels(c, &mut rng)?.ok_or_else(|| {
                             anyhow!(
                                 "--labels: a '{}' model is not class-conditional",
@@ -492,13 +493,7 @@ fn run() -> Result<()> {
                 max_pairs: cfg.eval.max_pairs,
                 full: true,
             };
-            if opts.iwae_k == 0 || opts.iwae_k > gm_train::config::MAX_IWAE_K {
-                bail!(
-                    "--iwae-k must be in 1..={} (memory is bounded at any k, time is not), got {}",
-                    gm_train::config::MAX_IWAE_K,
-                    opts.iwae_k
-                );
-            }
+            gm_train::config::check_iwae_k(opts.iwae_k)?;
             let model = ck.built.model.as_ref();
             let mut m = serde_json::Map::new();
             for (k, v) in evaluate(
@@ -541,7 +536,7 @@ fn run() -> Result<()> {
                 let samples = gm_train::eval::sample_chunked(
                     model,
                     fid_n,
-                    SAMPLE_CHUNK,
+                    gm_train::eval::SAMPLE_CHUNK,
                     &mut GmRng::new(cfg.eval.seed),
                 )
                 .with_context(|| format!("--fid-n {fid_n}"))?
@@ -638,13 +633,7 @@ fn run() -> Result<()> {
                 max_pairs: cfg.eval.max_pairs,
                 full: true,
             };
-            if opts.iwae_k == 0 || opts.iwae_k > gm_train::config::MAX_IWAE_K {
-                bail!(
-                    "--iwae-k must be in 1..={}, got {}",
-                    gm_train::config::MAX_IWAE_K,
-                    opts.iwae_k
-                );
-            }
+            gm_train::config::check_iwae_k(opts.iwae_k)?;
             let score = |ds: &gm_train::data::ImageDataset| {
                 gm_train::score::score_images(
                     model,

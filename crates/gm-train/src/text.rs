@@ -295,8 +295,7 @@ pub fn train_text(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> 
                 train_ids[s..s + mc.context + 1].to_vec()
             })
             .collect();
-        gm_core::traffic::record_upload(v.len() * 4);
-        let w = Tensor::from_vec(v, (t.batch_size, mc.context + 1), dev)?;
+        let w = gm_core::traffic::upload(v, (t.batch_size, mc.context + 1), dev)?;
         let loss = model.token_nll(&w)?.mean_all()?;
         let l = gm_core::traffic::read_f64(&loss)?;
         if !l.is_finite() {

@@ -426,7 +426,12 @@ fn data_init(
     }
     let mut rng = GmRng::new(cfg.train.seed.wrapping_add(2));
     let batch = make_batch(train_ds, &idx, &cfg.data, &mut rng, &Device::Cpu)?;
-    let init = model.data_init(&batch)?;
+    set_data_init(vm, model.data_init(&batch)?)
+}
+
+/// Sets the values a model's [`Model::data_init`] returned, by variable name, on each variable's
+/// device; errors name an unknown variable or a shape that does not fit.
+pub(crate) fn set_data_init(vm: &VarMap, init: Vec<(String, Tensor)>) -> Result<()> {
     if init.is_empty() {
         return Ok(());
     }
@@ -665,7 +670,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 ema: &Option<Ema>,
                 rng: &GmRng,
                 best: f64|
-     -> Result<PathBuf> {
+     -> Result<(PathBuf, Vec<u8>)> {
         let mut meta = HashMap::from([
             ("gm.format".to_string(), checkpoint::FORMAT.to_string()),
             ("gm.kind".to_string(), cfg.model.kind().to_string()),
@@ -708,9 +713,11 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         )?;
         let wp = checkpoint::weights_path(run, step);
         meta.insert("gm.best".to_string(), best.to_string());
-        atomic_write(&wp, &to_safetensors(&weights, &meta)?)?;
+        let bytes = to_safetensors(&weights, &meta)?;
+        atomic_write(&wp, &bytes)?;
         checkpoint::prune(run, t.keep_last)?;
-        Ok(wp)
+        // The weights' bytes too: best.safetensors is the same file under another name.
+        Ok((wp, bytes))
     };
     let eval_now = |ema: &Option<Ema>| -> Result<Option<BTreeMap<String, f64>>> {
         let Some(test) = &test_ds else {
@@ -752,9 +759,12 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 &run.join(format!("samples/density-step-{step:08}.png")),
             )
             .map(|_| None),
-            n => {
-                crate::eval::sample_chunked(model, n, 1024, &mut GmRng::new(t.seed.wrapping_add(1)))
-            }
+            n => crate::eval::sample_chunked(
+                model,
+                n,
+                crate::eval::SAMPLE_CHUNK,
+                &mut GmRng::new(t.seed.wrapping_add(1)),
+            ),
         };
         // Reconstructions of the first 32 test images: originals on top, reconstructions below.
         let recon = match &test_ds {
@@ -869,11 +879,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 if let Some(&p) = m.get(model.primary_metric()) {
                     if p < best {
                         best = p;
-                        let wp = save(done, &adams, &ema, &rng, best)?;
+                        let (wp, bytes) = save(done, &adams, &ema, &rng, best)?;
                         // Atomically, like every checkpoint file: a plain copy killed
                         // half-way would leave a torn best.safetensors.
-                        let bytes = std::fs::read(&wp)
-                            .with_context(|| format!("cannot read {}", wp.display()))?;
                         atomic_write(
                             &checkpoint::checkpoint_dir(run).join("best.safetensors"),
                             &bytes,
@@ -885,7 +893,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         if ckpt_due && last_ckpt.as_ref() != Some(&checkpoint::weights_path(run, done)) {
-            last_ckpt = Some(save(done, &adams, &ema, &rng, best)?);
+            last_ckpt = Some(save(done, &adams, &ema, &rng, best)?.0);
         }
         if (t.sample_every > 0 && done % t.sample_every == 0) || done == t.steps {
             sample_now(done, &ema)?;

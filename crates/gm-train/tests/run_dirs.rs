@@ -70,80 +70,51 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// `gm train` of the preset `cfg` on `data` into `out` (the preset's default when `None`),
+/// quiet, on the CPU, with these `--set` values.
+fn train_cmd(tmp: &Path, cfg: &Path, data: &Path, out: Option<&Path>, sets: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gm"));
+    c.current_dir(tmp).arg("train").arg("--config").arg(cfg);
+    c.arg("--data-dir")
+        .arg(data)
+        .args(["--quiet", "--device", "cpu"]);
+    if let Some(o) = out {
+        c.arg("--out").arg(o);
+    }
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c
+}
+
+/// [`train_cmd`] for the tiny VAE.
+fn tiny_vae_cmd(tmp: &Path, data: &Path, out: Option<&Path>, sets: &[&str]) -> Command {
+    train_cmd(tmp, &root().join("models/vae-tiny.toml"), data, out, sets)
+}
+
 /// Two steps of the preset `cfg` into `out`.
 fn train_two_steps(tmp: &Path, cfg: &Path, data: &Path, out: &Path) -> Output {
-    let (c, d, o) = (
-        cfg.to_str().unwrap(),
-        data.to_str().unwrap(),
-        out.to_str().unwrap(),
-    );
-    gm_in(
-        tmp,
-        &[
-            "train",
-            "--config",
-            c,
-            "--data-dir",
-            d,
-            "--out",
-            o,
-            "--quiet",
-            "--device",
-            "cpu",
-            "--set",
-            "train.steps=2",
-        ],
-    )
+    train_cmd(tmp, cfg, data, Some(out), &["train.steps=2"])
+        .output()
+        .unwrap()
 }
 
 /// The tiny VAE for 2 steps into `out` with extra `--set` values.
 fn tiny_vae_with(tmp: &Path, data: &Path, out: &Path, sets: &[&str]) -> Output {
-    let cfg = root().join("models/vae-tiny.toml");
-    let mut args = vec![
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-        "--device",
-        "cpu",
-        "--set",
-        "train.steps=2",
-    ];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    gm_in(tmp, &args)
+    let sets = [&["train.steps=2"], sets].concat();
+    tiny_vae_cmd(tmp, data, Some(out), &sets).output().unwrap()
 }
 
+/// The tiny VAE for `steps` steps, one evaluation at the end, no sample grids.
 fn tiny_vae(tmp: &Path, data: &Path, out: Option<&Path>, steps: usize) -> Output {
-    let cfg = root().join("models/vae-tiny.toml");
     let steps = format!("train.steps={steps}");
-    let mut args = vec![
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--quiet",
-        "--device",
-        "cpu",
-        "--set",
-        &steps,
-        "--set",
+    let sets = [
+        steps.as_str(),
         "train.eval_every=0",
-        "--set",
         "train.sample_every=0",
-        "--set",
         "train.eval_images=16",
     ];
-    if let Some(o) = out {
-        args.extend(["--out", o.to_str().unwrap()]);
-    }
-    gm_in(tmp, &args)
+    tiny_vae_cmd(tmp, data, out, &sets).output().unwrap()
 }
 
 /// A temporary folder with an IDX set and a finished 6-step tiny VAE run in `run/`.
@@ -783,32 +754,15 @@ fn a_run_killed_at_any_write_resumes_to_the_same_files() {
     let t = tmp.path();
     let data = idx_dir(&t.join("data"), [28, 28], None);
     let run = |out: &Path, crash: Option<&str>| {
-        let cfg = root().join("models/vae-tiny.toml");
-        let mut c = Command::new(env!("CARGO_BIN_EXE_gm"));
-        c.current_dir(t).args([
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet",
-            "--device",
-            "cpu",
-            "--set",
+        let sets = [
             "train.steps=6",
-            "--set",
             "train.checkpoint_every=2",
-            "--set",
             "train.keep_last=5",
-            "--set",
             "train.eval_every=2",
-            "--set",
             "train.eval_images=16",
-            "--set",
             "train.sample_every=0",
-        ]);
+        ];
+        let mut c = tiny_vae_cmd(t, &data, Some(out), &sets);
         if let Some(at) = crash {
             c.env("GM_CRASH_AT", at);
         }
