@@ -377,8 +377,20 @@ fn run_text(
     ))
 }
 
+/// The largest `|x|`, NaN when any element is NaN (candle's `max` skips a NaN that is not first,
+/// which would hide a NaN gradient or sample).
 fn max_abs(t: &Tensor) -> Result<f64> {
-    Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+    Ok(t.flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .fold(0f64, |a, x| {
+            if a.is_nan() || x.is_nan() {
+                f64::NAN
+            } else {
+                a.max(x.abs())
+            }
+        }))
 }
 
 /// Per tensor `max|a − b| / max(max|b|, floor)`, the largest over tensors; names must match.

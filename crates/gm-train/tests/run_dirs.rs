@@ -593,7 +593,12 @@ fn checkpoints_gm_cannot_use_are_refused_with_the_reason() {
             Box::new({
                 let n = name.clone();
                 move |t, _| {
-                    let v = (&t[&n] * f64::NAN).unwrap();
+                    // One NaN, not the first element: a max-based check would miss it.
+                    let old = &t[&n];
+                    let mut v = old.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let last = v.len() - 1;
+                    v[last] = f32::NAN;
+                    let v = candle_core::Tensor::from_vec(v, old.shape(), old.device()).unwrap();
                     t.insert(n.clone(), v);
                 }
             }),
