@@ -7,8 +7,13 @@
 //! weights file of the best evaluation. Every file is written to a temporary name, fsynced and
 //! renamed, so a kill at any moment leaves the previous checkpoint intact.
 
+use crate::config::RunConfig;
+use crate::optim::{named_vars, Adam};
+use crate::trainer::{build, Built};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use gm_core::{GmRng, RngState};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -391,6 +396,318 @@ pub fn prune(run: &Path, keep: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Copies `tensors[prefix + name]` into every variable; errors name the file and the tensor.
+pub fn set_vars(
+    vm: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    origin: &Path,
+    strict: bool,
+) -> Result<()> {
+    let vars = named_vars(vm);
+    for (name, var) in &vars {
+        let key = format!("{prefix}{name}");
+        let t = tensors
+            .get(&key)
+            .ok_or_else(|| anyhow!("{}: missing tensor '{key}'", origin.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: tensor '{key}' has shape {:?}, the model expects {:?}",
+                origin.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    if strict {
+        let known: std::collections::HashSet<&String> = vars.iter().map(|(n, _)| n).collect();
+        let extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k)).collect();
+        if !extra.is_empty() {
+            bail!(
+                "{}: unexpected tensors {:?} for this model",
+                origin.display(),
+                extra
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A model loaded from a checkpoint file, with the metadata it carried.
+pub struct LoadedCheckpoint {
+    pub built: Built,
+    pub step: usize,
+    pub meta: HashMap<String, String>,
+    pub path: PathBuf,
+}
+
+/// Rebuilds a model from a weights file or run directory: the file's metadata holds the config.
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+    load_checkpoint_with(path, device, &[])
+}
+
+/// [`load_checkpoint`] with `key=value` overrides applied to the stored config first — settings
+/// that leave the parameters alone, such as `model.sampler.steps=10` or `model.solver.method=rk4`
+/// (an override that changes a parameter's shape fails to load, naming the tensor).
+pub fn load_checkpoint_with(
+    path: &Path,
+    device: &Device,
+    overrides: &[String],
+) -> Result<LoadedCheckpoint> {
+    let path = resolve(path)?;
+    let l = read_safetensors(&path, device)?;
+    let text = l.meta.get("gm.config").ok_or_else(|| {
+        anyhow!(
+            "{}: no gm.config metadata (not a gm checkpoint?)",
+            path.display()
+        )
+    })?;
+    let cfg =
+        RunConfig::from_toml_str(text, overrides, &format!("{} (gm.config)", path.display()))?;
+    check_checkpoint_meta(&path, &l.meta, &cfg)?;
+    for (name, t) in &l.tensors {
+        if t.dtype() != DType::F32 {
+            bail!(
+                "{}: tensor '{name}' is {:?}; gm checkpoints hold f32 weights",
+                path.display(),
+                t.dtype()
+            );
+        }
+        // A sum propagates NaN and ±inf from any element (candle's max skips a NaN that is not
+        // first), and f32 values cannot overflow it in f64.
+        let finite = t
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?
+            .is_finite();
+        if !finite {
+            bail!(
+                "{}: tensor '{name}' holds NaN or infinite values: these weights cannot be evaluated or sampled (use an earlier checkpoint of the run)",
+                path.display()
+            );
+        }
+    }
+    let built = build(&cfg, device)?;
+    set_vars(&built.varmap, &l.tensors, "", &path, true)?;
+    let step = l
+        .meta
+        .get("gm.step")
+        .map(|s| s.parse::<usize>())
+        .transpose()
+        .map_err(|_| {
+            anyhow!(
+                "{}: gm.step = '{}' is not a step number",
+                path.display(),
+                l.meta["gm.step"]
+            )
+        })?
+        .unwrap_or(0);
+    Ok(LoadedCheckpoint {
+        built,
+        step,
+        meta: l.meta,
+        path,
+    })
+}
+
+/// Checks a gm checkpoint's metadata: the format version this gm reads, and a kind that agrees
+/// with the stored config. Errors name the file, the key and what was found.
+fn check_checkpoint_meta(
+    path: &Path,
+    meta: &HashMap<String, String>,
+    cfg: &RunConfig,
+) -> Result<()> {
+    if let Some(f) = meta.get("gm.format") {
+        if f != FORMAT {
+            bail!(
+                "{}: gm.format = '{f}', this gm (version {}) reads '{}': use the gm version that wrote it ({})",
+                path.display(),
+                env!("CARGO_PKG_VERSION"),
+                FORMAT,
+                meta.get("gm.version").map(String::as_str).unwrap_or("unknown")
+            );
+        }
+    }
+    if let Some(kind) = meta.get("gm.kind") {
+        if kind != cfg.model.kind() {
+            bail!(
+                "{}: gm.kind = '{kind}' but its gm.config describes a '{}' model",
+                path.display(),
+                cfg.model.kind()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Everything one checkpoint of a run holds, borrowed from the trainer.
+pub struct RunCheckpoint<'a> {
+    pub run: &'a Path,
+    pub step: usize,
+    pub cfg: &'a RunConfig,
+    /// The config as the run directory's `config.toml` holds it.
+    pub cfg_text: &'a str,
+    pub data_source: &'a str,
+    pub vars: &'a [(String, Var)],
+    /// Weights for the weights file in place of the live parameters (the EMA's); the live
+    /// ones then go to the state file as `param.NAME`.
+    pub eval_weights: Option<&'a [Tensor]>,
+    pub adams: &'a [Adam],
+    pub rng: &'a GmRng,
+    pub best: f64,
+    /// What hooks add to the state file.
+    pub extra_tensors: HashMap<String, Tensor>,
+    pub extra_meta: HashMap<String, String>,
+}
+
+/// Writes `step-N.state.safetensors` then `step-N.safetensors` (the pair is complete only once
+/// the weights exist), prunes to `train.keep_last`, and returns the weights' path and bytes.
+pub fn write_run_checkpoint(c: RunCheckpoint) -> Result<(PathBuf, Vec<u8>)> {
+    let mut meta = HashMap::from([
+        ("gm.format".to_string(), FORMAT.to_string()),
+        ("gm.kind".to_string(), c.cfg.model.kind().to_string()),
+        ("gm.config".to_string(), c.cfg_text.to_string()),
+        ("gm.step".to_string(), c.step.to_string()),
+        (
+            "gm.version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        ("gm.data".to_string(), c.data_source.to_string()),
+        ("gm.ema".to_string(), c.eval_weights.is_some().to_string()),
+    ]);
+    let mut weights = HashMap::new();
+    // Parameter names are disjoint between the phases' optimisers: one map holds all.
+    let mut state: HashMap<String, Tensor> = c.adams.iter().flat_map(|o| o.state()).collect();
+    state.extend(c.extra_tensors);
+    for (i, (name, v)) in c.vars.iter().enumerate() {
+        match c.eval_weights {
+            Some(w) => {
+                weights.insert(name.clone(), w[i].clone());
+                state.insert(format!("param.{name}"), v.as_tensor().clone());
+            }
+            None => {
+                weights.insert(name.clone(), v.as_tensor().clone());
+            }
+        }
+    }
+    let mut smeta = HashMap::from([
+        ("gm.step".to_string(), c.step.to_string()),
+        ("gm.adam_t".to_string(), c.adams[0].steps().to_string()),
+        ("gm.rng".to_string(), serde_json::to_string(&c.rng.state())?),
+        ("gm.best".to_string(), c.best.to_string()),
+    ]);
+    for (i, o) in c.adams.iter().enumerate().skip(1) {
+        smeta.insert(format!("gm.adam_t.{i}"), o.steps().to_string());
+    }
+    smeta.extend(c.extra_meta);
+    atomic_write(&state_path(c.run, c.step), &to_safetensors(&state, &smeta)?)?;
+    let wp = weights_path(c.run, c.step);
+    meta.insert("gm.best".to_string(), c.best.to_string());
+    let bytes = to_safetensors(&weights, &meta)?;
+    atomic_write(&wp, &bytes)?;
+    prune(c.run, c.cfg.train.keep_last)?;
+    Ok((wp, bytes))
+}
+
+/// The latest complete checkpoint of a run to resume, checked against the config.
+pub struct ResumePoint {
+    pub step: usize,
+    pub weights: Loaded,
+    pub state: Loaded,
+    pub weights_path: PathBuf,
+    pub state_path: PathBuf,
+}
+
+/// Opens the latest complete checkpoint of `run` for `--resume`: removes temporary files an
+/// interrupted write left, refuses a `train.steps` that leaves nothing to run and a model config
+/// that differs from the run's.
+pub fn open_resume(run: &Path, cfg: &RunConfig, device: &Device) -> Result<ResumePoint> {
+    let Some(&step) = complete_steps(run).last() else {
+        bail!("--resume: {} has no complete checkpoint", run.display());
+    };
+    let stale = remove_stale_temps(run);
+    if stale > 0 {
+        eprintln!(
+            "gm: removed {stale} temporary file(s) an interrupted write left in {}",
+            run.display()
+        );
+    }
+    if cfg.train.steps <= step {
+        bail!(
+            "--resume: {} has run {step} steps and train.steps = {} leaves none to run; give more with --set train.steps=N (N > {step})",
+            run.display(),
+            cfg.train.steps
+        );
+    }
+    let saved_cfg = std::fs::read_to_string(run.join("config.toml")).unwrap_or_default();
+    let saved = RunConfig::from_toml_str(&saved_cfg, &[], "config.toml").ok();
+    if saved.as_ref().map(|s| &s.model) != Some(&cfg.model) {
+        bail!(
+            "--resume: the model config differs from {}/config.toml",
+            run.display()
+        );
+    }
+    let wp = weights_path(run, step);
+    let sp = state_path(run, step);
+    Ok(ResumePoint {
+        step,
+        weights: read_safetensors(&wp, device)?,
+        state: read_safetensors(&sp, device)?,
+        weights_path: wp,
+        state_path: sp,
+    })
+}
+
+impl ResumePoint {
+    /// Restores each optimiser's moments and step count.
+    pub fn restore_optimizers(&self, adams: &mut [Adam]) -> Result<()> {
+        let meta = &self.state.meta;
+        let adam_t = meta
+            .get("gm.adam_t")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self.step);
+        for (i, opt) in adams.iter_mut().enumerate() {
+            let t_i = match i {
+                0 => adam_t,
+                i => meta
+                    .get(&format!("gm.adam_t.{i}"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(adam_t),
+            };
+            opt.load_state(&self.state.tensors, t_i).with_context(|| {
+                format!(
+                    "{}: this optimizer state does not belong to the run's model",
+                    self.state_path.display()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The run's random generator as it was after the checkpoint's step.
+    pub fn rng(&self) -> Result<GmRng> {
+        let rs: RngState = serde_json::from_str(
+            self.state
+                .meta
+                .get("gm.rng")
+                .map(String::as_str)
+                .unwrap_or(""),
+        )
+        .with_context(|| format!("{}: bad gm.rng metadata", self.state_path.display()))?;
+        Ok(GmRng::from_state(rs))
+    }
+
+    /// The best primary metric so far.
+    pub fn best(&self) -> f64 {
+        self.state
+            .meta
+            .get("gm.best")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::INFINITY)
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Image data: an IDX reader (raw or gzip), in-memory data sets, pre-processing (binarisation,
 //! dequantisation), deterministic batching, and 2-D toy densities.
 
-use crate::config::{Binarize, DataConfig};
+use crate::config::{Binarize, DataConfig, RunConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use gm_core::GmRng;
@@ -482,6 +482,64 @@ impl Toy2d {
         }
         Ok(Tensor::from_vec(v, (n, 2), device)?.to_dtype(DType::F32)?)
     }
+}
+
+/// Where the data is: an explicit folder, `data.dir`, or the named data set fetched into the cache.
+pub fn resolve_data(cfg: &RunConfig, data_dir: Option<&Path>) -> Result<(PathBuf, String)> {
+    if let Some(d) = data_dir {
+        return Ok((d.to_path_buf(), format!("IDX folder {}", d.display())));
+    }
+    if let Some(d) = &cfg.data.dir {
+        return Ok((PathBuf::from(d), format!("IDX folder {d}")));
+    }
+    crate::fetch::ensure_dataset(&cfg.data.dataset)
+}
+
+/// Points drawn for the train and test splits of a toy density (`data.max_train` caps the first).
+pub const TOY_POINTS: [usize; 2] = [50_000, 10_000];
+
+/// One split of the run's data: a toy density (`data.dataset = "toy:NAME"`, drawn from
+/// `train.seed`) or an IDX folder (`--data-dir`, `data.dir`, or the named data set fetched into
+/// the cache). Returns the data set and a description of its source.
+pub fn load_data(
+    cfg: &RunConfig,
+    data_dir: Option<&Path>,
+    split: Split,
+) -> Result<(ImageDataset, String)> {
+    if let Some(name) = crate::data::toy_name(&cfg.data.dataset) {
+        let n = match split {
+            Split::Train => TOY_POINTS[0],
+            Split::Test => TOY_POINTS[1],
+        };
+        let ds = crate::data::toy_dataset(name, n, cfg.train.seed, split)?;
+        let src = ds.source.clone();
+        return Ok((ds, src));
+    }
+    let (dir, source) = resolve_data(cfg, data_dir)?;
+    Ok((load_split(&dir, split)?, source))
+}
+
+/// Checks a split against the model before any step: image size, and labels within
+/// `num_classes` for class-conditional models. Errors name the data and the key.
+pub fn check_split(ds: &ImageDataset, cfg: &RunConfig, split: &str) -> Result<()> {
+    if ds.values.is_none() && ds.shape != cfg.model.image_shape() {
+        let [c, h, w] = ds.shape;
+        bail!(
+            "{}: the {split} images are {c}×{h}×{w} (C×H×W), the model's model.image_shape is {:?}",
+            ds.source,
+            cfg.model.image_shape()
+        );
+    }
+    let k = cfg.model.num_classes();
+    if let (Some(labels), true) = (&ds.labels, k > 0) {
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= k) {
+            bail!(
+                "{}: {split} image {i} has label {l}, outside model.num_classes = {k}",
+                ds.source
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! PNG output: image grids and a loss-curve plot.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use crate::data::ImageDataset;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use gm_core::GmRng;
+use gm_models::{EvalOptions, Model};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use std::path::Path;
 
@@ -184,4 +187,59 @@ pub fn save_density_2d(
     }
     img.save(path)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes the FFJORD-style picture of a 2-D model ([`save_density_2d`]): the data (`data`, up
+/// to 20 000 points), the model's density on a 200 × 200 grid (density models only), and
+/// `n_samples` of the model's samples.
+pub fn toy_density_plot(
+    model: &dyn Model,
+    data: &ImageDataset,
+    n_samples: usize,
+    rng: &mut GmRng,
+    device: &Device,
+    path: &Path,
+) -> Result<()> {
+    const RES: usize = 200;
+    let to_points = |v: &[f32]| v.chunks_exact(2).map(|p| [p[0], p[1]]).collect::<Vec<_>>();
+    let data_pts = match &data.values {
+        Some(v) => to_points(&v[..v.len().min(2 * 20_000)]),
+        None => bail!("{}: not a 2-D toy data set", data.source),
+    };
+    let logd = match model.likelihood_metric() {
+        Some(metric) => {
+            let grid: Vec<f32> = density_grid(RES)
+                .into_iter()
+                .flat_map(|p| [p[0] as f32, p[1] as f32])
+                .collect();
+            let opts = EvalOptions {
+                iwae_k: 1,
+                max_pairs: 20_000,
+                full: false,
+            };
+            let mut logd = Vec::with_capacity(RES * RES);
+            for chunk in grid.chunks(2 * 4000) {
+                let x = Tensor::from_slice(chunk, (chunk.len() / 2, 2, 1, 1), device)?;
+                let m = model.eval_metrics(&gm_models::Batch { x, labels: None }, rng, &opts)?;
+                let nll = m
+                    .into_iter()
+                    .find(|(k, _)| k == metric)
+                    .ok_or_else(|| anyhow!("the model reported no '{metric}'"))?
+                    .1;
+                logd.extend(
+                    nll.to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?
+                        .iter()
+                        .map(|v| -v),
+                );
+            }
+            Some(logd)
+        }
+        None => None,
+    };
+    let samples = match model.sample(n_samples, rng)? {
+        Some(s) => to_points(&s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => Vec::new(),
+    };
+    save_density_2d(&data_pts, logd.as_deref(), &samples, RES, path)
 }

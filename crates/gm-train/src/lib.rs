@@ -4,12 +4,14 @@
 //! optimizer ([`optim`]), the training loop ([`trainer`]), checkpoints ([`checkpoint`]),
 //! evaluation and sample quality ([`eval`]), PNG output ([`images`]) and the `gm` command line.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod doctor;
 pub mod eval;
 pub mod fetch;
+pub mod hooks;
 pub mod images;
 pub mod opbench;
 pub mod optim;

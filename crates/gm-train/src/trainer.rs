@@ -1,111 +1,26 @@
 //! One model-agnostic training loop. Nothing here knows what a VAE is: it asks the model for a
 //! loss, steps the optimizer, and evaluates, samples and checkpoints on a schedule.
 
-use crate::checkpoint::{self, atomic_write, read_safetensors, to_safetensors};
+pub use crate::bench::{bench_train_step, device_name, BenchReport};
+use crate::checkpoint::{self, atomic_write, read_safetensors};
+pub use crate::checkpoint::{load_checkpoint, load_checkpoint_with, set_vars, LoadedCheckpoint};
 use crate::config::{lr_at, RunConfig};
-use crate::data::{load_split, make_batch, Batcher, ImageDataset, Split};
+pub use crate::data::{check_split, load_data, resolve_data, TOY_POINTS};
+use crate::data::{make_batch, Batcher, ImageDataset, Split};
 use crate::eval::evaluate;
-use crate::images::{density_grid, save_curve, save_density_2d, save_grid};
+use crate::hooks::{Ema, GradAction, Hook, LossValues, NanStop, SavedState, StepContext};
+pub use crate::images::toy_density_plot;
+use crate::images::{save_curve, save_grid};
 use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use gm_core::{GmRng, RngState};
+use gm_core::GmRng;
 use gm_models::{EvalOptions, Model};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Where the data is: an explicit folder, `data.dir`, or the named data set fetched into the cache.
-pub fn resolve_data(cfg: &RunConfig, data_dir: Option<&Path>) -> Result<(PathBuf, String)> {
-    if let Some(d) = data_dir {
-        return Ok((d.to_path_buf(), format!("IDX folder {}", d.display())));
-    }
-    if let Some(d) = &cfg.data.dir {
-        return Ok((PathBuf::from(d), format!("IDX folder {d}")));
-    }
-    crate::fetch::ensure_dataset(&cfg.data.dataset)
-}
-
-/// Points drawn for the train and test splits of a toy density (`data.max_train` caps the first).
-pub const TOY_POINTS: [usize; 2] = [50_000, 10_000];
-
-/// One split of the run's data: a toy density (`data.dataset = "toy:NAME"`, drawn from
-/// `train.seed`) or an IDX folder (`--data-dir`, `data.dir`, or the named data set fetched into
-/// the cache). Returns the data set and a description of its source.
-pub fn load_data(
-    cfg: &RunConfig,
-    data_dir: Option<&Path>,
-    split: Split,
-) -> Result<(ImageDataset, String)> {
-    if let Some(name) = crate::data::toy_name(&cfg.data.dataset) {
-        let n = match split {
-            Split::Train => TOY_POINTS[0],
-            Split::Test => TOY_POINTS[1],
-        };
-        let ds = crate::data::toy_dataset(name, n, cfg.train.seed, split)?;
-        let src = ds.source.clone();
-        return Ok((ds, src));
-    }
-    let (dir, source) = resolve_data(cfg, data_dir)?;
-    Ok((load_split(&dir, split)?, source))
-}
-
-/// Writes the FFJORD-style picture of a 2-D model ([`save_density_2d`]): the data (`data`, up
-/// to 20 000 points), the model's density on a 200 × 200 grid (density models only), and
-/// `n_samples` of the model's samples.
-pub fn toy_density_plot(
-    model: &dyn Model,
-    data: &ImageDataset,
-    n_samples: usize,
-    rng: &mut GmRng,
-    device: &Device,
-    path: &Path,
-) -> Result<()> {
-    const RES: usize = 200;
-    let to_points = |v: &[f32]| v.chunks_exact(2).map(|p| [p[0], p[1]]).collect::<Vec<_>>();
-    let data_pts = match &data.values {
-        Some(v) => to_points(&v[..v.len().min(2 * 20_000)]),
-        None => bail!("{}: not a 2-D toy data set", data.source),
-    };
-    let logd = match model.likelihood_metric() {
-        Some(metric) => {
-            let grid: Vec<f32> = density_grid(RES)
-                .into_iter()
-                .flat_map(|p| [p[0] as f32, p[1] as f32])
-                .collect();
-            let opts = EvalOptions {
-                iwae_k: 1,
-                max_pairs: 20_000,
-                full: false,
-            };
-            let mut logd = Vec::with_capacity(RES * RES);
-            for chunk in grid.chunks(2 * 4000) {
-                let x = Tensor::from_slice(chunk, (chunk.len() / 2, 2, 1, 1), device)?;
-                let m = model.eval_metrics(&gm_models::Batch { x, labels: None }, rng, &opts)?;
-                let nll = m
-                    .into_iter()
-                    .find(|(k, _)| k == metric)
-                    .ok_or_else(|| anyhow!("the model reported no '{metric}'"))?
-                    .1;
-                logd.extend(
-                    nll.to_dtype(DType::F64)?
-                        .to_vec1::<f64>()?
-                        .iter()
-                        .map(|v| -v),
-                );
-            }
-            Some(logd)
-        }
-        None => None,
-    };
-    let samples = match model.sample(n_samples, rng)? {
-        Some(s) => to_points(&s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-        None => Vec::new(),
-    };
-    save_density_2d(&data_pts, logd.as_deref(), &samples, RES, path)
-}
 
 /// A phase and the parameters its optimiser updates.
 pub type OptimizerGroup = (gm_models::Phase, Vec<(String, Var)>);
@@ -188,151 +103,6 @@ pub fn build(cfg: &RunConfig, device: &Device) -> Result<Built> {
     })
 }
 
-/// Copies `tensors[prefix + name]` into every variable; errors name the file and the tensor.
-pub fn set_vars(
-    vm: &VarMap,
-    tensors: &HashMap<String, Tensor>,
-    prefix: &str,
-    origin: &Path,
-    strict: bool,
-) -> Result<()> {
-    let vars = named_vars(vm);
-    for (name, var) in &vars {
-        let key = format!("{prefix}{name}");
-        let t = tensors
-            .get(&key)
-            .ok_or_else(|| anyhow!("{}: missing tensor '{key}'", origin.display()))?;
-        if t.dims() != var.dims() {
-            bail!(
-                "{}: tensor '{key}' has shape {:?}, the model expects {:?}",
-                origin.display(),
-                t.dims(),
-                var.dims()
-            );
-        }
-        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
-    }
-    if strict {
-        let known: std::collections::HashSet<&String> = vars.iter().map(|(n, _)| n).collect();
-        let extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k)).collect();
-        if !extra.is_empty() {
-            bail!(
-                "{}: unexpected tensors {:?} for this model",
-                origin.display(),
-                extra
-            );
-        }
-    }
-    Ok(())
-}
-
-/// A model loaded from a checkpoint file, with the metadata it carried.
-pub struct LoadedCheckpoint {
-    pub built: Built,
-    pub step: usize,
-    pub meta: HashMap<String, String>,
-    pub path: PathBuf,
-}
-
-/// Rebuilds a model from a weights file or run directory: the file's metadata holds the config.
-pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
-    load_checkpoint_with(path, device, &[])
-}
-
-/// [`load_checkpoint`] with `key=value` overrides applied to the stored config first — settings
-/// that leave the parameters alone, such as `model.sampler.steps=10` or `model.solver.method=rk4`
-/// (an override that changes a parameter's shape fails to load, naming the tensor).
-pub fn load_checkpoint_with(
-    path: &Path,
-    device: &Device,
-    overrides: &[String],
-) -> Result<LoadedCheckpoint> {
-    let path = checkpoint::resolve(path)?;
-    let l = read_safetensors(&path, device)?;
-    let text = l.meta.get("gm.config").ok_or_else(|| {
-        anyhow!(
-            "{}: no gm.config metadata (not a gm checkpoint?)",
-            path.display()
-        )
-    })?;
-    let cfg =
-        RunConfig::from_toml_str(text, overrides, &format!("{} (gm.config)", path.display()))?;
-    check_checkpoint_meta(&path, &l.meta, &cfg)?;
-    for (name, t) in &l.tensors {
-        if t.dtype() != DType::F32 {
-            bail!(
-                "{}: tensor '{name}' is {:?}; gm checkpoints hold f32 weights",
-                path.display(),
-                t.dtype()
-            );
-        }
-        // A sum propagates NaN and ±inf from any element (candle's max skips a NaN that is not
-        // first), and f32 values cannot overflow it in f64.
-        let finite = t
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?
-            .is_finite();
-        if !finite {
-            bail!(
-                "{}: tensor '{name}' holds NaN or infinite values: these weights cannot be evaluated or sampled (use an earlier checkpoint of the run)",
-                path.display()
-            );
-        }
-    }
-    let built = build(&cfg, device)?;
-    set_vars(&built.varmap, &l.tensors, "", &path, true)?;
-    let step = l
-        .meta
-        .get("gm.step")
-        .map(|s| s.parse::<usize>())
-        .transpose()
-        .map_err(|_| {
-            anyhow!(
-                "{}: gm.step = '{}' is not a step number",
-                path.display(),
-                l.meta["gm.step"]
-            )
-        })?
-        .unwrap_or(0);
-    Ok(LoadedCheckpoint {
-        built,
-        step,
-        meta: l.meta,
-        path,
-    })
-}
-
-/// Checks a gm checkpoint's metadata: the format version this gm reads, and a kind that agrees
-/// with the stored config. Errors name the file, the key and what was found.
-fn check_checkpoint_meta(
-    path: &Path,
-    meta: &HashMap<String, String>,
-    cfg: &RunConfig,
-) -> Result<()> {
-    if let Some(f) = meta.get("gm.format") {
-        if f != checkpoint::FORMAT {
-            bail!(
-                "{}: gm.format = '{f}', this gm (version {}) reads '{}': use the gm version that wrote it ({})",
-                path.display(),
-                env!("CARGO_PKG_VERSION"),
-                checkpoint::FORMAT,
-                meta.get("gm.version").map(String::as_str).unwrap_or("unknown")
-            );
-        }
-    }
-    if let Some(kind) = meta.get("gm.kind") {
-        if kind != cfg.model.kind() {
-            bail!(
-                "{}: gm.kind = '{kind}' but its gm.config describes a '{}' model",
-                path.display(),
-                cfg.model.kind()
-            );
-        }
-    }
-    Ok(())
-}
-
 /// How to run [`train`].
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -360,11 +130,6 @@ pub struct TrainSummary {
     /// Host↔device traffic of the training steps run in this call (batches, noise, loss
     /// read-backs; evaluations and checkpoints excluded), summed.
     pub step_traffic: gm_core::traffic::Traffic,
-}
-
-struct Ema {
-    decay: f64,
-    shadow: Vec<Tensor>,
 }
 
 fn swap_in(vars: &[(String, Var)], values: &[Tensor]) -> Result<Vec<Tensor>> {
@@ -452,335 +217,384 @@ pub(crate) fn set_data_init(vm: &VarMap, init: Vec<(String, Tensor)>) -> Result<
     Ok(())
 }
 
-/// Checks a split against the model before any step: image size, and labels within
-/// `num_classes` for class-conditional models. Errors name the data and the key.
-fn check_split(ds: &ImageDataset, cfg: &RunConfig, split: &str) -> Result<()> {
-    if ds.values.is_none() && ds.shape != cfg.model.image_shape() {
-        let [c, h, w] = ds.shape;
-        bail!(
-            "{}: the {split} images are {c}×{h}×{w} (C×H×W), the model's model.image_shape is {:?}",
-            ds.source,
-            cfg.model.image_shape()
-        );
-    }
-    let k = cfg.model.num_classes();
-    if let (Some(labels), true) = (&ds.labels, k > 0) {
-        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= k) {
-            bail!(
-                "{}: {split} image {i} has label {l}, outside model.num_classes = {k}",
-                ds.source
-            );
-        }
-    }
-    Ok(())
+/// Trains `cfg` into `opts.out`: [`Trainer::new`] then [`Trainer::run`].
+pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+    Trainer::new(cfg, opts)?.run()
 }
 
-/// Trains `cfg` into `opts.out`.
-pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
-    let t = &cfg.train;
-    let dev = &opts.device;
-    let run = &opts.out;
-    if !opts.resume {
-        checkpoint::ensure_fresh_run_dir(run)?;
-    }
-    let (mut train_ds, data_source) = load_data(cfg, opts.data_dir.as_deref(), Split::Train)?;
-    train_ds.truncate(cfg.data.max_train);
-    check_split(&train_ds, cfg, "training")?;
-    if cfg.model.needs_labels() && train_ds.labels.is_none() {
-        bail!(
-            "a '{}' model needs class labels, but {} has no train-labels file",
-            cfg.model.kind(),
-            train_ds.source
-        );
-    }
-    let test_ds: Option<ImageDataset> = match load_data(cfg, opts.data_dir.as_deref(), Split::Test)
-    {
-        Ok((d, _)) => {
-            // A test split the periodic evaluations cannot read must stop the run now, not
-            // after the steps before the first evaluation.
-            check_split(&d, cfg, "test")?;
-            Some(d)
-        }
-        Err(e) => {
-            eprintln!("gm: no test split ({e:#}); periodic evaluation is off");
-            None
-        }
-    };
-    eprintln!(
-        "gm: data: {data_source} — {} training images",
-        train_ds.len()
-    );
+/// The data a run trains and evaluates on.
+pub struct RunData {
+    pub train: ImageDataset,
+    /// `None` when the data has no test split (periodic evaluation is then off).
+    pub test: Option<ImageDataset>,
+    pub source: String,
+}
 
-    std::fs::create_dir_all(run)
-        .with_context(|| format!("cannot create run directory {}", run.display()))?;
-    let cfg_text = cfg.to_toml();
-    let built = build(cfg, dev)?;
-    let model = built.model.as_ref();
-    let vars = named_vars(&built.varmap);
-    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    // --init-from replaces every variable, so a data-dependent start would be discarded.
-    if !opts.resume && opts.init_from.is_none() {
-        data_init(model, &built.varmap, &train_ds, cfg)?;
-    }
-    if let Some(src) = &opts.init_from {
-        if opts.resume {
-            bail!("--init-from starts a fresh run; it cannot be combined with --resume");
+impl RunData {
+    /// Loads and checks both splits against the model before any step.
+    pub fn load(cfg: &RunConfig, data_dir: Option<&Path>) -> Result<Self> {
+        let (mut train, source) = load_data(cfg, data_dir, Split::Train)?;
+        train.truncate(cfg.data.max_train);
+        check_split(&train, cfg, "training")?;
+        if cfg.model.needs_labels() && train.labels.is_none() {
+            bail!(
+                "a '{}' model needs class labels, but {} has no train-labels file",
+                cfg.model.kind(),
+                train.source
+            );
         }
-        let path = checkpoint::resolve(src)?;
-        let w = read_safetensors(&path, dev)?;
-        if let Some(kind) = w.meta.get("gm.kind") {
-            if kind != cfg.model.kind() {
-                bail!(
-                    "--init-from {}: a '{kind}' checkpoint cannot start a '{}' model",
-                    path.display(),
-                    cfg.model.kind()
-                );
+        let test = match load_data(cfg, data_dir, Split::Test) {
+            Ok((d, _)) => {
+                // A test split the periodic evaluations cannot read must stop the run now, not
+                // after the steps before the first evaluation.
+                check_split(&d, cfg, "test")?;
+                Some(d)
             }
-        }
-        set_vars(&built.varmap, &w.tensors, "", &path, true)?;
-        eprintln!("gm: weights from {}", path.display());
-    }
-    let (groups, mut adams) = optimizers(model, &vars, t)?;
-    let mut ema = if t.ema_decay > 0.0 {
-        Some(Ema {
-            decay: t.ema_decay,
-            shadow: vars
-                .iter()
-                .map(|(_, v)| v.as_tensor().copy())
-                .collect::<candle_core::Result<_>>()?,
-        })
-    } else {
-        None
-    };
-    let mut rng = GmRng::new(t.seed);
-    let mut start = 0usize;
-    let mut best = f64::INFINITY;
-    if opts.resume {
-        let Some(&step) = checkpoint::complete_steps(run).last() else {
-            bail!("--resume: {} has no complete checkpoint", run.display());
+            Err(e) => {
+                eprintln!("gm: no test split ({e:#}); periodic evaluation is off");
+                None
+            }
         };
-        let stale = checkpoint::remove_stale_temps(run);
-        if stale > 0 {
-            eprintln!(
-                "gm: removed {stale} temporary file(s) an interrupted write left in {}",
-                run.display()
-            );
-        }
-        if t.steps <= step {
-            bail!(
-                "--resume: {} has run {step} steps and train.steps = {} leaves none to run; give more with --set train.steps=N (N > {step})",
-                run.display(),
-                t.steps
-            );
-        }
-        let saved_cfg = std::fs::read_to_string(run.join("config.toml")).unwrap_or_default();
-        let saved = RunConfig::from_toml_str(&saved_cfg, &[], "config.toml").ok();
-        if saved.as_ref().map(|s| &s.model) != Some(&cfg.model) {
-            bail!(
-                "--resume: the model config differs from {}/config.toml",
-                run.display()
-            );
-        }
-        let wp = checkpoint::weights_path(run, step);
-        let sp = checkpoint::state_path(run, step);
-        let w = read_safetensors(&wp, dev)?;
-        let s = read_safetensors(&sp, dev)?;
-        match &mut ema {
-            Some(e) => {
-                set_vars(&built.varmap, &w.tensors, "", &wp, true)?;
-                e.shadow = vars
-                    .iter()
-                    .map(|(_, v)| v.as_tensor().copy())
-                    .collect::<candle_core::Result<_>>()?;
-                set_vars(&built.varmap, &s.tensors, "param.", &sp, false)?;
-            }
-            None => set_vars(&built.varmap, &w.tensors, "", &wp, true)?,
-        }
-        let adam_t = s
-            .meta
-            .get("gm.adam_t")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(step);
-        for (i, opt) in adams.iter_mut().enumerate() {
-            let t_i = match i {
-                0 => adam_t,
-                i => s
-                    .meta
-                    .get(&format!("gm.adam_t.{i}"))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(adam_t),
-            };
-            opt.load_state(&s.tensors, t_i).with_context(|| {
-                format!(
-                    "{}: this optimizer state does not belong to the run's model",
-                    sp.display()
-                )
-            })?;
-        }
-        let rs: RngState =
-            serde_json::from_str(s.meta.get("gm.rng").map(String::as_str).unwrap_or(""))
-                .with_context(|| format!("{}: bad gm.rng metadata", sp.display()))?;
-        rng = GmRng::from_state(rs);
-        best = s
-            .meta
-            .get("gm.best")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::INFINITY);
-        start = step;
-        truncate_metrics(&run.join("metrics.jsonl"), step)?;
-        eprintln!("gm: resuming {} at step {step}", run.display());
+        Ok(Self {
+            train,
+            test,
+            source,
+        })
     }
-    atomic_write(&run.join("config.toml"), cfg_text.as_bytes())?;
-    eprintln!(
-        "gm: model {} with {n_params} parameters; {} steps of batch {}",
-        cfg.model.kind(),
-        t.steps,
-        t.batch_size
-    );
+}
 
-    let mut batcher = Batcher::new(t.seed, train_ds.len(), t.batch_size)?;
-    let metrics_path = run.join("metrics.jsonl");
-    let eval_opts = EvalOptions {
-        iwae_k: cfg.eval.train_iwae_k,
-        max_pairs: cfg.eval.max_pairs,
-        full: false,
-    };
-    let pb = if opts.progress {
-        indicatif::ProgressBar::new(t.steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]",
-        )
-        .expect("valid template"),
-    );
-    pb.set_position(start as u64);
-    let clock = Instant::now();
-    let mut losses = Vec::new();
-    let mut last_eval = None;
-    let mut last_ckpt = checkpoint::complete_steps(run)
-        .last()
-        .map(|s| checkpoint::weights_path(run, *s));
+/// What one training step reports.
+pub struct StepReport {
+    pub loss: f64,
+    pub parts: Vec<(&'static str, f64)>,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
 
-    // Everything a checkpoint needs, as a closure over the current state.
-    let save = |step: usize,
-                opts: &[Adam],
-                ema: &Option<Ema>,
-                rng: &GmRng,
-                best: f64|
-     -> Result<(PathBuf, Vec<u8>)> {
-        let mut meta = HashMap::from([
-            ("gm.format".to_string(), checkpoint::FORMAT.to_string()),
-            ("gm.kind".to_string(), cfg.model.kind().to_string()),
-            ("gm.config".to_string(), cfg_text.clone()),
-            ("gm.step".to_string(), step.to_string()),
-            (
-                "gm.version".to_string(),
-                env!("CARGO_PKG_VERSION").to_string(),
-            ),
-            ("gm.data".to_string(), data_source.clone()),
-            ("gm.ema".to_string(), ema.is_some().to_string()),
-        ]);
-        let mut weights = HashMap::new();
-        // Parameter names are disjoint between the phases' optimisers: one map holds all.
-        let mut state: HashMap<String, Tensor> = opts.iter().flat_map(|o| o.state()).collect();
-        for (i, (name, v)) in vars.iter().enumerate() {
-            match ema {
-                Some(e) => {
-                    weights.insert(name.clone(), e.shadow[i].clone());
-                    state.insert(format!("param.{name}"), v.as_tensor().clone());
+/// A training run whose parts can be read and replaced one at a time: [`Trainer::step`],
+/// [`Trainer::evaluate`], [`Trainer::sample`], [`Trainer::save`], [`Trainer::resume`], and the
+/// [`Hook`]s called at fixed points of every step (see [`crate::hooks`]).
+pub struct Trainer {
+    pub cfg: RunConfig,
+    cfg_text: String,
+    run: PathBuf,
+    device: Device,
+    model: Box<dyn Model>,
+    varmap: VarMap,
+    vars: Vec<(String, Var)>,
+    groups: Vec<OptimizerGroup>,
+    adams: Vec<Adam>,
+    rng: GmRng,
+    batcher: Batcher,
+    data: RunData,
+    hooks: Vec<Box<dyn Hook>>,
+    /// Steps already run (the resume point).
+    start: usize,
+    best: f64,
+    last_checkpoint: Option<PathBuf>,
+    progress: bool,
+}
+
+impl Trainer {
+    /// Loads the data, builds the model (data-dependent initialisation or `--init-from`
+    /// weights), its optimisers and the hooks the config asks for, and resumes when asked.
+    pub fn new(cfg: &RunConfig, opts: &TrainOptions) -> Result<Self> {
+        let t = &cfg.train;
+        let run = opts.out.clone();
+        if !opts.resume {
+            checkpoint::ensure_fresh_run_dir(&run)?;
+        }
+        let data = RunData::load(cfg, opts.data_dir.as_deref())?;
+        eprintln!(
+            "gm: data: {} — {} training images",
+            data.source,
+            data.train.len()
+        );
+        std::fs::create_dir_all(&run)
+            .with_context(|| format!("cannot create run directory {}", run.display()))?;
+        let Built { model, varmap, .. } = build(cfg, &opts.device)?;
+        let vars = named_vars(&varmap);
+        // --init-from replaces every variable, so a data-dependent start would be discarded.
+        if !opts.resume && opts.init_from.is_none() {
+            data_init(model.as_ref(), &varmap, &data.train, cfg)?;
+        }
+        if let Some(src) = &opts.init_from {
+            if opts.resume {
+                bail!("--init-from starts a fresh run; it cannot be combined with --resume");
+            }
+            init_from(cfg, &varmap, src, &opts.device)?;
+        }
+        let (groups, adams) = optimizers(model.as_ref(), &vars, t)?;
+        let mut hooks: Vec<Box<dyn Hook>> = vec![Box::new(NanStop)];
+        if t.ema_decay > 0.0 {
+            hooks.push(Box::new(Ema::new(t.ema_decay, &vars)?));
+        }
+        let mut trainer = Self {
+            cfg: cfg.clone(),
+            cfg_text: cfg.to_toml(),
+            batcher: Batcher::new(t.seed, data.train.len(), t.batch_size)?,
+            last_checkpoint: checkpoint::complete_steps(&run)
+                .last()
+                .map(|s| checkpoint::weights_path(&run, *s)),
+            run,
+            device: opts.device.clone(),
+            model,
+            varmap,
+            vars,
+            groups,
+            adams,
+            rng: GmRng::new(t.seed),
+            data,
+            hooks,
+            start: 0,
+            best: f64::INFINITY,
+            progress: opts.progress,
+        };
+        if opts.resume {
+            trainer.resume()?;
+        }
+        atomic_write(
+            &trainer.run.join("config.toml"),
+            trainer.cfg_text.as_bytes(),
+        )?;
+        let n_params: usize = trainer.vars.iter().map(|(_, v)| v.elem_count()).sum();
+        eprintln!(
+            "gm: model {} with {n_params} parameters; {} steps of batch {}",
+            cfg.model.kind(),
+            t.steps,
+            t.batch_size
+        );
+        Ok(trainer)
+    }
+
+    /// Adds a hook after gm's own (the NaN stop, the EMA).
+    pub fn add_hook(&mut self, hook: Box<dyn Hook>) {
+        self.hooks.push(hook);
+    }
+
+    pub fn model(&self) -> &dyn Model {
+        self.model.as_ref()
+    }
+
+    /// The run's parameters, by name.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// Continues from the run directory's latest complete checkpoint: weights, optimiser
+    /// moments, the random generator, the best metric and every hook's state.
+    pub fn resume(&mut self) -> Result<()> {
+        let r = checkpoint::open_resume(&self.run, &self.cfg, &self.device)?;
+        set_vars(&self.varmap, &r.weights.tensors, "", &r.weights_path, true)?;
+        let saved = SavedState {
+            weights: &r.weights.tensors,
+            state: &r.state.tensors,
+            state_meta: &r.state.meta,
+            file: &r.state_path,
+        };
+        for h in &mut self.hooks {
+            h.load(&saved, &self.vars)?;
+        }
+        if self.hooks.iter().any(|h| h.eval_weights().is_some()) {
+            set_vars(
+                &self.varmap,
+                &r.state.tensors,
+                "param.",
+                &r.state_path,
+                false,
+            )?;
+        }
+        r.restore_optimizers(&mut self.adams)?;
+        self.rng = r.rng()?;
+        self.best = r.best();
+        self.start = r.step;
+        truncate_metrics(&self.run.join("metrics.jsonl"), r.step)?;
+        eprintln!("gm: resuming {} at step {}", self.run.display(), r.step);
+        Ok(())
+    }
+
+    fn ctx(&self, done: usize, group: Option<usize>, lr: f64) -> StepContext<'_> {
+        StepContext {
+            step: done,
+            group: group.unwrap_or(0),
+            vars: match group {
+                None => &self.vars[..],
+                Some(g) => &self.groups[g].1[..],
+            },
+            lr,
+            last_checkpoint: self.last_checkpoint.as_deref(),
+        }
+    }
+
+    /// One training step (0-based `step`): a batch, each optimiser group's loss (repeated as its
+    /// phase asks), backward, the hooks, clipping and the update.
+    pub fn step(&mut self, step: usize) -> Result<StepReport> {
+        // The hooks are taken out for the step so that they can be called mutably with a
+        // context that borrows the trainer.
+        let mut hooks = std::mem::take(&mut self.hooks);
+        let r = self.step_with(&mut hooks, step);
+        self.hooks = hooks;
+        r
+    }
+
+    fn step_with(&mut self, hooks: &mut [Box<dyn Hook>], step: usize) -> Result<StepReport> {
+        let done = step + 1;
+        let t = &self.cfg.train;
+        let lr = lr_at(t, step);
+        let idx = self.batcher.indices(step);
+        let batch = make_batch(
+            &self.data.train,
+            &idx,
+            &self.cfg.data,
+            &mut self.rng,
+            &self.device,
+        )?;
+        let mut report = StepReport {
+            loss: 0.0,
+            parts: Vec::new(),
+            grad_norm: 0.0,
+            lr,
+        };
+        for (pi, (phase, pvars)) in self.groups.iter().enumerate() {
+            for _ in 0..phase.repeats {
+                let loss = group_loss(self.model.as_ref(), phase, pi, &batch, &mut self.rng)?;
+                report.loss = gm_core::traffic::read_f64(&loss.total)?;
+                for (name, p) in &loss.parts {
+                    let v = gm_core::traffic::read_f64(p)?;
+                    match report.parts.iter_mut().find(|q| q.0 == *name) {
+                        Some(q) => q.1 = v,
+                        None => report.parts.push((name, v)),
+                    }
                 }
-                None => {
-                    weights.insert(name.clone(), v.as_tensor().clone());
+                let ctx = StepContext {
+                    step: done,
+                    group: pi,
+                    vars: pvars,
+                    lr,
+                    last_checkpoint: self.last_checkpoint.as_deref(),
+                };
+                let values = LossValues {
+                    total: report.loss,
+                    parts: &report.parts,
+                };
+                let mut total = loss.total;
+                for h in hooks.iter_mut() {
+                    h.after_loss(&ctx, &values)?;
+                    total = h.scale_loss(&ctx, total)?;
                 }
+                let mut grads = total.backward()?;
+                let mut action = GradAction::Step;
+                for h in hooks.iter_mut() {
+                    if h.after_backward(&ctx, &mut grads)? == GradAction::Skip {
+                        action = GradAction::Skip;
+                    }
+                }
+                if action == GradAction::Skip {
+                    continue;
+                }
+                report.grad_norm = clip_grad_norm(&mut grads, pvars, t.grad_clip)?;
+                for h in hooks.iter_mut() {
+                    h.after_clip(&ctx, report.grad_norm, report.loss)?;
+                }
+                self.adams[pi].step(&grads, lr * phase.lr_scale)?;
             }
         }
-        let mut smeta = HashMap::from([
-            ("gm.step".to_string(), step.to_string()),
-            ("gm.adam_t".to_string(), opts[0].steps().to_string()),
-            ("gm.rng".to_string(), serde_json::to_string(&rng.state())?),
-            ("gm.best".to_string(), best.to_string()),
-        ]);
-        for (i, o) in opts.iter().enumerate().skip(1) {
-            smeta.insert(format!("gm.adam_t.{i}"), o.steps().to_string());
+        let ctx = self.ctx(done, None, lr);
+        for h in hooks.iter_mut() {
+            h.after_step(&ctx)?;
         }
-        // State first: a weights file is only "complete" once its state exists beside it.
-        atomic_write(
-            &checkpoint::state_path(run, step),
-            &to_safetensors(&state, &smeta)?,
-        )?;
-        let wp = checkpoint::weights_path(run, step);
-        meta.insert("gm.best".to_string(), best.to_string());
-        let bytes = to_safetensors(&weights, &meta)?;
-        atomic_write(&wp, &bytes)?;
-        checkpoint::prune(run, t.keep_last)?;
-        // The weights' bytes too: best.safetensors is the same file under another name.
-        Ok((wp, bytes))
-    };
-    let eval_now = |ema: &Option<Ema>| -> Result<Option<BTreeMap<String, f64>>> {
-        let Some(test) = &test_ds else {
+        Ok(report)
+    }
+
+    /// The weights evaluation and sampling use: a hook's (the EMA's) or the live parameters.
+    fn eval_weights(&self) -> Option<&[Tensor]> {
+        self.hooks.iter().find_map(|h| h.eval_weights())
+    }
+
+    /// Runs `f` with the evaluation weights swapped in, and the live ones back afterwards.
+    fn with_eval_weights<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        let old = match self.eval_weights() {
+            Some(w) => Some(swap_in(&self.vars, w)?),
+            None => None,
+        };
+        let r = f(self);
+        if let Some(old) = old {
+            swap_in(&self.vars, &old)?;
+        }
+        r
+    }
+
+    /// The test split's metrics (`train.eval_images` of them, the evaluation weights), or
+    /// `None` without a test split.
+    pub fn evaluate(&self) -> Result<Option<BTreeMap<String, f64>>> {
+        let Some(test) = &self.data.test else {
             return Ok(None);
         };
-        let old = match ema {
-            Some(e) => Some(swap_in(&vars, &e.shadow)?),
-            None => None,
+        let opts = EvalOptions {
+            iwae_k: self.cfg.eval.train_iwae_k,
+            max_pairs: self.cfg.eval.max_pairs,
+            full: false,
         };
-        let m = evaluate(
-            model,
-            test,
-            &cfg.data,
-            &eval_opts,
-            cfg.eval.batch_size,
-            t.eval_images,
-            cfg.eval.seed,
-            dev,
-        );
-        if let Some(old) = old {
-            swap_in(&vars, &old)?;
-        }
-        m.map(Some)
-    };
-    let toy = crate::data::toy_name(&cfg.data.dataset).is_some();
-    let sample_now = |step: usize, ema: &Option<Ema>| -> Result<()> {
-        let old = match ema {
-            Some(e) => Some(swap_in(&vars, &e.shadow)?),
-            None => None,
-        };
-        let s = match t.sample_n {
-            0 => Ok(None),
-            _ if toy => toy_density_plot(
-                model,
-                test_ds.as_ref().unwrap_or(&train_ds),
-                20_000,
-                &mut GmRng::new(t.seed.wrapping_add(1)),
-                dev,
-                &run.join(format!("samples/density-step-{step:08}.png")),
+        self.with_eval_weights(|me| {
+            evaluate(
+                me.model.as_ref(),
+                test,
+                &me.cfg.data,
+                &opts,
+                me.cfg.eval.batch_size,
+                me.cfg.train.eval_images,
+                me.cfg.eval.seed,
+                &me.device,
             )
-            .map(|_| None),
-            n => crate::eval::sample_chunked(
-                model,
-                n,
-                crate::eval::SAMPLE_CHUNK,
-                &mut GmRng::new(t.seed.wrapping_add(1)),
-            ),
-        };
-        // Reconstructions of the first 32 test images: originals on top, reconstructions below.
-        let recon = match &test_ds {
-            Some(test) if test.len() >= 32 => {
-                let idx: Vec<usize> = (0..32).collect();
-                let mut r = GmRng::new(cfg.eval.seed);
-                let batch = make_batch(test, &idx, &cfg.data, &mut r, dev)?;
-                model
-                    .reconstruct(&batch, &mut r)
-                    .and_then(|rec| rec.map(|rec| Tensor::cat(&[&batch.x, &rec], 0)).transpose())
-            }
-            _ => Ok(None),
-        };
-        if let Some(old) = old {
-            swap_in(&vars, &old)?;
-        }
+            .map(Some)
+        })
+    }
+
+    /// Writes `samples/step-N.png` (or the density picture of a 2-D model) and the
+    /// reconstructions of the first 32 test images (`samples/recon-step-N.png`).
+    pub fn sample(&self, step: usize) -> Result<()> {
+        let t = &self.cfg.train;
+        let run = &self.run;
+        let toy = crate::data::toy_name(&self.cfg.data.dataset).is_some();
+        let (s, recon) = self.with_eval_weights(|me| {
+            let model = me.model.as_ref();
+            let s = match t.sample_n {
+                0 => Ok(None),
+                _ if toy => toy_density_plot(
+                    model,
+                    me.data.test.as_ref().unwrap_or(&me.data.train),
+                    20_000,
+                    &mut GmRng::new(t.seed.wrapping_add(1)),
+                    &me.device,
+                    &run.join(format!("samples/density-step-{step:08}.png")),
+                )
+                .map(|_| None),
+                n => crate::eval::sample_chunked(
+                    model,
+                    n,
+                    crate::eval::SAMPLE_CHUNK,
+                    &mut GmRng::new(t.seed.wrapping_add(1)),
+                ),
+            };
+            // Reconstructions of the first 32 test images: originals on top, reconstructions
+            // below.
+            let recon = match &me.data.test {
+                Some(test) if test.len() >= 32 => {
+                    let idx: Vec<usize> = (0..32).collect();
+                    let mut r = GmRng::new(me.cfg.eval.seed);
+                    let batch = make_batch(test, &idx, &me.cfg.data, &mut r, &me.device)?;
+                    model.reconstruct(&batch, &mut r).and_then(|rec| {
+                        rec.map(|rec| Tensor::cat(&[&batch.x, &rec], 0)).transpose()
+                    })
+                }
+                _ => Ok(None),
+            };
+            Ok((s, recon))
+        })?;
         if let Some(s) = s? {
             save_grid(&s, 8, &run.join(format!("samples/step-{step:08}.png")))?;
         }
@@ -792,232 +606,194 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             )?;
         }
         Ok(())
-    };
+    }
 
-    let mut step_traffic = gm_core::traffic::Traffic::default();
-    for step in start..t.steps {
-        let done = step + 1;
-        let traffic0 = gm_core::traffic::snapshot();
-        let lr = lr_at(t, step);
-        let idx = batcher.indices(step);
-        let batch = make_batch(&train_ds, &idx, &cfg.data, &mut rng, dev)?;
-        let mut total = 0.0;
-        let mut gnorm = 0.0;
-        let mut parts: Vec<(&'static str, f64)> = Vec::new();
-        for (pi, (phase, pvars)) in groups.iter().enumerate() {
-            for _ in 0..phase.repeats {
-                let loss = group_loss(model, phase, pi, &batch, &mut rng)?;
-                total = gm_core::traffic::read_f64(&loss.total)?;
-                for (name, p) in &loss.parts {
-                    let v = gm_core::traffic::read_f64(p)?;
-                    match parts.iter_mut().find(|q| q.0 == *name) {
-                        Some(q) => q.1 = v,
-                        None => parts.push((name, v)),
-                    }
-                }
-                if !total.is_finite() {
-                    let bad: Vec<String> = parts
-                        .iter()
-                        .filter(|p| !p.1.is_finite())
-                        .map(|p| format!("'{}' = {}", p.0, p.1))
-                        .collect();
-                    let keep = last_ckpt
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "none yet".into());
-                    bail!(
-                        "non-finite loss at step {done}: total = {total}; parts {}; training stopped, last good checkpoint: {keep}",
-                        if bad.is_empty() { "all finite".into() } else { bad.join(", ") }
-                    );
-                }
-                let mut grads = loss.total.backward()?;
-                gnorm = clip_grad_norm(&mut grads, pvars, t.grad_clip)?;
-                if !gnorm.is_finite() {
-                    let keep = last_ckpt
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "none yet".into());
-                    bail!("non-finite gradient norm at step {done} (loss {total}); training stopped, last good checkpoint: {keep}");
-                }
-                adams[pi].step(&grads, lr * phase.lr_scale)?;
+    /// Writes the checkpoint of `step` (weights, optimiser state, the generator, hooks' state)
+    /// and returns the weights' path and bytes.
+    pub fn save(&self, step: usize) -> Result<(PathBuf, Vec<u8>)> {
+        let mut extra_tensors = HashMap::new();
+        let mut extra_meta = HashMap::new();
+        for h in &self.hooks {
+            h.save(&mut extra_tensors, &mut extra_meta)?;
+        }
+        checkpoint::write_run_checkpoint(checkpoint::RunCheckpoint {
+            run: &self.run,
+            step,
+            cfg: &self.cfg,
+            cfg_text: &self.cfg_text,
+            data_source: &self.data.source,
+            vars: &self.vars,
+            eval_weights: self.eval_weights(),
+            adams: &self.adams,
+            rng: &self.rng,
+            best: self.best,
+            extra_tensors,
+            extra_meta,
+        })
+    }
+
+    /// Evaluates, and keeps `best.safetensors` when the primary metric improved.
+    fn evaluate_and_keep_best(
+        &mut self,
+        done: usize,
+        log: &mut RunLog,
+    ) -> Result<Option<BTreeMap<String, f64>>> {
+        let Some(m) = self.evaluate()? else {
+            return Ok(None);
+        };
+        log.eval(done, &m)?;
+        if let Some(&p) = m.get(self.model.primary_metric()) {
+            if p < self.best {
+                self.best = p;
+                let (wp, bytes) = self.save(done)?;
+                // Atomically, like every checkpoint file: a plain copy killed half-way would
+                // leave a torn best.safetensors.
+                atomic_write(
+                    &checkpoint::checkpoint_dir(&self.run).join("best.safetensors"),
+                    &bytes,
+                )?;
+                self.last_checkpoint = Some(wp);
             }
         }
-        if let Some(e) = &mut ema {
-            for (i, (_, v)) in vars.iter().enumerate() {
-                // Detached: otherwise every shadow keeps the previous one (and the parameter
-                // snapshot) alive through candle's graph, and memory grows with every step.
-                e.shadow[i] =
-                    ((&e.shadow[i] * e.decay)? + (v.as_tensor() * (1.0 - e.decay))?)?.detach();
+        Ok(Some(m))
+    }
+
+    /// Runs the remaining steps with evaluation, checkpoints and samples on their schedules,
+    /// then draws the loss curve.
+    pub fn run(mut self) -> Result<TrainSummary> {
+        let steps = self.cfg.train.steps;
+        let mut log = RunLog::new(&self.run, self.progress, self.start, steps);
+        let mut losses = Vec::new();
+        let mut last_eval = None;
+        let mut step_traffic = gm_core::traffic::Traffic::default();
+        for step in self.start..steps {
+            let done = step + 1;
+            let traffic0 = gm_core::traffic::snapshot();
+            let r = self.step(step)?;
+            step_traffic = step_traffic.plus(&gm_core::traffic::snapshot().since(&traffic0));
+            losses.push((done, r.loss));
+            log.step(done, &r, &self.cfg.train, &self.hooks)?;
+            let t = &self.cfg.train;
+            let eval_due = (t.eval_every > 0 && done % t.eval_every == 0) || done == steps;
+            let ckpt_due =
+                (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) || done == steps;
+            let sample_due = (t.sample_every > 0 && done % t.sample_every == 0) || done == steps;
+            if eval_due {
+                if let Some(m) = self.evaluate_and_keep_best(done, &mut log)? {
+                    last_eval = Some(m);
+                }
+            }
+            let wp = checkpoint::weights_path(&self.run, done);
+            if ckpt_due && self.last_checkpoint.as_ref() != Some(&wp) {
+                self.last_checkpoint = Some(self.save(done)?.0);
+            }
+            if sample_due {
+                self.sample(done)?;
             }
         }
-        let dt = gm_core::traffic::snapshot().since(&traffic0);
-        step_traffic = step_traffic.plus(&dt);
-        losses.push((done, total));
-        pb.inc(1);
-        let part_msg: Vec<String> = parts.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
-        pb.set_message(format!("loss {total:.3} ({})", part_msg.join(", ")));
+        log.finish();
+        if losses.len() >= 2 {
+            let pts: Vec<(f64, f64)> = losses.iter().map(|&(s, l)| (s as f64, l)).collect();
+            save_curve(&pts, &self.run.join("loss_curve.png"))?;
+        }
+        let checkpoint = self
+            .last_checkpoint
+            .ok_or_else(|| anyhow!("no checkpoint was written"))?;
+        Ok(TrainSummary {
+            steps,
+            losses,
+            last_eval,
+            checkpoint,
+            data_source: self.data.source,
+            step_traffic,
+        })
+    }
+}
+
+/// The run's progress bar and `metrics.jsonl`.
+struct RunLog {
+    path: PathBuf,
+    pb: indicatif::ProgressBar,
+    clock: Instant,
+}
+
+impl RunLog {
+    fn new(run: &Path, progress: bool, start: usize, steps: usize) -> Self {
+        let pb = if progress {
+            indicatif::ProgressBar::new(steps as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]",
+            )
+            .expect("valid template"),
+        );
+        pb.set_position(start as u64);
+        Self {
+            path: run.join("metrics.jsonl"),
+            pb,
+            clock: Instant::now(),
+        }
+    }
+
+    fn step(
+        &mut self,
+        done: usize,
+        r: &StepReport,
+        t: &crate::config::TrainConfig,
+        hooks: &[Box<dyn Hook>],
+    ) -> Result<()> {
+        self.pb.inc(1);
+        let part_msg: Vec<String> = r.parts.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
+        self.pb
+            .set_message(format!("loss {:.3} ({})", r.loss, part_msg.join(", ")));
         if t.log_every > 0 && (done % t.log_every == 0 || done == t.steps) {
-            let mut rec = serde_json::json!({"step": done, "loss": total, "lr": lr, "grad_norm": gnorm,
-                "elapsed_s": clock.elapsed().as_secs_f64()});
-            for (n, v) in &parts {
+            let mut rec = serde_json::json!({"step": done, "loss": r.loss, "lr": r.lr,
+                "grad_norm": r.grad_norm, "elapsed_s": self.clock.elapsed().as_secs_f64()});
+            for (n, v) in &r.parts {
                 rec[*n] = serde_json::json!(v);
             }
-            jsonl(&metrics_path, &rec)?;
-        }
-        let eval_due = t.eval_every > 0 && done % t.eval_every == 0;
-        let ckpt_due =
-            (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) || done == t.steps;
-        if eval_due || done == t.steps {
-            if let Some(m) = eval_now(&ema)? {
-                let mut rec = serde_json::json!({"step": done, "split": "test"});
-                for (k, v) in &m {
-                    rec[k] = serde_json::json!(v);
-                }
-                jsonl(&metrics_path, &rec)?;
-                let shown: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
-                pb.println(format!("step {done}: test {}", shown.join(" ")));
-                if let Some(&p) = m.get(model.primary_metric()) {
-                    if p < best {
-                        best = p;
-                        let (wp, bytes) = save(done, &adams, &ema, &rng, best)?;
-                        // Atomically, like every checkpoint file: a plain copy killed
-                        // half-way would leave a torn best.safetensors.
-                        atomic_write(
-                            &checkpoint::checkpoint_dir(run).join("best.safetensors"),
-                            &bytes,
-                        )?;
-                        last_ckpt = Some(wp);
-                    }
-                }
-                last_eval = Some(m);
+            for h in hooks {
+                h.log(&mut rec);
             }
+            jsonl(&self.path, &rec)?;
         }
-        if ckpt_due && last_ckpt.as_ref() != Some(&checkpoint::weights_path(run, done)) {
-            last_ckpt = Some(save(done, &adams, &ema, &rng, best)?.0);
-        }
-        if (t.sample_every > 0 && done % t.sample_every == 0) || done == t.steps {
-            sample_now(done, &ema)?;
-        }
+        Ok(())
     }
-    pb.finish_and_clear();
-    if losses.len() >= 2 {
-        save_curve(
-            &losses
-                .iter()
-                .map(|&(s, l)| (s as f64, l))
-                .collect::<Vec<_>>(),
-            &run.join("loss_curve.png"),
-        )?;
+
+    fn eval(&mut self, done: usize, m: &BTreeMap<String, f64>) -> Result<()> {
+        let mut rec = serde_json::json!({"step": done, "split": "test"});
+        for (k, v) in m {
+            rec[k] = serde_json::json!(v);
+        }
+        jsonl(&self.path, &rec)?;
+        let shown: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+        self.pb
+            .println(format!("step {done}: test {}", shown.join(" ")));
+        Ok(())
     }
-    let checkpoint = last_ckpt.ok_or_else(|| anyhow!("no checkpoint was written"))?;
-    Ok(TrainSummary {
-        steps: t.steps,
-        losses,
-        last_eval,
-        checkpoint,
-        data_source,
-        step_traffic,
-    })
-}
 
-/// Timing of the train step, as `gm bench` reports it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct BenchReport {
-    pub model: String,
-    /// The device the step ran on (`cpu`, `cuda:0`, …).
-    pub device: String,
-    pub batch_size: usize,
-    pub threads: usize,
-    pub median_ms: f64,
-    pub min_ms: f64,
-    /// Training images per second at the median step time.
-    pub images_per_s: f64,
-    pub steps: usize,
-    /// Host↔device traffic of one timed step (host-drawn noise, read-backs), averaged.
-    pub upload_bytes_per_step: f64,
-    pub readbacks_per_step: f64,
-    /// Bytes of the batch a training step uploads on top (the benchmark reuses one batch).
-    pub batch_upload_bytes: usize,
-    /// Peak resident memory of the process (Linux `VmHWM`), MiB.
-    pub peak_rss_mb: Option<f64>,
-}
-
-fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// A device's name in reports: `cpu`, `cuda:0`, `metal:0`.
-pub fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    fn finish(&self) {
+        self.pb.finish_and_clear();
     }
 }
 
-/// Times `steps` train steps (loss, backward, Adam update) on random binary images of the
-/// configured batch size after `warmup` untimed ones. Each step ends by waiting for the device
-/// (after the optimizer's update, so its kernels are inside the time).
-pub fn bench_train_step(
-    cfg: &RunConfig,
-    device: &Device,
-    warmup: usize,
-    steps: usize,
-) -> Result<BenchReport> {
-    let built = build(cfg, device)?;
-    let vars = named_vars(&built.varmap);
-    let t = &cfg.train;
-    let (groups, mut adams) = optimizers(built.model.as_ref(), &vars, t)?;
-    let mut rng = GmRng::new(0);
-    let [c, h, w] = cfg.model.image_shape();
-    let p = rng.uniform((t.batch_size, c, h, w), 0.0, 1.0, device)?;
-    let labels = Tensor::from_vec(
-        (0..t.batch_size as u32).map(|i| i % 10).collect::<Vec<_>>(),
-        t.batch_size,
-        device,
-    )?;
-    let batch = gm_models::Batch {
-        x: rng.bernoulli(&p)?,
-        labels: Some(labels),
-    };
-    let batch_upload_bytes = gm_core::traffic::bytes_of(&batch.x) + 4 * t.batch_size;
-    let mut times = Vec::with_capacity(steps);
-    let mut traffic = gm_core::traffic::Traffic::default();
-    for i in 0..warmup + steps {
-        device.synchronize()?;
-        let t0 = Instant::now();
-        let tr0 = gm_core::traffic::snapshot();
-        for (pi, (phase, _)) in groups.iter().enumerate() {
-            for _ in 0..phase.repeats {
-                let loss = group_loss(built.model.as_ref(), phase, pi, &batch, &mut rng)?;
-                let grads = loss.total.backward()?;
-                adams[pi].step(&grads, t.lr * phase.lr_scale)?;
-            }
-        }
-        // Wait for the device so the time covers the whole step, the update included.
-        device.synchronize()?;
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-            traffic = traffic.plus(&gm_core::traffic::snapshot().since(&tr0));
+/// `--init-from`: every variable from another run's weights (same kind, same shapes).
+fn init_from(cfg: &RunConfig, vm: &VarMap, src: &Path, device: &Device) -> Result<()> {
+    let path = checkpoint::resolve(src)?;
+    let w = read_safetensors(&path, device)?;
+    if let Some(kind) = w.meta.get("gm.kind") {
+        if kind != cfg.model.kind() {
+            bail!(
+                "--init-from {}: a '{kind}' checkpoint cannot start a '{}' model",
+                path.display(),
+                cfg.model.kind()
+            );
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median_ms = times[times.len() / 2];
-    Ok(BenchReport {
-        model: cfg.model.kind().to_string(),
-        device: device_name(device),
-        batch_size: t.batch_size,
-        threads: gm_core::par::threads(),
-        median_ms,
-        min_ms: times[0],
-        images_per_s: t.batch_size as f64 / (median_ms / 1e3),
-        steps,
-        upload_bytes_per_step: traffic.upload_bytes as f64 / steps as f64,
-        readbacks_per_step: traffic.readbacks as f64 / steps as f64,
-        batch_upload_bytes,
-        peak_rss_mb: peak_rss_mb(),
-    })
+    set_vars(vm, &w.tensors, "", &path, true)?;
+    eprintln!("gm: weights from {}", path.display());
+    Ok(())
 }

@@ -1,0 +1,111 @@
+//! `gm bench`: the timed train step.
+
+use crate::config::RunConfig;
+use crate::optim::named_vars;
+use crate::trainer::{build, group_loss, optimizers};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use gm_core::GmRng;
+use std::time::Instant;
+
+/// Timing of the train step, as `gm bench` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    /// The device the step ran on (`cpu`, `cuda:0`, …).
+    pub device: String,
+    pub batch_size: usize,
+    pub threads: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    /// Training images per second at the median step time.
+    pub images_per_s: f64,
+    pub steps: usize,
+    /// Host↔device traffic of one timed step (host-drawn noise, read-backs), averaged.
+    pub upload_bytes_per_step: f64,
+    pub readbacks_per_step: f64,
+    /// Bytes of the batch a training step uploads on top (the benchmark reuses one batch).
+    pub batch_upload_bytes: usize,
+    /// Peak resident memory of the process (Linux `VmHWM`), MiB.
+    pub peak_rss_mb: Option<f64>,
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A device's name in reports: `cpu`, `cuda:0`, `metal:0`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Times `steps` train steps (loss, backward, Adam update) on random binary images of the
+/// configured batch size after `warmup` untimed ones. Each step ends by waiting for the device
+/// (after the optimizer's update, so its kernels are inside the time).
+pub fn bench_train_step(
+    cfg: &RunConfig,
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchReport> {
+    let built = build(cfg, device)?;
+    let vars = named_vars(&built.varmap);
+    let t = &cfg.train;
+    let (groups, mut adams) = optimizers(built.model.as_ref(), &vars, t)?;
+    let mut rng = GmRng::new(0);
+    let [c, h, w] = cfg.model.image_shape();
+    let p = rng.uniform((t.batch_size, c, h, w), 0.0, 1.0, device)?;
+    let labels = Tensor::from_vec(
+        (0..t.batch_size as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        t.batch_size,
+        device,
+    )?;
+    let batch = gm_models::Batch {
+        x: rng.bernoulli(&p)?,
+        labels: Some(labels),
+    };
+    let batch_upload_bytes = gm_core::traffic::bytes_of(&batch.x) + 4 * t.batch_size;
+    let mut times = Vec::with_capacity(steps);
+    let mut traffic = gm_core::traffic::Traffic::default();
+    for i in 0..warmup + steps {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let tr0 = gm_core::traffic::snapshot();
+        for (pi, (phase, _)) in groups.iter().enumerate() {
+            for _ in 0..phase.repeats {
+                let loss = group_loss(built.model.as_ref(), phase, pi, &batch, &mut rng)?;
+                let grads = loss.total.backward()?;
+                adams[pi].step(&grads, t.lr * phase.lr_scale)?;
+            }
+        }
+        // Wait for the device so the time covers the whole step, the update included.
+        device.synchronize()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            traffic = traffic.plus(&gm_core::traffic::snapshot().since(&tr0));
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median_ms = times[times.len() / 2];
+    Ok(BenchReport {
+        model: cfg.model.kind().to_string(),
+        device: device_name(device),
+        batch_size: t.batch_size,
+        threads: gm_core::par::threads(),
+        median_ms,
+        min_ms: times[0],
+        images_per_s: t.batch_size as f64 / (median_ms / 1e3),
+        steps,
+        upload_bytes_per_step: traffic.upload_bytes as f64 / steps as f64,
+        readbacks_per_step: traffic.readbacks as f64 / steps as f64,
+        batch_upload_bytes,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
