@@ -39,8 +39,12 @@ import json, sys, time, resource
 import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
 from vae_torch import VAE
+from amp_torch import autocast, scaler
+from amp_torch import step as amp_step
 cfg, threads, steps, warmup, batch = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
+amp_name = sys.argv[8] if len(sys.argv) > 8 else "f32"
+amp, scale = autocast(device, amp_name), scaler(device, amp_name)
 torch.set_num_threads(threads)
 torch.set_default_device(device)
 torch.manual_seed(0)
@@ -51,8 +55,9 @@ x = torch.bernoulli(torch.rand(batch, *cfg.get("image_shape", (1, 28, 28))))
 times = []
 for i in range(warmup + steps):
     t0 = time.perf_counter()
-    loss = -m.elbo(x, torch.randn(batch, cfg["latent_dim"])).mean()
-    opt.zero_grad(); loss.backward(); opt.step()
+    with amp:
+        loss = -m.elbo(x, torch.randn(batch, cfg["latent_dim"])).mean()
+    amp_step(loss, opt, scale)
     if device != "cpu":
         torch.cuda.synchronize()
     if i >= warmup:
@@ -197,6 +202,9 @@ def main():
     ap.add_argument("--presets", nargs="+", default=PRESETS, help="presets of the train-step table")
     ap.add_argument("--batch", type=int, default=128, help="batch of the ops table")
     ap.add_argument("--op-steps", type=int, default=5, help="timed calls per op case")
+    ap.add_argument("--precision", nargs="+", default=["f32"], choices=["f32", "bf16", "f16"],
+                    help="models table: gm's train.precision and PyTorch's AMP (amp_torch.py) side by side; "
+                         "the realnvp, cnf and gan twins have f32 only")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: the models table on the GPU for both (no pinning; --threads then sets host threads)")
     args = ap.parse_args()
@@ -218,37 +226,42 @@ def bench_models(args):
         with open(os.path.join(ROOT, preset), "rb") as f:
             toml = tomllib.load(f)
         model, batch = toml["model"], toml["train"]["batch_size"]
-        for th in args.threads:
+        for th, prec in [(th, p) for th in args.threads for p in args.precision]:
             pin, env = pinning(th, args.device)
             g, t, grss, trss = [], [], 0, 0
             for _ in range(args.repeats):
                 r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
-                                     "--steps", str(args.steps), "--warmup", str(args.warmup)], env, fatal=False)
+                                     "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                     "--set", f'train.precision="{prec}"'], env, fatal=False)
                 g.append(r["median_ms"] if r else float("nan")); grss = max(grss, (r or {}).get("peak_rss_mb") or 0)
                 common = ["--threads", str(th), "--steps", str(args.steps), "--warmup", str(args.warmup),
                           "--batch", str(batch), *dev]
+                amp = ["--amp", prec]
                 if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
                     cmd = [args.python, os.path.join(HERE, "pixelcnn_torch.py"), "bench", "--config",
-                           json.dumps(model), *common]
+                           json.dumps(model), *common, *amp]
                 elif model["kind"] in ("ddpm", "flow-matching"):
                     cmd = [args.python, os.path.join(HERE, "unet_torch.py"), "bench", "--config",
-                           json.dumps(model), *common]
+                           json.dumps(model), *common, *amp]
+                elif model["kind"] in ("realnvp", "cnf", "gan") and prec != "f32":
+                    cmd = None
                 elif model["kind"] in ("realnvp", "cnf", "gan"):
                     script = "gan_torch.py" if model["kind"] == "gan" else "flows_torch.py"
                     cmd = [args.python, os.path.join(HERE, script), "bench", "--config",
                            json.dumps(model), *common]
                 else:
                     cmd = [args.python, "-c", TORCH_CHILD, HERE, json.dumps(model), str(th),
-                           str(args.steps), str(args.warmup), str(batch), args.device]
-                r = run_child(pin + cmd, env, fatal=False)
+                           str(args.steps), str(args.warmup), str(batch), args.device, prec]
+                r = run_child(pin + cmd, env, fatal=False) if cmd else None
                 t.append(r["median_ms"] if r else float("nan")); trss = max(trss, (r or {}).get("maxrss_mb", 0))
             gm_ms, pt_ms = sorted(g)[len(g) // 2], sorted(t)[len(t) // 2]
-            rows.append((os.path.basename(preset), th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, trss))
-            print(f"  {rows[-1][0]} thr {th}: gm {gm_ms:.2f} ms, torch {pt_ms:.2f} ms", file=sys.stderr, flush=True)
-    print(f"train step on {args.device}, medians of {args.repeats} alternating runs; images/s at the median")
-    print(f"{'preset':<26}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'torch MB':>9}")
-    for p, th, b, g, t, r, gr, tr in rows:
-        print(f"{p:<26}{th:>4}{b:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{b / g * 1e3:>10.0f}{b / t * 1e3:>12.0f}{gr:>8.0f}{tr:>9.0f}")
+            rows.append((os.path.basename(preset), prec, th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, trss))
+            print(f"  {rows[-1][0]} {prec} thr {th}: gm {gm_ms:.2f} ms, torch {pt_ms:.2f} ms", file=sys.stderr, flush=True)
+    print(f"train step on {args.device}, medians of {args.repeats} alternating runs; images/s at the median; "
+          "precision: gm's train.precision, PyTorch's AMP")
+    print(f"{'preset':<26}{'prec':>5}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'torch MB':>9}")
+    for p, pr, th, b, g, t, r, gr, tr in rows:
+        print(f"{p:<26}{pr:>5}{th:>4}{b:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{b / g * 1e3:>10.0f}{b / t * 1e3:>12.0f}{gr:>8.0f}{tr:>9.0f}")
 
 
 if __name__ == "__main__":

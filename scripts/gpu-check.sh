@@ -3,9 +3,14 @@
 # its own time limit, appending its results to OUT as it goes (a cut run still leaves what it did):
 #   1) the CUDA libraries found, then `gm doctor --device cuda` (every family against the CPU);
 #   2) `gm bench` train steps next to their PyTorch twins on the same GPU (scripts/bench_vs_torch.py);
-#   3) one epoch of Fashion-MNIST (60,000 images) for the VAE and the DDPM UNet, with samples.
+#   3) one epoch of Fashion-MNIST (60,000 images) for the VAE and the DDPM UNet, with samples;
+#   4) mixed precision (`--sections precision`, needs --fashion): train steps in f32, bf16 and f16
+#      next to PyTorch's AMP, then the conv VAE trained in f32, bf16, and f16 from a loss scale of
+#      1e12 (a forced overflow: the first steps must be skipped and the scale lowered), and the
+#      DDPM in f32 and bf16, each evaluated in its units.
 #
 #   bash scripts/gpu-check.sh --gm GM_BINARY[.gz] --out DIR [--fashion DIR] [--device cuda]
+#        [--sections doctor,bench,epochs,precision]   (default: doctor,bench,epochs)
 #
 # Needs on the GPU machine: the NVIDIA driver, Python 3 with PyTorch (CUDA) and numpy — PyTorch's
 # CUDA 13 wheels also provide libcublas, libcurand and libcudart for gm. Nothing is downloaded.
@@ -13,9 +18,10 @@
 # shortens the bench and the epochs so that a rehearsal takes a few minutes).
 set -uo pipefail
 
-GM="" OUT="" FASHION="" DEVICE=cuda
+GM="" OUT="" FASHION="" DEVICE=cuda SECTIONS="doctor,bench,epochs"
 while [ $# -gt 0 ]; do
     case "$1" in
+        --sections) SECTIONS="$2"; shift 2 ;;
         --gm) GM="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --fashion) FASHION="$2"; shift 2 ;;
@@ -29,6 +35,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 QUICK="${GM_CHECK_QUICK:-0}"
 say() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
+want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 
 if [[ "$GM" == *.gz ]]; then
     gunzip -c "$GM" > /tmp/gm-check-bin && chmod +x /tmp/gm-check-bin && GM=/tmp/gm-check-bin
@@ -62,12 +69,15 @@ if [ "$DEVICE" = cuda ]; then
     export LD_LIBRARY_PATH="${dirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 
+if want doctor; then
 say "gm doctor --device $DEVICE"
 timeout 150 "$GM" doctor --device "$DEVICE" --json "$OUT/doctor.jsonl" > "$OUT/doctor.txt" 2> >(tee -a "$LOG" >&2)
 echo "doctor exit: $?" | tee -a "$OUT/doctor.txt" "$LOG"
 cat "$OUT/doctor.txt" >> "$LOG"
+fi
 
 # --- 2) train steps next to PyTorch ------------------------------------------------------------
+if want bench; then
 say "gm bench vs PyTorch on $DEVICE"
 STEPS=20; WARM=5; REP=2
 [ "$QUICK" = 1 ] && { STEPS=2; WARM=1; REP=1; }
@@ -77,9 +87,10 @@ timeout 170 env PYTHONUNBUFFERED=1 python3 "$ROOT/scripts/bench_vs_torch.py" --d
     models/realnvp-mnist.toml models/dcgan-mnist.toml > "$OUT/bench.txt" 2> >(tee -a "$LOG" >&2)
 echo "bench exit: $?" | tee -a "$OUT/bench.txt" "$LOG"
 cat "$OUT/bench.txt" >> "$LOG"
+fi
 
 # --- 3) one epoch of Fashion-MNIST -------------------------------------------------------------
-if [ -n "$FASHION" ]; then
+if [ -n "$FASHION" ] && want epochs; then
     for spec in "vae-mnist 128 60" "ddpm-mnist 64 120"; do
         set -- $spec
         preset=$1 batch=$2 limit=$3
@@ -102,5 +113,58 @@ if [ -n "$FASHION" ]; then
         last="$(ls "$run"/samples/step-*.png 2>/dev/null | tail -n 1)"
         [ -n "$last" ] && cp "$last" "$OUT/samples-$preset.png"
     done
+fi
+# --- 4) mixed precision ------------------------------------------------------------------------
+if want precision; then
+    say "train steps in f32, bf16, f16 next to PyTorch AMP on $DEVICE"
+    STEPS=20; WARM=5
+    [ "$QUICK" = 1 ] && { STEPS=2; WARM=1; }
+    timeout 240 env PYTHONUNBUFFERED=1 python3 "$ROOT/scripts/bench_vs_torch.py" --device "$DEVICE" --gm "$GM" \
+        --what models --threads "$(nproc)" --steps $STEPS --warmup $WARM --repeats 1 --precision f32 bf16 f16 \
+        --presets models/vae-conv-mnist.toml models/pixelcnn-mnist.toml models/ddpm-mnist.toml \
+        > "$OUT/precision-bench.txt" 2> >(tee -a "$LOG" >&2)
+    echo "precision bench exit: $?" | tee -a "$OUT/precision-bench.txt" "$LOG"
+    cat "$OUT/precision-bench.txt" >> "$LOG"
+    if [ -n "$FASHION" ]; then
+        for spec in "vae-conv-mnist f32 400" "vae-conv-mnist bf16 400" "vae-conv-mnist f16 400 1e12" \
+                    "ddpm-mnist f32 300" "ddpm-mnist bf16 300"; do
+            set -- $spec
+            preset=$1 prec=$2 steps=$3 scale=${4:-65536}
+            [ "$QUICK" = 1 ] && steps=6
+            say "train $preset in $prec ($steps steps, initial loss scale $scale) on Fashion-MNIST"
+            run="/tmp/gm-prec-$preset-$prec"
+            rm -rf "$run"
+            t0=$(date +%s.%N)
+            timeout 120 "$GM" train --config "$ROOT/models/$preset.toml" --data-dir "$FASHION" --out "$run" \
+                --device "$DEVICE" --quiet --set train.steps=$steps --set train.eval_every=0 \
+                --set train.sample_every=0 --set train.checkpoint_every=0 --set train.eval_images=2000 \
+                --set train.warmup_steps=10 --set train.log_every=1 --set "train.precision=\"$prec\"" \
+                --set train.loss_scale=$scale > "$OUT/p.json" 2> "$OUT/p.err"
+            rc=$?
+            t1=$(date +%s.%N)
+            {
+                echo "$preset $prec: exit $rc, wall $(awk "BEGIN{printf \"%.1f\", $t1 - $t0}") s"
+                grep -E "mixed precision|error" "$OUT/p.err"
+                python3 - "$run/metrics.jsonl" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+steps = [r for r in recs if "loss" in r and "split" not in r]
+test = [r for r in recs if r.get("split") == "test"]
+first, last = steps[0], steps[-1]
+k = 20 if len(steps) >= 40 else 1
+mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)
+print(f"  loss: first {first['loss']:.2f}, mean of the first {k} {mean(steps[:k]):.2f}, of the last {k} {mean(steps[-k:]):.2f}")
+if "loss_scale" in last:
+    skipped = [r["step"] for r in steps if r.get("skipped_steps", 0) > 0][:1]
+    print(f"  loss scale: {first['loss_scale']:g} after step 1 -> {last['loss_scale']:g} at step {last['step']}; "
+          f"{last['skipped_steps']} steps skipped for overflow")
+if test:
+    t = test[-1]
+    print("  test: " + ", ".join(f"{k} {v:.4f}" for k, v in t.items() if k not in ("step", "split")))
+PY
+            } 2>&1 | tee -a "$OUT/precision-train.txt" "$LOG"
+            rm -f "$OUT/p.json" "$OUT/p.err"
+        done
+    fi
 fi
 say "done"

@@ -25,6 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from amp_torch import autocast, scaler
+from amp_torch import step as amp_step
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vae_torch import find, read_idx  # noqa: E402  (the IDX reader shared by the reference scripts)
 
@@ -248,13 +251,13 @@ def cmd_bench(args):
     if model.output != "bernoulli":
         x = (torch.rand(args.batch, *shape) * 255).round() / 255
     y = torch.randint(0, max(cfg.get("num_classes", 0), 1), (args.batch,))
+    amp, scale = autocast(args.device, args.amp), scaler(args.device, args.amp)
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss = nll(model, x, y).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        with amp:
+            loss = nll(model, x, y).mean()
+        amp_step(loss, opt, scale)
         if args.device != "cpu":
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -283,6 +286,7 @@ def main():
     a.add_argument("--steps", type=int, default=10)
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--batch", type=int, default=32)
+    a.add_argument("--amp", default="f32", choices=["f32", "bf16", "f16"], help="mixed precision (amp_torch.py)")
     args = p.parse_args()
     {"train": cmd_train, "nll": cmd_nll, "bench": cmd_bench}[args.mode](args)
 

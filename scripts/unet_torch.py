@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from amp_torch import autocast, scaler
+from amp_torch import step as amp_step
+
 
 def unet_cfg(model):
     u = {"base_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_levels": [2],
@@ -181,25 +184,24 @@ def cmd_bench(args):
     nc = model_cfg.get("num_classes", 0)
     y = torch.randint(0, nc + 1, (args.batch,)) if nc else None
     ab, T = linear_alpha_bar(model_cfg)
+    amp, scale = autocast(args.device, args.amp), scaler(args.device, args.amp)
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         eps = torch.randn_like(x0)
-        if model_cfg["kind"] == "ddpm":
-            t = torch.randint(0, T, (args.batch,))
-            a = ab[t][:, None, None, None]
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            loss = (net(xt, t.float(), y) - eps).pow(2).mean()
-        else:
-            s = model_cfg.get("sigma_min", 1e-4)
-            t = torch.rand(args.batch)
-            tb = t[:, None, None, None]
-            xt = (1 - (1 - s) * tb) * eps + tb * x0
-            loss = (net(xt, t * 1000, y) - (x0 - (1 - s) * eps)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        with amp:
+            if model_cfg["kind"] == "ddpm":
+                t = torch.randint(0, T, (args.batch,))
+                a = ab[t][:, None, None, None]
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+                loss = (net(xt, t.float(), y).float() - eps).pow(2).mean()
+            else:
+                s = model_cfg.get("sigma_min", 1e-4)
+                t = torch.rand(args.batch)
+                tb = t[:, None, None, None]
+                xt = (1 - (1 - s) * tb) * eps + tb * x0
+                loss = (net(xt, t * 1000, y).float() - (x0 - (1 - s) * eps)).pow(2).mean()
+        amp_step(loss, opt, scale, net.parameters(), 1.0)
         if args.device != "cpu":
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -228,6 +230,7 @@ def main():
     a.add_argument("--steps", type=int, default=10)
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--batch", type=int, default=64)
+    a.add_argument("--amp", default="f32", choices=["f32", "bf16", "f16"], help="mixed precision (amp_torch.py)")
     a = sub.add_parser("forward")
     a.add_argument("--config", required=True)
     a.add_argument("--weights", required=True)

@@ -22,6 +22,7 @@ pub mod norm;
 pub mod ode;
 pub mod ops;
 pub mod par;
+pub mod precision;
 pub mod rng;
 pub mod traffic;
 

@@ -144,5 +144,50 @@ fn portable_path_equals_gm_kernels_for_unequal_parameters() -> Result<()> {
             );
         }
     }
+    autocast_convolutions()?;
+    Ok(())
+}
+
+/// Under autocast the portable path (what CUDA runs) convolves in the low precision and hands f32
+/// on, with f32 gradients, close to the f32 result; gm's CPU kernels stay f32 and say so, as does
+/// bf16 on the CPU (candle's CPU convolution has no bf16 matrix product; CUDA's has).
+fn autocast_convolutions() -> Result<()> {
+    use gm_core::precision::{counts, reset_counts, Autocast};
+    let mut rng = GmRng::new(5);
+    let x = Var::from_tensor(&rng.randn((2, 3, 9, 9), &Device::Cpu)?)?;
+    let w = Var::from_tensor(&rng.randn((4, 3, 3, 3), &Device::Cpu)?)?;
+    let wt = Var::from_tensor(&rng.randn((3, 4, 3, 3), &Device::Cpu)?)?;
+    let p = Conv2dParams::default().stride(2).padding(1);
+    let exact = conv2d(&x, &w, p)?;
+    let exact_t = conv_transpose2d(&x, &wt, p, [0, 0])?;
+    for (portable, dtype) in [(true, DType::F16), (true, DType::BF16), (false, DType::F16)] {
+        gm_core::set_portable_kernels(portable);
+        reset_counts();
+        let (y, yt) = {
+            let _g = Autocast::enter(Some(dtype));
+            (conv2d(&x, &w, p), conv_transpose2d(&x, &wt, p, [0, 0]))
+        };
+        gm_core::set_portable_kernels(false);
+        let (y, yt) = (y?, yt?);
+        let low_ran = portable && dtype == DType::F16;
+        let low = if low_ran { "f16" } else { "f32" };
+        assert_eq!(counts()[&("conv2d", low)], 1, "{:?}", counts());
+        assert_eq!(counts()[&("conv_transpose2d", low)], 1, "{:?}", counts());
+        for (a, b) in [(&y, &exact), (&yt, &exact_t)] {
+            assert_eq!(a.dtype(), DType::F32);
+            let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            // f16 keeps 11 significant bits: a few parts in a thousand of the largest value.
+            let tol = if low_ran { 1e-2 } else { 1e-6 };
+            assert!(d > 0.0 || !low_ran, "f16 gave the f32 values exactly");
+            assert!(
+                d <= tol * scale,
+                "{dtype:?} portable {portable}: off by {d} of {scale}"
+            );
+        }
+        let g = (y.sum_all()? + yt.sum_all()?)?.backward()?;
+        assert_eq!(g.get(w.as_tensor()).expect("dw").dtype(), DType::F32);
+        assert_eq!(g.get(x.as_tensor()).expect("dx").dtype(), DType::F32);
+    }
     Ok(())
 }

@@ -97,7 +97,11 @@ impl Linear {
             *dims.last_mut().expect("rank > 0") = self.bias.dim(0)?;
             return y.reshape(dims);
         }
-        bias_act(&x.matmul(&weight.t()?)?, &self.bias, act)
+        bias_act(
+            &gm_core::precision::matmul(x, &weight.t()?)?,
+            &self.bias,
+            act,
+        )
     }
 }
 

@@ -222,10 +222,11 @@ impl Attention {
         let k = qkv.narrow(1, 1, 1)?.squeeze(1)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
         // (B, N, N): logits[i, j] = q_i · k_j / √C.
-        let logits = (q.transpose(1, 2)?.matmul(&k)? / (self.channels as f64).sqrt())?;
+        let logits =
+            (gm_core::precision::matmul(&q.transpose(1, 2)?, &k)? / (self.channels as f64).sqrt())?;
         let attn = candle_nn::ops::softmax(&logits, D::Minus1)?;
         // out[:, :, i] = Σ_j attn[i, j] v[:, :, j]
-        let out = v.matmul(&attn.transpose(1, 2)?)?.reshape((b, c, h, w))?;
+        let out = gm_core::precision::matmul(&v, &attn.transpose(1, 2)?)?.reshape((b, c, h, w))?;
         x + self.proj.forward(&out)?
     }
 }

@@ -1,6 +1,7 @@
 //! `gm bench`: the timed train step.
 
 use crate::config::RunConfig;
+use crate::hooks::{GradAction, Hook, LossScaler, StepContext};
 use crate::optim::named_vars;
 use crate::trainer::{build, group_loss, optimizers};
 use anyhow::Result;
@@ -15,6 +16,8 @@ pub struct BenchReport {
     /// The device the step ran on (`cpu`, `cuda:0`, …).
     pub device: String,
     pub batch_size: usize,
+    /// `train.precision`: f32, bf16 or f16.
+    pub precision: String,
     pub threads: usize,
     pub median_ms: f64,
     pub min_ms: f64,
@@ -72,19 +75,41 @@ pub fn bench_train_step(
         labels: Some(labels),
     };
     let batch_upload_bytes = gm_core::traffic::bytes_of(&batch.x) + 4 * t.batch_size;
+    let precision = gm_core::precision::parse(&t.precision).map_err(|e| anyhow::anyhow!(e))?;
+    let mut scaler =
+        (precision == Some(candle_core::DType::F16)).then(|| LossScaler::new(t.loss_scale));
     let mut times = Vec::with_capacity(steps);
     let mut traffic = gm_core::traffic::Traffic::default();
     for i in 0..warmup + steps {
         device.synchronize()?;
         let t0 = Instant::now();
         let tr0 = gm_core::traffic::snapshot();
-        for (pi, (phase, _)) in groups.iter().enumerate() {
+        let autocast = gm_core::precision::Autocast::enter(precision);
+        for (pi, (phase, pvars)) in groups.iter().enumerate() {
             for _ in 0..phase.repeats {
                 let loss = group_loss(built.model.as_ref(), phase, pi, &batch, &mut rng)?;
-                let grads = loss.total.backward()?;
+                let grads = match &mut scaler {
+                    // f16: the loss scaler's multiply, unscale and overflow check are timed too.
+                    Some(s) => {
+                        let ctx = StepContext {
+                            step: i + 1,
+                            group: pi,
+                            vars: pvars,
+                            lr: t.lr,
+                            last_checkpoint: None,
+                        };
+                        let mut g = s.scale_loss(&ctx, loss.total)?.backward()?;
+                        if s.after_backward(&ctx, &mut g)? == GradAction::Skip {
+                            continue;
+                        }
+                        g
+                    }
+                    None => loss.total.backward()?,
+                };
                 adams[pi].step(&grads, t.lr * phase.lr_scale)?;
             }
         }
+        drop(autocast);
         // Wait for the device so the time covers the whole step, the update included.
         device.synchronize()?;
         if i >= warmup {
@@ -98,6 +123,7 @@ pub fn bench_train_step(
         model: cfg.model.kind().to_string(),
         device: device_name(device),
         batch_size: t.batch_size,
+        precision: t.precision.clone(),
         threads: gm_core::par::threads(),
         median_ms,
         min_ms: times[0],

@@ -78,7 +78,34 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     pub keep_last: usize,
     pub seed: u64,
+    /// Micro-batches of `batch_size` whose gradients are averaged before one optimizer step:
+    /// the update of one batch of `accumulate × batch_size`.
+    #[serde(skip_serializing_if = "is_one")]
+    pub accumulate: usize,
+    /// `f32`, or `bf16` / `f16` mixed precision: matrix products and convolutions in the low
+    /// precision, parameters, optimizer state and the rest in f32 ([`gm_core::precision`]).
+    #[serde(skip_serializing_if = "is_f32")]
+    pub precision: String,
+    /// The initial dynamic loss scale of `f16` training (halved at each overflow, whose step is
+    /// skipped; doubled after 2,000 steps without one).
+    #[serde(skip_serializing_if = "is_default_loss_scale")]
+    pub loss_scale: f64,
 }
+
+// Settings at their defaults are left out of the saved config, so runs that do not use them
+// write the same bytes as before they existed.
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+fn is_f32(v: &str) -> bool {
+    v == "f32"
+}
+fn is_default_loss_scale(v: &f64) -> bool {
+    *v == DEFAULT_LOSS_SCALE
+}
+
+/// PyTorch's `GradScaler` default.
+pub const DEFAULT_LOSS_SCALE: f64 = 65536.0;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -103,6 +130,9 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             keep_last: 2,
             seed: 0,
+            accumulate: 1,
+            precision: "f32".into(),
+            loss_scale: DEFAULT_LOSS_SCALE,
         }
     }
 }
@@ -307,6 +337,16 @@ impl RunConfig {
             return Err(format!(
                 "train.schedule must be 'constant' or 'cosine', got '{}'",
                 t.schedule
+            ));
+        }
+        if t.accumulate == 0 {
+            return Err("train.accumulate must be >= 1".into());
+        }
+        gm_core::precision::parse(&t.precision).map_err(|e| format!("train.precision: {e}"))?;
+        if !t.loss_scale.is_finite() || t.loss_scale <= 0.0 {
+            return Err(format!(
+                "train.loss_scale must be a positive number, got {}",
+                t.loss_scale
             ));
         }
         if t.keep_last == 0 {

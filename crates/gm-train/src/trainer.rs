@@ -8,7 +8,9 @@ use crate::config::{lr_at, RunConfig};
 pub use crate::data::{check_split, load_data, resolve_data, TOY_POINTS};
 use crate::data::{make_batch, Batcher, ImageDataset, Split};
 use crate::eval::evaluate;
-use crate::hooks::{Ema, GradAction, Hook, LossValues, NanStop, SavedState, StepContext};
+use crate::hooks::{
+    Ema, GradAction, Hook, LossScaler, LossValues, NanStop, SavedState, StepContext,
+};
 pub use crate::images::toy_density_plot;
 use crate::images::{save_curve, save_grid};
 use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
@@ -293,6 +295,8 @@ pub struct Trainer {
     best: f64,
     last_checkpoint: Option<PathBuf>,
     progress: bool,
+    /// The low precision of matrix products and convolutions (`train.precision`), if any.
+    precision: Option<DType>,
 }
 
 impl Trainer {
@@ -329,10 +333,14 @@ impl Trainer {
         if t.ema_decay > 0.0 {
             hooks.push(Box::new(Ema::new(t.ema_decay, &vars)?));
         }
+        let precision = gm_core::precision::parse(&t.precision).map_err(|e| anyhow!(e))?;
+        if precision == Some(DType::F16) {
+            hooks.push(Box::new(LossScaler::new(t.loss_scale)));
+        }
         let mut trainer = Self {
             cfg: cfg.clone(),
             cfg_text: cfg.to_toml(),
-            batcher: Batcher::new(t.seed, data.train.len(), t.batch_size)?,
+            batcher: Batcher::new(t.seed, data.train.len(), t.batch_size * t.accumulate)?,
             last_checkpoint: checkpoint::complete_steps(&run)
                 .last()
                 .map(|s| checkpoint::weights_path(&run, *s)),
@@ -349,6 +357,7 @@ impl Trainer {
             start: 0,
             best: f64::INFINITY,
             progress: opts.progress,
+            precision,
         };
         if opts.resume {
             trainer.resume()?;
@@ -358,11 +367,15 @@ impl Trainer {
             trainer.cfg_text.as_bytes(),
         )?;
         let n_params: usize = trainer.vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let micro = match t.accumulate {
+            1 => String::new(),
+            k => format!(" ({k} accumulated micro-batches of {})", t.batch_size),
+        };
         eprintln!(
-            "gm: model {} with {n_params} parameters; {} steps of batch {}",
+            "gm: model {} with {n_params} parameters; {} steps of batch {}{micro}",
             cfg.model.kind(),
             t.steps,
-            t.batch_size
+            t.batch_size * t.accumulate
         );
         Ok(trainer)
     }
@@ -445,14 +458,21 @@ impl Trainer {
         let done = step + 1;
         let t = &self.cfg.train;
         let lr = lr_at(t, step);
+        // One batch of `accumulate × batch_size` indices, cut into the micro-batches.
         let idx = self.batcher.indices(step);
-        let batch = make_batch(
-            &self.data.train,
-            &idx,
-            &self.cfg.data,
-            &mut self.rng,
-            &self.device,
-        )?;
+        let batches = idx
+            .chunks(t.batch_size)
+            .map(|part| {
+                make_batch(
+                    &self.data.train,
+                    part,
+                    &self.cfg.data,
+                    &mut self.rng,
+                    &self.device,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let _autocast = gm_core::precision::Autocast::enter(self.precision);
         let mut report = StepReport {
             loss: 0.0,
             parts: Vec::new(),
@@ -461,15 +481,6 @@ impl Trainer {
         };
         for (pi, (phase, pvars)) in self.groups.iter().enumerate() {
             for _ in 0..phase.repeats {
-                let loss = group_loss(self.model.as_ref(), phase, pi, &batch, &mut self.rng)?;
-                report.loss = gm_core::traffic::read_f64(&loss.total)?;
-                for (name, p) in &loss.parts {
-                    let v = gm_core::traffic::read_f64(p)?;
-                    match report.parts.iter_mut().find(|q| q.0 == *name) {
-                        Some(q) => q.1 = v,
-                        None => report.parts.push((name, v)),
-                    }
-                }
                 let ctx = StepContext {
                     step: done,
                     group: pi,
@@ -477,16 +488,34 @@ impl Trainer {
                     lr,
                     last_checkpoint: self.last_checkpoint.as_deref(),
                 };
-                let values = LossValues {
-                    total: report.loss,
-                    parts: &report.parts,
-                };
-                let mut total = loss.total;
-                for h in hooks.iter_mut() {
-                    h.after_loss(&ctx, &values)?;
-                    total = h.scale_loss(&ctx, total)?;
+                let mut grads = None;
+                let mut losses = Vec::with_capacity(batches.len());
+                for batch in &batches {
+                    let loss = group_loss(self.model.as_ref(), phase, pi, batch, &mut self.rng)?;
+                    let values = read_loss(&loss)?;
+                    let mut total = loss.total;
+                    for h in hooks.iter_mut() {
+                        h.after_loss(
+                            &ctx,
+                            &LossValues {
+                                total: values.0,
+                                parts: &values.1,
+                            },
+                        )?;
+                        total = h.scale_loss(&ctx, total)?;
+                    }
+                    let g = total.backward()?;
+                    grads = Some(match grads {
+                        None => g,
+                        Some(acc) => add_grads(acc, g, pvars)?,
+                    });
+                    losses.push(values);
                 }
-                let mut grads = total.backward()?;
+                let mut grads = grads.expect("at least one micro-batch");
+                if losses.len() > 1 {
+                    scale_grads(&mut grads, pvars, 1.0 / losses.len() as f64)?;
+                }
+                mean_loss(&losses, &mut report);
                 let mut action = GradAction::Step;
                 for h in hooks.iter_mut() {
                     if h.after_backward(&ctx, &mut grads)? == GradAction::Skip {
@@ -503,6 +532,7 @@ impl Trainer {
                 self.adams[pi].step(&grads, lr * phase.lr_scale)?;
             }
         }
+        drop(_autocast);
         let ctx = self.ctx(done, None, lr);
         for h in hooks.iter_mut() {
             h.after_step(&ctx)?;
@@ -669,7 +699,17 @@ impl Trainer {
         for step in self.start..steps {
             let done = step + 1;
             let traffic0 = gm_core::traffic::snapshot();
+            if step == self.start {
+                gm_core::precision::reset_counts();
+            }
             let r = self.step(step)?;
+            if step == self.start && self.precision.is_some() {
+                eprintln!(
+                    "gm: {} mixed precision, one step's ops: {}",
+                    self.cfg.train.precision,
+                    precision_report()
+                );
+            }
             step_traffic = step_traffic.plus(&gm_core::traffic::snapshot().since(&traffic0));
             losses.push((done, r.loss));
             log.step(done, &r, &self.cfg.train, &self.hooks)?;
@@ -796,4 +836,98 @@ fn init_from(cfg: &RunConfig, vm: &VarMap, src: &Path, device: &Device) -> Resul
     set_vars(vm, &w.tensors, "", &path, true)?;
     eprintln!("gm: weights from {}", path.display());
     Ok(())
+}
+
+/// A loss's total and parts, read back to the host.
+type LossRead = (f64, Vec<(&'static str, f64)>);
+
+fn read_loss(loss: &gm_models::Loss) -> Result<LossRead> {
+    let total = gm_core::traffic::read_f64(&loss.total)?;
+    let mut parts: Vec<(&'static str, f64)> = Vec::with_capacity(loss.parts.len());
+    for (name, p) in &loss.parts {
+        let v = gm_core::traffic::read_f64(p)?;
+        match parts.iter_mut().find(|q| q.0 == *name) {
+            Some(q) => q.1 = v,
+            None => parts.push((name, v)),
+        }
+    }
+    Ok((total, parts))
+}
+
+/// The step's loss and parts: the micro-batches' mean (the one loss without accumulation),
+/// each part in the order it first appeared over the step.
+fn mean_loss(losses: &[LossRead], report: &mut StepReport) {
+    let n = losses.len() as f64;
+    report.loss = match losses {
+        [one] => one.0,
+        _ => losses.iter().map(|l| l.0).sum::<f64>() / n,
+    };
+    for (name, _) in &losses[0].1 {
+        let v = match losses {
+            [one] => one.1.iter().find(|q| q.0 == *name).map_or(0.0, |q| q.1),
+            _ => {
+                losses
+                    .iter()
+                    .filter_map(|l| l.1.iter().find(|q| q.0 == *name))
+                    .map(|q| q.1)
+                    .sum::<f64>()
+                    / n
+            }
+        };
+        match report.parts.iter_mut().find(|q| q.0 == *name) {
+            Some(q) => q.1 = v,
+            None => report.parts.push((name, v)),
+        }
+    }
+}
+
+/// `acc + g` for every parameter in `vars` (a parameter with a gradient in either).
+fn add_grads(
+    mut acc: candle_core::backprop::GradStore,
+    g: candle_core::backprop::GradStore,
+    vars: &[(String, Var)],
+) -> Result<candle_core::backprop::GradStore> {
+    for (_, v) in vars {
+        let sum = match (acc.get(v.as_tensor()), g.get(v.as_tensor())) {
+            (Some(a), Some(b)) => (a + b)?,
+            (None, Some(b)) => b.clone(),
+            _ => continue,
+        };
+        acc.insert(v.as_tensor(), sum);
+    }
+    Ok(acc)
+}
+
+fn scale_grads(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[(String, Var)],
+    s: f64,
+) -> Result<()> {
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let scaled = (g * s)?;
+            grads.insert(v.as_tensor(), scaled);
+        }
+    }
+    Ok(())
+}
+
+/// Which ops ran in which dtype under autocast on this thread, e.g. `matmul bf16 ×12, conv2d
+/// f32 ×8 (gm's CPU convolution kernels take f32)`.
+pub fn precision_report() -> String {
+    let counts = gm_core::precision::counts();
+    if counts.is_empty() {
+        return "none of the autocast ops (matmul, conv2d, conv_transpose2d) ran".into();
+    }
+    let mut parts: Vec<String> = counts
+        .iter()
+        .map(|((op, d), n)| format!("{op} {d} ×{n}"))
+        .collect();
+    if counts
+        .keys()
+        .any(|(op, d)| op.starts_with("conv") && *d == "f32")
+    {
+        parts.push("(convolutions stay f32 on gm's CPU kernels)".into());
+    }
+    parts.join(", ")
 }

@@ -185,3 +185,199 @@ fn parts_one_at_a_time_equal_run() {
     }
     assert_eq!(mine.meta["gm.ema"], "true");
 }
+
+/// Captures each step's gradients (after accumulation, before clipping) and losses.
+struct GradTap {
+    grads: Arc<Mutex<Vec<Vec<Vec<f32>>>>>,
+}
+
+impl Hook for GradTap {
+    fn name(&self) -> &'static str {
+        "grad-tap"
+    }
+    fn after_backward(
+        &mut self,
+        ctx: &StepContext,
+        grads: &mut GradStore,
+    ) -> anyhow::Result<GradAction> {
+        let g = ctx
+            .vars
+            .iter()
+            .map(|(_, v)| match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all().unwrap().to_vec1().unwrap(),
+                None => vec![],
+            })
+            .collect();
+        self.grads.lock().unwrap().push(g);
+        Ok(GradAction::Step)
+    }
+}
+
+fn tapped_run(cfg: &RunConfig, out: &Path, data: &Path) -> (Vec<f64>, Vec<Vec<Vec<f32>>>) {
+    let grads = Arc::new(Mutex::new(Vec::new()));
+    let mut t = Trainer::new(cfg, &options(out, data)).unwrap();
+    t.add_hook(Box::new(GradTap {
+        grads: grads.clone(),
+    }));
+    let s = t.run().unwrap();
+    let g = grads.lock().unwrap().clone();
+    (s.losses.iter().map(|l| l.1).collect(), g)
+}
+
+/// `train.accumulate = k` with micro-batches of b gives the gradient (and loss) of one batch of
+/// k·b, to f32 round-off, at every step: MADE and PixelCNN (a deterministic loss on statically
+/// binarised images; the micro-batches are the large batch's images in order).
+#[test]
+fn accumulated_micro_batches_equal_one_large_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = idx_dir(&tmp.path().join("data"));
+    for preset in ["made-tiny", "pixelcnn-tiny"] {
+        let cfg = |sets: &[&str]| {
+            let base = [
+                "train.steps=3",
+                "train.eval_every=0",
+                "train.sample_every=0",
+                "train.checkpoint_every=0",
+                "train.eval_images=16",
+                "data.binarize=\"static\"",
+            ];
+            let all: Vec<String> = base.iter().chain(sets).map(|s| s.to_string()).collect();
+            RunConfig::load(&root().join(format!("models/{preset}.toml")), &all).unwrap()
+        };
+        let (la, ga) = tapped_run(
+            &cfg(&["train.batch_size=8", "train.accumulate=4"]),
+            &tmp.path().join(format!("{preset}-acc")),
+            &data,
+        );
+        let (lb, gb) = tapped_run(
+            &cfg(&["train.batch_size=32"]),
+            &tmp.path().join(format!("{preset}-big")),
+            &data,
+        );
+        assert_eq!(ga.len(), 3);
+        for (a, b) in la.iter().zip(&lb) {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{preset}: loss {a} vs {b}");
+        }
+        for (step, (a, b)) in ga.iter().zip(&gb).enumerate() {
+            let scale = b.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(scale > 0.0);
+            assert!(
+                diff <= 2e-5 * scale,
+                "{preset} step {}: gradients differ by {diff} (largest {scale})",
+                step + 1
+            );
+        }
+    }
+}
+
+fn weights(run: &Path, step: usize) -> Vec<u8> {
+    let p = run.join(format!("checkpoints/step-{step:08}.safetensors"));
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; {:?}",
+            p.display(),
+            std::fs::read_dir(run.join("checkpoints"))
+                .map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>())
+        )
+    })
+}
+
+/// f16 with a loss scale far too large: the first steps overflow, are skipped and halve the
+/// scale until the gradients fit; training then goes on with finite weights and falling loss, and
+/// a resume from the middle (with accumulation on) ends on the same bytes as the whole run.
+#[test]
+fn f16_loss_scaling_survives_a_forced_overflow_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = idx_dir(&tmp.path().join("data"));
+    let sets = [
+        "train.steps=60",
+        "train.checkpoint_every=30",
+        "train.log_every=1",
+        "train.precision=\"f16\"",
+        "train.loss_scale=1e12",
+        "train.accumulate=2",
+        "train.batch_size=8",
+    ];
+    let cfg = tiny_vae(&sets);
+    let a = tmp.path().join("a");
+    let s = Trainer::new(&cfg, &options(&a, &data))
+        .unwrap()
+        .run()
+        .unwrap();
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let recs: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["loss_scale"].is_number())
+        .collect();
+    let last = recs.last().unwrap();
+    let skipped = last["skipped_steps"].as_u64().unwrap();
+    let scale = last["loss_scale"].as_f64().unwrap();
+    // 1e12 · 0.5^k must come below f16's range (65504) over the gradients: many skips, then
+    // steps that train.
+    assert!((20..50).contains(&skipped), "{skipped} skipped steps");
+    assert!(scale < 1e12 / 1e6 && scale >= 1.0, "scale {scale}");
+    assert!(recs.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
+    let first = s.losses[0].1;
+    let end = s.losses.last().unwrap().1;
+    assert!(end < first, "loss did not fall: {first} -> {end}");
+    let meta = gm_train::checkpoint::read_meta(&s.checkpoint).unwrap();
+    assert_eq!(meta["gm.ema"], "false");
+    let st =
+        gm_train::checkpoint::read_meta(&a.join("checkpoints/step-00000060.state.safetensors"))
+            .unwrap();
+    assert_eq!(st["gm.loss_scale"].parse::<f64>().unwrap(), scale);
+
+    // Resume from step 30.
+    let b = tmp.path().join("b");
+    let mut cut = tiny_vae(&sets);
+    cut.train.steps = 30;
+    Trainer::new(&cut, &options(&b, &data))
+        .unwrap()
+        .run()
+        .unwrap();
+    let mut again = options(&b, &data);
+    again.resume = true;
+    Trainer::new(&cfg, &again).unwrap().run().unwrap();
+    assert!(
+        weights(&a, 60) == weights(&b, 60),
+        "resumed f16 run differs"
+    );
+}
+
+/// bf16 autocast: the VAE's matrix products run in bf16 (counted), its loss follows f32's
+/// closely and it learns.
+#[test]
+fn bf16_trains_like_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = idx_dir(&tmp.path().join("data"));
+    let run = |p: &str| {
+        let cfg = tiny_vae(&["train.steps=30", &format!("train.precision=\"{p}\"")]);
+        gm_core::precision::reset_counts();
+        let s = Trainer::new(&cfg, &options(&tmp.path().join(p), &data))
+            .unwrap()
+            .run()
+            .unwrap();
+        (s.losses, gm_core::precision::counts())
+    };
+    let (f32_losses, f32_counts) = run("f32");
+    let (bf16_losses, bf16_counts) = run("bf16");
+    assert!(f32_counts.is_empty(), "{f32_counts:?}");
+    assert!(
+        bf16_counts.get(&("matmul", "bf16")).copied().unwrap_or(0) > 0,
+        "{bf16_counts:?}"
+    );
+    assert!(
+        !bf16_counts.keys().any(|(_, d)| *d == "f32"),
+        "{bf16_counts:?}"
+    );
+    for ((_, a), (_, b)) in f32_losses.iter().zip(&bf16_losses) {
+        assert!((a - b).abs() <= 0.02 * a.abs(), "bf16 loss {b} vs f32 {a}");
+    }
+    assert!(bf16_losses.last().unwrap().1 < bf16_losses[0].1);
+}

@@ -888,10 +888,11 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     // A 1×1 kernel on 1×1 inputs (a vector model written as a convolution) is a matrix product.
     if let (Ok((n, c, 1, 1)), Ok((o, wc, 1, 1))) = (x.dims4(), weight.dims4()) {
         if p == Conv2dParams::default() && c == wc {
-            return x
-                .reshape((n, c))?
-                .matmul(&weight.reshape((o, c))?.t()?)?
-                .reshape((n, o, 1, 1));
+            return crate::precision::cast_op2("conv2d", x, weight, true, |x, w| {
+                x.reshape((n, c))?
+                    .matmul(&w.reshape((o, c))?.t()?)?
+                    .reshape((n, o, 1, 1))
+            });
         }
     }
     conv2d_upto(x, weight, p, None, "conv2d")
@@ -917,13 +918,22 @@ pub fn conv2d_cropped(
     conv2d_upto(x, weight, p, Some(out), "conv2d_cropped")
 }
 
+/// Whether a convolution of `x` may run in the autocast precision: on the device path (candle's
+/// kernels), except bf16 on the CPU, where candle's convolution has no bf16 matrix product.
+/// gm's own CPU kernels take f32 and f64 only.
+fn low_precision(x: &Tensor) -> bool {
+    let cpu_bf16 =
+        x.device().is_cpu() && crate::precision::autocast() == Some(candle_core::DType::BF16);
+    !crate::native_kernels(x.device()) && !cpu_bf16
+}
+
 /// [`conv2d`], keeping only the top-left `out` corner of the output when given.
 fn conv2d_upto(
     x: &Tensor,
     weight: &Tensor,
     p: Conv2dParams,
     out: Option<[usize; 2]>,
-    what: &str,
+    what: &'static str,
 ) -> Result<Tensor> {
     let (n, ci, h, w) = x.dims4()?;
     let k = weight.dims4()?;
@@ -933,15 +943,19 @@ fn conv2d_upto(
         g.wo = g.wo.min(ow);
     }
     check_float(x, what)?;
-    if !crate::native_kernels(x.device()) {
-        let y = device_conv2d(x, weight, p)?;
-        return match out {
-            None => Ok(y),
-            Some(_) => y.narrow(2, 0, g.ho)?.narrow(3, 0, g.wo)?.contiguous(),
-        };
-    }
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::Fwd))
+    // Under autocast the device path runs in the low precision; gm's CPU kernels take f32.
+    let native = crate::native_kernels(x.device());
+    crate::precision::cast_op2(what, x, weight, low_precision(x), |x, weight| {
+        if !native {
+            let y = device_conv2d(x, weight, p)?;
+            return match out {
+                None => Ok(y),
+                Some(_) => y.narrow(2, 0, g.ho)?.narrow(3, 0, g.wo)?.contiguous(),
+            };
+        }
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::Fwd))
+    })
 }
 
 /// 2-D transposed convolution (the adjoint of [`conv2d`]), as PyTorch's `conv_transpose2d`.
@@ -986,11 +1000,20 @@ pub fn conv_transpose2d(
         bail!("conv_transpose2d: inconsistent geometry {g:?} for input {h}x{w}")
     }
     check_float(x, "conv_transpose2d")?;
-    if !crate::native_kernels(x.device()) {
-        return device_conv_transpose2d(x, weight, p, output_padding);
-    }
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::BwdData))
+    let native = crate::native_kernels(x.device());
+    crate::precision::cast_op2(
+        "conv_transpose2d",
+        x,
+        weight,
+        low_precision(x),
+        |x, weight| {
+            if !native {
+                return device_conv_transpose2d(x, weight, p, output_padding);
+            }
+            x.contiguous()?
+                .apply_op2(&weight.contiguous()?, ConvOp(g, Dir::BwdData))
+        },
+    )
 }
 
 /// Inserts `f − 1` zeros between neighbouring elements along `axis` (`n → (n − 1)·f + 1`),
