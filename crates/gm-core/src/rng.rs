@@ -1,9 +1,12 @@
 //! One seeded random generator per run.
 //!
 //! Candle's CPU RNG cannot be seeded, so gm draws every random number (noise, binarisation,
-//! shuffling) from a ChaCha8 stream on the host and uploads the tensor. The state is three
-//! integers, saved in checkpoints, so a resumed run draws exactly the numbers the uninterrupted
-//! run would have drawn.
+//! shuffling) from ChaCha8 on the host and uploads the tensor. Two designs, one type:
+//! - a stream ([`GmRng::new`]): one sequence per run, whose state (three integers) is saved in
+//!   checkpoints, so a resumed run draws exactly the numbers the uninterrupted run would have;
+//! - per sample ([`GmRng::per_sample`], `train.rng = "per-sample"`): every draw of a training
+//!   step is a function of (seed, step, global sample index, draw number), so the numbers do not
+//!   depend on how a batch is split over micro-batches or data-parallel ranks.
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use rand::{Rng, RngCore, SeedableRng};
@@ -45,6 +48,47 @@ mod u128_string {
 pub struct GmRng {
     seed: u64,
     inner: ChaCha8Rng,
+    /// `Some` for a per-sample generator ([`GmRng::per_sample`]).
+    keyed: Option<Keyed>,
+}
+
+/// The key of a per-sample generator: every draw is a function of (seed, step, global sample
+/// index, draw number), not of a position in one stream.
+#[derive(Clone, Debug)]
+struct Keyed {
+    step: u64,
+    /// Global index of the batch's first sample.
+    offset: u64,
+    /// Samples in the batch.
+    n: usize,
+    /// Draws made so far (each draw call takes the next number).
+    call: u64,
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Index of a draw that is not per sample (shared by every sample of the step).
+const SHARED: u64 = u64::MAX;
+
+impl Keyed {
+    /// The stream of draw `call` for global sample `index` (or [`SHARED`]).
+    fn stream(&self, seed: u64, call: u64, index: u64) -> ChaCha8Rng {
+        let mut k = splitmix(seed ^ 0x6A09_E667_F3BC_C908);
+        for v in [self.step, index, call] {
+            k = splitmix(k ^ splitmix(v));
+        }
+        ChaCha8Rng::seed_from_u64(k)
+    }
+
+    fn next_call(&mut self) -> u64 {
+        self.call += 1;
+        self.call - 1
+    }
 }
 
 impl GmRng {
@@ -52,7 +96,32 @@ impl GmRng {
         Self {
             seed,
             inner: ChaCha8Rng::seed_from_u64(seed),
+            keyed: None,
         }
+    }
+
+    /// A per-sample generator for the batch of training step `step` whose first sample has
+    /// global index `offset` and which holds `n` samples: a tensor draw whose shape has an axis
+    /// of size `n` (the first such axis is the sample axis) gives sample `i` the numbers of its
+    /// own stream, keyed by (seed, step, `offset + i`, draw number); any other draw (a scalar, a
+    /// vector, a tensor without such an axis) is shared by the whole step, keyed by (seed, step,
+    /// draw number). So the numbers a sample sees do not depend on how the step's batch is cut
+    /// into micro-batches or over ranks, and a resumed run draws them again from the key alone.
+    pub fn per_sample(seed: u64, step: u64, offset: u64, n: usize) -> Self {
+        Self {
+            seed,
+            inner: ChaCha8Rng::seed_from_u64(seed),
+            keyed: Some(Keyed {
+                step,
+                offset,
+                n,
+                call: 0,
+            }),
+        }
+    }
+
+    pub fn is_per_sample(&self) -> bool {
+        self.keyed.is_some()
     }
 
     /// An independent generator for a named purpose (e.g. the data order of one epoch), derived
@@ -63,6 +132,7 @@ impl GmRng {
         GmRng {
             seed: self.seed,
             inner,
+            keyed: None,
         }
     }
 
@@ -70,6 +140,8 @@ impl GmRng {
         self.seed
     }
 
+    /// The position of a stream generator (a per-sample one has none to save: its draws are
+    /// functions of its key).
     pub fn state(&self) -> RngState {
         RngState {
             seed: self.seed,
@@ -85,31 +157,84 @@ impl GmRng {
         Self {
             seed: s.seed,
             inner,
+            keyed: None,
         }
     }
 
+    /// The generator a shared (not per-sample) draw reads: the stream itself, or the draw's
+    /// own keyed stream.
+    fn shared<T>(&mut self, f: impl FnOnce(&mut ChaCha8Rng) -> T) -> T {
+        match &mut self.keyed {
+            None => f(&mut self.inner),
+            Some(k) => {
+                let call = k.next_call();
+                f(&mut k.stream(self.seed, call, SHARED))
+            }
+        }
+    }
+
+    /// `shape.elem_count()` values in row-major order, each from `draw`: in sequence from the
+    /// stream, or per sample along the sample axis.
+    fn fill<T: Default + Clone>(
+        &mut self,
+        shape: &Shape,
+        mut draw: impl FnMut(&mut ChaCha8Rng) -> T,
+    ) -> Vec<T> {
+        let count = shape.elem_count();
+        let Some(k) = &mut self.keyed else {
+            return (0..count).map(|_| draw(&mut self.inner)).collect();
+        };
+        let call = k.next_call();
+        let dims = shape.dims();
+        let Some(axis) = dims.iter().position(|&d| d == k.n) else {
+            let mut r = k.stream(self.seed, call, SHARED);
+            return (0..count).map(|_| draw(&mut r)).collect();
+        };
+        let pre: usize = dims[..axis].iter().product();
+        let post: usize = dims[axis + 1..].iter().product();
+        let mut v = vec![T::default(); count];
+        for i in 0..k.n {
+            let mut r = k.stream(self.seed, call, k.offset + i as u64);
+            for p in 0..pre {
+                let base = (p * k.n + i) * post;
+                for slot in &mut v[base..base + post] {
+                    *slot = draw(&mut r);
+                }
+            }
+        }
+        v
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        self.inner.next_u64()
+        self.shared(|r| r.next_u64())
     }
 
     /// A uniform `f64` in `[0, 1)`.
     pub fn uniform_f64(&mut self) -> f64 {
-        self.inner.random::<f64>()
+        self.shared(|r| r.random::<f64>())
+    }
+
+    /// One `u64` per sample of the batch (`n` of them): the stream's next `n` (the numbers
+    /// `n` calls of [`GmRng::next_u64`] give), or each sample's own for a per-sample generator
+    /// whose batch has `n` samples.
+    pub fn per_sample_u64(&mut self, n: usize) -> Vec<u64> {
+        self.fill(&Shape::from(n), |r| r.next_u64())
+    }
+
+    /// One uniform `f64` in `[0, 1)` per sample (as [`GmRng::per_sample_u64`]).
+    pub fn per_sample_f64(&mut self, n: usize) -> Vec<f64> {
+        self.fill(&Shape::from(n), |r| r.random::<f64>())
     }
 
     /// `n` standard-normal `f64`s.
     pub fn normal_vec_f64(&mut self, n: usize) -> Vec<f64> {
-        (0..n)
-            .map(|_| StandardNormal.sample(&mut self.inner))
-            .collect()
+        self.shared(|r| (0..n).map(|_| StandardNormal.sample(&mut *r)).collect())
     }
 
     /// A tensor of standard-normal f32 values.
     pub fn randn<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
-        let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| StandardNormal.sample(&mut self.inner))
-            .collect();
+        let v: Vec<f32> = self.fill(&shape, |r| StandardNormal.sample(r));
         crate::traffic::upload(v, shape, device)
     }
 
@@ -122,15 +247,14 @@ impl GmRng {
         device: &Device,
     ) -> Result<Tensor> {
         let shape = shape.into();
-        let v = self.uniform_vec(shape.elem_count(), lo, hi);
+        let v = self.fill(&shape, |r| lo + (hi - lo) * r.random::<f32>());
         crate::traffic::upload(v, shape, device)
     }
 
-    /// `n` uniform f32 values in `[lo, hi)` (the numbers [`GmRng::uniform`] draws).
+    /// `n` uniform f32 values in `[lo, hi)` (the numbers [`GmRng::uniform`] draws for a shape
+    /// of `n` elements from a stream generator; shared by the step for a per-sample one).
     pub fn uniform_vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| lo + (hi - lo) * self.inner.random::<f32>())
-            .collect()
+        self.shared(|r| (0..n).map(|_| lo + (hi - lo) * r.random::<f32>()).collect())
     }
 
     /// Draws `x ~ Bernoulli(p)` elementwise; returns 0/1 values in `p`'s dtype and device.
@@ -143,7 +267,7 @@ impl GmRng {
     /// numbers, not counted as an upload of their own ([`crate::traffic`]).
     pub fn host_uniform<S: Into<Shape>>(&mut self, shape: S, lo: f32, hi: f32) -> Result<Tensor> {
         let shape = shape.into();
-        let v = self.uniform_vec(shape.elem_count(), lo, hi);
+        let v = self.fill(&shape, |r| lo + (hi - lo) * r.random::<f32>());
         Tensor::from_vec(v, shape, &Device::Cpu)
     }
 
@@ -153,14 +277,17 @@ impl GmRng {
         u.lt(&p.to_dtype(DType::F32)?)?.to_dtype(p.dtype())
     }
 
-    /// A uniformly random permutation of `0..n` (Fisher–Yates).
+    /// A uniformly random permutation of `0..n` (Fisher–Yates); shared by the step for a
+    /// per-sample generator.
     pub fn permutation(&mut self, n: usize) -> Vec<usize> {
-        let mut p: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = self.inner.random_range(0..=i);
-            p.swap(i, j);
-        }
-        p
+        self.shared(|r| {
+            let mut p: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                let j = r.random_range(0..=i);
+                p.swap(i, j);
+            }
+            p
+        })
     }
 }
 
@@ -261,6 +388,74 @@ pub fn seeded_var_builder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A per-sample batch of 8 draws what two of 4 (offsets 0 and 4) draw, sample by sample,
+    /// whatever the draw: normal and uniform tensors with the sample axis first or inside,
+    /// Bernoulli, one integer per sample; draws without a sample axis are the step's, shared.
+    #[test]
+    fn per_sample_draws_do_not_depend_on_the_split() -> Result<()> {
+        let dev = Device::Cpu;
+        let draws = |r: &mut GmRng, n: usize| -> Result<Vec<Tensor>> {
+            let p = Tensor::full(0.3f32, (n, 5), &dev)?;
+            Ok(vec![
+                r.randn((n, 3), &dev)?,
+                r.uniform((2, n, 2), -1.0, 1.0, &dev)?,
+                r.bernoulli(&p)?,
+                Tensor::new(
+                    r.per_sample_u64(n)
+                        .iter()
+                        .map(|v| (v % 1000) as u32)
+                        .collect::<Vec<_>>(),
+                    &dev,
+                )?,
+                r.randn(7, &dev)?,
+                Tensor::new(r.next_u64() as u32, &dev)?,
+            ])
+        };
+        let whole = draws(&mut GmRng::per_sample(11, 5, 0, 8), 8)?;
+        let a = draws(&mut GmRng::per_sample(11, 5, 0, 4), 4)?;
+        let b = draws(&mut GmRng::per_sample(11, 5, 4, 4), 4)?;
+        let axis = [0, 1, 0, 0];
+        for (i, &ax) in axis.iter().enumerate() {
+            let joined = Tensor::cat(&[&a[i], &b[i]], ax)?;
+            assert_eq!(
+                joined
+                    .flatten_all()?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?,
+                whole[i]
+                    .flatten_all()?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?,
+                "draw {i}"
+            );
+        }
+        // Shared draws: the same in every part of the step.
+        for i in 4..6 {
+            let v = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
+            assert_eq!(v(&a[i])?, v(&whole[i])?);
+            assert_eq!(v(&b[i])?, v(&whole[i])?);
+        }
+        // Another step or seed draws other numbers.
+        let other = draws(&mut GmRng::per_sample(11, 6, 0, 8), 8)?;
+        assert_ne!(
+            other[0].flatten_all()?.to_vec1::<f32>()?,
+            whole[0].flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+
+    /// For a stream generator the per-sample helpers are the stream's next numbers, so code
+    /// that moved to them draws what it drew before.
+    #[test]
+    fn per_sample_helpers_continue_a_stream() {
+        let mut a = GmRng::new(4);
+        let mut b = GmRng::new(4);
+        let u: Vec<u64> = (0..5).map(|_| a.next_u64()).collect();
+        assert_eq!(b.per_sample_u64(5), u);
+        let f: Vec<f64> = (0..3).map(|_| a.uniform_f64()).collect();
+        assert_eq!(b.per_sample_f64(3), f);
+    }
 
     #[test]
     fn state_round_trip_continues_the_stream() {

@@ -130,10 +130,16 @@ impl Denoiser {
         })?;
         gm_core::traffic::record_readback(gm_core::traffic::bytes_of(y));
         let v: Vec<u32> = y.to_dtype(DType::U32)?.to_vec1()?;
+        // One uniform per label (drawn only when labels are dropped at all).
+        let u = match p > 0.0 {
+            true => rng.per_sample_f64(v.len()),
+            false => vec![1.0; v.len()],
+        };
         let out: Vec<u32> = v
             .into_iter()
-            .map(|l| {
-                if p > 0.0 && rng.uniform_f64() < p {
+            .zip(u)
+            .map(|(l, u)| {
+                if p > 0.0 && u < p {
                     self.num_classes as u32
                 } else {
                     l
@@ -257,7 +263,10 @@ impl Ddpm {
 
     fn random_steps(&self, b: usize, rng: &mut GmRng) -> Vec<usize> {
         let t = self.schedule.len() as u64;
-        (0..b).map(|_| (rng.next_u64() % t) as usize).collect()
+        rng.per_sample_u64(b)
+            .into_iter()
+            .map(|r| (r % t) as usize)
+            .collect()
     }
 
     /// Per-image weighted regression loss `(B,)` at random steps.

@@ -477,7 +477,11 @@ impl Gan {
             return Ok(None);
         }
         let k = self.cfg.num_classes as u64;
-        let v: Vec<u32> = (0..n).map(|_| (rng.next_u64() % k) as u32).collect();
+        let v: Vec<u32> = rng
+            .per_sample_u64(n)
+            .into_iter()
+            .map(|r| (r % k) as u32)
+            .collect();
         Ok(Some(gm_core::traffic::upload(v, n, &self.device)?))
     }
 

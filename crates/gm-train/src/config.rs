@@ -90,6 +90,12 @@ pub struct TrainConfig {
     /// skipped; doubled after 2,000 steps without one).
     #[serde(skip_serializing_if = "is_default_loss_scale")]
     pub loss_scale: f64,
+    /// The random-number design of training steps: `stream` (one sequence per run) or
+    /// `per-sample` (each draw a function of seed, step and the sample's index in the step's
+    /// batch: results independent of how the batch is cut into micro-batches or ranks; what
+    /// data-parallel training uses). See [`gm_core::rng`].
+    #[serde(skip_serializing_if = "is_stream")]
+    pub rng: String,
 }
 
 // Settings at their defaults are left out of the saved config, so runs that do not use them
@@ -99,6 +105,9 @@ fn is_one(v: &usize) -> bool {
 }
 fn is_f32(v: &str) -> bool {
     v == "f32"
+}
+fn is_stream(v: &str) -> bool {
+    v == "stream"
 }
 fn is_default_loss_scale(v: &f64) -> bool {
     *v == DEFAULT_LOSS_SCALE
@@ -133,6 +142,7 @@ impl Default for TrainConfig {
             accumulate: 1,
             precision: "f32".into(),
             loss_scale: DEFAULT_LOSS_SCALE,
+            rng: "stream".into(),
         }
     }
 }
@@ -347,6 +357,12 @@ impl RunConfig {
             return Err(format!(
                 "train.loss_scale must be a positive number, got {}",
                 t.loss_scale
+            ));
+        }
+        if !["stream", "per-sample"].contains(&t.rng.as_str()) {
+            return Err(format!(
+                "train.rng must be 'stream' or 'per-sample', got '{}'",
+                t.rng
             ));
         }
         if t.keep_last == 0 {

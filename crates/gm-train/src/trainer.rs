@@ -458,20 +458,29 @@ impl Trainer {
         let done = step + 1;
         let t = &self.cfg.train;
         let lr = lr_at(t, step);
-        // One batch of `accumulate × batch_size` indices, cut into the micro-batches.
+        // One batch of `accumulate × batch_size` indices, cut into the micro-batches; with
+        // per-sample draws each micro-batch has its generator, keyed by its samples' indices.
         let idx = self.batcher.indices(step);
-        let batches = idx
-            .chunks(t.batch_size)
-            .map(|part| {
-                make_batch(
-                    &self.data.train,
-                    part,
-                    &self.cfg.data,
-                    &mut self.rng,
-                    &self.device,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let per_sample = t.rng == "per-sample";
+        let mut keyed: Vec<GmRng> = Vec::new();
+        let mut batches = Vec::new();
+        for (m, part) in idx.chunks(t.batch_size).enumerate() {
+            let rng = match per_sample {
+                true => {
+                    let offset = (m * t.batch_size) as u64;
+                    keyed.push(GmRng::per_sample(t.seed, step as u64, offset, part.len()));
+                    keyed.last_mut().expect("just pushed")
+                }
+                false => &mut self.rng,
+            };
+            batches.push(make_batch(
+                &self.data.train,
+                part,
+                &self.cfg.data,
+                rng,
+                &self.device,
+            )?);
+        }
         let _autocast = gm_core::precision::Autocast::enter(self.precision);
         let mut report = StepReport {
             loss: 0.0,
@@ -490,8 +499,12 @@ impl Trainer {
                 };
                 let mut grads = None;
                 let mut losses = Vec::with_capacity(batches.len());
-                for batch in &batches {
-                    let loss = group_loss(self.model.as_ref(), phase, pi, batch, &mut self.rng)?;
+                for (m, batch) in batches.iter().enumerate() {
+                    let rng = match keyed.get_mut(m) {
+                        Some(r) => r,
+                        None => &mut self.rng,
+                    };
+                    let loss = group_loss(self.model.as_ref(), phase, pi, batch, rng)?;
                     let values = read_loss(&loss)?;
                     let mut total = loss.total;
                     for h in hooks.iter_mut() {

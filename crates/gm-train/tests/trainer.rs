@@ -226,12 +226,19 @@ fn tapped_run(cfg: &RunConfig, out: &Path, data: &Path) -> (Vec<f64>, Vec<Vec<Ve
 
 /// `train.accumulate = k` with micro-batches of b gives the gradient (and loss) of one batch of
 /// k·b, to f32 round-off, at every step: MADE and PixelCNN (a deterministic loss on statically
-/// binarised images; the micro-batches are the large batch's images in order).
+/// binarised images; the micro-batches are the large batch's images in order), and with
+/// per-sample random draws the VAE (dynamic binarisation, the reparameterisation noise) and the
+/// DDPM UNet (timesteps, noise).
 #[test]
 fn accumulated_micro_batches_equal_one_large_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let data = idx_dir(&tmp.path().join("data"));
-    for preset in ["made-tiny", "pixelcnn-tiny"] {
+    for (preset, extra) in [
+        ("made-tiny", "data.binarize=\"static\""),
+        ("pixelcnn-tiny", "data.binarize=\"static\""),
+        ("vae-tiny", "train.rng=\"per-sample\""),
+        ("ddpm-tiny", "train.rng=\"per-sample\""),
+    ] {
         let cfg = |sets: &[&str]| {
             let base = [
                 "train.steps=3",
@@ -239,7 +246,7 @@ fn accumulated_micro_batches_equal_one_large_batch() {
                 "train.sample_every=0",
                 "train.checkpoint_every=0",
                 "train.eval_images=16",
-                "data.binarize=\"static\"",
+                extra,
             ];
             let all: Vec<String> = base.iter().chain(sets).map(|s| s.to_string()).collect();
             RunConfig::load(&root().join(format!("models/{preset}.toml")), &all).unwrap()
