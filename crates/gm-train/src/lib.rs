@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod images;
 pub mod opbench;
 pub mod optim;
+pub mod parallel;
 pub mod score;
 pub mod text;
 pub mod trainer;

@@ -14,6 +14,7 @@ use crate::hooks::{
 pub use crate::images::toy_density_plot;
 use crate::images::{save_curve, save_grid};
 use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
+use crate::parallel::{Collective, DataParallel};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -297,25 +298,61 @@ pub struct Trainer {
     progress: bool,
     /// The low precision of matrix products and convolutions (`train.precision`), if any.
     precision: Option<DType>,
+    /// This process's rank among `world` data-parallel ranks (0 of 1 without).
+    rank: usize,
+    world: usize,
 }
 
 impl Trainer {
     /// Loads the data, builds the model (data-dependent initialisation or `--init-from`
     /// weights), its optimisers and the hooks the config asks for, and resumes when asked.
     pub fn new(cfg: &RunConfig, opts: &TrainOptions) -> Result<Self> {
+        Self::new_ranked(cfg, opts, None)
+    }
+
+    /// One rank of a data-parallel run ([`crate::parallel`]): parameters broadcast from rank 0,
+    /// gradients all-reduced by the [`DataParallel`] hook (first among the hooks), this rank's
+    /// part of every global batch, per-sample random draws; rank 0 alone writes the run
+    /// directory.
+    pub fn new_parallel(
+        cfg: &RunConfig,
+        opts: &TrainOptions,
+        comm: Box<dyn Collective>,
+    ) -> Result<Self> {
+        Self::new_ranked(cfg, opts, Some(comm))
+    }
+
+    fn new_ranked(
+        cfg: &RunConfig,
+        opts: &TrainOptions,
+        comm: Option<Box<dyn Collective>>,
+    ) -> Result<Self> {
+        let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+        let lead = rank == 0;
+        let mut cfg = cfg.clone();
+        if world > 1 && cfg.train.rng == "stream" {
+            // A rank's noise must not depend on its place in a stream: draws keyed per sample.
+            cfg.train.rng = "per-sample".into();
+            if lead {
+                eprintln!("gm: {world} ranks: train.rng = \"per-sample\" (draws keyed by each sample's index in the global batch)");
+            }
+        }
+        let cfg = &cfg;
         let t = &cfg.train;
         let run = opts.out.clone();
-        if !opts.resume {
+        if !opts.resume && lead {
             checkpoint::ensure_fresh_run_dir(&run)?;
         }
         let data = RunData::load(cfg, opts.data_dir.as_deref())?;
-        eprintln!(
-            "gm: data: {} — {} training images",
-            data.source,
-            data.train.len()
-        );
-        std::fs::create_dir_all(&run)
-            .with_context(|| format!("cannot create run directory {}", run.display()))?;
+        if lead {
+            eprintln!(
+                "gm: data: {} — {} training images",
+                data.source,
+                data.train.len()
+            );
+            std::fs::create_dir_all(&run)
+                .with_context(|| format!("cannot create run directory {}", run.display()))?;
+        }
         let Built { model, varmap, .. } = build(cfg, &opts.device)?;
         let vars = named_vars(&varmap);
         // --init-from replaces every variable, so a data-dependent start would be discarded.
@@ -337,10 +374,23 @@ impl Trainer {
         if precision == Some(DType::F16) {
             hooks.push(Box::new(LossScaler::new(t.loss_scale)));
         }
+        if let Some(mut comm) = comm {
+            // Every rank starts from rank 0's parameters.
+            for (_, v) in &vars {
+                v.set(&comm.broadcast(v.as_tensor(), 0)?)?;
+            }
+            hooks.insert(0, Box::new(DataParallel::new(comm)));
+        }
         let mut trainer = Self {
             cfg: cfg.clone(),
             cfg_text: cfg.to_toml(),
-            batcher: Batcher::new(t.seed, data.train.len(), t.batch_size * t.accumulate)?,
+            batcher: Batcher::new(
+                t.seed,
+                data.train.len(),
+                t.batch_size * t.accumulate * world,
+            )?,
+            rank,
+            world,
             last_checkpoint: checkpoint::complete_steps(&run)
                 .last()
                 .map(|s| checkpoint::weights_path(&run, *s)),
@@ -362,6 +412,9 @@ impl Trainer {
         if opts.resume {
             trainer.resume()?;
         }
+        if !lead {
+            return Ok(trainer);
+        }
         atomic_write(
             &trainer.run.join("config.toml"),
             trainer.cfg_text.as_bytes(),
@@ -371,11 +424,15 @@ impl Trainer {
             1 => String::new(),
             k => format!(" ({k} accumulated micro-batches of {})", t.batch_size),
         };
+        let ranks = match world {
+            1 => String::new(),
+            n => format!(" over {n} ranks ({})", trainer.hooks[0].name()),
+        };
         eprintln!(
-            "gm: model {} with {n_params} parameters; {} steps of batch {}{micro}",
+            "gm: model {} with {n_params} parameters; {} steps of batch {}{micro}{ranks}",
             cfg.model.kind(),
             t.steps,
-            t.batch_size * t.accumulate
+            t.batch_size * t.accumulate * world
         );
         Ok(trainer)
     }
@@ -396,6 +453,11 @@ impl Trainer {
 
     pub fn varmap(&self) -> &VarMap {
         &self.varmap
+    }
+
+    /// This trainer's data-parallel rank and the number of ranks (0 and 1 without).
+    pub fn rank(&self) -> (usize, usize) {
+        (self.rank, self.world)
     }
 
     /// Continues from the run directory's latest complete checkpoint: weights, optimiser
@@ -425,8 +487,10 @@ impl Trainer {
         self.rng = r.rng()?;
         self.best = r.best();
         self.start = r.step;
-        truncate_metrics(&self.run.join("metrics.jsonl"), r.step)?;
-        eprintln!("gm: resuming {} at step {}", self.run.display(), r.step);
+        if self.rank == 0 {
+            truncate_metrics(&self.run.join("metrics.jsonl"), r.step)?;
+            eprintln!("gm: resuming {} at step {}", self.run.display(), r.step);
+        }
         Ok(())
     }
 
@@ -460,14 +524,18 @@ impl Trainer {
         let lr = lr_at(t, step);
         // One batch of `accumulate × batch_size` indices, cut into the micro-batches; with
         // per-sample draws each micro-batch has its generator, keyed by its samples' indices.
+        // With several ranks this rank takes its contiguous part of the global batch.
         let idx = self.batcher.indices(step);
+        let share = t.batch_size * t.accumulate;
+        let first = (self.rank * share).min(idx.len());
+        let mine = &idx[first..(first + share).min(idx.len())];
         let per_sample = t.rng == "per-sample";
         let mut keyed: Vec<GmRng> = Vec::new();
         let mut batches = Vec::new();
-        for (m, part) in idx.chunks(t.batch_size).enumerate() {
+        for (m, part) in mine.chunks(t.batch_size).enumerate() {
             let rng = match per_sample {
                 true => {
-                    let offset = (m * t.batch_size) as u64;
+                    let offset = (first + m * t.batch_size) as u64;
                     keyed.push(GmRng::per_sample(t.seed, step as u64, offset, part.len()));
                     keyed.last_mut().expect("just pushed")
                 }
@@ -705,7 +773,8 @@ impl Trainer {
     /// then draws the loss curve.
     pub fn run(mut self) -> Result<TrainSummary> {
         let steps = self.cfg.train.steps;
-        let mut log = RunLog::new(&self.run, self.progress, self.start, steps);
+        let lead = self.rank == 0;
+        let mut log = RunLog::new(&self.run, self.progress && lead, self.start, steps, lead);
         let mut losses = Vec::new();
         let mut last_eval = None;
         let mut step_traffic = gm_core::traffic::Traffic::default();
@@ -716,7 +785,7 @@ impl Trainer {
                 gm_core::precision::reset_counts();
             }
             let r = self.step(step)?;
-            if step == self.start && self.precision.is_some() {
+            if step == self.start && self.precision.is_some() && lead {
                 eprintln!(
                     "gm: {} mixed precision, one step's ops: {}",
                     self.cfg.train.precision,
@@ -731,12 +800,20 @@ impl Trainer {
             let ckpt_due =
                 (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) || done == steps;
             let sample_due = (t.sample_every > 0 && done % t.sample_every == 0) || done == steps;
+            let wp = checkpoint::weights_path(&self.run, done);
+            if !lead {
+                // Rank 0 evaluates, samples and writes; this rank goes on to the next step's
+                // all-reduce, where it waits for rank 0.
+                if ckpt_due {
+                    self.last_checkpoint = Some(wp);
+                }
+                continue;
+            }
             if eval_due {
                 if let Some(m) = self.evaluate_and_keep_best(done, &mut log)? {
                     last_eval = Some(m);
                 }
             }
-            let wp = checkpoint::weights_path(&self.run, done);
             if ckpt_due && self.last_checkpoint.as_ref() != Some(&wp) {
                 self.last_checkpoint = Some(self.save(done)?.0);
             }
@@ -745,7 +822,7 @@ impl Trainer {
             }
         }
         log.finish();
-        if losses.len() >= 2 {
+        if losses.len() >= 2 && lead {
             let pts: Vec<(f64, f64)> = losses.iter().map(|&(s, l)| (s as f64, l)).collect();
             save_curve(&pts, &self.run.join("loss_curve.png"))?;
         }
@@ -768,10 +845,12 @@ struct RunLog {
     path: PathBuf,
     pb: indicatif::ProgressBar,
     clock: Instant,
+    /// Whether this rank writes the log (rank 0).
+    write: bool,
 }
 
 impl RunLog {
-    fn new(run: &Path, progress: bool, start: usize, steps: usize) -> Self {
+    fn new(run: &Path, progress: bool, start: usize, steps: usize, write: bool) -> Self {
         let pb = if progress {
             indicatif::ProgressBar::new(steps as u64)
         } else {
@@ -788,6 +867,7 @@ impl RunLog {
             path: run.join("metrics.jsonl"),
             pb,
             clock: Instant::now(),
+            write,
         }
     }
 
@@ -802,7 +882,7 @@ impl RunLog {
         let part_msg: Vec<String> = r.parts.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
         self.pb
             .set_message(format!("loss {:.3} ({})", r.loss, part_msg.join(", ")));
-        if t.log_every > 0 && (done % t.log_every == 0 || done == t.steps) {
+        if self.write && t.log_every > 0 && (done % t.log_every == 0 || done == t.steps) {
             let mut rec = serde_json::json!({"step": done, "loss": r.loss, "lr": r.lr,
                 "grad_norm": r.grad_norm, "elapsed_s": self.clock.elapsed().as_secs_f64()});
             for (n, v) in &r.parts {
