@@ -6,8 +6,13 @@
 # otherwise. Idempotent: a second run reuses the wheels and the stub and rebuilds incrementally.
 #
 #   bash scripts/build-cuda.sh                 # -> target/cuda/release/gm (CUDA build)
+#   bash scripts/build-cuda.sh --nccl          # with NCCL: gm train --ranks N over N GPUs
 #   CUDA_COMPUTE_CAP=86 bash scripts/build-cuda.sh
 #   GM_CUDA_DIR=/opt/gm-cuda bash scripts/build-cuda.sh --tests   # also build the test binaries
+#
+# --nccl compiles with candle's `nccl` feature (cudarc loads libnccl.so.2 at run time, so nothing
+# more is needed to build) and installs NVIDIA's NCCL wheel (`nvidia-nccl-cu13`, 200 MB) into the
+# venv for running here; a GPU machine with PyTorch's CUDA wheels has libnccl.so.2 already.
 #
 # With a normal CUDA toolkit installed (nvcc on PATH, CUDA_HOME set, a real libcuda), skip this
 # script: `cargo build --release -p gm-train --features cuda` is all it takes.
@@ -16,6 +21,14 @@
 # libcurand (10), libcudart (13): on a GPU machine with PyTorch's CUDA wheels, point
 # LD_LIBRARY_PATH at their folders (`find / -name libcublas.so.13`).
 set -euo pipefail
+TESTS=0 NCCL=0
+for a in "$@"; do
+    case "$a" in
+        --tests) TESTS=1 ;;
+        --nccl) NCCL=1 ;;
+        *) echo "build-cuda: unknown argument $a (--tests, --nccl)" >&2; exit 2 ;;
+    esac
+done
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${GM_CUDA_DIR:-$ROOT/.cuda}"
@@ -61,9 +74,24 @@ export LIBRARY_PATH="$C/lib:$C/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 cd "$ROOT"
 # A target folder of its own: the CPU build in target/ stays as it is.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target/cuda}"
-echo "build-cuda: cargo build --release -p gm-train --features cuda (compute capability $CUDA_COMPUTE_CAP)"
-cargo build --release -p gm-train --features cuda
-if [ "${1:-}" = "--tests" ]; then
-    cargo test --release --workspace --features cuda --no-run
+FEATURES=cuda
+if [ "$NCCL" = 1 ]; then
+    FEATURES="cuda nccl"
+    if ! ls "$SITE"/nvidia/nccl/lib/libnccl.so.2 >/dev/null 2>&1 && ! ls "$SITE"/nvidia/cu13/lib/libnccl.so.2 >/dev/null 2>&1; then
+        echo "build-cuda: installing NCCL (nvidia-nccl-cu13) into $DIR/venv"
+        "$DIR/venv/bin/pip" install --quiet --no-deps nvidia-nccl-cu13==2.32.6
+    fi
+    NCCL_LIB="$(find "$SITE/nvidia" -name 'libnccl.so.2' | head -n 1)"
+    [ -n "$NCCL_LIB" ] || { echo "build-cuda: no libnccl.so.2 after installing nvidia-nccl-cu13" >&2; exit 1; }
+    # cudarc links -lnccl: an unversioned name for the linker; at run time libnccl.so.2 is found
+    # on LD_LIBRARY_PATH (the wheel's folder here, PyTorch's NCCL on a GPU machine).
+    ln -sf libnccl.so.2 "$(dirname "$NCCL_LIB")/libnccl.so"
+    export LIBRARY_PATH="$(dirname "$NCCL_LIB"):$LIBRARY_PATH"
+    echo "build-cuda: NCCL: $NCCL_LIB"
+fi
+echo "build-cuda: cargo build --release -p gm-train --features \"$FEATURES\" (compute capability $CUDA_COMPUTE_CAP)"
+cargo build --release -p gm-train --features "$FEATURES"
+if [ "$TESTS" = 1 ]; then
+    cargo test --release --workspace --features "$FEATURES" --no-run
 fi
 echo "build-cuda: built $CARGO_TARGET_DIR/release/gm"

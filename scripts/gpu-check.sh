@@ -7,10 +7,12 @@
 #   4) mixed precision (`--sections precision`, needs --fashion): train steps in f32, bf16 and f16
 #      next to PyTorch's AMP, then the conv VAE trained in f32, bf16, and f16 from a loss scale of
 #      1e12 (a forced overflow: the first steps must be skipped and the scale lowered), and the
-#      DDPM in f32 and bf16, each evaluated in its units.
+#      DDPM in f32 and bf16, each evaluated in its units;
+#   5) NCCL (`--sections nccl`, a `--nccl` build, needs --fashion): the conv VAE as one rank of a
+#      WORLD_SIZE=1 NCCL launch, against the plain run: the checkpoints must be the same bytes.
 #
 #   bash scripts/gpu-check.sh --gm GM_BINARY[.gz] --out DIR [--fashion DIR] [--device cuda]
-#        [--sections doctor,bench,epochs,precision]   (default: doctor,bench,epochs)
+#        [--sections doctor,bench,epochs,precision,nccl]   (default: doctor,bench,epochs)
 #
 # Needs on the GPU machine: the NVIDIA driver, Python 3 with PyTorch (CUDA) and numpy — PyTorch's
 # CUDA 13 wheels also provide libcublas, libcurand and libcudart for gm. Nothing is downloaded.
@@ -49,7 +51,7 @@ say "environment"
         nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
         # gm links libcuda (the driver's), libcublas/libcublasLt, libcurand and libcudart.
         dirs=""
-        for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+        for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13 libnccl.so.2; do
             f="$(find /usr/local/nvidia /usr/lib /usr/lib64 /usr/local /opt -name "$lib" 2>/dev/null | head -n 1)"
             if [ -n "$f" ]; then echo "found $lib: $f"; dirs="$dirs:$(dirname "$f")"; else echo "MISSING $lib"; fi
         done
@@ -62,7 +64,7 @@ say "environment"
 # The exports inside the braces ran in a subshell of the pipe: repeat the search here.
 if [ "$DEVICE" = cuda ]; then
     dirs=""
-    for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+    for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13 libnccl.so.2; do
         f="$(find /usr/local/nvidia /usr/lib /usr/lib64 /usr/local /opt -name "$lib" 2>/dev/null | head -n 1)"
         [ -n "$f" ] && dirs="$dirs:$(dirname "$f")"
     done
@@ -165,6 +167,26 @@ PY
             } 2>&1 | tee -a "$OUT/precision-train.txt" "$LOG"
             rm -f "$OUT/p.json" "$OUT/p.err"
         done
+    fi
+fi
+# --- 5) NCCL, world size 1 --------------------------------------------------------------------
+if want nccl && [ -n "$FASHION" ]; then
+    say "NCCL world size 1 against the plain run"
+    for mode in plain nccl; do
+        rm -rf "/tmp/gm-nccl-$mode"
+        envs=()
+        [ "$mode" = nccl ] && envs=(WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517)
+        timeout 120 env "${envs[@]}" "$GM" train --config "$ROOT/models/vae-conv-mnist.toml" --data-dir "$FASHION" \
+            --out "/tmp/gm-nccl-$mode" --device "$DEVICE" --quiet --set train.steps=50 --set train.eval_every=0 \
+            --set train.sample_every=0 --set train.checkpoint_every=0 --set train.eval_images=500 \
+            > /dev/null 2> "$OUT/nccl-$mode.err"
+        echo "$mode: exit $?" | tee -a "$OUT/nccl.txt" "$LOG"
+        grep -E "ranks|error" "$OUT/nccl-$mode.err" | tee -a "$OUT/nccl.txt" "$LOG"
+    done
+    if cmp -s /tmp/gm-nccl-plain/checkpoints/step-00000050.safetensors /tmp/gm-nccl-nccl/checkpoints/step-00000050.safetensors; then
+        echo "NCCL world size 1: checkpoint identical to the plain run" | tee -a "$OUT/nccl.txt" "$LOG"
+    else
+        echo "NCCL world size 1: checkpoint DIFFERS from the plain run" | tee -a "$OUT/nccl.txt" "$LOG"
     fi
 fi
 say "done"

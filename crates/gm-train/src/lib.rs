@@ -13,6 +13,9 @@ pub mod eval;
 pub mod fetch;
 pub mod hooks;
 pub mod images;
+pub mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod opbench;
 pub mod optim;
 pub mod parallel;

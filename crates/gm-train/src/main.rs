@@ -55,6 +55,12 @@ enum Cmd {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Data-parallel ranks: on CUDA one process per GPU with NCCL (a build with
+        /// `--features nccl`); on the CPU threads of this process (a check of the logic, no
+        /// faster). A torchrun-style launch sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and
+        /// MASTER_PORT instead.
+        #[arg(long)]
+        ranks: Option<usize>,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -244,6 +250,7 @@ fn run() -> Result<()> {
             resume,
             init_from,
             quiet,
+            ranks,
             device: d,
         } => {
             if let Some(s) = seed {
@@ -299,9 +306,16 @@ fn run() -> Result<()> {
                 init_from,
             };
             let s = if is_text {
+                if ranks.is_some() {
+                    bail!("--ranks: the text model trains on one device");
+                }
                 gm_train::text::train_text(&cfg, &opts)?
             } else {
-                gm_train::train(&cfg, &opts)?
+                match gm_train::launch::train(&cfg, &opts, ranks)? {
+                    Some(s) => s,
+                    // Rank 0 (another process) reported the run.
+                    None => return Ok(()),
+                }
             };
             let first = s.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
             let last = s.losses.last().map(|l| l.1).unwrap_or(f64::NAN);

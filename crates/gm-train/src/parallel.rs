@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 /// Collective operations over the ranks of a run. Every rank calls each operation in the same
 /// order with tensors of the same shape.
-pub trait Collective: Send {
+pub trait Collective {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// The sum over ranks of every rank's `t` (f32), on every rank.
