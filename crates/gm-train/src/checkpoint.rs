@@ -612,6 +612,16 @@ pub fn write_run_checkpoint(c: RunCheckpoint) -> Result<(PathBuf, Vec<u8>)> {
     Ok((wp, bytes))
 }
 
+/// State-file key of the data folder a run was started with (`--data-dir`).
+pub const DATA_DIR_KEY: &str = "gm.data_dir";
+
+/// The data folder recorded in the run's latest complete checkpoint, if any.
+pub fn saved_data_dir(run: &Path) -> Option<PathBuf> {
+    let step = *complete_steps(run).last()?;
+    let meta = read_meta(&state_path(run, step)).ok()?;
+    meta.get(DATA_DIR_KEY).map(PathBuf::from)
+}
+
 /// The latest complete checkpoint of a run to resume, checked against the config.
 pub struct ResumePoint {
     pub step: usize,

@@ -435,16 +435,19 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// A rank's gradients (per parameter) and the gathered losses.
+    type RankOut = Result<(Vec<Vec<f32>>, Vec<f64>)>;
+
     /// Two thread ranks, buckets of 3 values over parameters of 2, 5 and 1 values (the 5 alone
     /// in its bucket): every rank ends with the mean of the ranks' gradients and both losses.
     #[test]
     fn bucketed_all_reduce_averages_gradients() -> Result<()> {
         let comms = ThreadGroup::ranks(2);
-        let out: Vec<Result<(Vec<Vec<f32>>, Vec<f64>)>> = std::thread::scope(|s| {
+        let out: Vec<RankOut> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
                 .into_iter()
                 .map(|comm| {
-                    s.spawn(move || -> Result<(Vec<Vec<f32>>, Vec<f64>)> {
+                    s.spawn(move || -> RankOut {
                         let r = comm.rank() as f64;
                         let mut dp = DataParallel::new(Box::new(comm)).with_bucket(3);
                         let vars: Vec<(String, Var)> = [2usize, 5, 1]

@@ -301,6 +301,8 @@ pub struct Trainer {
     /// This process's rank among `world` data-parallel ranks (0 of 1 without).
     rank: usize,
     world: usize,
+    /// The data folder given at the start (`--data-dir`), kept in checkpoints for resume.
+    data_dir: Option<PathBuf>,
 }
 
 impl Trainer {
@@ -343,7 +345,12 @@ impl Trainer {
         if !opts.resume && lead {
             checkpoint::ensure_fresh_run_dir(&run)?;
         }
-        let data = RunData::load(cfg, opts.data_dir.as_deref())?;
+        // A resumed run reads the folder it was started on unless told otherwise.
+        let data_dir = match (&opts.data_dir, opts.resume) {
+            (None, true) => checkpoint::saved_data_dir(&run),
+            (d, _) => d.clone(),
+        };
+        let data = RunData::load(cfg, data_dir.as_deref())?;
         if lead {
             eprintln!(
                 "gm: data: {} — {} training images",
@@ -391,6 +398,7 @@ impl Trainer {
             )?,
             rank,
             world,
+            data_dir,
             last_checkpoint: checkpoint::complete_steps(&run)
                 .last()
                 .map(|s| checkpoint::weights_path(&run, *s)),
@@ -726,6 +734,12 @@ impl Trainer {
         let mut extra_meta = HashMap::new();
         for h in &self.hooks {
             h.save(&mut extra_tensors, &mut extra_meta)?;
+        }
+        if let Some(d) = &self.data_dir {
+            extra_meta.insert(
+                checkpoint::DATA_DIR_KEY.to_string(),
+                d.display().to_string(),
+            );
         }
         checkpoint::write_run_checkpoint(checkpoint::RunCheckpoint {
             run: &self.run,

@@ -328,7 +328,7 @@ fn f16_loss_scaling_survives_a_forced_overflow_and_resumes_exactly() {
     // 1e12 · 0.5^k must come below f16's range (65504) over the gradients: many skips, then
     // steps that train.
     assert!((20..50).contains(&skipped), "{skipped} skipped steps");
-    assert!(scale < 1e12 / 1e6 && scale >= 1.0, "scale {scale}");
+    assert!((1.0..1e12 / 1e6).contains(&scale), "scale {scale}");
     assert!(recs.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
     let first = s.losses[0].1;
     let end = s.losses.last().unwrap().1;
@@ -460,4 +460,30 @@ fn data_parallel_ranks_equal_one_large_batch() {
             assert!(files >= 3, "rank 0 wrote the run directory");
         }
     }
+}
+
+/// A run started with a data folder resumes on that folder when no --data-dir is given (not on
+/// the default data set).
+#[test]
+fn resume_reads_the_folder_the_run_started_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = idx_dir(&tmp.path().join("data"));
+    let out = tmp.path().join("run");
+    let mut cfg = tiny_vae(&["train.steps=2"]);
+    Trainer::new(&cfg, &options(&out, &data))
+        .unwrap()
+        .run()
+        .unwrap();
+    cfg.train.steps = 4;
+    let again = TrainOptions {
+        data_dir: None,
+        resume: true,
+        ..options(&out, &data)
+    };
+    let s = Trainer::new(&cfg, &again).unwrap().run().unwrap();
+    assert_eq!(s.data_source, format!("IDX folder {}", data.display()));
+    let meta =
+        gm_train::checkpoint::read_meta(&out.join("checkpoints/step-00000004.state.safetensors"))
+            .unwrap();
+    assert_eq!(meta["gm.data_dir"], data.display().to_string());
 }
