@@ -1,0 +1,162 @@
+//! `gm eval`.
+
+use super::*;
+use anyhow::{anyhow, bail, Context, Result};
+use gm_core::GmRng;
+use gm_models::EvalOptions;
+use gm_train::data::Split;
+use gm_train::eval::{evaluate, sample_quality};
+use gm_train::trainer::{load_checkpoint, load_checkpoint_with, load_data};
+use std::path::PathBuf;
+
+/// Evaluate a checkpoint on a split; prints one JSON object.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// A run directory or a .safetensors checkpoint.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "test")]
+    pub split: Split,
+    /// Importance samples per image (default: the config's eval.iwae_k).
+    #[arg(long)]
+    pub iwae_k: Option<usize>,
+    /// Evaluate only the first N images (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_images: usize,
+    /// Also report sample quality (fid_mnist, class histogram) through gm's classifier.
+    #[arg(long)]
+    pub fid: bool,
+    /// Number of generated images for --fid.
+    #[arg(long, default_value_t = 1000)]
+    pub fid_n: usize,
+    /// The classifier checkpoint for --fid (train it with models/classifier-mnist.toml).
+    #[arg(long, default_value = "runs/classifier-mnist")]
+    pub classifier: PathBuf,
+    /// Override a stored setting that leaves the weights alone, e.g.
+    /// --set model.bound_timesteps=0 or --set model.likelihood_solver.steps=20 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let EvalArgs {
+        checkpoint,
+        data_dir,
+        split,
+        iwae_k,
+        max_images,
+        fid,
+        fid_n,
+        classifier,
+        overrides,
+        device: d,
+    } = args;
+    if fid {
+        gm_train::eval::check_sample_count(&format!("--fid-n {fid_n}"), fid_n)?;
+    }
+    let dev = device(&d)?;
+    if gm_train::text::checkpoint_kind(&checkpoint)? == "text-ar" {
+        use gm_train::text;
+        let ck = text::load_text_checkpoint(&checkpoint, &dev)?;
+        let dir = text::corpus_dir(&ck.cfg, data_dir.as_deref());
+        let corpus = text::load_corpus(&dir)?;
+        let docs = match split {
+            Split::Test => &corpus.test,
+            Split::Train => &corpus.train,
+        };
+        let (ids, bytes) = text::encode(&ck.tokenizer, docs)?;
+        let mut m = text::evaluate_text(&ck.model, &ids, bytes, 64, &dev)?
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::json!(v)))
+            .collect::<serde_json::Map<_, _>>();
+        m.insert("split".into(), format!("{split:?}").to_lowercase().into());
+        m.insert("step".into(), ck.step.into());
+        m.insert("checkpoint".into(), ck.path.display().to_string().into());
+        m.insert("data".into(), corpus.source.into());
+        println!("{}", serde_json::Value::Object(m));
+        return Ok(());
+    }
+    let ck = load_checkpoint_with(&checkpoint, &dev, &overrides)?;
+    let cfg = &ck.built.cfg;
+    let (ds, source) = load_data(cfg, data_dir.as_deref(), split)?;
+    let opts = EvalOptions {
+        iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
+        max_pairs: cfg.eval.max_pairs,
+        full: true,
+    };
+    gm_train::config::check_iwae_k(opts.iwae_k)?;
+    let model = ck.built.model.as_ref();
+    let mut m = serde_json::Map::new();
+    for (k, v) in evaluate(
+        model,
+        &ds,
+        &cfg.data,
+        &opts,
+        cfg.eval.batch_size,
+        max_images,
+        cfg.eval.seed,
+        &dev,
+    )? {
+        m.insert(k, serde_json::json!(v));
+    }
+    if model.likelihood_metric().is_some() {
+        if model.kind() == "vae" {
+            m.insert("iwae_k".into(), serde_json::json!(opts.iwae_k));
+        }
+        m.insert(
+            "binarization".into(),
+            serde_json::to_value(cfg.data.binarize)?,
+        );
+    }
+    if fid {
+        if fid_n < 2 {
+            bail!("--fid-n must be at least 2 (a covariance needs two samples), got {fid_n}");
+        }
+        let cls = load_checkpoint(&classifier, &dev).with_context(|| {
+                format!("--fid needs gm's classifier at {} (gm train --config models/classifier-mnist.toml)", classifier.display())
+            })?;
+        if cls.built.model.kind() != "classifier" {
+            bail!(
+                    "--classifier {}: a '{}' checkpoint; --fid needs gm's classifier (gm train --config models/classifier-mnist.toml)",
+                    cls.path.display(),
+                    cls.built.model.kind()
+                );
+        }
+        let samples = gm_train::eval::sample_chunked(
+            model,
+            fid_n,
+            gm_train::eval::SAMPLE_CHUNK,
+            &mut GmRng::new(cfg.eval.seed),
+        )
+        .with_context(|| format!("--fid-n {fid_n}"))?
+        .ok_or_else(|| anyhow!("--fid: a '{}' model does not sample", model.kind()))?;
+        let n_real = fid_n.min(ds.len());
+        let (raw, _) = ds.gather(&(0..n_real).collect::<Vec<_>>())?;
+        let real = (raw / 255.0)?.to_device(&dev)?;
+        let q = sample_quality(cls.built.model.as_ref(), &samples, &real)?;
+        for (k, v) in serde_json::to_value(&q)?
+            .as_object()
+            .expect("struct")
+            .iter()
+        {
+            m.insert(k.clone(), v.clone());
+        }
+        m.insert("fid_n".into(), serde_json::json!(fid_n));
+    }
+    m.insert(
+        "split".into(),
+        serde_json::json!(format!("{split:?}").to_lowercase()),
+    );
+    m.insert("step".into(), serde_json::json!(ck.step));
+    m.insert(
+        "checkpoint".into(),
+        serde_json::json!(ck.path.display().to_string()),
+    );
+    m.insert("data".into(), serde_json::json!(source));
+    println!("{}", serde_json::Value::Object(m));
+    Ok(())
+}
