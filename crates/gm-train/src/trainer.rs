@@ -502,14 +502,12 @@ impl Trainer {
         Ok(())
     }
 
-    fn ctx(&self, done: usize, group: Option<usize>, lr: f64) -> StepContext<'_> {
+    /// The context of [`Hook::after_step`]: every parameter.
+    fn step_end_ctx(&self, done: usize, lr: f64) -> StepContext<'_> {
         StepContext {
             step: done,
-            group: group.unwrap_or(0),
-            vars: match group {
-                None => &self.vars[..],
-                Some(g) => &self.groups[g].1[..],
-            },
+            group: 0,
+            vars: &self.vars,
             lr,
             last_checkpoint: self.last_checkpoint.as_deref(),
         }
@@ -622,7 +620,7 @@ impl Trainer {
             }
         }
         drop(_autocast);
-        let ctx = self.ctx(done, None, lr);
+        let ctx = self.step_end_ctx(done, lr);
         for h in hooks.iter_mut() {
             h.after_step(&ctx)?;
         }
@@ -965,22 +963,14 @@ fn read_loss(loss: &gm_models::Loss) -> Result<LossRead> {
 /// each part in the order it first appeared over the step.
 fn mean_loss(losses: &[LossRead], report: &mut StepReport) {
     let n = losses.len() as f64;
-    report.loss = match losses {
-        [one] => one.0,
-        _ => losses.iter().map(|l| l.0).sum::<f64>() / n,
-    };
+    report.loss = losses.iter().map(|l| l.0).sum::<f64>() / n;
     for (name, _) in &losses[0].1 {
-        let v = match losses {
-            [one] => one.1.iter().find(|q| q.0 == *name).map_or(0.0, |q| q.1),
-            _ => {
-                losses
-                    .iter()
-                    .filter_map(|l| l.1.iter().find(|q| q.0 == *name))
-                    .map(|q| q.1)
-                    .sum::<f64>()
-                    / n
-            }
-        };
+        let v = losses
+            .iter()
+            .filter_map(|l| l.1.iter().find(|q| q.0 == *name))
+            .map(|q| q.1)
+            .sum::<f64>()
+            / n;
         match report.parts.iter_mut().find(|q| q.0 == *name) {
             Some(q) => q.1 = v,
             None => report.parts.push((name, v)),

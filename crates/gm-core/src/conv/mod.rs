@@ -919,12 +919,12 @@ pub fn conv2d_cropped(
 }
 
 /// Whether a convolution of `x` may run in the autocast precision: on the device path (candle's
-/// kernels), except bf16 on the CPU, where candle's convolution has no bf16 matrix product.
-/// gm's own CPU kernels take f32 and f64 only.
-fn low_precision(x: &Tensor) -> bool {
+/// kernels), except bf16 on the CPU, where candle's convolution has no bf16 matrix product; not
+/// when `native` (gm's own CPU kernels run it: they take f32 and f64 only).
+fn low_precision(x: &Tensor, native: bool) -> bool {
     let cpu_bf16 =
         x.device().is_cpu() && crate::precision::autocast() == Some(candle_core::DType::BF16);
-    !crate::native_kernels(x.device()) && !cpu_bf16
+    !native && !cpu_bf16
 }
 
 /// [`conv2d`], keeping only the top-left `out` corner of the output when given.
@@ -945,7 +945,7 @@ fn conv2d_upto(
     check_float(x, what)?;
     // Under autocast the device path runs in the low precision; gm's CPU kernels take f32.
     let native = crate::native_kernels(x.device());
-    crate::precision::cast_op2(what, x, weight, low_precision(x), |x, weight| {
+    crate::precision::cast_op2(what, x, weight, low_precision(x, native), |x, weight| {
         if !native {
             let y = device_conv2d(x, weight, p)?;
             return match out {
@@ -1005,7 +1005,7 @@ pub fn conv_transpose2d(
         "conv_transpose2d",
         x,
         weight,
-        low_precision(x),
+        low_precision(x, native),
         |x, weight| {
             if !native {
                 return device_conv_transpose2d(x, weight, p, output_padding);
