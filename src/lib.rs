@@ -28,9 +28,10 @@ pub use gm_core;
 pub use gm_models;
 pub use gm_train;
 
+pub use gm_core::kernels::{self, conv, norm, ops};
 pub use gm_core::{
-    bits_per_dim, cnf, conv, diffusion, dist, em, keep_freed_memory, loss, native_kernels, norm,
-    ode, ops, portable_kernels, select_device, set_portable_kernels, sum_per_sample, traffic,
+    bits_per_dim, cnf, diffusion, dist, em, keep_freed_memory, loss, native_kernels, ode,
+    portable_kernels, precision, select_device, set_portable_kernels, sum_per_sample, traffic,
     DeviceChoice, GmRng, RngState,
 };
 pub use gm_models::{

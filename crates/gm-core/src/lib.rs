@@ -3,7 +3,11 @@
 //! The probabilistic core of gm: distributions as values, the likelihood losses the rest of gm is
 //! built from (NLL, MSE as Gaussian MLE, KL, ELBO, IWAE), a seeded random generator that makes
 //! tensors on any device, and the textbook maximum-likelihood examples (biased coin, Gaussian
-//! mixture by EM) as tested library code.
+//! mixture by EM) as tested library code; ODE solvers, Gaussian diffusion schedules and samplers,
+//! continuous-flow likelihoods, and mixed-precision autocasting.
+//!
+//! The CPU kernels the models run on (convolutions, fused ops, norms, the fused Adam update) live
+//! apart in [`kernels`].
 //!
 //! Conventions, followed everywhere in gm:
 //! - per-sample quantities are tensors of shape `[B]`; reducing them over the batch is a separate,
@@ -11,17 +15,13 @@
 //! - log-likelihoods are in **nats**; [`bits_per_dim`] converts.
 
 pub mod cnf;
-pub mod conv;
 pub mod device;
 pub mod diffusion;
 pub mod dist;
 pub mod em;
-mod kernel;
+pub mod kernels;
 pub mod loss;
-pub mod norm;
 pub mod ode;
-pub mod ops;
-pub mod par;
 pub mod precision;
 pub mod rng;
 pub mod traffic;

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use gm_core::conv::{conv2d, conv_transpose2d, Conv2dParams};
+use gm_core::kernels::conv::{conv2d, conv_transpose2d, Conv2dParams};
 use gm_core::GmRng;
 use serde_json::Value;
 
@@ -229,7 +229,7 @@ fn bad_shapes_are_named_errors() -> Result<()> {
 /// gradients, in f64 (strided, dilated, grouped and batched cases included).
 #[test]
 fn cropped_convolution_is_the_narrowed_full_one() -> Result<()> {
-    use gm_core::conv::conv2d_cropped;
+    use gm_core::kernels::conv::conv2d_cropped;
     let dev = Device::Cpu;
     let mut rng = GmRng::new(8);
     let cases = [
@@ -315,7 +315,7 @@ fn run_in(
     let xv = Var::from_tensor(&x.to_dtype(dtype)?)?;
     let wv = Var::from_tensor(&w.to_dtype(dtype)?)?;
     let y = match crop {
-        Some(out) => gm_core::conv::conv2d_cropped(&xv, &wv, case.params, out)?,
+        Some(out) => gm_core::kernels::conv::conv2d_cropped(&xv, &wv, case.params, out)?,
         None => apply(case, &xv, &wv)?,
     };
     let grads = (&y

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use gm_core::conv::{conv2d, conv_transpose2d, Conv2dParams};
+use gm_core::kernels::conv::{conv2d, conv_transpose2d, Conv2dParams};
 use gm_core::GmRng;
 
 type Op = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
@@ -81,7 +81,7 @@ fn second_order_gradients_match_finite_differences() -> Result<()> {
 #[test]
 fn second_order_through_conv_and_fused_leaky_relu() -> Result<()> {
     std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
-    use gm_core::ops::{bias_act, Act};
+    use gm_core::kernels::ops::{bias_act, Act};
     // A two-layer discriminator-like map: conv → bias + LeakyReLU → conv, with a fixed bias.
     fn net(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         let c = w.dim(0)?;

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use gm_core::norm::group_norm;
+use gm_core::kernels::norm::group_norm;
 use gm_core::GmRng;
 
 fn composed(x: &Tensor, g: &Tensor, b: &Tensor, groups: usize, silu: bool) -> Result<Tensor> {

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use gm_core::ops::{bias_act, channel_sum, Act};
+use gm_core::kernels::ops::{bias_act, channel_sum, Act};
 use gm_core::GmRng;
 
 const ACTS: [Act; 3] = [Act::Identity, Act::Relu, Act::LeakyRelu(0.2)];
@@ -131,7 +131,7 @@ fn channel_sum_matches_a_plain_sum() -> Result<()> {
 /// differences in f64 (every element of x), and a (C = 1, inner = 1) case.
 #[test]
 fn gated_tanh_matches_candle_and_finite_differences() -> Result<()> {
-    use gm_core::ops::gated_tanh;
+    use gm_core::kernels::ops::gated_tanh;
     let dev = Device::Cpu;
     let mut rng = GmRng::new(5);
     for shape in [vec![2, 6, 3, 5], vec![3, 2], vec![1, 10, 40, 41]] {
@@ -169,7 +169,7 @@ fn gated_tanh_matches_candle_and_finite_differences() -> Result<()> {
 
 #[test]
 fn channel_broadcast_matches_candle_forward_and_backward() -> Result<()> {
-    use gm_core::ops::channel_broadcast;
+    use gm_core::kernels::ops::channel_broadcast;
     let dev = Device::Cpu;
     let mut rng = gm_core::GmRng::new(3);
     for shape in [vec![3usize, 5, 4, 2], vec![2, 7], vec![1, 3, 5]] {

@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use gm_core::conv::{conv2d, conv2d_cropped, conv_transpose2d, Conv2dParams};
+use gm_core::kernels::conv::{conv2d, conv2d_cropped, conv_transpose2d, Conv2dParams};
 use gm_core::GmRng;
 
 struct Case {

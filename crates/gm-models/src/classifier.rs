@@ -7,9 +7,9 @@ use crate::nn::{Conv2d, Linear};
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use gm_core::conv::Conv2dParams;
+use gm_core::kernels::conv::Conv2dParams;
+use gm_core::kernels::ops::Act;
 use gm_core::loss::categorical_nll;
-use gm_core::ops::Act;
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 

@@ -11,7 +11,7 @@ use crate::nn::Linear;
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use gm_core::ops::Act;
+use gm_core::kernels::ops::Act;
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 

@@ -16,7 +16,7 @@ use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use gm_core::dist::log_mean_exp;
-use gm_core::ops::Act;
+use gm_core::kernels::ops::Act;
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 

@@ -3,8 +3,8 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use gm_core::conv::{conv2d, conv2d_cropped, conv_transpose2d, Conv2dParams};
-use gm_core::ops::{bias_act, Act};
+use gm_core::kernels::conv::{conv2d, conv2d_cropped, conv_transpose2d, Conv2dParams};
+use gm_core::kernels::ops::{bias_act, Act};
 
 /// A stack of linear layers with ReLU between them (not after the last), named
 /// `0, 2, 4, …` like `nn.Sequential(Linear, ReLU, Linear, …)`.
@@ -111,7 +111,7 @@ impl Module for Linear {
     }
 }
 
-/// A 2-D convolution layer on [`gm_core::conv::conv2d`] (gm's fast CPU kernels; candle's on
+/// A 2-D convolution layer on [`gm_core::kernels::conv::conv2d`] (gm's fast CPU kernels; candle's on
 /// CUDA/Metal), with PyTorch's parameter names (`weight` `(C_out, C_in / groups, kH, kW)`, `bias`)
 /// and PyTorch's default initialisation (`U(±1/√fan_in)` for both).
 #[derive(Clone, Debug)]
@@ -189,7 +189,7 @@ impl Conv2d {
     }
 
     /// `act(conv(x) + bias)` on the top-left `out = [H', W']` corner of the output only
-    /// ([`gm_core::conv::conv2d_cropped`]): with padding on one side, a causal convolution.
+    /// ([`gm_core::kernels::conv::conv2d_cropped`]): with padding on one side, a causal convolution.
     pub fn forward_cropped(&self, x: &Tensor, out: [usize; 2], act: Act) -> Result<Tensor> {
         self.bias_act(conv2d_cropped(x, &self.weight, self.params, out)?, act)
     }
@@ -201,7 +201,7 @@ impl Module for Conv2d {
     }
 }
 
-/// A 2-D transposed convolution layer on [`gm_core::conv::conv_transpose2d`], with PyTorch's
+/// A 2-D transposed convolution layer on [`gm_core::kernels::conv::conv_transpose2d`], with PyTorch's
 /// names (`weight` `(C_in, C_out / groups, kH, kW)`, `bias`) and default initialisation.
 #[derive(Clone, Debug)]
 pub struct ConvTranspose2d {

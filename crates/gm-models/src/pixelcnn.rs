@@ -18,8 +18,8 @@ use crate::ar::{check_shape, PixelOutput, RasterModel};
 use crate::nn::Conv2d;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use gm_core::conv::{conv2d_cropped, Conv2dParams};
-use gm_core::ops::Act;
+use gm_core::kernels::conv::{conv2d_cropped, Conv2dParams};
+use gm_core::kernels::ops::Act;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -21,8 +21,8 @@ use crate::nn::Conv2d;
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use gm_core::conv::Conv2dParams;
-use gm_core::ops::Act;
+use gm_core::kernels::conv::Conv2dParams;
+use gm_core::kernels::ops::Act;
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
 

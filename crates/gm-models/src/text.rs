@@ -4,7 +4,7 @@
 //! The network is a stack of gated, dilated causal 1-D convolutions (WaveNet-style): token
 //! embeddings `(B, C, 1, T)`; each layer `h ← h + W_o · gate(causal_conv_d(h))` with dilation
 //! `d = 2^(l mod cycle)`; a `ReLU → 1×1 → ReLU → 1×1` head gives `V` logits per position. A
-//! causal convolution is [`gm_core::conv::conv2d_cropped`] with the padding on the left only, so
+//! causal convolution is [`gm_core::kernels::conv::conv2d_cropped`] with the padding on the left only, so
 //! position `t` reads tokens `≤ t`; the receptive field is `1 + (k − 1) Σ_l d_l` tokens.
 //!
 //! Parameter names: `embedding.weight` `(V, C)`, `layers.{l}.conv`, `layers.{l}.out`, `head.1`,
@@ -13,9 +13,9 @@
 use crate::nn::Conv2d;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use gm_core::conv::Conv2dParams;
 use gm_core::dist::Categorical;
-use gm_core::ops::{gated_tanh, Act};
+use gm_core::kernels::conv::Conv2dParams;
+use gm_core::kernels::ops::{gated_tanh, Act};
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 

@@ -15,8 +15,8 @@
 use crate::nn::{Conv2d, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
-use gm_core::conv::Conv2dParams;
-use gm_core::ops::Act;
+use gm_core::kernels::conv::Conv2dParams;
+use gm_core::kernels::ops::Act;
 use serde::{Deserialize, Serialize};
 
 /// A UNet's shape.
@@ -108,7 +108,7 @@ impl UNetConfig {
 }
 
 /// GroupNorm with PyTorch's names (`weight`, `bias`) and initialisation (ones, zeros), on gm's
-/// fused kernel ([`gm_core::norm::group_norm`]).
+/// fused kernel ([`gm_core::kernels::norm::group_norm`]).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -127,7 +127,7 @@ impl GroupNorm {
 
     /// `GroupNorm(x)`, followed by SiLU when `silu`.
     pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        gm_core::norm::group_norm(x, &self.weight, &self.bias, self.groups, 1e-5, silu)
+        gm_core::kernels::norm::group_norm(x, &self.weight, &self.bias, self.groups, 1e-5, silu)
     }
 }
 

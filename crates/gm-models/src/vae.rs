@@ -20,9 +20,9 @@ use crate::nn::{Conv2d, ConvTranspose2d, Linear, Mlp};
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use gm_core::conv::Conv2dParams;
 use gm_core::dist::{Bernoulli, DiagonalGaussian, StandardNormal};
-use gm_core::ops::Act;
+use gm_core::kernels::conv::Conv2dParams;
+use gm_core::kernels::ops::Act;
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 

@@ -580,9 +580,9 @@ fn masked_conv_by_parts_equals_masked_weight() {
             .unwrap();
         let run = |by_mask: bool| {
             let y = if by_mask {
-                conv.forward_act_by_mask(&x, gm_core::ops::Act::Relu)
+                conv.forward_act_by_mask(&x, gm_core::kernels::ops::Act::Relu)
             } else {
-                conv.forward_act(&x, gm_core::ops::Act::Relu)
+                conv.forward_act(&x, gm_core::kernels::ops::Act::Relu)
             }
             .unwrap();
             let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();

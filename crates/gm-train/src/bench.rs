@@ -124,7 +124,7 @@ pub fn bench_train_step(
         device: device_name(device),
         batch_size: t.batch_size,
         precision: t.precision.clone(),
-        threads: gm_core::par::threads(),
+        threads: gm_core::kernels::par::threads(),
         median_ms,
         min_ms: times[0],
         images_per_s: t.batch_size as f64 / (median_ms / 1e3),

@@ -5,7 +5,7 @@
 use crate::optim::{Adam, AdamConfig};
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
-use gm_core::conv::{conv2d, conv_transpose2d, Conv2dParams};
+use gm_core::kernels::conv::{conv2d, conv_transpose2d, Conv2dParams};
 use gm_core::GmRng;
 use serde::Serialize;
 use std::time::Instant;
@@ -14,7 +14,7 @@ use std::time::Instant;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// `gm_core::conv` (gm's own CPU kernels: AVX2 register tiles for f32 on x86-64, im2col /
+    /// `gm_core::kernels::conv` (gm's own CPU kernels: AVX2 register tiles for f32 on x86-64, im2col /
     /// col2im + gemm otherwise).
     Gm,
     /// candle's `Tensor::conv2d` / `conv_transpose2d`.
@@ -322,7 +322,7 @@ pub fn run_case(
             Grads::Both
         },
         batch,
-        threads: gm_core::par::threads(),
+        threads: gm_core::kernels::par::threads(),
         median_ms,
         min_ms: times[0],
         flop,

@@ -2,7 +2,7 @@
 //! (candle's `AdamW` keeps its moments private), plus global gradient-norm clipping.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::HashMap;
 
@@ -87,29 +87,18 @@ impl Adam {
                 && g.dtype() == p.dtype()
                 && p.is_contiguous();
             if fused {
+                use gm_core::kernels::adam;
                 let g = g.contiguous()?;
-                self.m[i].inplace_op2(
-                    &g,
-                    &Moment {
-                        beta: c.beta1,
-                        square: false,
-                    },
-                )?;
-                self.v[i].inplace_op2(
-                    &g,
-                    &Moment {
-                        beta: c.beta2,
-                        square: true,
-                    },
-                )?;
-                let apply = AdamApply {
+                adam::update_moment(&self.m[i], &g, c.beta1, false)?;
+                adam::update_moment(&self.v[i], &g, c.beta2, true)?;
+                let step = adam::AdamStep {
                     lr,
                     bc1,
                     bc2,
                     eps: c.eps,
                     weight_decay: c.weight_decay,
                 };
-                p.as_tensor().inplace_op3(&self.m[i], &self.v[i], &apply)?;
+                adam::apply(p.as_tensor(), &self.m[i], &self.v[i], step)?;
                 continue;
             }
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
@@ -162,115 +151,6 @@ impl Adam {
             }
         }
         self.t = t;
-        Ok(())
-    }
-}
-
-/// `s ← β·s + (1 − β)·g` (or `g²`), in place.
-struct Moment {
-    beta: f64,
-    square: bool,
-}
-
-/// `p ← p − lr·(m̂ / (√v̂ + ε) + wd·p)`, in place.
-struct AdamApply {
-    lr: f64,
-    bc1: f64,
-    bc2: f64,
-    eps: f64,
-    weight_decay: f64,
-}
-
-fn range<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::msg("adam: non-contiguous operand"))?;
-    Ok(&v[a..b])
-}
-
-fn range_mut<'a, T>(v: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::msg("adam: non-contiguous state"))?;
-    Ok(&mut v[a..b])
-}
-
-/// Elements per parallel task of the in-place updates.
-const CHUNK: usize = 1 << 14;
-
-macro_rules! adam_kernels {
-    ($moment:ident, $apply:ident, $t:ty) => {
-        fn $moment(op: &Moment, s: &mut [$t], g: &[$t]) {
-            let (b, a) = (op.beta as $t, (1.0 - op.beta) as $t);
-            let square = op.square;
-            gm_core::par::chunks_mut(s, CHUNK, move |i, s| {
-                let g = &g[i * CHUNK..][..s.len()];
-                if square {
-                    s.iter_mut()
-                        .zip(g)
-                        .for_each(|(s, g)| *s = b * *s + a * *g * *g);
-                } else {
-                    s.iter_mut().zip(g).for_each(|(s, g)| *s = b * *s + a * *g);
-                }
-            });
-        }
-        fn $apply(op: &AdamApply, p: &mut [$t], m: &[$t], v: &[$t]) {
-            let step = (op.lr / op.bc1) as $t;
-            let inv_bc2 = (1.0 / op.bc2) as $t;
-            let eps = op.eps as $t;
-            let decay = (1.0 - op.lr * op.weight_decay) as $t;
-            gm_core::par::chunks_mut(p, CHUNK, move |i, p| {
-                let (m, v) = (&m[i * CHUNK..][..p.len()], &v[i * CHUNK..][..p.len()]);
-                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-                    *p = *p * decay - step * *m / ((*v * inv_bc2).sqrt() + eps);
-                }
-            });
-        }
-    };
-}
-adam_kernels!(moment_f32, apply_f32, f32);
-adam_kernels!(moment_f64, apply_f64, f64);
-
-impl InplaceOp2 for Moment {
-    fn name(&self) -> &'static str {
-        "gm-adam-moment"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
-        match (s, g) {
-            (CpuStorage::F32(s), CpuStorage::F32(g)) => {
-                moment_f32(self, range_mut(s, l)?, range(g, gl)?)
-            }
-            (CpuStorage::F64(s), CpuStorage::F64(g)) => {
-                moment_f64(self, range_mut(s, l)?, range(g, gl)?)
-            }
-            _ => candle_core::bail!("adam: f32 or f64 moments and gradients of one dtype"),
-        }
-        Ok(())
-    }
-}
-
-impl InplaceOp3 for AdamApply {
-    fn name(&self) -> &'static str {
-        "gm-adam-apply"
-    }
-    fn cpu_fwd(
-        &self,
-        p: &mut CpuStorage,
-        pl: &Layout,
-        m: &CpuStorage,
-        ml: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<()> {
-        match (p, m, v) {
-            (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                apply_f32(self, range_mut(p, pl)?, range(m, ml)?, range(v, vl)?)
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => {
-                apply_f64(self, range_mut(p, pl)?, range(m, ml)?, range(v, vl)?)
-            }
-            _ => candle_core::bail!("adam: f32 or f64 parameters and moments of one dtype"),
-        }
         Ok(())
     }
 }
@@ -382,7 +262,7 @@ mod tests {
     /// optimizer must not keep it (it did once: memory grew by the whole graph every step).
     #[test]
     fn optimizer_state_keeps_no_graph() {
-        use gm_core::conv::{conv2d, Conv2dParams};
+        use gm_core::kernels::conv::{conv2d, Conv2dParams};
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::ones((2, 1, 5, 5), DType::F32, &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::ones((3, 1, 3, 3), DType::F32, &dev).unwrap()).unwrap();

@@ -5,7 +5,7 @@
 //!
 //! `y = act(γ_c · (x − μ_{n,g}) / √(σ²_{n,g} + ε) + β_c)`, statistics per sample and channel group.
 
-use crate::kernel::{lane_sum, lane_sum2, Transcendental};
+use crate::kernels::cpu::{lane_sum, lane_sum2, Transcendental};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 #[derive(Clone, Copy)]
@@ -76,7 +76,7 @@ fn fwd_kernel<T: Transcendental>(
 ) -> Vec<T> {
     let span = d.span();
     let mut y = vec![T::zero(); x.len()];
-    crate::par::chunks_mut(&mut y, span, |k, out| {
+    crate::kernels::par::chunks_mut(&mut y, span, |k, out| {
         let g = k % d.groups;
         let xs = &x[k * span..][..span];
         let (mean, rstd) = stats(xs, eps);
@@ -109,7 +109,7 @@ fn bwd_kernel<T: Transcendental>(
     let mut dx = vec![T::zero(); x.len()];
     // Per (sample, channel) partial sums of dγ and dβ, reduced over samples afterwards.
     let mut part = vec![0f64; d.n * d.c * 2];
-    crate::par::chunks2_mut(&mut dx, span, &mut part, cg * 2, |k, out, p| {
+    crate::kernels::par::chunks2_mut(&mut dx, span, &mut part, cg * 2, |k, out, p| {
         let g = k % d.groups;
         let xs = &x[k * span..][..span];
         let gs = &dy[k * span..][..span];
@@ -166,15 +166,15 @@ macro_rules! float3 {
         use candle_core::backend::BackendStorage as _;
         match ($s1, $s2, $s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let $a = crate::kernel::slice::<f32>($s1, $l1, $name)?;
-                let $b = crate::kernel::slice::<f32>($s2, $l2, $name)?;
-                let $c = crate::kernel::slice::<f32>($s3, $l3, $name)?;
+                let $a = crate::kernels::cpu::slice::<f32>($s1, $l1, $name)?;
+                let $b = crate::kernels::cpu::slice::<f32>($s2, $l2, $name)?;
+                let $c = crate::kernels::cpu::slice::<f32>($s3, $l3, $name)?;
                 CpuStorage::F32($body)
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let $a = crate::kernel::slice::<f64>($s1, $l1, $name)?;
-                let $b = crate::kernel::slice::<f64>($s2, $l2, $name)?;
-                let $c = crate::kernel::slice::<f64>($s3, $l3, $name)?;
+                let $a = crate::kernels::cpu::slice::<f64>($s1, $l1, $name)?;
+                let $b = crate::kernels::cpu::slice::<f64>($s2, $l2, $name)?;
+                let $c = crate::kernels::cpu::slice::<f64>($s3, $l3, $name)?;
                 CpuStorage::F64($body)
             }
             (a, _, _) => bail!(

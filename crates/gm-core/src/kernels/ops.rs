@@ -9,7 +9,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use gm_core::ops::{bias_act, Act};
+//! use gm_core::kernels::ops::{bias_act, Act};
 //! let x = Tensor::new(&[[-1f32, 2.0], [3.0, -4.0]], &Device::Cpu)?; // (N = 2, C = 2)
 //! let b = Tensor::new(&[0.5f32, 1.0], &Device::Cpu)?;
 //! let y = bias_act(&x, &b, Act::Relu)?;
@@ -17,7 +17,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use crate::kernel::{lane_sum, Transcendental};
+use crate::kernels::cpu::{lane_sum, Transcendental};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -120,7 +120,7 @@ fn bias_map<T: WithDType>(
     let rows_per_task = PAR_CHUNK.div_ceil(row);
     // SAFETY: every task writes each element of its chunk (whole rows, zipped with x's).
     unsafe {
-        crate::kernel::par_written(x.len(), rows_per_task * row, |t, ys| {
+        crate::kernels::cpu::par_written(x.len(), rows_per_task * row, |t, ys| {
             let row0 = t * rows_per_task;
             for (r, (yr, xr)) in ys
                 .chunks_mut(row)
@@ -151,7 +151,7 @@ fn act_grad_kernel<T: WithDType>(act: Act, dy: &[T], y: &[T]) -> Vec<T> {
     };
     // SAFETY: every task writes each element of its chunk.
     unsafe {
-        crate::kernel::par_written(dy.len(), PAR_CHUNK, move |t, out| {
+        crate::kernels::cpu::par_written(dy.len(), PAR_CHUNK, move |t, out| {
             let (g, y) = (&dy[t * PAR_CHUNK..], &y[t * PAR_CHUNK..]);
             // The slope is selected, then multiplied: branch-free, so the loop vectorises.
             for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
@@ -374,7 +374,7 @@ fn gate_rows<T: WithDType, const OUT_ROWS: usize>(
     let row = OUT_ROWS * inner;
     let mut out = vec![T::zero(); outer * c * row];
     let rows_per_task = PAR_CHUNK.div_ceil(row);
-    crate::par::chunks_mut(&mut out, rows_per_task * row, |t, chunk| {
+    crate::kernels::par::chunks_mut(&mut out, rows_per_task * row, |t, chunk| {
         for (r, o) in chunk.chunks_mut(row).enumerate() {
             let k = t * rows_per_task + r;
             let (n, ch) = (k / c, k % c);
@@ -401,7 +401,7 @@ fn gate_grad_kernel<T: Transcendental>(x: &[T], dy: &[T], dims: (usize, usize, u
     let half = c2 / 2 * inner.max(1);
     let mut dx = vec![T::zero(); outer * 2 * half];
     let one = T::one();
-    crate::par::chunks_mut(&mut dx, 2 * half, |n, out| {
+    crate::kernels::par::chunks_mut(&mut dx, 2 * half, |n, out| {
         let (da, db) = out.split_at_mut(half);
         let xa = &x[n * 2 * half..][..half];
         let xb = &x[n * 2 * half + half..][..half];

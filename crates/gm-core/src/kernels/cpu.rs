@@ -24,11 +24,11 @@ macro_rules! float1 {
         use candle_core::backend::BackendStorage as _;
         match $s {
             CpuStorage::F32(_) => {
-                let $a = $crate::kernel::slice::<f32>($s, $l, $name)?;
+                let $a = $crate::kernels::cpu::slice::<f32>($s, $l, $name)?;
                 CpuStorage::F32($body)
             }
             CpuStorage::F64(_) => {
-                let $a = $crate::kernel::slice::<f64>($s, $l, $name)?;
+                let $a = $crate::kernels::cpu::slice::<f64>($s, $l, $name)?;
                 CpuStorage::F64($body)
             }
             s => candle_core::bail!("{}: f32 or f64, got {:?}", $name, s.dtype()),
@@ -45,13 +45,13 @@ macro_rules! float2 {
         use candle_core::backend::BackendStorage as _;
         match ($s1, $s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let $a = $crate::kernel::slice::<f32>($s1, $l1, $name)?;
-                let $b = $crate::kernel::slice::<f32>($s2, $l2, $name)?;
+                let $a = $crate::kernels::cpu::slice::<f32>($s1, $l1, $name)?;
+                let $b = $crate::kernels::cpu::slice::<f32>($s2, $l2, $name)?;
                 CpuStorage::F32($body)
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let $a = $crate::kernel::slice::<f64>($s1, $l1, $name)?;
-                let $b = $crate::kernel::slice::<f64>($s2, $l2, $name)?;
+                let $a = $crate::kernels::cpu::slice::<f64>($s1, $l1, $name)?;
+                let $b = $crate::kernels::cpu::slice::<f64>($s2, $l2, $name)?;
                 CpuStorage::F64($body)
             }
             (a, b) => candle_core::bail!(
@@ -143,7 +143,7 @@ impl Transcendental for f64 {
 }
 
 /// A vector of `len` elements written by `f(task, chunk)` over consecutive chunks of `chunk`
-/// elements spread over the thread pool ([`crate::par`]), without filling it with zeros first (a
+/// elements spread over the thread pool ([`crate::kernels::par`]), without filling it with zeros first (a
 /// serial pass over memory that `f` overwrites anyway).
 ///
 /// # Safety
@@ -155,7 +155,7 @@ pub(crate) unsafe fn par_written<T: Copy + Send + Sync>(
     f: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
 ) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
-    crate::par::chunks_mut(&mut v.spare_capacity_mut()[..len], chunk, f);
+    crate::kernels::par::chunks_mut(&mut v.spare_capacity_mut()[..len], chunk, f);
     // SAFETY: the caller's `f` wrote all `len` elements.
     unsafe { v.set_len(len) };
     v

@@ -18,12 +18,12 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 /// Channels per group (in and out) from which the transform pays for itself.
-pub(in crate::conv) const MIN_CHANNELS: usize = 16;
+pub(in crate::kernels::conv) const MIN_CHANNELS: usize = 16;
 
 /// A stride-1, dilation-1 3 × 3 convolution of `x` `(n, ci, h, w)` to `(n, co, ho, wo)`, padded
 /// by `pad`, in `groups` groups.
 #[derive(Clone, Copy, Debug)]
-pub(in crate::conv) struct Shape {
+pub(in crate::kernels::conv) struct Shape {
     pub n: usize,
     pub ci: usize,
     pub h: usize,
@@ -38,7 +38,7 @@ pub(in crate::conv) struct Shape {
 impl Shape {
     /// The forward convolution of `g`, or (`data_gradient`) the one that computes its data
     /// gradient: `dx = conv3x3(dy, w flipped, channel axes swapped)`, padded by `2 − p`.
-    pub(in crate::conv) fn of(g: &Geom, data_gradient: bool) -> Self {
+    pub(in crate::kernels::conv) fn of(g: &Geom, data_gradient: bool) -> Self {
         let (ci, h, w, co, ho, wo) = if data_gradient {
             (g.co, g.ho, g.wo, g.ci, g.h, g.w)
         } else {
@@ -83,7 +83,7 @@ impl Shape {
 /// `y = conv3x3(x, w)`, `images_per_task` images per parallel task. `w` is a convolution weight
 /// `(C_out, C_in / groups, 3, 3)`: of this convolution, or (`data_gradient`) of the convolution
 /// whose data gradient this is (it is then used flipped, channel axes swapped).
-pub(in crate::conv) fn conv3x3(
+pub(in crate::kernels::conv) fn conv3x3(
     s: &Shape,
     images_per_task: usize,
     x: &[f32],
@@ -159,7 +159,7 @@ pub(in crate::conv) fn conv3x3(
     };
     // SAFETY: every tile of every image is in one panel, and the output transform writes the
     // tile's (up to) 2 × 2 outputs of every output channel.
-    unsafe { crate::kernel::par_written(s.n * out_len, images_per_task * out_len, images) }
+    unsafe { crate::kernels::cpu::par_written(s.n * out_len, images_per_task * out_len, images) }
 }
 
 /// The 3 × 3 kernels `[group][o][c]` of this convolution (`cog` outputs, `cig` inputs per

@@ -14,7 +14,7 @@
 //! the rows reads there.
 
 use super::{aligned, segments, Planes, Seg, KC};
-use crate::conv::Geom;
+use crate::kernels::conv::Geom;
 use std::mem::MaybeUninit;
 
 /// Pixels of a register tile (the broadcast operand).

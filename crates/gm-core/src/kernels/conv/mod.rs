@@ -2,7 +2,7 @@
 //!
 //! candle 0.11.1 computes the CPU conv2d *input* gradient and all of conv_transpose2d with a direct
 //! nested loop, 6–8× slower than PyTorch. gm's ops replace them on the CPU, with images split
-//! into tasks over candle's thread pool ([`crate::par`]):
+//! into tasks over candle's thread pool ([`crate::kernels::par`]):
 //! - f32 on x86-64 CPUs with AVX2 and FMA: register-tile kernels that never build the column
 //!   matrix (the private `avx2` module: direct 6-pixel × 16-channel tiles that broadcast input
 //!   values from zero-padded planes, for the forward and the filter gradient of deep enough
@@ -26,7 +26,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use gm_core::conv::{conv2d, Conv2dParams};
+//! use gm_core::kernels::conv::{conv2d, Conv2dParams};
 //! let x = Tensor::ones((2, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
 //! let w = Tensor::ones((4, 3, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
 //! let y = conv2d(&x, &w, Conv2dParams::default().padding(1))?;
@@ -200,7 +200,7 @@ impl Geom {
     }
     /// How images are grouped into gemm calls and into parallel tasks.
     fn plan(&self) -> Plan {
-        let threads = crate::par::threads();
+        let threads = crate::kernels::par::threads();
         let n = self.n.max(1);
         // Wide enough column blocks keep gemm efficient on small feature maps.
         let want = 512usize.div_ceil(self.pix());
@@ -544,7 +544,7 @@ where
     F: Fn(usize, &mut [T]) + Sync + Send,
 {
     if parallel {
-        crate::par::chunks_mut(data, len, f);
+        crate::kernels::par::chunks_mut(data, len, f);
     } else {
         data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
     }
@@ -562,7 +562,7 @@ fn sum_tasks<T: Elem>(
         return task(0, g.n);
     }
     let tasks = g.n.div_ceil(plan.per_task);
-    let parts = crate::par::map(tasks, |t| {
+    let parts = crate::kernels::par::map(tasks, |t| {
         task(t * plan.per_task, ((t + 1) * plan.per_task).min(g.n))
     });
     let mut parts = parts.into_iter();

@@ -806,7 +806,7 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
     // SAFETY: every task writes all of its images' outputs: the panels (or pixel groups) cover
     // every pixel of the chunk, and each block of output channels is stored (the panel kernel's
     // in place or from `ctiles`, the direct kernel's from its tile results).
-    unsafe { crate::kernel::par_written(g.n * out_len, plan.per_task * out_len, images) }
+    unsafe { crate::kernels::cpu::par_written(g.n * out_len, plan.per_task * out_len, images) }
 }
 
 /// One sub-pixel phase `(py, px)` of the data gradient: the input pixels `(s·a + py, s·b + px)`
@@ -1015,7 +1015,7 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
     // SAFETY: every task writes all of its images' dx: each dx pixel lies in exactly one phase,
     // whose kernel run (or zero fill, for a phase no tap reaches) wrote every element of its
     // part, copied row by row; or the single phase's run wrote `xs` directly.
-    unsafe { crate::kernel::par_written(g.n * in_len, plan.per_task * in_len, images) }
+    unsafe { crate::kernels::cpu::par_written(g.n * in_len, plan.per_task * in_len, images) }
 }
 
 /// `row[2b] = even[b]`, `row[2b + 1] = odd[b]` (`even` has `⌈len/2⌉` values, `odd` `⌊len/2⌋`).
@@ -1141,7 +1141,7 @@ fn conv_bwd_data_col2im(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f3
         }
     };
     // SAFETY: every task extracts all of its images' planes into its chunk of dx.
-    unsafe { crate::kernel::par_written(g.n * in_len, plan.per_task * in_len, images) }
+    unsafe { crate::kernels::cpu::par_written(g.n * in_len, plan.per_task * in_len, images) }
 }
 
 /// Column-matrix depth from which the filter gradient takes the [`direct`] kernel.
