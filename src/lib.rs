@@ -35,11 +35,12 @@ pub use gm_core::{
     DeviceChoice, GmRng, RngState,
 };
 pub use gm_models::{
-    ar, classifier, ddpm, ffjord, flow, flow_matching, fvsbn, gated_pixelcnn, made, nn, pixelcnn,
-    realnvp, unet, vae, Batch, EvalOptions, Loss, Model, ModelConfig, PixelData,
+    ar, classifier, ddpm, family, ffjord, flow, flow_matching, fvsbn, gated_pixelcnn, kinds, made,
+    nn, pixelcnn, realnvp, register, text, unet, vae, Batch, DataShape, EvalOptions, Family, Loss,
+    Metrics, Model, ModelConfig, PixelData,
 };
 pub use gm_train::{
-    checkpoint, config, data, doctor, eval, fetch, images, opbench, optim, trainer,
+    checkpoint, config, data, doctor, eval, fetch, hooks, images, opbench, optim, source, trainer,
 };
 pub use gm_train::{
     load_checkpoint, load_checkpoint_with, train, RunConfig, TrainOptions, TrainSummary,

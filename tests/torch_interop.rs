@@ -191,14 +191,14 @@ fn gm_and_pytorch_agree_on_autoregressive_nll() {
     let tmp = tempfile::tempdir().unwrap();
     let shape = [1, 9, 11];
     let configs = [
-        ModelConfig::PixelCnn(PixelCnnConfig {
+        ModelConfig::new(PixelCnnConfig {
             image_shape: shape,
             channels: 8,
             res_blocks: 2,
             head_channels: 6,
             ..Default::default()
         }),
-        ModelConfig::PixelCnn(PixelCnnConfig {
+        ModelConfig::new(PixelCnnConfig {
             image_shape: shape,
             channels: 6,
             res_blocks: 1,
@@ -207,7 +207,7 @@ fn gm_and_pytorch_agree_on_autoregressive_nll() {
             num_classes: 3,
             ..Default::default()
         }),
-        ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+        ModelConfig::new(GatedPixelCnnConfig {
             image_shape: shape,
             channels: 5,
             layers: 3,
@@ -215,7 +215,7 @@ fn gm_and_pytorch_agree_on_autoregressive_nll() {
             num_classes: 3,
             ..Default::default()
         }),
-        ModelConfig::GatedPixelCnn(GatedPixelCnnConfig {
+        ModelConfig::new(GatedPixelCnnConfig {
             image_shape: shape,
             channels: 4,
             layers: 2,

@@ -8,8 +8,9 @@
 //! pixels (`D = C·H·W`, `K = 1` for Bernoulli pixels, `K = 256` for 8-bit grey levels) such that
 //! the logits of pixel `d` depend only on the pixels before `d` in the model's order.
 
+pub use crate::nn::{check_labels, cycle_labels};
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use gm_core::dist::{Bernoulli, Categorical};
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,14 @@ pub enum PixelOutput {
 }
 
 impl PixelOutput {
+    /// The pixel values a model with this output is defined on.
+    pub fn pixel_data(self) -> crate::PixelData {
+        match self {
+            Self::Bernoulli => crate::PixelData::Binary,
+            Self::Categorical => crate::PixelData::Levels,
+        }
+    }
+
     /// Logits per pixel.
     pub fn classes(self) -> usize {
         match self {
@@ -155,24 +164,6 @@ pub fn sample_raster(
         }
     }
     gm_core::traffic::upload(buf, (n, c, h, w), device)?.to_dtype(dtype)
-}
-
-/// Labels `0, 1, …` cycling through `num_classes` (what an unconditional `sample(n)` of a
-/// class-conditional model draws), as a `(n,)` u32 tensor.
-pub fn cycle_labels(n: usize, num_classes: usize, device: &Device) -> Result<Tensor> {
-    let v: Vec<u32> = (0..n).map(|i| (i % num_classes) as u32).collect();
-    gm_core::traffic::upload(v, n, device)
-}
-
-/// Checks labels against the number of classes; the error names the bad label.
-pub fn check_labels(labels: &[u32], num_classes: usize) -> Result<()> {
-    if num_classes == 0 {
-        candle_core::bail!("this model is not class-conditional (model.num_classes = 0)")
-    }
-    if let Some(l) = labels.iter().find(|&&l| l as usize >= num_classes) {
-        candle_core::bail!("label {l} out of range: the model has {num_classes} classes")
-    }
-    Ok(())
 }
 
 /// Validation shared by the AR configs.

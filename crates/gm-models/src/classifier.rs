@@ -54,6 +54,30 @@ impl ClassifierConfig {
     }
 }
 
+impl crate::Family for ClassifierConfig {
+    const KIND: &'static str = "classifier";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        ClassifierConfig::validate(self)
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn needs_labels(&self) -> bool {
+        true
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(Classifier::new(self.clone(), vb)?))
+    }
+}
+
 /// `conv(5, s2) → ReLU → conv(5, s2) → ReLU → flatten → linear → ReLU (features) → linear`.
 #[derive(Clone, Debug)]
 pub struct Classifier {

@@ -10,9 +10,9 @@
 //! Data: the 256 grey levels, `x ∈ {0, 1/255, …, 1}` (`data.binarize = "none"`,
 //! `data.dequantize = false`), mapped to `[-1, 1]` inside the model.
 
-use crate::unet::{UNet, UNetConfig};
-use crate::{ar, Batch, EvalOptions, Loss, Metrics, Model};
-use candle_core::{DType, Device, Result, Tensor};
+use crate::unet::{check_dropout, Denoiser, UNetConfig};
+use crate::{Batch, EvalOptions, Loss, Metrics, Model};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use gm_core::diffusion::{
     discretized_gaussian_log_likelihood, loss_weights, normal_kl, per_sample, q_sample,
@@ -79,144 +79,27 @@ impl DdpmConfig {
     }
 }
 
-pub(crate) fn check_dropout(p: f64) -> std::result::Result<(), String> {
-    if !(0.0..1.0).contains(&p) {
-        return Err(format!("model.label_dropout must be in [0, 1), got {p}"));
-    }
-    Ok(())
-}
+impl crate::Family for DdpmConfig {
+    const KIND: &'static str = "ddpm";
 
-/// Most images a sampler pushes through the network at once.
-pub const SAMPLE_CHUNK: usize = 250;
-
-/// What DDPM and flow matching share: the network, its labels, guidance, image scaling.
-#[derive(Clone, Debug)]
-pub(crate) struct Denoiser {
-    pub unet: UNet,
-    pub num_classes: usize,
-}
-
-impl Denoiser {
-    pub fn new(
-        shape: [usize; 3],
-        unet: &UNetConfig,
-        num_classes: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let c = shape[0];
-        Ok(Self {
-            unet: UNet::new(unet, c, c, num_classes, vb)?,
-            num_classes,
-        })
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
     }
 
-    /// `[0, 1]` pixels to `[-1, 1]`.
-    pub fn to_model(x: &Tensor) -> Result<Tensor> {
-        x.affine(2.0, -1.0)
+    fn validate(&self) -> std::result::Result<(), String> {
+        DdpmConfig::validate(self)
     }
 
-    /// `[-1, 1]` back to `[0, 1]`, clamped.
-    pub fn to_pixels(x: &Tensor) -> Result<Tensor> {
-        x.affine(0.5, 0.5)?.clamp(0.0, 1.0)
+    fn pixel_data(&self) -> crate::PixelData {
+        crate::PixelData::Levels
     }
 
-    /// Training labels: each replaced by the "no label" token with probability `p`.
-    pub fn train_labels(&self, batch: &Batch, p: f64, rng: &mut GmRng) -> Result<Option<Tensor>> {
-        if self.num_classes == 0 {
-            return Ok(None);
-        }
-        let y = batch.labels.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg("a class-conditional model needs labels".into())
-        })?;
-        gm_core::traffic::record_readback(gm_core::traffic::bytes_of(y));
-        let v: Vec<u32> = y.to_dtype(DType::U32)?.to_vec1()?;
-        // One uniform per label (drawn only when labels are dropped at all).
-        let u = match p > 0.0 {
-            true => rng.per_sample_f64(v.len()),
-            false => vec![1.0; v.len()],
-        };
-        let out: Vec<u32> = v
-            .into_iter()
-            .zip(u)
-            .map(|(l, u)| {
-                if p > 0.0 && u < p {
-                    self.num_classes as u32
-                } else {
-                    l
-                }
-            })
-            .collect();
-        Ok(Some(gm_core::traffic::upload(out, y.dim(0)?, y.device())?))
+    fn num_classes(&self) -> usize {
+        self.num_classes
     }
 
-    /// Labels for evaluation: the data's own labels (conditional likelihood).
-    pub fn eval_labels(&self, batch: &Batch) -> Result<Option<Tensor>> {
-        if self.num_classes == 0 {
-            return Ok(None);
-        }
-        match &batch.labels {
-            Some(y) => Ok(Some(y.to_dtype(DType::U32)?)),
-            None => candle_core::bail!("a class-conditional model needs labels"),
-        }
-    }
-
-    /// The network output at time `t` (`(B,)` on the embedding's scale), with classifier-free
-    /// guidance `out_u + w·(out_c − out_u)` when `labels` are given and `w ≠ 1`.
-    pub fn guided(
-        &self,
-        x: &Tensor,
-        t: &Tensor,
-        labels: Option<&Tensor>,
-        w: f64,
-    ) -> Result<Tensor> {
-        match labels {
-            Some(y) if w != 1.0 => {
-                let b = x.dim(0)?;
-                let null = Tensor::full(self.num_classes as u32, b, x.device())?;
-                let xx = Tensor::cat(&[x, x], 0)?;
-                let tt = Tensor::cat(&[t, t], 0)?;
-                let yy = Tensor::cat(&[y, &null], 0)?;
-                let out = self.unet.forward(&xx, &tt, Some(&yy))?;
-                let c = out.narrow(0, 0, b)?;
-                let u = out.narrow(0, b, b)?;
-                &u + ((c - &u)? * w)?
-            }
-            _ => self.unet.forward(x, t, labels),
-        }
-    }
-
-    /// Runs `f(count, labels)` over chunks of at most [`SAMPLE_CHUNK`] images and concatenates the
-    /// results, so that memory stays bounded however many samples are asked for.
-    pub fn chunked(
-        n: usize,
-        labels: Option<&Tensor>,
-        mut f: impl FnMut(usize, Option<&Tensor>) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let mut parts = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let k = SAMPLE_CHUNK.min(n - start);
-            let y = labels.map(|y| y.narrow(0, start, k)).transpose()?;
-            parts.push(f(k, y.as_ref())?);
-            start += k;
-        }
-        Tensor::cat(&parts, 0)
-    }
-
-    /// Labels of an unconditional grid of `n` (cycling through the classes), or `None`.
-    pub fn grid_labels(&self, n: usize, device: &Device) -> Result<Option<Tensor>> {
-        if self.num_classes == 0 {
-            return Ok(None);
-        }
-        Ok(Some(ar::cycle_labels(n, self.num_classes, device)?))
-    }
-
-    pub fn label_tensor(&self, labels: &[u32], device: &Device) -> Result<Option<Tensor>> {
-        if self.num_classes == 0 {
-            return Ok(None);
-        }
-        ar::check_labels(labels, self.num_classes)?;
-        Ok(Some(Tensor::new(labels, device)?))
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(Ddpm::new(self.clone(), vb)?))
     }
 }
 

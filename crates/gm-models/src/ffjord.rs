@@ -27,8 +27,7 @@
 //! logit-pre-processed ([`crate::flow::Logit`]) and squeezed `squeeze` times (volume-preserving)
 //! before the ODE, which makes the convolutions cheaper.
 
-use crate::flow::{eight_bit_offset, squeeze, std_normal_log_prob, unsqueeze, Logit};
-use crate::flow_matching::ot_path;
+use crate::flow::{eight_bit_offset, ot_path, squeeze, std_normal_log_prob, unsqueeze, Logit};
 use crate::nn::Conv2d;
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Device, Result, Tensor};
@@ -217,6 +216,29 @@ impl CnfConfig {
         let [c, h, w] = self.image_shape;
         let f = 1usize << self.squeeze;
         [c * f * f, h / f, w / f]
+    }
+}
+
+impl crate::Family for CnfConfig {
+    const KIND: &'static str = "cnf";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        CnfConfig::validate(self)
+    }
+
+    fn pixel_data(&self) -> crate::PixelData {
+        match self.is_vector() {
+            true => crate::PixelData::Any,
+            false => crate::PixelData::Dequantized,
+        }
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(Cnf::new(self.clone(), vb)?))
     }
 }
 

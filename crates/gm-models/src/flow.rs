@@ -100,3 +100,23 @@ pub fn tempered_normal_log_prob(z: &Tensor, temperature: f64) -> Result<Tensor> 
 pub fn mean_f64(x: &Tensor) -> Result<f64> {
     x.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()
 }
+
+/// `(x_t, u_t)` of the conditional OT path for noise `x0`, data `x1` and per-sample times `t`.
+pub fn ot_path(x0: &Tensor, x1: &Tensor, t: &Tensor, sigma_min: f64) -> Result<(Tensor, Tensor)> {
+    let mut shape = vec![t.dim(0)?];
+    shape.extend(std::iter::repeat_n(1, x0.rank() - 1));
+    let tb = t.reshape(shape)?.to_dtype(x0.dtype())?;
+    let a = tb.affine(-(1.0 - sigma_min), 1.0)?;
+    let x_t = (x0.broadcast_mul(&a)? + x1.broadcast_mul(&tb)?)?;
+    let u = (x1 - (x0 * (1.0 - sigma_min))?)?;
+    Ok((x_t, u))
+}
+
+/// The exact marginal velocity of the OT path when the data are `N(μ, s²I)`:
+/// `u_t(x) = μ + (t·s² − (1 − σ)·a)/(a² + t²s²)·(x − tμ)`, `a = 1 − (1 − σ)t` (the regression of
+/// `u_t` on `x_t`, both Gaussian).
+pub fn gaussian_ot_velocity(x: &Tensor, t: f64, mu: f64, s: f64, sigma_min: f64) -> Result<Tensor> {
+    let a = 1.0 - (1.0 - sigma_min) * t;
+    let slope = (t * s * s - (1.0 - sigma_min) * a) / (a * a + t * t * s * s);
+    ((x - t * mu)? * slope)? + mu
+}

@@ -12,8 +12,9 @@
 //! reported `nll_nats` adds `D·ln 256` to put it on the 8-bit scale (the uniform-dequantisation
 //! bound on `−log P(k)`): `bits_per_dim` is comparable with the discrete models'.
 
-use crate::ddpm::{check_dropout, Denoiser};
+use crate::flow::ot_path;
 use crate::unet::UNetConfig;
+use crate::unet::{check_dropout, Denoiser};
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -88,24 +89,28 @@ impl FlowMatchingConfig {
     }
 }
 
-/// `(x_t, u_t)` of the conditional OT path for noise `x0`, data `x1` and per-sample times `t`.
-pub fn ot_path(x0: &Tensor, x1: &Tensor, t: &Tensor, sigma_min: f64) -> Result<(Tensor, Tensor)> {
-    let mut shape = vec![t.dim(0)?];
-    shape.extend(std::iter::repeat_n(1, x0.rank() - 1));
-    let tb = t.reshape(shape)?.to_dtype(x0.dtype())?;
-    let a = tb.affine(-(1.0 - sigma_min), 1.0)?;
-    let x_t = (x0.broadcast_mul(&a)? + x1.broadcast_mul(&tb)?)?;
-    let u = (x1 - (x0 * (1.0 - sigma_min))?)?;
-    Ok((x_t, u))
-}
+impl crate::Family for FlowMatchingConfig {
+    const KIND: &'static str = "flow-matching";
 
-/// The exact marginal velocity of the OT path when the data are `N(μ, s²I)`:
-/// `u_t(x) = μ + (t·s² − (1 − σ)·a)/(a² + t²s²)·(x − tμ)`, `a = 1 − (1 − σ)t` (the regression of
-/// `u_t` on `x_t`, both Gaussian).
-pub fn gaussian_ot_velocity(x: &Tensor, t: f64, mu: f64, s: f64, sigma_min: f64) -> Result<Tensor> {
-    let a = 1.0 - (1.0 - sigma_min) * t;
-    let slope = (t * s * s - (1.0 - sigma_min) * a) / (a * a + t * t * s * s);
-    ((x - t * mu)? * slope)? + mu
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        FlowMatchingConfig::validate(self)
+    }
+
+    fn pixel_data(&self) -> crate::PixelData {
+        crate::PixelData::Dequantized
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(FlowMatching::new(self.clone(), vb)?))
+    }
 }
 
 pub struct FlowMatching {

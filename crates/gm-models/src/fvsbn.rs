@@ -40,6 +40,26 @@ impl FvsbnConfig {
     }
 }
 
+impl crate::Family for FvsbnConfig {
+    const KIND: &'static str = "fvsbn";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        FvsbnConfig::validate(self)
+    }
+
+    fn pixel_data(&self) -> crate::PixelData {
+        crate::PixelData::Binary
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(Fvsbn::new(self.clone(), vb)?))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Fvsbn {
     cfg: FvsbnConfig,

@@ -173,6 +173,37 @@ impl GanConfig {
     }
 }
 
+impl crate::Family for GanConfig {
+    const KIND: &'static str = "gan";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        GanConfig::validate(self)
+    }
+
+    fn pixel_data(&self) -> crate::PixelData {
+        match self.is_vector() {
+            true => crate::PixelData::Any,
+            false => crate::PixelData::Levels,
+        }
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn second_order(&self) -> bool {
+        self.loss == GanLoss::WganGp && self.gp_weight > 0.0
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(Gan::new(self.clone(), vb)?))
+    }
+}
+
 /// A weight with optional spectral normalisation `W / σ(W)`, `σ` from one power iteration per
 /// training call on the `(out, in·k·k)` matrix.
 #[derive(Debug)]

@@ -77,6 +77,30 @@ impl GatedPixelCnnConfig {
     }
 }
 
+impl crate::Family for GatedPixelCnnConfig {
+    const KIND: &'static str = "gated-pixelcnn";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        GatedPixelCnnConfig::validate(self)
+    }
+
+    fn pixel_data(&self) -> crate::PixelData {
+        self.output.pixel_data()
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(GatedPixelCnn::new(self.clone(), vb)?))
+    }
+}
+
 /// A convolution whose output is the top-left corner of the input's size: with a kernel of
 /// `rows × cols` and padding `(pr, pc)`, output `(i, j)` reads input rows `i − pr … i − pr + rows
 /// − 1` and columns `j − pc … j − pc + cols − 1`.

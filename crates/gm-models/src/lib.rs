@@ -7,6 +7,7 @@
 pub mod ar;
 pub mod classifier;
 pub mod ddpm;
+pub mod family;
 pub mod ffjord;
 pub mod flow;
 pub mod flow_matching;
@@ -22,9 +23,9 @@ pub mod unet;
 pub mod vae;
 
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
 use gm_core::GmRng;
-use serde::{Deserialize, Serialize};
+
+pub use family::{kinds, register, DataShape, Family, ModelConfig};
 
 /// One batch of data as the models see it.
 #[derive(Clone, Debug)]
@@ -141,28 +142,6 @@ pub trait Model {
     }
 }
 
-/// Every model gm can build, tagged by `kind` (TOML: `[model] kind = "vae"`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum ModelConfig {
-    Vae(vae::VaeConfig),
-    Classifier(classifier::ClassifierConfig),
-    Fvsbn(fvsbn::FvsbnConfig),
-    Made(made::MadeConfig),
-    #[serde(rename = "pixelcnn")]
-    PixelCnn(pixelcnn::PixelCnnConfig),
-    #[serde(rename = "gated-pixelcnn")]
-    GatedPixelCnn(gated_pixelcnn::GatedPixelCnnConfig),
-    Ddpm(ddpm::DdpmConfig),
-    FlowMatching(flow_matching::FlowMatchingConfig),
-    #[serde(rename = "realnvp")]
-    RealNvp(realnvp::RealNvpConfig),
-    Cnf(ffjord::CnfConfig),
-    Gan(gan::GanConfig),
-    /// A language model on text (trained through `gm_train::text`, not the image trainer).
-    TextAr(text::TextArConfig),
-}
-
 /// The pixel values a model is defined on, checked against the data pre-processing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PixelData {
@@ -174,121 +153,4 @@ pub enum PixelData {
     Dequantized,
     /// Whatever the pre-processing gives.
     Any,
-}
-
-impl ModelConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Vae(_) => "vae",
-            Self::Classifier(_) => "classifier",
-            Self::Fvsbn(_) => "fvsbn",
-            Self::Made(_) => "made",
-            Self::PixelCnn(_) => "pixelcnn",
-            Self::GatedPixelCnn(_) => "gated-pixelcnn",
-            Self::Ddpm(_) => "ddpm",
-            Self::FlowMatching(_) => "flow-matching",
-            Self::RealNvp(_) => "realnvp",
-            Self::Cnf(_) => "cnf",
-            Self::Gan(_) => "gan",
-            Self::TextAr(_) => "text-ar",
-        }
-    }
-
-    /// `[C, H, W]` of the images the model reads (`[1, 1, context]` for a text model).
-    pub fn image_shape(&self) -> [usize; 3] {
-        match self {
-            Self::Vae(c) => c.image_shape,
-            Self::Classifier(c) => c.image_shape,
-            Self::Fvsbn(c) => c.image_shape,
-            Self::Made(c) => c.image_shape,
-            Self::PixelCnn(c) => c.image_shape,
-            Self::GatedPixelCnn(c) => c.image_shape,
-            Self::Ddpm(c) => c.image_shape,
-            Self::FlowMatching(c) => c.image_shape,
-            Self::RealNvp(c) => c.image_shape,
-            Self::Cnf(c) => c.image_shape,
-            Self::Gan(c) => c.image_shape,
-            Self::TextAr(c) => [1, 1, c.context],
-        }
-    }
-
-    /// Checks values a deserialiser cannot (zero sizes, negative weights); errors name the key.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        match self {
-            Self::Vae(c) => c.validate(),
-            Self::Classifier(c) => c.validate(),
-            Self::Fvsbn(c) => c.validate(),
-            Self::Made(c) => c.validate(),
-            Self::PixelCnn(c) => c.validate(),
-            Self::GatedPixelCnn(c) => c.validate(),
-            Self::Ddpm(c) => c.validate(),
-            Self::FlowMatching(c) => c.validate(),
-            Self::RealNvp(c) => c.validate(),
-            Self::Cnf(c) => c.validate(),
-            Self::Gan(c) => c.validate(),
-            Self::TextAr(c) => c.validate(),
-        }
-    }
-
-    /// Builds the model; its parameters are created through `vb` under PyTorch `state_dict` names.
-    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Model>> {
-        Ok(match self {
-            Self::Vae(c) => Box::new(vae::Vae::new(c.clone(), vb)?),
-            Self::Classifier(c) => Box::new(classifier::Classifier::new(c.clone(), vb)?),
-            Self::Fvsbn(c) => Box::new(fvsbn::Fvsbn::new(c.clone(), vb)?),
-            Self::Made(c) => Box::new(made::Made::new(c.clone(), vb)?),
-            Self::PixelCnn(c) => Box::new(pixelcnn::PixelCnn::new(c.clone(), vb)?),
-            Self::GatedPixelCnn(c) => Box::new(gated_pixelcnn::GatedPixelCnn::new(c.clone(), vb)?),
-            Self::Ddpm(c) => Box::new(ddpm::Ddpm::new(c.clone(), vb)?),
-            Self::FlowMatching(c) => Box::new(flow_matching::FlowMatching::new(c.clone(), vb)?),
-            Self::RealNvp(c) => Box::new(realnvp::RealNvp::new(c.clone(), vb)?),
-            Self::Cnf(c) => Box::new(ffjord::Cnf::new(c.clone(), vb)?),
-            Self::Gan(c) => Box::new(gan::Gan::new(c.clone(), vb)?),
-            Self::TextAr(_) => candle_core::bail!(
-                "a 'text-ar' model is not an image model: build it with text::TextAr::new"
-            ),
-        })
-    }
-
-    /// The pixel values the model is defined on.
-    pub fn pixel_data(&self) -> PixelData {
-        use ar::PixelOutput as P;
-        match self {
-            Self::Fvsbn(_) | Self::Made(_) => PixelData::Binary,
-            Self::PixelCnn(c) if c.output == P::Bernoulli => PixelData::Binary,
-            Self::GatedPixelCnn(c) if c.output == P::Bernoulli => PixelData::Binary,
-            Self::PixelCnn(_) | Self::GatedPixelCnn(_) | Self::Ddpm(_) => PixelData::Levels,
-            Self::FlowMatching(_) => PixelData::Dequantized,
-            Self::RealNvp(c) if !c.is_vector() => PixelData::Dequantized,
-            Self::Cnf(c) if !c.is_vector() => PixelData::Dequantized,
-            Self::Gan(c) if !c.is_vector() => PixelData::Levels,
-            _ => PixelData::Any,
-        }
-    }
-
-    /// The number of classes of a class-conditional model or classifier; 0 for the others.
-    pub fn num_classes(&self) -> usize {
-        match self {
-            Self::Classifier(c) => c.num_classes,
-            Self::PixelCnn(c) => c.num_classes,
-            Self::GatedPixelCnn(c) => c.num_classes,
-            Self::Ddpm(c) => c.num_classes,
-            Self::FlowMatching(c) => c.num_classes,
-            Self::Gan(c) => c.num_classes,
-            _ => 0,
-        }
-    }
-
-    /// Labels the model needs in every batch (class-conditional models and classifiers).
-    pub fn needs_labels(&self) -> bool {
-        match self {
-            Self::Classifier(_) => true,
-            Self::PixelCnn(c) => c.num_classes > 0,
-            Self::GatedPixelCnn(c) => c.num_classes > 0,
-            Self::Ddpm(c) => c.num_classes > 0,
-            Self::FlowMatching(c) => c.num_classes > 0,
-            Self::Gan(c) => c.num_classes > 0,
-            _ => false,
-        }
-    }
 }

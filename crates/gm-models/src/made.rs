@@ -69,6 +69,26 @@ impl MadeConfig {
     }
 }
 
+impl crate::Family for MadeConfig {
+    const KIND: &'static str = "made";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        MadeConfig::validate(self)
+    }
+
+    fn pixel_data(&self) -> crate::PixelData {
+        crate::PixelData::Binary
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(Made::new(self.clone(), vb)?))
+    }
+}
+
 /// One connectivity pattern: the input ordering and a mask per layer (`(out, in)` like the weights).
 #[derive(Clone, Debug)]
 struct MaskSet {

@@ -1,7 +1,7 @@
 //! Shared building blocks. Names follow PyTorch's `nn.Sequential` numbering (activations take an
 //! index too), so safetensors files line up with a PyTorch `state_dict`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use gm_core::kernels::conv::{conv2d, conv2d_cropped, conv_transpose2d, Conv2dParams};
 use gm_core::kernels::ops::{bias_act, Act};
@@ -271,5 +271,47 @@ fn bias_then(y: Tensor, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
         (Some(b), act) => bias_act(&y, b, act),
         (None, Act::Identity) => Ok(y),
         (None, act) => bias_act(&y, &Tensor::zeros(y.dim(1)?, y.dtype(), y.device())?, act),
+    }
+}
+
+/// Labels `0, 1, …` cycling through `num_classes` (what an unconditional `sample(n)` of a
+/// class-conditional model draws), as a `(n,)` u32 tensor.
+pub fn cycle_labels(n: usize, num_classes: usize, device: &Device) -> Result<Tensor> {
+    let v: Vec<u32> = (0..n).map(|i| (i % num_classes) as u32).collect();
+    gm_core::traffic::upload(v, n, device)
+}
+
+/// Checks labels against the number of classes; the error names the bad label.
+pub fn check_labels(labels: &[u32], num_classes: usize) -> Result<()> {
+    if num_classes == 0 {
+        candle_core::bail!("this model is not class-conditional (model.num_classes = 0)")
+    }
+    if let Some(l) = labels.iter().find(|&&l| l as usize >= num_classes) {
+        candle_core::bail!("label {l} out of range: the model has {num_classes} classes")
+    }
+    Ok(())
+}
+
+/// GroupNorm with PyTorch's names (`weight`, `bias`) and initialisation (ones, zeros), on gm's
+/// fused kernel ([`gm_core::kernels::norm::group_norm`]).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+            groups,
+        })
+    }
+
+    /// `GroupNorm(x)`, followed by SiLU when `silu`.
+    pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        gm_core::kernels::norm::group_norm(x, &self.weight, &self.bias, self.groups, 1e-5, silu)
     }
 }

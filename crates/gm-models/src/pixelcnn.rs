@@ -80,6 +80,30 @@ impl PixelCnnConfig {
     }
 }
 
+impl crate::Family for PixelCnnConfig {
+    const KIND: &'static str = "pixelcnn";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        PixelCnnConfig::validate(self)
+    }
+
+    fn pixel_data(&self) -> crate::PixelData {
+        self.output.pixel_data()
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(PixelCnn::new(self.clone(), vb)?))
+    }
+}
+
 /// Which pixels a masked kernel may read: `A` strictly before the centre, `B` up to and
 /// including it (raster order, single channel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

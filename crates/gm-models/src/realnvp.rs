@@ -112,6 +112,29 @@ impl RealNvpConfig {
     }
 }
 
+impl crate::Family for RealNvpConfig {
+    const KIND: &'static str = "realnvp";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        RealNvpConfig::validate(self)
+    }
+
+    fn pixel_data(&self) -> crate::PixelData {
+        match self.is_vector() {
+            true => crate::PixelData::Any,
+            false => crate::PixelData::Dequantized,
+        }
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(RealNvp::new(self.clone(), vb)?))
+    }
+}
+
 /// A ResNet `x → (ŝ, t)`: `k×k` convolutions (`k = 1` on vectors), pre-activation residual blocks,
 /// the last convolution initialised to zero.
 #[derive(Clone, Debug)]

@@ -82,6 +82,24 @@ impl TextArConfig {
     }
 }
 
+impl crate::Family for TextArConfig {
+    const KIND: &'static str = "text-ar";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Text {
+            context: self.context,
+        }
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        TextArConfig::validate(self)
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(TextAr::new(self.clone(), vb)?))
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Layer {
     conv: Conv2d,
@@ -224,4 +242,47 @@ pub fn sample_top_k(logits: &[f64], temperature: f64, top_k: usize, rng: &mut Gm
         u -= wk;
     }
     idx[idx.len() - 1] as u32
+}
+
+/// Trained through gm's trainer like the image models: a batch is `x` = token windows
+/// `(B, context + 1)` (u32), each token predicted from those before it in its window.
+impl crate::Model for TextAr {
+    fn kind(&self) -> &'static str {
+        "text-ar"
+    }
+
+    /// The mean `−log p(x_t | x_<t)` over the batch's predicted tokens (nats per token).
+    fn loss(&self, batch: &crate::Batch, _rng: &mut GmRng) -> Result<crate::Loss> {
+        let total = self.token_nll(&batch.x)?.mean_all()?;
+        let bits = (&total / std::f64::consts::LN_2)?;
+        Ok(crate::Loss {
+            total,
+            parts: vec![("bits_per_token", bits)],
+        })
+    }
+
+    /// `nll_nats`: the summed `−log p(x_t | x_<t)` of each window's predicted tokens, from which
+    /// the held-out stream's bits per token and per byte are formed.
+    fn eval_metrics(
+        &self,
+        batch: &crate::Batch,
+        _rng: &mut GmRng,
+        _opts: &crate::EvalOptions,
+    ) -> Result<crate::Metrics> {
+        let nll = self.token_nll(&batch.x)?.to_dtype(DType::F64)?.sum(1)?;
+        Ok(vec![("nll_nats".to_string(), nll)])
+    }
+
+    fn primary_metric(&self) -> &'static str {
+        "bits_per_byte"
+    }
+
+    fn likelihood_metric(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Text is generated from a prompt through the run's tokenizer (`gm sample`), not here.
+    fn sample(&self, _n: usize, _rng: &mut GmRng) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }

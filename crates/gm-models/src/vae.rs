@@ -123,6 +123,22 @@ impl VaeConfig {
     }
 }
 
+impl crate::Family for VaeConfig {
+    const KIND: &'static str = "vae";
+
+    fn data(&self) -> crate::DataShape {
+        crate::DataShape::Image(self.image_shape)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        VaeConfig::validate(self)
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
+        Ok(Box::new(Vae::new(self.clone(), vb)?))
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Encoder {
     Mlp(Mlp),

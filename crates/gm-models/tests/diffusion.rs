@@ -10,7 +10,8 @@ use gm_core::diffusion::ScheduleConfig;
 use gm_core::ode::{solve, SolverConfig};
 use gm_core::GmRng;
 use gm_models::ddpm::{Ddpm, DdpmConfig};
-use gm_models::flow_matching::{gaussian_ot_velocity, ot_path, FlowMatching, FlowMatchingConfig};
+use gm_models::flow::{gaussian_ot_velocity, ot_path};
+use gm_models::flow_matching::{FlowMatching, FlowMatchingConfig};
 use gm_models::unet::{upsample_nearest2x, UNetConfig};
 use gm_models::{Batch, EvalOptions, Model, ModelConfig};
 
@@ -57,14 +58,14 @@ fn batch(n: usize, shape: [usize; 3], labels: bool, seed: u64) -> Batch {
 fn gradients_reach_every_parameter() {
     let shape = [1, 8, 8];
     let cfgs = [
-        ModelConfig::Ddpm(DdpmConfig {
+        ModelConfig::new(DdpmConfig {
             image_shape: shape,
             unet: tiny_unet(),
             num_classes: 3,
             label_dropout: 0.5,
             ..Default::default()
         }),
-        ModelConfig::FlowMatching(FlowMatchingConfig {
+        ModelConfig::new(FlowMatchingConfig {
             image_shape: shape,
             unet: UNetConfig {
                 num_res_blocks: 2,
@@ -321,7 +322,7 @@ fn the_closed_form_flow_transports_and_its_likelihood_is_exact() {
 fn flow_matching_likelihood_hutchinson_agrees_with_the_exact_trace() {
     let shape = [1, 2, 2];
     let mk = |div| {
-        ModelConfig::FlowMatching(FlowMatchingConfig {
+        ModelConfig::new(FlowMatchingConfig {
             image_shape: shape,
             unet: UNetConfig {
                 channel_mult: vec![1],
@@ -368,13 +369,13 @@ fn flow_matching_likelihood_hutchinson_agrees_with_the_exact_trace() {
 fn samplers_return_images_in_range() {
     let shape = [1, 8, 8];
     for cfg in [
-        ModelConfig::Ddpm(DdpmConfig {
+        ModelConfig::new(DdpmConfig {
             image_shape: shape,
             unet: tiny_unet(),
             num_classes: 3,
             ..Default::default()
         }),
-        ModelConfig::FlowMatching(FlowMatchingConfig {
+        ModelConfig::new(FlowMatchingConfig {
             image_shape: shape,
             unet: tiny_unet(),
             ..Default::default()

@@ -63,7 +63,9 @@ pub fn bench_train_step(
     let t = &cfg.train;
     let (groups, mut adams) = optimizers(built.model.as_ref(), &vars, t)?;
     let mut rng = GmRng::new(0);
-    let [c, h, w] = cfg.model.image_shape();
+    let Some([c, h, w]) = cfg.model.image_shape() else {
+        anyhow::bail!("a '{}' model reads text, not images", cfg.model.kind())
+    };
     let p = rng.uniform((t.batch_size, c, h, w), 0.0, 1.0, device)?;
     let labels = Tensor::from_vec(
         (0..t.batch_size as u32).map(|i| i % 10).collect::<Vec<_>>(),

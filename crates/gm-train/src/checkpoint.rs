@@ -551,6 +551,8 @@ pub struct RunCheckpoint<'a> {
     /// The config as the run directory's `config.toml` holds it.
     pub cfg_text: &'a str,
     pub data_source: &'a str,
+    /// What the data adds to the weights file (a text run's tokenizer).
+    pub weights_meta: HashMap<String, String>,
     pub vars: &'a [(String, Var)],
     /// Weights for the weights file in place of the live parameters (the EMA's); the live
     /// ones then go to the state file as `param.NAME`.
@@ -578,6 +580,7 @@ pub fn write_run_checkpoint(c: RunCheckpoint) -> Result<(PathBuf, Vec<u8>)> {
         ("gm.data".to_string(), c.data_source.to_string()),
         ("gm.ema".to_string(), c.eval_weights.is_some().to_string()),
     ]);
+    meta.extend(c.weights_meta);
     let mut weights = HashMap::new();
     // Parameter names are disjoint between the phases' optimisers: one map holds all.
     let mut state: HashMap<String, Tensor> = c.adams.iter().flat_map(|o| o.state()).collect();

@@ -201,29 +201,6 @@ pub fn check_iwae_k(k: usize) -> Result<()> {
     Ok(())
 }
 
-/// The key of the `[model]` table whose value causes `err` (the first whose removal changes the
-/// error), with its value, when the error is a deserialisation error inside `model`.
-fn culprit_model_key(root: &toml::Table, err: &str) -> Option<(String, String)> {
-    if !err.contains("in `model`") || err.contains("unknown field") {
-        return None;
-    }
-    let model = root.get("model")?.as_table()?;
-    model
-        .iter()
-        .filter(|(k, _)| k.as_str() != "kind")
-        .find(|(k, _)| {
-            let mut t = root.clone();
-            if let Some(toml::Value::Table(m)) = t.get_mut("model") {
-                m.remove(k.as_str());
-            }
-            match RunConfig::deserialize(toml::Value::Table(t)) {
-                Ok(_) => true,
-                Err(e2) => e2.to_string() != err,
-            }
-        })
-        .map(|(k, v)| (k.clone(), v.to_string()))
-}
-
 /// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML, else taken as a string.
 pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
@@ -268,12 +245,6 @@ impl RunConfig {
             apply_override(&mut set, o)?;
         }
         parse(&set).map_err(|e| {
-            // serde reports a wrong value inside the tagged model table as "… in `model`",
-            // without the key: find it by leaving keys out one at a time.
-            let e = match culprit_model_key(&set, &e) {
-                Some((key, value)) => format!("model.{key} = {value}: {e}"),
-                None => e,
-            };
             // Blame the --set values when the file alone is fine.
             if !overrides.is_empty() && parse(&table).is_ok() {
                 let sets: Vec<String> = overrides.iter().map(|o| format!("--set {o}")).collect();
@@ -368,14 +339,19 @@ impl RunConfig {
         if t.keep_last == 0 {
             return Err("train.keep_last must be >= 1".into());
         }
+        self.validate_data()
+    }
+
+    /// The data the model reads: a data set of its kind, pre-processed to its pixel values.
+    fn validate_data(&self) -> std::result::Result<(), String> {
         if let Some(name) = crate::data::toy_name(&self.data.dataset) {
             name.parse::<crate::data::Toy2d>()
                 .map_err(|e| format!("data.dataset: {e}"))?;
-            if self.model.image_shape() != [2, 1, 1] {
+            if self.model.image_shape() != Some([2, 1, 1]) {
                 return Err(format!(
                     "data.dataset = \"{}\" is a 2-D density: it needs model.image_shape = [2, 1, 1], got {:?}",
                     self.data.dataset,
-                    self.model.image_shape()
+                    self.model.data()
                 ));
             }
             return Ok(());
@@ -403,7 +379,7 @@ impl RunConfig {
             }
             _ => {}
         }
-        let text = matches!(self.model, ModelConfig::TextAr(_));
+        let text = self.model.image_shape().is_none();
         if text && self.data.dir.is_none() && self.data.dataset != "fortunes" {
             return Err(format!(
                 "data.dataset of a text model must be 'fortunes' (or give data.dir), got '{}'",

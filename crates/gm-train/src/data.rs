@@ -337,7 +337,7 @@ pub struct Batcher {
 impl Batcher {
     pub fn new(seed: u64, n: usize, batch_size: usize) -> Result<Self> {
         if n < batch_size {
-            bail!("the training set has {n} images, fewer than train.batch_size = {batch_size}");
+            bail!("the training set has {n} examples (images, or token windows of a text), fewer than train.batch_size = {batch_size}");
         }
         Ok(Self {
             seed_rng: GmRng::new(seed ^ 0x5eed_da7a),
@@ -522,12 +522,18 @@ pub fn load_data(
 /// Checks a split against the model before any step: image size, and labels within
 /// `num_classes` for class-conditional models. Errors name the data and the key.
 pub fn check_split(ds: &ImageDataset, cfg: &RunConfig, split: &str) -> Result<()> {
-    if ds.values.is_none() && ds.shape != cfg.model.image_shape() {
+    let Some(shape) = cfg.model.image_shape() else {
+        bail!(
+            "a '{}' model reads text, not the images of {}",
+            cfg.model.kind(),
+            ds.source
+        );
+    };
+    if ds.values.is_none() && ds.shape != shape {
         let [c, h, w] = ds.shape;
         bail!(
-            "{}: the {split} images are {c}×{h}×{w} (C×H×W), the model's model.image_shape is {:?}",
+            "{}: the {split} images are {c}×{h}×{w} (C×H×W), the model's model.image_shape is {shape:?}",
             ds.source,
-            cfg.model.image_shape()
         );
     }
     let k = cfg.model.num_classes();

@@ -218,7 +218,9 @@ fn config(f: &Family) -> Result<RunConfig> {
 /// A host batch of the family's data type: binary, 8-bit levels or dequantised.
 fn host_batch(cfg: &RunConfig, rng: &mut GmRng) -> Result<Batch> {
     let b = cfg.train.batch_size.min(8);
-    let [c, h, w] = cfg.model.image_shape();
+    let Some([c, h, w]) = cfg.model.image_shape() else {
+        bail!("a '{}' model reads text, not images", cfg.model.kind())
+    };
     let n = b * c * h * w;
     let u = rng.uniform_vec(n, 0.0, 1.0);
     let v: Vec<f32> = match cfg.model.pixel_data() {
@@ -317,10 +319,7 @@ fn run_image(
         )?;
         adams[pi].step(&grads, cfg.train.lr * phase.lr_scale)?;
     }
-    let samples = match cfg.model {
-        gm_models::ModelConfig::Classifier(_) => None,
-        _ => model.sample(2, &mut GmRng::new(2))?,
-    };
+    let samples = model.sample(2, &mut GmRng::new(2))?;
     let samples = samples.map(|s| to_host(&s)).transpose()?;
     dev.synchronize()?;
     let params = host_values(&vars)?;
@@ -344,7 +343,7 @@ fn run_text(
     tokens: &Tensor,
     ref_grads: Option<&[(String, Tensor)]>,
 ) -> Result<(Outcome, VarMap)> {
-    let gm_models::ModelConfig::TextAr(mc) = &cfg.model else {
+    let Some(mc) = cfg.model.get::<gm_models::text::TextArConfig>() else {
         bail!("not a text model")
     };
     let t0 = Instant::now();
@@ -430,16 +429,13 @@ pub fn check_family(f: &Family, dev: &Device) -> Result<FamilyReport> {
     }
     // TF32 would round the matrix products' inputs to 10 bits: the check is of f32 arithmetic.
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
-    let is_text = matches!(cfg.model, gm_models::ModelConfig::TextAr(_));
+    let text = cfg.model.get::<gm_models::text::TextArConfig>();
     let mut rng = GmRng::new(0);
 
     // The reference: gm's CPU kernels.
     gm_core::set_portable_kernels(false);
     let cpu = Device::Cpu;
-    let (init, tokens, host) = if is_text {
-        let gm_models::ModelConfig::TextAr(mc) = &cfg.model else {
-            unreachable!()
-        };
+    let (init, tokens, host) = if let Some(mc) = text {
         let b = cfg.train.batch_size.min(8);
         let v: Vec<u32> = (0..b * (mc.context + 1))
             .map(|_| (rng.next_u64() % mc.vocab_size as u64) as u32)

@@ -20,6 +20,7 @@ pub mod opbench;
 pub mod optim;
 pub mod parallel;
 pub mod score;
+pub mod source;
 pub mod text;
 pub mod trainer;
 

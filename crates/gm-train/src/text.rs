@@ -1,5 +1,6 @@
 //! Text for the `text-ar` language model: the corpus, a byte-level BPE tokenizer trained on it
-//! (HuggingFace `tokenizers`), training, held-out NLL in bits per byte, and generation.
+//! (HuggingFace `tokenizers`), the corpus as token windows for gm's trainer ([`TextData`]),
+//! held-out NLL in bits per byte, and generation.
 //!
 //! The default corpus is Debian's `fortunes` package (BSD licence, ~1 MB of English quotations,
 //! `apt-get install fortunes`; files in `/usr/share/games/fortunes`): entries are separated by
@@ -11,19 +12,18 @@
 //! token of the held-out stream is charged `log₂ V` (a uniform guess), and the context is reset
 //! every `context` tokens (each window sees only its own past), which can only cost, not gain.
 
-use crate::checkpoint::{self, atomic_write, read_safetensors, to_safetensors};
-use crate::config::{lr_at, RunConfig};
-use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
-use crate::trainer::{set_vars, TrainOptions, TrainSummary};
+use crate::checkpoint::{self, read_safetensors};
+use crate::config::RunConfig;
+use crate::source::TrainData;
+use crate::trainer::set_vars;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use gm_core::GmRng;
 use gm_models::text::{TextAr, TextArConfig};
-use gm_models::ModelConfig;
+use gm_models::{Batch, EvalOptions, Model};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
@@ -161,9 +161,9 @@ pub fn encode(tok: &Tokenizer, docs: &[String]) -> Result<(Vec<u32>, usize)> {
 }
 
 fn text_config(cfg: &RunConfig) -> Result<&TextArConfig> {
-    match &cfg.model {
-        ModelConfig::TextAr(c) => Ok(c),
-        m => bail!("not a text model: '{}'", m.kind()),
+    match cfg.model.get::<TextArConfig>() {
+        Some(c) => Ok(c),
+        None => bail!("not a text model: '{}'", cfg.model.kind()),
     }
 }
 
@@ -175,22 +175,37 @@ pub fn corpus_dir(cfg: &RunConfig, data_dir: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(FORTUNES_DIR))
 }
 
-/// Held-out metrics of `model` on a token stream of `bytes` bytes: `nll_nats_per_token`,
-/// `bits_per_token`, `bits_per_byte`, `n_tokens`, `n_bytes`.
+/// Held-out metrics of a text `model` (its [`Model::eval_metrics`] give each window's summed
+/// `nll_nats`) on a token stream of `bytes` bytes: `nll_nats_per_token`, `bits_per_token`,
+/// `bits_per_byte`, `n_tokens`, `n_bytes`. Windows of `context + 1` tokens overlap by one, so
+/// every token after the first is predicted once; the first is charged `ln V`.
 pub fn evaluate_text(
-    model: &TextAr,
+    model: &dyn Model,
+    mc: &TextArConfig,
     ids: &[u32],
     bytes: usize,
     batch_size: usize,
     device: &Device,
 ) -> Result<BTreeMap<String, f64>> {
-    let ctx = model.config().context;
+    let ctx = mc.context;
     if ids.len() < 2 {
         bail!("held-out text has fewer than 2 tokens");
     }
-    // Windows of ctx + 1 tokens overlapping by one: every token after the first is predicted once.
+    let window_nll = |v: Vec<u32>, rows: usize| -> Result<f64> {
+        let cols = v.len() / rows;
+        let batch = Batch {
+            x: Tensor::from_vec(v, (rows, cols), device)?,
+            labels: None,
+        };
+        let metrics = model.eval_metrics(&batch, &mut GmRng::new(0), &EvalOptions::default())?;
+        let (_, nll) = metrics
+            .iter()
+            .find(|(k, _)| k == "nll_nats")
+            .ok_or_else(|| anyhow!("a '{}' model gives no nll_nats", model.kind()))?;
+        Ok(nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+    };
     let starts: Vec<usize> = (0..ids.len() - 1).step_by(ctx).collect();
-    let mut total = (model.config().vocab_size as f64).ln();
+    let mut total = (mc.vocab_size as f64).ln();
     let full: Vec<usize> = starts
         .iter()
         .copied()
@@ -201,20 +216,10 @@ pub fn evaluate_text(
             .iter()
             .flat_map(|&s| ids[s..s + ctx + 1].to_vec())
             .collect();
-        let w = Tensor::from_vec(v, (chunk.len(), ctx + 1), device)?;
-        total += model
-            .token_nll(&w)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        total += window_nll(v, chunk.len())?;
     }
     if let Some(&s) = starts.iter().find(|&&s| s + ctx >= ids.len()) {
-        let w = Tensor::from_slice(&ids[s..], (1, ids.len() - s), device)?;
-        total += model
-            .token_nll(&w)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        total += window_nll(ids[s..].to_vec(), 1)?;
     }
     let ln2 = std::f64::consts::LN_2;
     Ok(BTreeMap::from([
@@ -226,133 +231,122 @@ pub fn evaluate_text(
     ]))
 }
 
-/// Trains a `text-ar` model; the checkpoint carries the tokenizer (`gm.tokenizer`).
-pub fn train_text(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
-    let mc = text_config(cfg)?;
-    if opts.resume {
-        bail!("--resume is not supported for text models yet; start a new run");
-    }
-    if opts.init_from.is_some() {
-        bail!(
-            "--init-from is not supported for text models yet (the tokenizer is trained per run)"
-        );
-    }
-    let t = &cfg.train;
-    let dev = &opts.device;
-    let run = &opts.out;
-    checkpoint::ensure_fresh_run_dir(run)?;
-    let corpus = load_corpus(&corpus_dir(cfg, opts.data_dir.as_deref()))?;
-    let clock = Instant::now();
-    let tok = train_tokenizer(&corpus.train, mc.vocab_size)?;
-    let (train_ids, _) = encode(&tok, &corpus.train)?;
-    let (test_ids, test_bytes) = encode(&tok, &corpus.test)?;
-    eprintln!(
-        "gm: data: {} — {} training / {} held-out documents; BPE with {} tokens ({:.1}s): {} / {} tokens",
-        corpus.source,
-        corpus.train.len(),
-        corpus.test.len(),
-        tok.get_vocab_size(true),
-        clock.elapsed().as_secs_f64(),
-        train_ids.len(),
-        test_ids.len()
-    );
-    if train_ids.len() <= mc.context + 1 {
-        bail!(
-            "{}: {} training tokens, fewer than one window of model.context = {}",
-            corpus.source,
-            train_ids.len(),
-            mc.context
-        );
-    }
-    std::fs::create_dir_all(checkpoint::checkpoint_dir(run))
-        .with_context(|| format!("cannot create run directory {}", run.display()))?;
-    let cfg_text = cfg.to_toml();
-    atomic_write(&run.join("config.toml"), cfg_text.as_bytes())?;
-    let vm = VarMap::new();
-    let vb = gm_core::rng::seeded_var_builder(&vm, t.seed, DType::F32, dev);
-    let model = TextAr::new(mc.clone(), vb)?;
-    let vars = named_vars(&vm);
-    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    eprintln!(
-        "gm: model text-ar with {n_params} parameters (receptive field {} tokens); {} steps of {} × {} tokens",
-        mc.receptive_field(),
-        t.steps,
-        t.batch_size,
-        mc.context
-    );
-    let mut opt = Adam::new(vars.clone(), AdamConfig::from(t))?;
-    let mut rng = GmRng::new(t.seed);
-    let metrics = run.join("metrics.jsonl");
-    let _ = std::fs::remove_file(&metrics);
-    let mut log = String::new();
-    let mut losses = Vec::new();
-    let span = (train_ids.len() - mc.context - 1) as u64;
-    let traffic0 = gm_core::traffic::snapshot();
-    for step in 0..t.steps {
-        let v: Vec<u32> = (0..t.batch_size)
-            .flat_map(|_| {
-                let s = (rng.next_u64() % span) as usize;
-                train_ids[s..s + mc.context + 1].to_vec()
-            })
-            .collect();
-        let w = gm_core::traffic::upload(v, (t.batch_size, mc.context + 1), dev)?;
-        let loss = model.token_nll(&w)?.mean_all()?;
-        let l = gm_core::traffic::read_f64(&loss)?;
-        if !l.is_finite() {
-            bail!("non-finite loss at step {step}");
-        }
-        let mut grads = loss.backward()?;
-        let gn = clip_grad_norm(&mut grads, &vars, t.grad_clip)?;
-        let lr = lr_at(t, step);
-        opt.step(&grads, lr)?;
-        losses.push((step + 1, l));
-        if (step + 1) % t.log_every.max(1) == 0 || step + 1 == t.steps {
-            let line = serde_json::json!({"step": step + 1, "loss": l, "bits_per_token": l / std::f64::consts::LN_2,
-                "grad_norm": gn, "lr": lr, "elapsed_s": clock.elapsed().as_secs_f64()});
-            log.push_str(&format!("{line}\n"));
-            if opts.progress {
-                eprintln!("gm: step {} loss {l:.4} nats/token", step + 1);
-            }
-        }
-    }
-    let step_traffic = gm_core::traffic::snapshot().since(&traffic0);
-    let eval = evaluate_text(&model, &test_ids, test_bytes, 64, dev)?;
-    let mut ev = serde_json::json!(eval);
-    ev["split"] = "test".into();
-    ev["step"] = t.steps.into();
-    log.push_str(&format!("{ev}\n"));
-    atomic_write(&metrics, log.as_bytes())?;
+/// The checkpoint metadata key of a text run's tokenizer (HuggingFace JSON).
+pub const TOKENIZER_KEY: &str = "gm.tokenizer";
 
-    let meta = HashMap::from([
-        ("gm.format".to_string(), checkpoint::FORMAT.to_string()),
-        ("gm.kind".to_string(), "text-ar".to_string()),
-        ("gm.config".to_string(), cfg_text),
-        ("gm.step".to_string(), t.steps.to_string()),
-        ("gm.data".to_string(), corpus.source.clone()),
-        (
-            "gm.tokenizer".to_string(),
-            tok.to_string(false).map_err(|e| anyhow!("{e}"))?,
-        ),
-    ]);
-    let weights: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let wp = checkpoint::weights_path(run, t.steps);
-    atomic_write(&wp, &to_safetensors(&weights, &meta)?)?;
-    let state: HashMap<String, Tensor> = opt.state();
-    atomic_write(
-        &checkpoint::state_path(run, t.steps),
-        &to_safetensors(&state, &meta)?,
-    )?;
-    Ok(TrainSummary {
-        steps: t.steps,
-        losses,
-        last_eval: Some(eval),
-        checkpoint: wp,
-        data_source: corpus.source,
-        step_traffic,
-    })
+/// A corpus as token windows for the trainer: example `i` is the window of `context + 1`
+/// tokens starting at token `i` of the training stream.
+pub struct TextData {
+    pub tokenizer: Tokenizer,
+    pub train_ids: Vec<u32>,
+    pub test_ids: Vec<u32>,
+    /// UTF-8 bytes of the held-out documents (the denominator of bits per byte).
+    pub test_bytes: usize,
+    pub config: TextArConfig,
+    source: String,
+    docs: (usize, usize),
+}
+
+impl TextData {
+    /// Reads the corpus and tokenizes it: with the tokenizer `saved` in a checkpoint's metadata
+    /// (a resumed run), else with one trained on the training documents.
+    pub fn load(
+        cfg: &RunConfig,
+        data_dir: Option<&Path>,
+        saved: Option<&HashMap<String, String>>,
+    ) -> Result<Self> {
+        let mc = text_config(cfg)?.clone();
+        let corpus = load_corpus(&corpus_dir(cfg, data_dir))?;
+        let tokenizer: Tokenizer = match saved.and_then(|m| m.get(TOKENIZER_KEY)) {
+            Some(t) => t
+                .parse()
+                .map_err(|e| anyhow!("the checkpoint's {TOKENIZER_KEY}: {e}"))?,
+            None => train_tokenizer(&corpus.train, mc.vocab_size)?,
+        };
+        let (train_ids, _) = encode(&tokenizer, &corpus.train)?;
+        let (test_ids, test_bytes) = encode(&tokenizer, &corpus.test)?;
+        if train_ids.len() <= mc.context + 1 {
+            bail!(
+                "{}: {} training tokens, fewer than one window of model.context = {}",
+                corpus.source,
+                train_ids.len(),
+                mc.context
+            );
+        }
+        Ok(Self {
+            tokenizer,
+            train_ids,
+            test_ids,
+            test_bytes,
+            config: mc,
+            source: corpus.source,
+            docs: (corpus.train.len(), corpus.test.len()),
+        })
+    }
+}
+
+impl TrainData for TextData {
+    fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} — {} training / {} held-out documents; BPE with {} tokens: {} / {} tokens",
+            self.source,
+            self.docs.0,
+            self.docs.1,
+            self.tokenizer.get_vocab_size(true),
+            self.train_ids.len(),
+            self.test_ids.len()
+        )
+    }
+
+    fn len(&self) -> usize {
+        self.train_ids.len() - self.config.context
+    }
+
+    fn batch(&self, idx: &[usize], _rng: &mut GmRng, device: &Device) -> Result<Batch> {
+        let w = self.config.context + 1;
+        let v: Vec<u32> = idx
+            .iter()
+            .flat_map(|&s| self.train_ids[s..s + w].iter().copied())
+            .collect();
+        Ok(Batch {
+            x: gm_core::traffic::upload(v, (idx.len(), w), device)?,
+            labels: None,
+        })
+    }
+
+    /// The whole held-out stream, every time (`train.eval_images` counts images only).
+    fn evaluate(
+        &self,
+        model: &dyn Model,
+        cfg: &RunConfig,
+        _opts: &EvalOptions,
+        device: &Device,
+    ) -> Result<Option<BTreeMap<String, f64>>> {
+        if self.test_ids.len() < 2 {
+            return Ok(None);
+        }
+        let m = evaluate_text(
+            model,
+            &self.config,
+            &self.test_ids,
+            self.test_bytes,
+            cfg.eval.batch_size,
+            device,
+        )?;
+        Ok(Some(m))
+    }
+
+    fn checkpoint_meta(&self) -> Result<HashMap<String, String>> {
+        let t = self
+            .tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(HashMap::from([(TOKENIZER_KEY.to_string(), t)]))
+    }
 }
 
 /// A trained `text-ar` model with its tokenizer.
@@ -364,18 +358,19 @@ pub struct TextCheckpoint {
     pub path: PathBuf,
 }
 
-/// The `gm.kind` of a checkpoint (a run directory or a weights file), from its header only.
-pub fn checkpoint_kind(path: &Path) -> Result<String> {
+/// Whether a checkpoint (a run directory or a weights file) holds a model that reads text, from
+/// its header only.
+pub fn is_text_checkpoint(path: &Path) -> Result<bool> {
     let path = checkpoint::resolve(path)?;
-    checkpoint::read_meta(&path)?
-        .get("gm.kind")
-        .cloned()
-        .ok_or_else(|| {
-            anyhow!(
-                "{}: no gm.kind metadata (not a gm checkpoint?)",
-                path.display()
-            )
-        })
+    let meta = checkpoint::read_meta(&path)?;
+    let cfg = meta.get("gm.config").ok_or_else(|| {
+        anyhow!(
+            "{}: no gm.config metadata (not a gm checkpoint?)",
+            path.display()
+        )
+    })?;
+    let cfg = RunConfig::from_toml_str(cfg, &[], &path.display().to_string())?;
+    Ok(cfg.model.image_shape().is_none())
 }
 
 pub fn load_text_checkpoint(path: &Path, device: &Device) -> Result<TextCheckpoint> {
@@ -387,7 +382,7 @@ pub fn load_text_checkpoint(path: &Path, device: &Device) -> Result<TextCheckpoi
             .ok_or_else(|| anyhow!("{}: no {k} metadata", path.display()))
     };
     let cfg = RunConfig::from_toml_str(get("gm.config")?, &[], &path.display().to_string())?;
-    let tokenizer: Tokenizer = get("gm.tokenizer")?
+    let tokenizer: Tokenizer = get(TOKENIZER_KEY)?
         .parse()
         .map_err(|e| anyhow!("{}: bad gm.tokenizer: {e}", path.display()))?;
     let vm = VarMap::new();
@@ -486,7 +481,7 @@ mod tests {
         };
         let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
         let m = TextAr::new(cfg, vb).unwrap();
-        let e = evaluate_text(&m, &ids, bytes, 7, &Device::Cpu).unwrap();
+        let e = evaluate_text(&m, m.config(), &ids, bytes, 7, &Device::Cpu).unwrap();
         let want = 300f64.log2();
         assert!((e["bits_per_token"] - want).abs() < 1e-4, "{e:?}");
         let bpb = ids.len() as f64 * want / bytes as f64;

@@ -6,8 +6,7 @@ use crate::checkpoint::{self, atomic_write, read_safetensors};
 pub use crate::checkpoint::{load_checkpoint, load_checkpoint_with, set_vars, LoadedCheckpoint};
 use crate::config::{lr_at, RunConfig};
 pub use crate::data::{check_split, load_data, resolve_data, TOY_POINTS};
-use crate::data::{make_batch, Batcher, ImageDataset, Split};
-use crate::eval::evaluate;
+use crate::data::{make_batch, Batcher, ImageDataset};
 use crate::hooks::{
     Ema, GradAction, Hook, LossScaler, LossValues, NanStop, SavedState, StepContext,
 };
@@ -15,6 +14,7 @@ pub use crate::images::toy_density_plot;
 use crate::images::{save_curve, save_grid};
 use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
 use crate::parallel::{Collective, DataParallel};
+use crate::source::{load_run_data, TrainData};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -225,47 +225,6 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     Trainer::new(cfg, opts)?.run()
 }
 
-/// The data a run trains and evaluates on.
-pub struct RunData {
-    pub train: ImageDataset,
-    /// `None` when the data has no test split (periodic evaluation is then off).
-    pub test: Option<ImageDataset>,
-    pub source: String,
-}
-
-impl RunData {
-    /// Loads and checks both splits against the model before any step.
-    pub fn load(cfg: &RunConfig, data_dir: Option<&Path>) -> Result<Self> {
-        let (mut train, source) = load_data(cfg, data_dir, Split::Train)?;
-        train.truncate(cfg.data.max_train);
-        check_split(&train, cfg, "training")?;
-        if cfg.model.needs_labels() && train.labels.is_none() {
-            bail!(
-                "a '{}' model needs class labels, but {} has no train-labels file",
-                cfg.model.kind(),
-                train.source
-            );
-        }
-        let test = match load_data(cfg, data_dir, Split::Test) {
-            Ok((d, _)) => {
-                // A test split the periodic evaluations cannot read must stop the run now, not
-                // after the steps before the first evaluation.
-                check_split(&d, cfg, "test")?;
-                Some(d)
-            }
-            Err(e) => {
-                eprintln!("gm: no test split ({e:#}); periodic evaluation is off");
-                None
-            }
-        };
-        Ok(Self {
-            train,
-            test,
-            source,
-        })
-    }
-}
-
 /// What one training step reports.
 pub struct StepReport {
     pub loss: f64,
@@ -289,7 +248,7 @@ pub struct Trainer {
     adams: Vec<Adam>,
     rng: GmRng,
     batcher: Batcher,
-    data: RunData,
+    data: Box<dyn TrainData>,
     hooks: Vec<Box<dyn Hook>>,
     /// Steps already run (the resume point).
     start: usize,
@@ -350,21 +309,23 @@ impl Trainer {
             (None, true) => checkpoint::saved_data_dir(&run),
             (d, _) => d.clone(),
         };
-        let data = RunData::load(cfg, data_dir.as_deref())?;
+        let saved = match opts.resume {
+            true => checkpoint::complete_steps(&run)
+                .last()
+                .and_then(|s| checkpoint::read_meta(&checkpoint::weights_path(&run, *s)).ok()),
+            false => None,
+        };
+        let data = load_run_data(cfg, data_dir.as_deref(), saved.as_ref())?;
         if lead {
-            eprintln!(
-                "gm: data: {} — {} training images",
-                data.source,
-                data.train.len()
-            );
+            eprintln!("gm: data: {}", data.describe());
             std::fs::create_dir_all(&run)
                 .with_context(|| format!("cannot create run directory {}", run.display()))?;
         }
         let Built { model, varmap, .. } = build(cfg, &opts.device)?;
         let vars = named_vars(&varmap);
         // --init-from replaces every variable, so a data-dependent start would be discarded.
-        if !opts.resume && opts.init_from.is_none() {
-            data_init(model.as_ref(), &varmap, &data.train, cfg)?;
+        if let (false, None, Some(images)) = (opts.resume, &opts.init_from, data.images()) {
+            data_init(model.as_ref(), &varmap, &images.train, cfg)?;
         }
         if let Some(src) = &opts.init_from {
             if opts.resume {
@@ -391,11 +352,7 @@ impl Trainer {
         let mut trainer = Self {
             cfg: cfg.clone(),
             cfg_text: cfg.to_toml(),
-            batcher: Batcher::new(
-                t.seed,
-                data.train.len(),
-                t.batch_size * t.accumulate * world,
-            )?,
+            batcher: Batcher::new(t.seed, data.len(), t.batch_size * t.accumulate * world)?,
             rank,
             world,
             data_dir,
@@ -547,13 +504,7 @@ impl Trainer {
                 }
                 false => &mut self.rng,
             };
-            batches.push(make_batch(
-                &self.data.train,
-                part,
-                &self.cfg.data,
-                rng,
-                &self.device,
-            )?);
+            batches.push(self.data.batch(part, rng, &self.device)?);
         }
         let _autocast = gm_core::precision::Autocast::enter(self.precision);
         let mut report = StepReport {
@@ -648,26 +599,14 @@ impl Trainer {
     /// The test split's metrics (`train.eval_images` of them, the evaluation weights), or
     /// `None` without a test split.
     pub fn evaluate(&self) -> Result<Option<BTreeMap<String, f64>>> {
-        let Some(test) = &self.data.test else {
-            return Ok(None);
-        };
         let opts = EvalOptions {
             iwae_k: self.cfg.eval.train_iwae_k,
             max_pairs: self.cfg.eval.max_pairs,
             full: false,
         };
         self.with_eval_weights(|me| {
-            evaluate(
-                me.model.as_ref(),
-                test,
-                &me.cfg.data,
-                &opts,
-                me.cfg.eval.batch_size,
-                me.cfg.train.eval_images,
-                me.cfg.eval.seed,
-                &me.device,
-            )
-            .map(Some)
+            me.data
+                .evaluate(me.model.as_ref(), &me.cfg, &opts, &me.device)
         })
     }
 
@@ -676,21 +615,22 @@ impl Trainer {
     pub fn sample(&self, step: usize) -> Result<()> {
         let t = &self.cfg.train;
         let run = &self.run;
-        let toy = crate::data::toy_name(&self.cfg.data.dataset).is_some();
+        let images = self.data.images();
+        let toy = images.filter(|_| crate::data::toy_name(&self.cfg.data.dataset).is_some());
         let (s, recon) = self.with_eval_weights(|me| {
             let model = me.model.as_ref();
-            let s = match t.sample_n {
-                0 => Ok(None),
-                _ if toy => toy_density_plot(
+            let s = match (t.sample_n, toy) {
+                (0, _) => Ok(None),
+                (_, Some(toy)) => toy_density_plot(
                     model,
-                    me.data.test.as_ref().unwrap_or(&me.data.train),
+                    toy.test.as_ref().unwrap_or(&toy.train),
                     20_000,
                     &mut GmRng::new(t.seed.wrapping_add(1)),
                     &me.device,
                     &run.join(format!("samples/density-step-{step:08}.png")),
                 )
                 .map(|_| None),
-                n => crate::eval::sample_chunked(
+                (n, None) => crate::eval::sample_chunked(
                     model,
                     n,
                     crate::eval::SAMPLE_CHUNK,
@@ -699,7 +639,7 @@ impl Trainer {
             };
             // Reconstructions of the first 32 test images: originals on top, reconstructions
             // below.
-            let recon = match &me.data.test {
+            let recon = match images.and_then(|i| i.test.as_ref()) {
                 Some(test) if test.len() >= 32 => {
                     let idx: Vec<usize> = (0..32).collect();
                     let mut r = GmRng::new(me.cfg.eval.seed);
@@ -744,7 +684,8 @@ impl Trainer {
             step,
             cfg: &self.cfg,
             cfg_text: &self.cfg_text,
-            data_source: &self.data.source,
+            data_source: self.data.source(),
+            weights_meta: self.data.checkpoint_meta()?,
             vars: &self.vars,
             eval_weights: self.eval_weights(),
             adams: &self.adams,
@@ -846,7 +787,7 @@ impl Trainer {
             losses,
             last_eval,
             checkpoint,
-            data_source: self.data.source,
+            data_source: self.data.source().to_string(),
             step_traffic,
         })
     }

@@ -382,22 +382,65 @@ fn autoregressive_presets_train_eval_and_sample() {
     );
 }
 
-/// The text model through the same commands: train (the README as corpus), eval in bits per
-/// byte, sample with a prompt, temperature and top-k.
+/// The text model through the same commands and the same trainer as the image models: train
+/// (the README as corpus) with periodic evaluation, resume exactly, eval in bits per byte, sample
+/// with a prompt, temperature and top-k.
 #[test]
-fn text_model_train_eval_and_sample() {
+fn text_model_train_eval_resume_and_sample() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("text");
     let readme = root().join("README.md");
+    let sets = [
+        "--set",
+        "train.steps=30",
+        "--set",
+        "train.eval_every=15",
+        "--set",
+        "train.checkpoint_every=15",
+    ];
     let o = train(
         &root().join("models/text-ar-tiny.toml"),
         &readme,
         &run,
-        &["--set", "train.steps=30"],
+        &sets,
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "train failed: {err}");
     assert!(err.contains("BPE with"), "{err}");
+    // Periodic held-out evaluations, in bits per byte, at steps 15 and 30.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let evals: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("bits_per_byte").is_some())
+        .collect();
+    let steps: Vec<u64> = evals.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [15, 30], "{metrics}");
+    // Resumed from step 15 (the tokenizer comes from the checkpoint), the run ends where the
+    // uninterrupted one did.
+    let again = tmp.path().join("again");
+    std::fs::create_dir_all(again.join("checkpoints")).unwrap();
+    std::fs::copy(run.join("config.toml"), again.join("config.toml")).unwrap();
+    for f in [
+        "step-00000015.safetensors",
+        "step-00000015.state.safetensors",
+    ] {
+        let ck = |r: &Path| r.join("checkpoints").join(f);
+        std::fs::copy(ck(&run), ck(&again)).unwrap();
+    }
+    let o = gm(&[
+        "train",
+        "--resume",
+        again.to_str().unwrap(),
+        "--data-dir",
+        readme.to_str().unwrap(),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let last = |r: &Path| std::fs::read(r.join("checkpoints/step-00000030.safetensors")).unwrap();
+    assert!(last(&run) == last(&again), "the resumed text run differs");
     let o = gm(&[
         "eval",
         "--checkpoint",

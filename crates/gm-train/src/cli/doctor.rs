@@ -93,36 +93,7 @@ pub fn run_doctor(
         .iter()
         .filter(|f| only.is_empty() || only.iter().any(|o| o == f.name))
     {
-        let out = std::process::Command::new(&exe)
-            .args([
-                "doctor",
-                "--family",
-                f.name,
-                "--device",
-                &choice.to_string(),
-            ])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run {}", exe.display()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let report = stdout
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<dr::FamilyReport>(l).ok())
-            .unwrap_or_else(|| {
-                let err = String::from_utf8_lossy(&out.stderr);
-                let tail: Vec<&str> = err.lines().rev().take(3).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                dr::failed(
-                    f.name,
-                    &dev_name,
-                    format!(
-                        "the check exited with {} and no report: {}",
-                        out.status,
-                        tail.join(" / ")
-                    ),
-                )
-            });
+        let report = check_in_child(&exe, f.name, choice, &dev_name)?;
         eprintln!(
             "gm doctor: {:<15} {}",
             f.name,
@@ -157,4 +128,40 @@ pub fn run_doctor(
         reports.len()
     );
     Ok(())
+}
+
+/// Runs one family's check in a child process (a crash there is reported, not shared) and reads
+/// its JSON report.
+fn check_in_child(
+    exe: &std::path::Path,
+    name: &str,
+    choice: DeviceChoice,
+    dev_name: &str,
+) -> Result<gm_train::doctor::FamilyReport> {
+    use gm_train::doctor as dr;
+    let out = std::process::Command::new(exe)
+        .args(["doctor", "--family", name, "--device", &choice.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<dr::FamilyReport>(l).ok())
+        .unwrap_or_else(|| {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = err.lines().rev().take(3).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            dr::failed(
+                name,
+                dev_name,
+                format!(
+                    "the check exited with {} and no report: {}",
+                    out.status,
+                    tail.join(" / ")
+                ),
+            )
+        });
+    Ok(report)
 }

@@ -7,7 +7,7 @@ use gm_models::EvalOptions;
 use gm_train::data::Split;
 use gm_train::eval::{evaluate, sample_quality};
 use gm_train::trainer::{load_checkpoint, load_checkpoint_with, load_data};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Evaluate a checkpoint on a split; prints one JSON object.
 #[derive(clap::Args, Debug)]
@@ -59,26 +59,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         gm_train::eval::check_sample_count(&format!("--fid-n {fid_n}"), fid_n)?;
     }
     let dev = device(&d)?;
-    if gm_train::text::checkpoint_kind(&checkpoint)? == "text-ar" {
-        use gm_train::text;
-        let ck = text::load_text_checkpoint(&checkpoint, &dev)?;
-        let dir = text::corpus_dir(&ck.cfg, data_dir.as_deref());
-        let corpus = text::load_corpus(&dir)?;
-        let docs = match split {
-            Split::Test => &corpus.test,
-            Split::Train => &corpus.train,
-        };
-        let (ids, bytes) = text::encode(&ck.tokenizer, docs)?;
-        let mut m = text::evaluate_text(&ck.model, &ids, bytes, 64, &dev)?
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::json!(v)))
-            .collect::<serde_json::Map<_, _>>();
-        m.insert("split".into(), format!("{split:?}").to_lowercase().into());
-        m.insert("step".into(), ck.step.into());
-        m.insert("checkpoint".into(), ck.path.display().to_string().into());
-        m.insert("data".into(), corpus.source.into());
-        println!("{}", serde_json::Value::Object(m));
-        return Ok(());
+    if gm_train::text::is_text_checkpoint(&checkpoint)? {
+        return eval_text(&checkpoint, data_dir.as_deref(), split, &dev);
     }
     let ck = load_checkpoint_with(&checkpoint, &dev, &overrides)?;
     let cfg = &ck.built.cfg;
@@ -104,7 +86,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         m.insert(k, serde_json::json!(v));
     }
     if model.likelihood_metric().is_some() {
-        if model.kind() == "vae" {
+        if m.contains_key("nll_iwae_nats") {
             m.insert("iwae_k".into(), serde_json::json!(opts.iwae_k));
         }
         m.insert(
@@ -119,7 +101,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let cls = load_checkpoint(&classifier, &dev).with_context(|| {
                 format!("--fid needs gm's classifier at {} (gm train --config models/classifier-mnist.toml)", classifier.display())
             })?;
-        if cls.built.model.kind() != "classifier" {
+        if cls
+            .built
+            .cfg
+            .model
+            .get::<gm_models::classifier::ClassifierConfig>()
+            .is_none()
+        {
             bail!(
                     "--classifier {}: a '{}' checkpoint; --fid needs gm's classifier (gm train --config models/classifier-mnist.toml)",
                     cls.path.display(),
@@ -157,6 +145,29 @@ pub fn run(args: EvalArgs) -> Result<()> {
         serde_json::json!(ck.path.display().to_string()),
     );
     m.insert("data".into(), serde_json::json!(source));
+    println!("{}", serde_json::Value::Object(m));
+    Ok(())
+}
+
+/// `gm eval` of a text model: bits per byte and per token of a split of its corpus.
+fn eval_text(checkpoint: &Path, data_dir: Option<&Path>, split: Split, dev: &Device) -> Result<()> {
+    use gm_train::text;
+    let ck = text::load_text_checkpoint(checkpoint, dev)?;
+    let dir = text::corpus_dir(&ck.cfg, data_dir);
+    let corpus = text::load_corpus(&dir)?;
+    let docs = match split {
+        Split::Test => &corpus.test,
+        Split::Train => &corpus.train,
+    };
+    let (ids, bytes) = text::encode(&ck.tokenizer, docs)?;
+    let mut m = text::evaluate_text(&ck.model, ck.model.config(), &ids, bytes, 64, dev)?
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::json!(v)))
+        .collect::<serde_json::Map<_, _>>();
+    m.insert("split".into(), format!("{split:?}").to_lowercase().into());
+    m.insert("step".into(), ck.step.into());
+    m.insert("checkpoint".into(), ck.path.display().to_string().into());
+    m.insert("data".into(), corpus.source.into());
     println!("{}", serde_json::Value::Object(m));
     Ok(())
 }

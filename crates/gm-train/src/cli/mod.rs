@@ -52,9 +52,7 @@ pub fn parse_labels(spec: &str) -> Result<Vec<u32>> {
 /// WGAN-GP differentiates a gradient: candle must keep gradients' graphs, which it reads from the
 /// environment at a thread's first backward pass — set it before training starts.
 pub fn enable_second_order_if_needed(cfg: &RunConfig) {
-    if let gm_models::ModelConfig::Gan(g) = &cfg.model {
-        if g.loss == gm_models::gan::GanLoss::WganGp && g.gp_weight > 0.0 {
-            gm_models::gan::enable_second_order_gradients();
-        }
+    if cfg.model.second_order() {
+        gm_models::gan::enable_second_order_gradients();
     }
 }

@@ -71,7 +71,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         total,
     )?;
     let dev = device(&d)?;
-    if gm_train::text::checkpoint_kind(&checkpoint)? == "text-ar" {
+    if gm_train::text::is_text_checkpoint(&checkpoint)? {
         if tokens > 1_000_000 {
             bail!("--tokens {tokens}: gm's limit is 1,000,000 new tokens per sample");
         }

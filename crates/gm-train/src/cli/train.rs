@@ -93,7 +93,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, None) => bail!("give --config PRESET or --resume RUN_DIR"),
     };
     enable_second_order_if_needed(&cfg);
-    let is_text = matches!(cfg.model, gm_models::ModelConfig::TextAr(_));
+    let is_text = cfg.model.image_shape().is_none();
     if let (Some(d), false) = (&data_dir, is_text) {
         if !d.is_dir() {
             bail!("--data-dir {} is not a directory", d.display());
@@ -108,17 +108,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         progress: !quiet,
         init_from,
     };
-    let s = if is_text {
-        if ranks.is_some() {
-            bail!("--ranks: the text model trains on one device");
-        }
-        gm_train::text::train_text(&cfg, &opts)?
-    } else {
-        match gm_train::launch::train(&cfg, &opts, ranks)? {
-            Some(s) => s,
-            // Rank 0 (another process) reported the run.
-            None => return Ok(()),
-        }
+    let s = match gm_train::launch::train(&cfg, &opts, ranks)? {
+        Some(s) => s,
+        // Rank 0 (another process) reported the run.
+        None => return Ok(()),
     };
     let first = s.losses.first().map(|l| l.1).unwrap_or(f64::NAN);
     let last = s.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
