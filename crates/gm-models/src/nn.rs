@@ -1,4 +1,5 @@
-//! Shared building blocks. Names follow PyTorch's `nn.Sequential` numbering (activations take an
+//! Shared building blocks — layers (linear, convolutions, masked convolutions, GroupNorm), the
+//! sinusoidal time embedding, class-label helpers. Names follow PyTorch's `nn.Sequential` numbering (activations take an
 //! index too), so safetensors files line up with a PyTorch `state_dict`.
 
 use candle_core::{Device, Module, Result, Tensor};
@@ -313,5 +314,106 @@ impl GroupNorm {
     /// `GroupNorm(x)`, followed by SiLU when `silu`.
     pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         gm_core::kernels::norm::group_norm(x, &self.weight, &self.bias, self.groups, 1e-5, silu)
+    }
+}
+
+/// Which pixels a masked kernel may read: `A` strictly before the centre, `B` up to and
+/// including it (raster order, single channel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskType {
+    A,
+    B,
+}
+
+/// The `(kh, kw)` 0/1 mask of a raster-order masked kernel.
+pub fn raster_mask(kh: usize, kw: usize, t: MaskType) -> Vec<f32> {
+    let (ci, cj) = (kh / 2, kw / 2);
+    (0..kh * kw)
+        .map(|k| {
+            let (i, j) = (k / kw, k % kw);
+            f32::from(i < ci || (i == ci && (j < cj || (t == MaskType::B && j == cj))))
+        })
+        .collect()
+}
+
+/// A "same"-padded convolution whose weight is masked in raster order on every use (so the
+/// masked entries get zero gradient and stay inert).
+///
+/// It is computed as the two convolutions its unmasked taps form — the `c = k/2` rows above the
+/// centre (a `c × k` kernel, padding `c` on all sides, cropped to the input size) and the centre
+/// row up to (mask A) or including (mask B) the centre (a `1 × m` kernel, padding `c` left and
+/// right, cropped) — so the masked taps, about half of them, cost nothing. The function and the
+/// gradients are those of the weight multiplied by [`raster_mask`]
+/// ([`MaskedConv2d::forward_act_by_mask`], kept as the reference).
+#[derive(Clone, Debug)]
+pub struct MaskedConv2d {
+    conv: Conv2d,
+    mask: Tensor,
+    k: usize,
+    t: MaskType,
+}
+
+impl MaskedConv2d {
+    pub fn new(c_in: usize, c_out: usize, k: usize, t: MaskType, vb: VarBuilder) -> Result<Self> {
+        if k % 2 == 0 {
+            candle_core::bail!("masked convolution: kernel size must be odd, got {k}")
+        }
+        let p = Conv2dParams::default().padding(k / 2);
+        let conv = Conv2d::new(c_in, c_out, [k, k], p, true, vb)?;
+        let mask = Tensor::from_vec(raster_mask(k, k, t), (1, 1, k, k), conv.weight().device())?
+            .to_dtype(conv.weight().dtype())?;
+        Ok(Self { conv, mask, k, t })
+    }
+
+    /// `act(masked_conv(x) + bias)`, by the two convolutions of the unmasked taps.
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let c = self.k / 2;
+        let m = if self.t == MaskType::B { c + 1 } else { c };
+        let weight = self.conv.weight();
+        let pad = |padding: [usize; 2]| Conv2dParams {
+            padding,
+            ..Conv2dParams::default()
+        };
+        let mut y = None;
+        if m > 0 {
+            let centre = weight.narrow(2, c, 1)?.narrow(3, 0, m)?;
+            y = Some(conv2d_cropped(x, &centre, pad([0, c]), [h, w])?);
+        }
+        if c > 0 {
+            let above = conv2d_cropped(x, &weight.narrow(2, 0, c)?, pad([c, c]), [h, w])?;
+            y = Some(match y {
+                Some(y) => (above + y)?,
+                None => above,
+            });
+        }
+        match y {
+            Some(y) => self.conv.bias_act(y, act),
+            // A 1 × 1 mask A reads nothing: the output is the bias alone.
+            None => self.forward_act_by_mask(x, act),
+        }
+    }
+
+    /// The same as [`MaskedConv2d::forward_act`] by one convolution with the weight multiplied
+    /// by the mask (every tap computed, the masked ones times zero).
+    pub fn forward_act_by_mask(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let w = self.conv.weight().broadcast_mul(&self.mask)?;
+        self.conv.forward_with_weight(x, &w, act)
+    }
+}
+
+/// Sinusoidal embedding `[sin(t·f_i), cos(t·f_i)]`, `f_i = 10000^{-i/(dim/2)}`, of `(B,)` times.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f64> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp())
+        .collect();
+    let freqs = gm_core::traffic::upload(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
+    let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let e = Tensor::cat(&[args.sin()?, args.cos()?], 1)?;
+    if dim % 2 == 1 {
+        e.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(e)
     }
 }

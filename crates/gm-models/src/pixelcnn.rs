@@ -16,9 +16,10 @@
 
 use crate::ar::{check_shape, PixelOutput, RasterModel};
 use crate::nn::Conv2d;
+pub use crate::nn::{raster_mask, MaskType, MaskedConv2d};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use gm_core::kernels::conv::{conv2d_cropped, Conv2dParams};
+use gm_core::kernels::conv::Conv2dParams;
 use gm_core::kernels::ops::Act;
 use serde::{Deserialize, Serialize};
 
@@ -101,91 +102,6 @@ impl crate::Family for PixelCnnConfig {
 
     fn build(&self, vb: VarBuilder) -> Result<Box<dyn crate::Model>> {
         Ok(Box::new(PixelCnn::new(self.clone(), vb)?))
-    }
-}
-
-/// Which pixels a masked kernel may read: `A` strictly before the centre, `B` up to and
-/// including it (raster order, single channel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MaskType {
-    A,
-    B,
-}
-
-/// The `(kh, kw)` 0/1 mask of a raster-order masked kernel.
-pub fn raster_mask(kh: usize, kw: usize, t: MaskType) -> Vec<f32> {
-    let (ci, cj) = (kh / 2, kw / 2);
-    (0..kh * kw)
-        .map(|k| {
-            let (i, j) = (k / kw, k % kw);
-            f32::from(i < ci || (i == ci && (j < cj || (t == MaskType::B && j == cj))))
-        })
-        .collect()
-}
-
-/// A "same"-padded convolution whose weight is masked in raster order on every use (so the
-/// masked entries get zero gradient and stay inert).
-///
-/// It is computed as the two convolutions its unmasked taps form — the `c = k/2` rows above the
-/// centre (a `c × k` kernel, padding `c` on all sides, cropped to the input size) and the centre
-/// row up to (mask A) or including (mask B) the centre (a `1 × m` kernel, padding `c` left and
-/// right, cropped) — so the masked taps, about half of them, cost nothing. The function and the
-/// gradients are those of the weight multiplied by [`raster_mask`]
-/// ([`MaskedConv2d::forward_act_by_mask`], kept as the reference).
-#[derive(Clone, Debug)]
-pub struct MaskedConv2d {
-    conv: Conv2d,
-    mask: Tensor,
-    k: usize,
-    t: MaskType,
-}
-
-impl MaskedConv2d {
-    pub fn new(c_in: usize, c_out: usize, k: usize, t: MaskType, vb: VarBuilder) -> Result<Self> {
-        if k % 2 == 0 {
-            candle_core::bail!("masked convolution: kernel size must be odd, got {k}")
-        }
-        let p = Conv2dParams::default().padding(k / 2);
-        let conv = Conv2d::new(c_in, c_out, [k, k], p, true, vb)?;
-        let mask = Tensor::from_vec(raster_mask(k, k, t), (1, 1, k, k), conv.weight().device())?
-            .to_dtype(conv.weight().dtype())?;
-        Ok(Self { conv, mask, k, t })
-    }
-
-    /// `act(masked_conv(x) + bias)`, by the two convolutions of the unmasked taps.
-    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let c = self.k / 2;
-        let m = if self.t == MaskType::B { c + 1 } else { c };
-        let weight = self.conv.weight();
-        let pad = |padding: [usize; 2]| Conv2dParams {
-            padding,
-            ..Conv2dParams::default()
-        };
-        let mut y = None;
-        if m > 0 {
-            let centre = weight.narrow(2, c, 1)?.narrow(3, 0, m)?;
-            y = Some(conv2d_cropped(x, &centre, pad([0, c]), [h, w])?);
-        }
-        if c > 0 {
-            let above = conv2d_cropped(x, &weight.narrow(2, 0, c)?, pad([c, c]), [h, w])?;
-            y = Some(match y {
-                Some(y) => (above + y)?,
-                None => above,
-            });
-        }
-        match y {
-            Some(y) => self.conv.bias_act(y, act),
-            // A 1 × 1 mask A reads nothing: the output is the bias alone.
-            None => self.forward_act_by_mask(x, act),
-        }
-    }
-
-    /// The same as [`MaskedConv2d::forward_act`] by one convolution with the weight multiplied
-    /// by the mask (every tap computed, the masked ones times zero).
-    pub fn forward_act_by_mask(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        let w = self.conv.weight().broadcast_mul(&self.mask)?;
-        self.conv.forward_with_weight(x, &w, act)
     }
 }
 

@@ -12,6 +12,7 @@
 //! Parameter names follow a PyTorch module tree (`down.0.res.0.conv1.weight`, …), so a
 //! safetensors checkpoint maps onto a PyTorch twin one to one.
 
+pub use crate::nn::timestep_embedding;
 use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::Batch;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
@@ -215,22 +216,6 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     x.reshape((b, c, h, 1, w, 1))?
         .broadcast_as((b, c, h, 2, w, 2))?
         .reshape((b, c, 2 * h, 2 * w))
-}
-
-/// Sinusoidal embedding `[sin(t·f_i), cos(t·f_i)]`, `f_i = 10000^{-i/(dim/2)}`, of `(B,)` times.
-pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
-    let half = dim / 2;
-    let freqs: Vec<f64> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp())
-        .collect();
-    let freqs = gm_core::traffic::upload(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
-    let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
-    let e = Tensor::cat(&[args.sin()?, args.cos()?], 1)?;
-    if dim % 2 == 1 {
-        e.pad_with_zeros(1, 0, 1)
-    } else {
-        Ok(e)
-    }
 }
 
 #[derive(Clone, Debug)]

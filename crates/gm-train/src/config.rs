@@ -344,8 +344,8 @@ impl RunConfig {
 
     /// The data the model reads: a data set of its kind, pre-processed to its pixel values.
     fn validate_data(&self) -> std::result::Result<(), String> {
-        if let Some(name) = crate::data::toy_name(&self.data.dataset) {
-            name.parse::<crate::data::Toy2d>()
+        if let Some(name) = toy_name(&self.data.dataset) {
+            name.parse::<Toy2d>()
                 .map_err(|e| format!("data.dataset: {e}"))?;
             if self.model.image_shape() != Some([2, 1, 1]) {
                 return Err(format!(
@@ -501,4 +501,33 @@ mod tests {
         assert!((lr_at(&t, 60) - 0.5).abs() < 1e-12);
         assert!(lr_at(&t, 109) < 0.01);
     }
+}
+
+/// 2-D toy densities for flows and CNFs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Toy2d {
+    TwoMoons,
+    EightGaussians,
+    Checkerboard,
+    Spirals,
+}
+
+impl std::str::FromStr for Toy2d {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "two-moons" | "moons" => Ok(Self::TwoMoons),
+            "8gaussians" | "eight-gaussians" => Ok(Self::EightGaussians),
+            "checkerboard" => Ok(Self::Checkerboard),
+            "spirals" | "2spirals" => Ok(Self::Spirals),
+            o => Err(format!(
+                "unknown toy density '{o}' (two-moons, 8gaussians, checkerboard, spirals)"
+            )),
+        }
+    }
+}
+
+/// The toy density named by `data.dataset = "toy:NAME"`, if it is one.
+pub fn toy_name(dataset: &str) -> Option<&str> {
+    dataset.strip_prefix("toy:")
 }

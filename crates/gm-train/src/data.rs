@@ -387,34 +387,7 @@ pub fn make_batch(
     })
 }
 
-/// 2-D toy densities for flows and CNFs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Toy2d {
-    TwoMoons,
-    EightGaussians,
-    Checkerboard,
-    Spirals,
-}
-
-impl std::str::FromStr for Toy2d {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "two-moons" | "moons" => Ok(Self::TwoMoons),
-            "8gaussians" | "eight-gaussians" => Ok(Self::EightGaussians),
-            "checkerboard" => Ok(Self::Checkerboard),
-            "spirals" | "2spirals" => Ok(Self::Spirals),
-            o => Err(format!(
-                "unknown toy density '{o}' (two-moons, 8gaussians, checkerboard, spirals)"
-            )),
-        }
-    }
-}
-
-/// The toy density named by `data.dataset = "toy:NAME"`, if it is one.
-pub fn toy_name(dataset: &str) -> Option<&str> {
-    dataset.strip_prefix("toy:")
-}
+pub use crate::config::{toy_name, Toy2d};
 
 /// `n` points of a toy density as a data set of `[2, 1, 1]` "images"; the split picks the
 /// stream, so train and test are independent draws of the same seed.
