@@ -135,7 +135,7 @@ impl GaussianMixture {
     }
 
     /// `log π_k + log N(x_n | μ_k, Σ_k)` for every point and component, `(N, K)`.
-    fn weighted_log_prob(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>, String> {
+    pub(crate) fn weighted_log_prob(&self, x: &DMatrix<f64>) -> Result<DMatrix<f64>, String> {
         let (n, d) = x.shape();
         let k = self.weights.len();
         let mut out = DMatrix::zeros(n, k);
@@ -173,7 +173,7 @@ impl GaussianMixture {
         Ok((ll, w))
     }
 
-    fn m_step(&mut self, x: &DMatrix<f64>, log_resp: &DMatrix<f64>, reg_covar: f64) {
+    pub(crate) fn m_step(&mut self, x: &DMatrix<f64>, log_resp: &DMatrix<f64>, reg_covar: f64) {
         let (n, d) = x.shape();
         let resp = log_resp.map(f64::exp);
         let k = self.weights.len();

@@ -20,6 +20,7 @@ pub mod diffusion;
 pub mod dist;
 pub mod em;
 pub mod kernels;
+pub mod ladder;
 pub mod loss;
 pub mod ode;
 pub mod precision;
