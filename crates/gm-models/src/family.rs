@@ -286,6 +286,7 @@ fn builtin() -> Vec<Entry> {
         entry::<ffjord::CnfConfig>(),
         entry::<gan::GanConfig>(),
         entry::<text::TextArConfig>(),
+        entry::<bernoulli_mixture::BernoulliMixtureConfig>(),
     ]
 }
 

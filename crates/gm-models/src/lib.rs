@@ -5,6 +5,7 @@
 //! by its [`ModelConfig`], which is what checkpoints store, so a checkpoint alone rebuilds it.
 
 pub mod ar;
+pub mod bernoulli_mixture;
 pub mod classifier;
 pub mod ddpm;
 pub mod family;
@@ -128,6 +129,13 @@ pub trait Model {
 
     /// Reconstructions `(B, C, H, W)` in `[0, 1]`, for models that have them.
     fn reconstruct(&self, _batch: &Batch, _rng: &mut GmRng) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// New parameter values computed in closed form from a batch, which the trainer sets in place
+    /// of a gradient step (an EM iteration: the exact E-step and the closed-form M-step); `None`
+    /// (the default) for models trained by gradient.
+    fn closed_form_update(&self, _batch: &Batch) -> Result<Option<Vec<(String, Tensor)>>> {
         Ok(None)
     }
 

@@ -513,6 +513,37 @@ impl Trainer {
             grad_norm: 0.0,
             lr,
         };
+        if let Some(update) = self.model.closed_form_update(&batches[0])? {
+            if batches.len() > 1 || self.world > 1 {
+                bail!("a '{}' model sets its parameters from each batch in closed form (EM): train.accumulate must be 1, on one rank", self.cfg.model.kind());
+            }
+            let rng = keyed.first_mut().unwrap_or(&mut self.rng);
+            let ctx = StepContext {
+                step: done,
+                group: 0,
+                vars: &self.vars,
+                lr,
+                last_checkpoint: self.last_checkpoint.as_deref(),
+            };
+            // The loss at the parameters the update starts from, for the log and the hooks.
+            let values = read_loss(&self.model.loss(&batches[0], rng)?)?;
+            for h in hooks.iter_mut() {
+                h.after_loss(
+                    &ctx,
+                    &LossValues {
+                        total: values.0,
+                        parts: &values.1,
+                    },
+                )?;
+            }
+            mean_loss(&[values], &mut report);
+            set_data_init(&self.varmap, update)?;
+            let ctx = self.step_end_ctx(done, lr);
+            for h in hooks.iter_mut() {
+                h.after_step(&ctx)?;
+            }
+            return Ok(report);
+        }
         for (pi, (phase, pvars)) in self.groups.iter().enumerate() {
             for _ in 0..phase.repeats {
                 let ctx = StepContext {

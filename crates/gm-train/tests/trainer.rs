@@ -487,3 +487,56 @@ fn resume_reads_the_folder_the_run_started_on() {
             .unwrap();
     assert_eq!(meta["gm.data_dir"], data.display().to_string());
 }
+
+/// A model fitted in closed form (the mixture of Bernoullis by EM): each step is one EM
+/// iteration on the whole training set, so the training NLL never rises (up to the small prior
+/// term), no optimizer moves the parameters, and resume is exact.
+#[test]
+fn closed_form_em_steps_through_the_trainer() {
+    let t = tempfile::tempdir().unwrap();
+    let data = idx_dir(&t.path().join("data"));
+    let sets: Vec<String> = [
+        "train.batch_size=64",
+        "train.steps=12",
+        "train.eval_every=0",
+        "train.sample_every=0",
+        "train.checkpoint_every=6",
+        "train.eval_images=16",
+        "model.pseudo_count=0.01",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cfg = RunConfig::load(&root().join("models/bernoulli-mixture-tiny.toml"), &sets).unwrap();
+    let run = t.path().join("em");
+    let s = gm_train::train(&cfg, &options(&run, &data)).unwrap();
+    let losses: Vec<f64> = s.losses.iter().map(|l| l.1).collect();
+    for w in losses.windows(2) {
+        assert!(
+            w[1] <= w[0] + 1e-2,
+            "EM raised the training NLL: {losses:?}"
+        );
+    }
+    assert!(losses[11] < losses[0] - 1.0, "{losses:?}");
+    // Resumed from step 6, the run ends where the uninterrupted one did.
+    let again = t.path().join("again");
+    std::fs::create_dir_all(again.join("checkpoints")).unwrap();
+    std::fs::copy(run.join("config.toml"), again.join("config.toml")).unwrap();
+    for f in [
+        "step-00000006.safetensors",
+        "step-00000006.state.safetensors",
+    ] {
+        std::fs::copy(
+            run.join("checkpoints").join(f),
+            again.join("checkpoints").join(f),
+        )
+        .unwrap();
+    }
+    let mut o = options(&again, &data);
+    o.resume = true;
+    gm_train::train(&cfg, &o).unwrap();
+    assert!(
+        weights(&run, 12) == weights(&again, 12),
+        "resumed EM run differs"
+    );
+}
