@@ -26,6 +26,7 @@ pub mod ode;
 pub mod precision;
 pub mod rng;
 pub mod traffic;
+pub mod vbgmm;
 
 pub use device::{
     keep_freed_memory, native_kernels, portable_kernels, select_device, set_portable_kernels,
