@@ -93,11 +93,6 @@ pub struct LadderStep {
 /// The trace of a run, one entry per iteration.
 pub type LadderTrace = Vec<LadderStep>;
 
-fn mean_ll(model: &impl LatentMixture, x: &DMatrix<f64>) -> Result<f64, String> {
-    let (ll, _) = posterior(&model.joint_log_prob(x)?);
-    Ok((ll.sum() + model.log_prior()) / x.nrows() as f64)
-}
-
 /// One coordinate-ascent iteration with `q` from `e_step` and `θ` from `m_step`.
 fn iterate<M: LatentMixture>(
     model: &mut M,
@@ -238,9 +233,11 @@ fn gradient_m_step<M: LatentMixture>(
     Ok(())
 }
 
-/// Mean log-likelihood (+ log prior) per point under the model, in nats.
+/// Mean log-likelihood `log p(x_n | θ)` per point under the model, in nats (no prior term: the
+/// score of held-out data).
 pub fn score(model: &impl LatentMixture, x: &DMatrix<f64>) -> Result<f64, String> {
-    mean_ll(model, x)
+    let (ll, _) = posterior(&model.joint_log_prob(x)?);
+    Ok(ll.mean())
 }
 
 /// A mixture of `K` products of Bernoullis over `D` binary pixels: `p(x) = Σ_k π_k Π_d
@@ -464,5 +461,116 @@ impl LatentMixture for GaussianLadder {
             g.extend(chol.solve(&s).iter().map(|v| v / n));
         }
         Ok(g)
+    }
+}
+
+/// Variational EM on the mixture of Bernoullis with its parameters integrated out: priors
+/// `π ~ Dir(α₀)`, `μ_kd ~ Beta(a₀, b₀)`, and the mean-field posterior
+/// `q(z) q(π) Π_kd q(μ_kd)` with `q(π) = Dir(α)`, `q(μ_kd) = Beta(a_kd, b_kd)`. The posterior
+/// over `(z, π, μ)` is intractable; each coordinate update of the factorised one is closed-form
+/// (conjugacy), and the ELBO lower-bounds the evidence `log p(x) = log ∫ p(x | θ) p(θ) dθ`.
+#[derive(Clone, Debug)]
+pub struct VbBernoulliMixture {
+    pub alpha0: f64,
+    pub a0: f64,
+    pub b0: f64,
+    /// `α_k` of `q(π)`.
+    pub alpha: Vec<f64>,
+    /// `(K, D)` Beta parameters of `q(μ_kd)`.
+    pub a: DMatrix<f64>,
+    pub b: DMatrix<f64>,
+}
+
+impl VbBernoulliMixture {
+    /// `q(θ)` centred on a point estimate: `a = s μ`, `b = s (1 − μ)`, `α = s π` (strength `s`).
+    pub fn around(m: &BernoulliMixture, strength: f64, alpha0: f64, a0: f64, b0: f64) -> Self {
+        Self {
+            alpha0,
+            a0,
+            b0,
+            alpha: m.weights.iter().map(|w| strength * w).collect(),
+            a: m.probs.map(|p| strength * p),
+            b: m.probs.map(|p| strength * (1.0 - p)),
+        }
+    }
+
+    /// `E_q[log π_k + log p(x_n | μ_k)]`, `(N, K)`.
+    fn expected_log_joint(&self, x: &DMatrix<f64>) -> DMatrix<f64> {
+        use crate::vbgmm::digamma;
+        let ab = (&self.a + &self.b).map(digamma);
+        let log_mu = self.a.map(digamma) - &ab;
+        let log_1m = self.b.map(digamma) - &ab;
+        let sum_alpha = digamma(self.alpha.iter().sum());
+        let mut j = x * (&log_mu - &log_1m).transpose();
+        for (k, mut col) in j.column_iter_mut().enumerate() {
+            let base = log_1m.row(k).sum() + digamma(self.alpha[k]) - sum_alpha;
+            col.add_scalar_mut(base);
+        }
+        j
+    }
+
+    /// `Σ_n E_q[log p(x_n, z_n | θ)] + H[q(z)] − KL(q(π) ‖ p(π)) − Σ_kd KL(q(μ_kd) ‖ p(μ_kd))`.
+    fn elbo(&self, x: &DMatrix<f64>, q: &DMatrix<f64>) -> f64 {
+        use crate::vbgmm::{digamma, ln_gamma};
+        let data = elbo(&self.expected_log_joint(x), q);
+        let k = self.alpha.len() as f64;
+        let s: f64 = self.alpha.iter().sum();
+        let kl_pi = ln_gamma(s)
+            - self.alpha.iter().map(|&a| ln_gamma(a)).sum::<f64>()
+            - ln_gamma(k * self.alpha0)
+            + k * ln_gamma(self.alpha0)
+            + self
+                .alpha
+                .iter()
+                .map(|&a| (a - self.alpha0) * (digamma(a) - digamma(s)))
+                .sum::<f64>();
+        let ln_beta = |a: f64, b: f64| ln_gamma(a) + ln_gamma(b) - ln_gamma(a + b);
+        let kl_mu: f64 = self
+            .a
+            .iter()
+            .zip(self.b.iter())
+            .map(|(&a, &b)| {
+                ln_beta(self.a0, self.b0) - ln_beta(a, b)
+                    + (a - self.a0) * digamma(a)
+                    + (b - self.b0) * digamma(b)
+                    + (self.a0 - a + self.b0 - b) * digamma(a + b)
+            })
+            .sum();
+        data - kl_pi - kl_mu
+    }
+
+    /// `iters` sweeps: `q(z)` from the expected log-parameters, then `q(π)` and `q(μ)` from the
+    /// responsibilities. `log_likelihood` is NaN (the evidence is intractable); the ELBOs are
+    /// per point.
+    pub fn fit(&mut self, x: &DMatrix<f64>, iters: usize) -> Result<LadderTrace, String> {
+        if x.ncols() != self.a.ncols() {
+            return Err(format!(
+                "VbBernoulliMixture: data has {} columns, the mixture {} pixels",
+                x.ncols(),
+                self.a.ncols()
+            ));
+        }
+        let n = x.nrows() as f64;
+        let mut trace = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let (_, log_resp) = posterior(&self.expected_log_joint(x));
+            let q = log_resp.map(f64::exp);
+            let elbo_after_e = self.elbo(x, &q) / n;
+            let nk: Vec<f64> = q.column_iter().map(|c| c.sum()).collect();
+            let on = q.transpose() * x; // (K, D)
+            for k in 0..self.alpha.len() {
+                self.alpha[k] = self.alpha0 + nk[k];
+                for d in 0..self.a.ncols() {
+                    self.a[(k, d)] = self.a0 + on[(k, d)];
+                    self.b[(k, d)] = self.b0 + nk[k] - on[(k, d)];
+                }
+            }
+            trace.push(LadderStep {
+                log_likelihood: f64::NAN,
+                elbo_after_e,
+                elbo_after_m: self.elbo(x, &q) / n,
+            });
+        }
+        Ok(trace)
     }
 }

@@ -194,6 +194,16 @@ impl Model for BernoulliMixture {
         Ok(Some(rng.bernoulli(&p)?))
     }
 
+    /// The prototypes `μ_k`, heaviest component first.
+    fn components(&self) -> Result<Option<Tensor>> {
+        let w = self.weights()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        gm_core::traffic::record_readback(8 * w.len());
+        let mut order: Vec<u32> = (0..w.len() as u32).collect();
+        order.sort_by(|&a, &b| w[b as usize].total_cmp(&w[a as usize]));
+        let order = gm_core::traffic::upload(order, w.len(), self.logits.device())?;
+        Ok(Some(self.prototypes()?.index_select(&order, 0)?))
+    }
+
     /// With `fit = "em"`: the E-step on the batch and the closed-form M-step.
     fn closed_form_update(&self, batch: &Batch) -> Result<Option<Vec<(String, Tensor)>>> {
         if self.cfg.fit != MixtureFit::Em {

@@ -127,6 +127,13 @@ pub trait Model {
         Ok(None)
     }
 
+    /// The images that describe a mixture's components `(K, C, H, W)` in `[0, 1]` (a mixture of
+    /// Bernoullis' prototypes), for models that have them; training draws them beside the
+    /// samples.
+    fn components(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Reconstructions `(B, C, H, W)` in `[0, 1]`, for models that have them.
     fn reconstruct(&self, _batch: &Batch, _rng: &mut GmRng) -> Result<Option<Tensor>> {
         Ok(None)

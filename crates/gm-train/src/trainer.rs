@@ -686,6 +686,10 @@ impl Trainer {
         if let Some(s) = s? {
             save_grid(&s, 8, &run.join(format!("samples/step-{step:08}.png")))?;
         }
+        if let Some(c) = self.with_eval_weights(|me| Ok(me.model.components()?))? {
+            let path = run.join(format!("samples/components-step-{step:08}.png"));
+            save_grid(&c, 10, &path)?;
+        }
         if let Some(r) = recon? {
             save_grid(
                 &r,
