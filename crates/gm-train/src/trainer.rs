@@ -537,7 +537,8 @@ impl Trainer {
                 )?;
             }
             mean_loss(&[values], &mut report);
-            set_data_init(&self.varmap, update)?;
+            set_data_init(&self.varmap, update)
+                .with_context(|| format!("the closed-form update of step {done}"))?;
             let ctx = self.step_end_ctx(done, lr);
             for h in hooks.iter_mut() {
                 h.after_step(&ctx)?;
