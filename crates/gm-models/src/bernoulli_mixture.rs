@@ -45,6 +45,11 @@ pub struct BernoulliMixtureConfig {
     /// likelihood, which lets a pixel never on in a component's images cost infinitely many nats
     /// on a test image where it is).
     pub pseudo_count: f64,
+    /// Stepwise EM for mini-batches (Cappé & Moulines, 2009) when `α > 0`: the sufficient
+    /// statistics are a running average, `s ← (1 − ρ_t) s + ρ_t ŝ(batch)` with
+    /// `ρ_t = (t + 1)^(−α)`, `α ∈ (0.5, 1]`, and the M-step reads them. `0` is batch EM: each
+    /// step's M-step reads its batch alone (right when the batch is the whole training set).
+    pub em_step_decay: f64,
 }
 
 impl Default for BernoulliMixtureConfig {
@@ -54,6 +59,7 @@ impl Default for BernoulliMixtureConfig {
             components: 20,
             fit: MixtureFit::Em,
             pseudo_count: 1.0,
+            em_step_decay: 0.0,
         }
     }
 }
@@ -68,6 +74,12 @@ impl BernoulliMixtureConfig {
             return Err(format!(
                 "model.pseudo_count must be >= 0, got {}",
                 self.pseudo_count
+            ));
+        }
+        let a = self.em_step_decay;
+        if !(a == 0.0 || (a > 0.5 && a <= 1.0)) {
+            return Err(format!(
+                "model.em_step_decay must be 0 (batch EM) or in (0.5, 1] (stepwise EM), got {a}"
             ));
         }
         Ok(())
@@ -98,6 +110,9 @@ pub struct BernoulliMixture {
     cfg: BernoulliMixtureConfig,
     logits: Tensor,
     weight_logits: Tensor,
+    /// Stepwise EM's state: steps taken `(1,)`, the running averages of the responsibilities
+    /// `(K,)` and of `r_k · x` `(K, D)` per image (variables, so checkpoints keep them).
+    stats: Option<[Tensor; 3]>,
 }
 
 /// `log σ(t) = min(t, 0) − log(1 + e^{−|t|})`, stable for any `t`.
@@ -114,10 +129,23 @@ impl BernoulliMixture {
         let init = Init::Uniform { lo, up: -lo };
         let logits = vb.get_with_hints((cfg.components, d), "logits", init)?;
         let weight_logits = vb.get_with_hints(cfg.components, "weight_logits", Init::Const(0.0))?;
+        let stats = match cfg.em_step_decay > 0.0 {
+            true => {
+                let s = vb.pp("em_stats");
+                let zero = Init::Const(0.0);
+                Some([
+                    s.get_with_hints(1, "count", zero)?,
+                    s.get_with_hints(cfg.components, "resp", zero)?,
+                    s.get_with_hints((cfg.components, d), "on", zero)?,
+                ])
+            }
+            false => None,
+        };
         Ok(Self {
             cfg,
             logits,
             weight_logits,
+            stats,
         })
     }
 
@@ -211,19 +239,34 @@ impl Model for BernoulliMixture {
         }
         let x = batch.x.flatten_from(1)?.to_dtype(DType::F32)?;
         let resp = candle_nn::ops::softmax(&self.joint_log_prob(&x)?.detach(), D::Minus1)?;
-        let nk = resp.sum(0)?; // (K,)
+        let mut nk = resp.sum(0)?; // (K,)
         let c = self.cfg.pseudo_count;
-        let sums = resp.t()?.matmul(&x)?; // (K, D)
+        let mut sums = resp.t()?.matmul(&x)?; // (K, D)
+        let b = x.dim(0)? as f64;
+        let mut out = Vec::new();
+        if let Some([count, s_n, s_x]) = &self.stats {
+            // Stepwise EM: blend this batch's per-image statistics into the running averages,
+            // then read them back at the batch's scale, so the prior weighs as in batch EM.
+            let t = count.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+            gm_core::traffic::record_readback(4);
+            let rho = (t + 1.0).powf(-self.cfg.em_step_decay);
+            let s_n = ((s_n * (1.0 - rho))? + ((&nk / b)? * rho)?)?;
+            let s_x = ((s_x * (1.0 - rho))? + ((&sums / b)? * rho)?)?;
+            nk = (&s_n * b)?;
+            sums = (&s_x * b)?;
+            out.push(("em_stats.count".to_string(), (count + 1.0)?));
+            out.push(("em_stats.resp".to_string(), s_n));
+            out.push(("em_stats.on".to_string(), s_x));
+        }
         let mu = (sums + c)?.broadcast_div(&(&nk + 2.0 * c)?.unsqueeze(1)?)?;
         // Keep the probabilities inside (0, 1) in f32: an empty component or c = 0 may touch the
         // ends, where the logit is infinite.
         let mu = mu.clamp(1e-6f32, 1.0 - 1e-6f32)?;
         let logits = (mu.log()? - mu.affine(-1.0, 1.0)?.log()?)?;
-        let weight_logits = (nk / x.dim(0)? as f64)?.clamp(1e-30f32, 1.0f32)?.log()?;
-        Ok(Some(vec![
-            ("logits".into(), logits),
-            ("weight_logits".into(), weight_logits),
-        ]))
+        let weight_logits = (nk / b)?.clamp(1e-30f32, 1.0f32)?.log()?;
+        out.push(("logits".into(), logits));
+        out.push(("weight_logits".into(), weight_logits));
+        Ok(Some(out))
     }
 }
 
@@ -252,6 +295,7 @@ mod tests {
             components: 3,
             fit: MixtureFit::Em,
             pseudo_count: c,
+            em_step_decay: 0.0,
         };
         let vm = VarMap::new();
         let vb = gm_core::rng::seeded_var_builder(&vm, 3, DType::F32, &dev);
@@ -322,6 +366,70 @@ mod tests {
                 assert!((a.exp() - b).abs() < 1e-6, "{} vs {b}", a.exp());
             }
         }
+    }
+
+    /// Stepwise EM: its first step is batch EM on that batch (ρ₀ = 1), and cycling through
+    /// mini-batches it reaches the likelihood batch EM reaches on the whole set.
+    #[test]
+    fn stepwise_em_starts_as_batch_em_and_reaches_its_optimum() {
+        let dev = Device::Cpu;
+        let build = |decay: f64| {
+            let cfg = BernoulliMixtureConfig {
+                image_shape: [1, 3, 4],
+                components: 3,
+                fit: MixtureFit::Em,
+                // Small: stepwise EM weighs the prior at its batch's scale (10 images here),
+                // batch EM at the whole set's (50).
+                pseudo_count: 0.01,
+                em_step_decay: decay,
+            };
+            let vm = VarMap::new();
+            let vb = gm_core::rng::seeded_var_builder(&vm, 3, DType::F32, &dev);
+            (BernoulliMixture::new(cfg, vb).unwrap(), vm)
+        };
+        let (_, _, x, _, _) = setup(0.5);
+        let all = Batch {
+            x: x.clone(),
+            labels: None,
+        };
+        let (batch_em, bvm) = build(0.0);
+        let (stepwise, svm) = build(0.6);
+        let first = |m: &BernoulliMixture| m.closed_form_update(&all).unwrap().unwrap();
+        let (a, b) = (first(&batch_em), first(&stepwise));
+        for name in ["logits", "weight_logits"] {
+            let get = |u: &Vec<(String, Tensor)>| -> Vec<f32> {
+                let t = &u.iter().find(|(n, _)| n == name).unwrap().1;
+                t.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            for (p, q) in get(&a).iter().zip(get(&b)) {
+                assert!((p - q).abs() < 1e-5, "{name}: {p} vs {q}");
+            }
+        }
+        let set = |vm: &VarMap, u: Vec<(String, Tensor)>| {
+            for (name, value) in u {
+                vm.data().lock().unwrap()[name.as_str()]
+                    .set(&value)
+                    .unwrap();
+            }
+        };
+        for _ in 0..100 {
+            set(&bvm, batch_em.closed_form_update(&all).unwrap().unwrap());
+        }
+        for step in 0..400 {
+            let part = Batch {
+                x: x.narrow(0, (step % 5) * 10, 10).unwrap(),
+                labels: None,
+            };
+            set(&svm, stepwise.closed_form_update(&part).unwrap().unwrap());
+        }
+        let nll = |m: &BernoulliMixture| -> f32 {
+            m.nll(&x).unwrap().mean_all().unwrap().to_scalar().unwrap()
+        };
+        let (full, step) = (nll(&batch_em), nll(&stepwise));
+        assert!(
+            (step - full).abs() < 0.005 * full,
+            "batch EM {full} vs stepwise {step}"
+        );
     }
 
     /// Batch EM through the updates never raises the (penalised) training NLL.
