@@ -158,24 +158,12 @@ impl GaussianMixture {
 
     /// Per-point log-likelihood and the log responsibilities `log p(z = k | x_n)`.
     fn e_step(&self, x: &DMatrix<f64>) -> Result<(DVector<f64>, DMatrix<f64>), String> {
-        let mut w = self.weighted_log_prob(x)?;
-        let n = x.nrows();
-        let mut ll = DVector::zeros(n);
-        for i in 0..n {
-            let row = w.row(i);
-            let m = row.max();
-            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-            ll[i] = lse;
-            for v in w.row_mut(i).iter_mut() {
-                *v -= lse;
-            }
-        }
-        Ok((ll, w))
+        Ok(crate::ladder::posterior(&self.weighted_log_prob(x)?))
     }
 
-    pub(crate) fn m_step(&mut self, x: &DMatrix<f64>, log_resp: &DMatrix<f64>, reg_covar: f64) {
+    /// The closed-form M-step from responsibilities `resp` `(N, K)`.
+    pub(crate) fn m_step(&mut self, x: &DMatrix<f64>, resp: &DMatrix<f64>, reg_covar: f64) {
         let (n, d) = x.shape();
-        let resp = log_resp.map(f64::exp);
         let k = self.weights.len();
         let eps10 = 10.0 * f64::EPSILON;
         let nk: Vec<f64> = (0..k).map(|j| resp.column(j).sum() + eps10).collect();
@@ -221,7 +209,7 @@ impl GaussianMixture {
         for it in 1..=opts.max_iter {
             let prev = lower;
             let (ll, log_resp) = self.e_step(x)?;
-            self.m_step(x, &log_resp, opts.reg_covar);
+            self.m_step(x, &log_resp.map(f64::exp), opts.reg_covar);
             lower = ll.mean();
             trace.push(lower);
             if (lower - prev).abs() < opts.tol {

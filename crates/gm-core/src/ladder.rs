@@ -413,8 +413,7 @@ impl LatentMixture for GaussianLadder {
     }
 
     fn m_step(&mut self, x: &DMatrix<f64>, resp: &DMatrix<f64>) -> Result<(), String> {
-        self.gmm
-            .m_step(x, &resp.map(|r| r.max(1e-300).ln()), self.reg_covar);
+        self.gmm.m_step(x, resp, self.reg_covar);
         Ok(())
     }
 

@@ -20,6 +20,7 @@
 use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use gm_core::dist::softplus;
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 
@@ -115,11 +116,6 @@ pub struct BernoulliMixture {
     stats: Option<[Tensor; 3]>,
 }
 
-/// `log σ(t) = min(t, 0) − log(1 + e^{−|t|})`, stable for any `t`.
-fn log_sigmoid(t: &Tensor) -> Result<Tensor> {
-    t.minimum(0.0)? - (t.abs()?.neg()?.exp()? + 1.0)?.log()?
-}
-
 impl BernoulliMixture {
     /// Equal weights; pixel probabilities drawn uniformly in `[0.25, 0.75]` (as logits).
     pub fn new(cfg: BernoulliMixtureConfig, vb: VarBuilder) -> Result<Self> {
@@ -152,7 +148,8 @@ impl BernoulliMixture {
     /// `log π_k + log p(x_n | k)`, `(B, K)`: `x · logitsᵀ + Σ_d log(1 − μ_kd) + log π_k`.
     pub fn joint_log_prob(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.flatten_from(1)?.to_dtype(self.logits.dtype())?;
-        let log1m = log_sigmoid(&self.logits.neg()?)?.sum(1)?; // (K,)
+        // log(1 − σ(l)) = −softplus(l).
+        let log1m = softplus(&self.logits)?.sum(1)?.neg()?; // (K,)
         let log_pi = candle_nn::ops::log_softmax(&self.weight_logits, 0)?;
         x.matmul(&self.logits.t()?)?
             .broadcast_add(&(log1m + log_pi)?.unsqueeze(0)?)
@@ -160,9 +157,7 @@ impl BernoulliMixture {
 
     /// `−log p(x_n)` in nats, `(B,)`.
     pub fn nll(&self, x: &Tensor) -> Result<Tensor> {
-        let j = self.joint_log_prob(x)?;
-        let m = j.max_keepdim(1)?.detach();
-        (j.broadcast_sub(&m)?.exp()?.sum(1)?.log()? + m.squeeze(1)?)?.neg()
+        self.joint_log_prob(x)?.log_sum_exp(1)?.neg()
     }
 
     /// The component probabilities `(K, C, H, W)` (the prototypes), in `[0, 1]`.

@@ -642,14 +642,15 @@ impl Trainer {
         })
     }
 
-    /// Writes `samples/step-N.png` (or the density picture of a 2-D model) and the
-    /// reconstructions of the first 32 test images (`samples/recon-step-N.png`).
+    /// Writes `samples/step-N.png` (or the density picture of a 2-D model), a mixture's
+    /// components (`samples/components-step-N.png`) and the reconstructions of the first 32 test
+    /// images (`samples/recon-step-N.png`).
     pub fn sample(&self, step: usize) -> Result<()> {
         let t = &self.cfg.train;
         let run = &self.run;
         let images = self.data.images();
         let toy = images.filter(|_| crate::data::toy_name(&self.cfg.data.dataset).is_some());
-        let (s, recon) = self.with_eval_weights(|me| {
+        let (s, components, recon) = self.with_eval_weights(|me| {
             let model = me.model.as_ref();
             let s = match (t.sample_n, toy) {
                 (0, _) => Ok(None),
@@ -682,12 +683,12 @@ impl Trainer {
                 }
                 _ => Ok(None),
             };
-            Ok((s, recon))
+            Ok((s, model.components(), recon))
         })?;
         if let Some(s) = s? {
             save_grid(&s, 8, &run.join(format!("samples/step-{step:08}.png")))?;
         }
-        if let Some(c) = self.with_eval_weights(|me| Ok(me.model.components()?))? {
+        if let Some(c) = components? {
             let path = run.join(format!("samples/components-step-{step:08}.png"));
             save_grid(&c, 10, &path)?;
         }
