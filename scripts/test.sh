@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Runs gm's test suite. Sets up .venv with PyTorch (for the gm <-> PyTorch interop test) unless
-# GM_PYTHON already points at a Python with torch; GM_SKIP_TORCH=1 skips that step.
+# Runs gm's test suite. Sets up .venv with the peers the tests compare against — PyTorch (the
+# gm <-> PyTorch interop test) and diffusers (samplers and the imported UNet) — unless GM_PYTHON
+# already points at a Python with them; GM_SKIP_TORCH=1 skips that step. With GM_REQUIRE_PEERS=1
+# (as .ci/run sets) a peer test fails instead of skipping when its peer is missing.
 # Then runs the model and core tests a second time with GM_KERNELS=portable: the composition of
 # candle ops that CUDA and Metal run, on the CPU (GM_SKIP_PORTABLE=1 skips that pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${GM_PYTHON:-}" ] && [ "${GM_SKIP_TORCH:-0}" != 1 ]; then
-  if ! .venv/bin/python -c "import torch, safetensors, numpy" 2>/dev/null; then
-    echo "test.sh: installing torch, numpy, safetensors into .venv (once)"
+  if ! .venv/bin/python -c "import torch, safetensors, numpy, diffusers" 2>/dev/null; then
+    echo "test.sh: installing torch, numpy, safetensors, diffusers into .venv (once)"
     python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check torch numpy safetensors
+    .venv/bin/pip install -q --disable-pip-version-check torch numpy safetensors diffusers
   fi
   export GM_PYTHON="$PWD/.venv/bin/python"
 fi

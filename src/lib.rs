@@ -31,8 +31,8 @@ pub use gm_train;
 pub use gm_core::kernels::{self, conv, norm, ops};
 pub use gm_core::{
     bits_per_dim, cnf, diffusion, dist, em, keep_freed_memory, ladder, loss, native_kernels, ode,
-    portable_kernels, precision, select_device, set_portable_kernels, sum_per_sample, traffic,
-    vbgmm, DeviceChoice, GmRng, RngState,
+    portable_kernels, precision, samplers, select_device, set_portable_kernels, sum_per_sample,
+    traffic, vbgmm, DeviceChoice, GmRng, RngState,
 };
 pub use gm_models::{
     ar, classifier, ddpm, family, ffjord, flow, flow_matching, fvsbn, gated_pixelcnn, kinds, made,

@@ -2,34 +2,22 @@
 //! same batch and noise, and a PyTorch-saved safetensors loads into gm likewise.
 //!
 //! Needs a Python with torch and safetensors: `$GM_PYTHON`, else `.venv/bin/python`, else
-//! `python3`. Without one the test says so and passes; `.ci/run` installs torch so CI runs it.
+//! `python3`. Without one the test says so and passes (fails under `GM_REQUIRE_PEERS=1`, as `.ci/run`
+//! sets); `scripts/test.sh` installs torch.
 
 use gm::candle::{DType, Device, Tensor};
 use gm::candle_nn::{VarBuilder, VarMap};
 use gm::vae::{Arch, Likelihood, Vae, VaeConfig};
 use gm::GmRng;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::{peer_python, root};
 
 fn python() -> Option<String> {
-    let mut cands = vec![];
-    if let Ok(p) = std::env::var("GM_PYTHON") {
-        cands.push(p);
-    }
-    cands.push(root().join(".venv/bin/python").display().to_string());
-    cands.push("python3".into());
-    cands.into_iter().find(|p| {
-        Command::new(p)
-            .args(["-c", "import torch, safetensors"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })
+    peer_python("torch, safetensors")
 }
 
 fn torch_elbo(py: &str, cfg: &str, weights: &Path, batch: &Path) -> Vec<f64> {
@@ -80,7 +68,6 @@ fn build(cfg: &VaeConfig) -> (VarMap, Vae) {
 #[test]
 fn gm_and_pytorch_agree_on_the_elbo_both_ways() {
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python with torch and safetensors (set GM_PYTHON)");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -185,7 +172,6 @@ fn gm_and_pytorch_agree_on_autoregressive_nll() {
     use gm::pixelcnn::PixelCnnConfig;
     use gm::{Batch, EvalOptions, ModelConfig};
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python with torch and safetensors (set GM_PYTHON)");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -289,7 +275,6 @@ fn gm_and_pytorch_agree_on_autoregressive_nll() {
 fn gm_and_pytorch_agree_on_the_unet() {
     use gm::gm_models::unet::{UNet, UNetConfig};
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python with torch and safetensors (set GM_PYTHON)");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -301,6 +286,7 @@ fn gm_and_pytorch_agree_on_the_unet() {
         mid_attention: true,
         groups: 4,
         time_embed_dim: 24,
+        ..Default::default()
     };
     let vm = VarMap::new();
     let vb = gm::gm_core::rng::seeded_var_builder(&vm, 3, DType::F64, &Device::Cpu);
@@ -431,7 +417,6 @@ fn assert_close(what: &str, ours: &[f64], theirs: &[f64], tol: f64) {
 fn gm_and_pytorch_agree_on_realnvp_likelihoods() {
     use gm::gm_models::realnvp::{RealNvp, RealNvpConfig};
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python with torch and safetensors (set GM_PYTHON)");
         return;
     };
     for cfg in [
@@ -490,7 +475,6 @@ fn gm_and_pytorch_agree_on_cnf_likelihoods() {
     use gm::gm_models::ffjord::{solve_log_prob, Activation, Cnf, CnfConfig};
     use gm::gm_models::flow::eight_bit_offset;
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python with torch and safetensors (set GM_PYTHON)");
         return;
     };
     let steps = 6;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// Writes a small synthetic MNIST-style IDX folder: 28×28 images of four stroke templates
 /// (the label) with per-image jitter, so models have structure to learn in a few steps.
@@ -54,4 +55,36 @@ pub fn tiny_vae_config(extra: &[&str]) -> gm::RunConfig {
             .unwrap();
     let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     gm::RunConfig::from_toml_str(&text, &overrides, "vae-tiny.toml").unwrap()
+}
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python that imports all of `modules` (`$GM_PYTHON`, else `.venv/bin/python`, else
+/// `python3`), or `None` after saying the test is skipped. With `GM_REQUIRE_PEERS=1` (set by
+/// `.ci/run`) a missing peer fails the test instead.
+pub fn peer_python(modules: &str) -> Option<String> {
+    let mut cands = vec![];
+    if let Ok(p) = std::env::var("GM_PYTHON") {
+        cands.push(p);
+    }
+    cands.push(root().join(".venv/bin/python").display().to_string());
+    cands.push("python3".into());
+    let found = cands.into_iter().find(|p| {
+        Command::new(p)
+            .args(["-c", &format!("import {modules}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("GM_REQUIRE_PEERS").as_deref() != Ok("1"),
+            "GM_REQUIRE_PEERS=1 but no Python imports {modules} (set GM_PYTHON)"
+        );
+        eprintln!("SKIPPED: no python with {modules} (set GM_PYTHON)");
+    }
+    found
 }

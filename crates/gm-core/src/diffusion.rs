@@ -7,7 +7,6 @@
 //! Indexing: timesteps are `0..T` (0-based); `ᾱ_t = Π_{s ≤ t} (1 − β_s)`, so `x_0` is the data
 //! and `t = 0` is the first noising step. Images live in `[-1, 1]`.
 
-use crate::rng::GmRng;
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +108,26 @@ impl NoiseSchedule {
             betas,
             alphas_cumprod,
         }
+    }
+
+    /// A schedule given by its `ᾱ_t` (decreasing, in `(0, 1)`), e.g. another library's values
+    /// as they are; `β_t = 1 − ᾱ_t/ᾱ_{t−1}`.
+    pub fn from_alphas_cumprod(alphas_cumprod: Vec<f64>) -> Result<Self> {
+        let ok = !alphas_cumprod.is_empty()
+            && alphas_cumprod.iter().all(|&a| a > 0.0 && a < 1.0)
+            && alphas_cumprod.windows(2).all(|w| w[1] < w[0]);
+        if !ok {
+            bail!("alphas_cumprod must be non-empty, in (0, 1) and decreasing")
+        }
+        let betas = alphas_cumprod
+            .iter()
+            .enumerate()
+            .map(|(t, &a)| 1.0 - a / if t == 0 { 1.0 } else { alphas_cumprod[t - 1] })
+            .collect();
+        Ok(Self {
+            betas,
+            alphas_cumprod,
+        })
     }
 
     /// `T`.
@@ -305,215 +324,6 @@ pub fn discretized_gaussian_log_likelihood(
     p.maximum(1e-12)?.log()?.to_dtype(dtype)
 }
 
-/// Sampler settings: which sampler, how many steps, the DDIM `η`, clipping, and classifier-free
-/// guidance.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplerConfig {
-    pub kind: SamplerKind,
-    /// Denoising steps (at most `T`; fewer respaces the chain evenly, always ending at `t = 0`).
-    pub steps: usize,
-    /// DDIM's `η`: 0 is deterministic, 1 is DDPM-like ancestral noise.
-    pub eta: f64,
-    /// Clip `x̂_0` to `[-1, 1]` before each step.
-    pub clip_sample: bool,
-    /// The ancestral variance: `false` = posterior `β̃_t` ("fixed small"), `true` = `β_t`.
-    pub large_variance: bool,
-    /// Classifier-free guidance scale `w`: output = `uncond + w·(cond − uncond)`; 1 = no guidance.
-    pub guidance_scale: f64,
-}
-
-impl Default for SamplerConfig {
-    fn default() -> Self {
-        Self {
-            kind: SamplerKind::Ddim,
-            steps: 50,
-            eta: 0.0,
-            clip_sample: true,
-            large_variance: false,
-            guidance_scale: 1.0,
-        }
-    }
-}
-
-impl SamplerConfig {
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.steps == 0 {
-            return Err("sampler.steps must be > 0".into());
-        }
-        if self.eta.is_nan() || self.eta < 0.0 {
-            return Err(format!("sampler.eta must be >= 0, got {}", self.eta));
-        }
-        if !self.guidance_scale.is_finite() {
-            return Err("sampler.guidance_scale must be finite".into());
-        }
-        Ok(())
-    }
-
-    /// Builds the sampler for a schedule.
-    pub fn build(&self, schedule: &NoiseSchedule) -> Result<Box<dyn DiffusionSampler>> {
-        if let Err(e) = self.validate() {
-            bail!("{e}")
-        }
-        let ts = spaced_timesteps(schedule.len(), self.steps);
-        let rule = match self.kind {
-            SamplerKind::Ddpm => Rule::Ddpm {
-                large: self.large_variance,
-            },
-            SamplerKind::Ddim => Rule::Ddim { eta: self.eta },
-        };
-        Ok(Box::new(ScheduleSampler {
-            schedule: schedule.clone(),
-            timesteps: ts,
-            clip: self.clip_sample,
-            rule,
-        }))
-    }
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum SamplerKind {
-    /// Ancestral sampling from `p(x_{t-1} | x_t)` (Ho et al.), respaced when `steps < T`.
-    Ddpm,
-    /// DDIM (Song et al.) with `η`.
-    Ddim,
-}
-
-/// `steps` timesteps spread evenly over `0..T`, descending, starting at `T − 1` and ending at 0.
-pub fn spaced_timesteps(t: usize, steps: usize) -> Vec<usize> {
-    let steps = steps.clamp(1, t);
-    if steps == 1 {
-        return vec![t - 1];
-    }
-    let mut v: Vec<usize> = (0..steps)
-        .map(|i| ((i as f64) * (t - 1) as f64 / (steps - 1) as f64).round() as usize)
-        .collect();
-    v.dedup();
-    v.reverse();
-    v
-}
-
-/// A reverse-process sampler: call the network at `timesteps()[i]`, then `step`.
-pub trait DiffusionSampler {
-    /// The timesteps to visit, descending.
-    fn timesteps(&self) -> &[usize];
-
-    /// The schedule.
-    fn schedule(&self) -> &NoiseSchedule;
-
-    /// `x` at the next (earlier) timestep from the network's `x̂_0` and `ε̂` at `timesteps()[i]`.
-    fn step_from(
-        &self,
-        x0: &Tensor,
-        eps: &Tensor,
-        i: usize,
-        x: &Tensor,
-        rng: &mut GmRng,
-    ) -> Result<Tensor>;
-
-    /// Whether `x̂_0` is clipped to `[-1, 1]`.
-    fn clip(&self) -> bool;
-
-    /// One denoising step from a raw network output of type `prediction`.
-    fn step(
-        &self,
-        output: &Tensor,
-        prediction: Prediction,
-        i: usize,
-        x: &Tensor,
-        rng: &mut GmRng,
-    ) -> Result<Tensor> {
-        let t = self.timesteps()[i];
-        let ts = vec![t; x.dim(0)?];
-        let (mut x0, mut eps) = split_prediction(self.schedule(), prediction, output, x, &ts)?;
-        if self.clip() {
-            x0 = x0.clamp(-1.0, 1.0)?;
-            // Keep ε consistent with the clipped x̂_0.
-            let a = self.schedule().alphas_cumprod[t];
-            eps = ((x - (&x0 * a.sqrt())?)? / (1.0 - a).sqrt())?;
-        }
-        self.step_from(&x0, &eps, i, x, rng)
-    }
-}
-
-/// gm's two reverse-process rules on a (respaced) timestep list.
-pub struct ScheduleSampler {
-    schedule: NoiseSchedule,
-    timesteps: Vec<usize>,
-    clip: bool,
-    rule: Rule,
-}
-
-enum Rule {
-    /// Ancestral DDPM; `large` = variance `β_t` instead of the posterior `β̃_t`.
-    Ddpm { large: bool },
-    /// DDIM with `η` (Song et al., eq. 12).
-    Ddim { eta: f64 },
-}
-
-impl DiffusionSampler for ScheduleSampler {
-    fn timesteps(&self) -> &[usize] {
-        &self.timesteps
-    }
-
-    fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
-    }
-
-    fn clip(&self) -> bool {
-        self.clip
-    }
-
-    fn step_from(
-        &self,
-        x0: &Tensor,
-        eps: &Tensor,
-        i: usize,
-        x: &Tensor,
-        rng: &mut GmRng,
-    ) -> Result<Tensor> {
-        let t = self.timesteps[i];
-        let prev = self.timesteps.get(i + 1).copied();
-        let a_t = self.schedule.alphas_cumprod[t];
-        let a_p = self.schedule.alpha_bar(prev);
-        let (mean, std) = match self.rule {
-            Rule::Ddpm { large } => {
-                let (cx0, cxt, var) = self.schedule.posterior(t, prev);
-                let var = if large { 1.0 - a_t / a_p } else { var };
-                (((x0 * cx0)? + (x * cxt)?)?, var.sqrt())
-            }
-            Rule::Ddim { eta } => {
-                let sigma = eta
-                    * ((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
-                        .max(0.0)
-                        .sqrt();
-                let dir = (1.0 - a_p - sigma * sigma).max(0.0).sqrt();
-                (((x0 * a_p.sqrt())? + (eps * dir)?)?, sigma)
-            }
-        };
-        if std > 0.0 && prev.is_some() {
-            let z = rng.randn(x.shape(), x.device())?.to_dtype(x.dtype())?;
-            mean + (z * std)?
-        } else {
-            Ok(mean)
-        }
-    }
-}
-
-/// Runs a sampler from `x_T` to `x_0` with a denoiser `net(x_t, t) -> output`.
-pub fn sample_loop(
-    sampler: &dyn DiffusionSampler,
-    prediction: Prediction,
-    x_t: Tensor,
-    rng: &mut GmRng,
-    mut net: impl FnMut(&Tensor, usize) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let mut x = x_t;
-    for i in 0..sampler.timesteps().len() {
-        let out = net(&x, sampler.timesteps()[i])?;
-        // Detached: a chain of T steps must not keep T networks' activations alive.
-        x = sampler.step(&out, prediction, i, &x, rng)?.detach();
-    }
-    Ok(x)
-}
+pub use crate::samplers::{
+    sample_loop, spaced_timesteps, DiffusionSampler, SamplerConfig, SamplerKind, Spacing,
+};

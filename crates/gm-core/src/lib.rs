@@ -25,6 +25,7 @@ pub mod loss;
 pub mod ode;
 pub mod precision;
 pub mod rng;
+pub mod samplers;
 pub mod traffic;
 pub mod vbgmm;
 

@@ -5,8 +5,9 @@ use candle_core::{DType, Device, Tensor};
 use gm_core::diffusion::{
     discretized_gaussian_log_likelihood, normal_kl, q_sample, sample_loop, spaced_timesteps,
     split_prediction, target, BetaSchedule, NoiseSchedule, Prediction, SamplerConfig, SamplerKind,
-    ScheduleConfig,
+    ScheduleConfig, Spacing,
 };
+use gm_core::samplers::schedule_sigmas;
 use gm_core::GmRng;
 
 fn linear(t: usize) -> NoiseSchedule {
@@ -131,8 +132,20 @@ fn each_prediction_type_inverts() {
 }
 
 /// The exact ε-denoiser for data `N(0, s²)` per coordinate: `ε̂ = E[ε | x_t]`.
-fn gaussian_eps(s: &NoiseSchedule, var0: f64, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
-    let a = s.alphas_cumprod[t];
+/// `ᾱ` at a (possibly fractional) time: `ln σ` interpolated between steps, as the Karras
+/// samplers place their times.
+fn alpha_bar_at(s: &NoiseSchedule, t: f64) -> f64 {
+    if t.fract() == 0.0 {
+        return s.alphas_cumprod[t as usize];
+    }
+    let ls: Vec<f64> = schedule_sigmas(s).iter().map(|v| v.ln()).collect();
+    let j = t.floor() as usize;
+    let sigma = (ls[j] + (t - j as f64) * (ls[j + 1] - ls[j])).exp();
+    1.0 / (1.0 + sigma * sigma)
+}
+
+fn gaussian_eps(s: &NoiseSchedule, var0: f64, x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+    let a = alpha_bar_at(s, t);
     // x_t = √a x0 + √(1−a) ε, Cov(ε, x_t) = √(1−a), Var(x_t) = a var0 + 1 − a.
     x * ((1.0 - a).sqrt() / (a * var0 + 1.0 - a))
 }
@@ -160,16 +173,12 @@ fn samplers_with_the_exact_denoiser_reach_the_data_distribution() {
             ..Default::default()
         },
     ] {
-        let sampler = cfg.build(&s).unwrap();
+        let mut sampler = cfg.build(&s, Prediction::Epsilon).unwrap();
         let mut rng = GmRng::new(3);
         let xt = rng.randn(n, &dev).unwrap().to_dtype(DType::F64).unwrap();
-        let x = sample_loop(
-            sampler.as_ref(),
-            Prediction::Epsilon,
-            xt,
-            &mut rng,
-            |x, t| gaussian_eps(&s, var0, x, t),
-        )
+        let x = sample_loop(sampler.as_mut(), xt, &mut rng, |x, t| {
+            gaussian_eps(&s, var0, x, t)
+        })
         .unwrap();
         let v = vals(&x);
         let mean = v.iter().sum::<f64>() / n as f64;
@@ -205,15 +214,11 @@ fn ddim_matches_its_scalar_recurrence_on_gaussian_data() {
             clip_sample: false,
             ..Default::default()
         };
-        let sampler = cfg.build(&s).unwrap();
+        let mut sampler = cfg.build(&s, Prediction::Epsilon).unwrap();
         let xt = Tensor::new(&[1f64, -2.0, 0.5], &Device::Cpu).unwrap();
-        let x = sample_loop(
-            sampler.as_ref(),
-            Prediction::Epsilon,
-            xt,
-            &mut GmRng::new(0),
-            |x, t| gaussian_eps(&s, var0, x, t),
-        )
+        let x = sample_loop(sampler.as_mut(), xt, &mut GmRng::new(0), |x, t| {
+            gaussian_eps(&s, var0, x, t)
+        })
         .unwrap();
         for (a, b) in vals(&x).iter().zip([g, -2.0 * g, 0.5 * g]) {
             assert!((a - b).abs() < 1e-12, "{steps} steps: {a} vs {b}");
@@ -230,25 +235,29 @@ fn a_point_mass_is_recovered_exactly_by_every_sampler() {
     let s = cosine(100);
     let dev = Device::Cpu;
     let star = Tensor::new(&[[0.5f64, -0.25], [1.0, -1.0]], &dev).unwrap();
-    for kind in [SamplerKind::Ddpm, SamplerKind::Ddim] {
+    for kind in SamplerKind::ALL {
         for p in [Prediction::Epsilon, Prediction::Sample, Prediction::V] {
             let cfg = SamplerConfig {
                 kind,
                 steps: 17,
-                eta: 0.5,
+                eta: if kind == SamplerKind::Ddim { 0.5 } else { 0.0 },
                 ..Default::default()
             };
-            let sampler = cfg.build(&s).unwrap();
+            let mut sampler = cfg.build(&s, p).unwrap();
             let mut rng = GmRng::new(4);
             let xt = rng
                 .randn((2, 2), &dev)
                 .unwrap()
                 .to_dtype(DType::F64)
                 .unwrap();
-            let x = sample_loop(sampler.as_ref(), p, xt, &mut rng, |x, t| {
-                let a = s.alphas_cumprod[t];
+            let x = sample_loop(sampler.as_mut(), xt, &mut rng, |x, t| {
+                let a = alpha_bar_at(&s, t);
                 let eps = ((x - (&star * a.sqrt())?)? / (1.0 - a).sqrt())?;
-                target(&s, p, &star, &eps, &[t])
+                Ok(match p {
+                    Prediction::Epsilon => eps,
+                    Prediction::Sample => star.clone(),
+                    Prediction::V => ((eps * a.sqrt())? - (&star * (1.0 - a).sqrt())?)?,
+                })
             })
             .unwrap();
             for (a, b) in vals(&x).iter().zip(vals(&star)) {
@@ -273,16 +282,12 @@ fn ddim_with_eta_zero_is_deterministic_and_eta_one_is_not() {
             steps: 10,
             ..Default::default()
         };
-        let sampler = cfg.build(&s).unwrap();
+        let mut sampler = cfg.build(&s, Prediction::Epsilon).unwrap();
         let mut rng = GmRng::new(seed);
         vals(
-            &sample_loop(
-                sampler.as_ref(),
-                Prediction::Epsilon,
-                xt.clone(),
-                &mut rng,
-                |x, t| gaussian_eps(&s, 0.3, x, t),
-            )
+            &sample_loop(sampler.as_mut(), xt.clone(), &mut rng, |x, t| {
+                gaussian_eps(&s, 0.3, x, t)
+            })
             .unwrap(),
         )
     };
@@ -297,6 +302,8 @@ fn a_saved_sampler_config_reproduces_a_step() {
     let cfg = SamplerConfig {
         kind: SamplerKind::Ddim,
         steps: 25,
+        spacing: Spacing::Trailing,
+        steps_offset: 0,
         eta: 0.3,
         clip_sample: true,
         large_variance: false,
@@ -309,11 +316,8 @@ fn a_saved_sampler_config_reproduces_a_step() {
     let x = GmRng::new(6).randn((2, 1, 3, 3), &dev).unwrap();
     let out = GmRng::new(7).randn((2, 1, 3, 3), &dev).unwrap();
     let step = |c: &SamplerConfig| {
-        let sm = c.build(&s).unwrap();
-        vals(
-            &sm.step(&out, Prediction::V, 3, &x, &mut GmRng::new(8))
-                .unwrap(),
-        )
+        let mut sm = c.build(&s, Prediction::V).unwrap();
+        vals(&sm.step(&out, 3, &x, &mut GmRng::new(8)).unwrap())
     };
     assert_eq!(step(&cfg), step(&back));
     assert_eq!(spaced_timesteps(1000, 25).len(), 25);
@@ -347,4 +351,61 @@ fn normal_kl_matches_the_closed_form() {
     assert!((kl - 0.5 * (4f64.ln() - 0.5)).abs() < 1e-12, "{kl}");
     let z = vals(&normal_kl(&t(0.3), &t(-1.0), &t(0.3), &t(-1.0)).unwrap())[0];
     assert!(z.abs() < 1e-15);
+}
+
+/// On Gaussian data the probability-flow ODE is solved in closed form: in `x/√ᾱ` the marginal
+/// is `N(0, var0 + σ²)` and the flow scales by `√(var0 + σ²)`, so `x_0 = x_start·√(var0 /
+/// (var0 + σ_start²))`. Each deterministic sampler's error against it falls at the rate of its
+/// order as the steps double: ≈2× for DDIM and Euler, ≈4× or more for DPM-Solver++(2M), UniPC
+/// and Heun.
+#[test]
+fn deterministic_samplers_converge_at_their_order_on_gaussian_data() {
+    let s = linear(1000);
+    let var0 = 0.25;
+    let sig = schedule_sigmas(&s);
+    let xt = Tensor::new(&[1.5f64], &Device::Cpu).unwrap();
+    let mut report = vec![];
+    for (kind, lo, hi) in [
+        (SamplerKind::Ddim, 1.6, 2.6),
+        (SamplerKind::EulerKarras, 1.6, 2.6),
+        (SamplerKind::Dpmpp2m, 3.3, 100.0),
+        (SamplerKind::Unipc, 3.3, 100.0),
+        (SamplerKind::HeunKarras, 3.3, 100.0),
+    ] {
+        let err = |steps: usize| {
+            let cfg = SamplerConfig {
+                kind,
+                steps,
+                clip_sample: false,
+                ..Default::default()
+            };
+            let mut sm = cfg.build(&s, Prediction::Epsilon).unwrap();
+            // Where the chain starts, as σ of x/√ᾱ, and that variable's starting value.
+            let t0 = sm.timesteps()[0];
+            let (sigma0, start) = match kind {
+                SamplerKind::EulerKarras | SamplerKind::HeunKarras => {
+                    let s0 = sm.init_noise_sigma();
+                    let sigma = ((1.0 - alpha_bar_at(&s, t0)) / alpha_bar_at(&s, t0)).sqrt();
+                    (sigma, 1.5 * s0)
+                }
+                _ => (sig[t0 as usize], 1.5 / alpha_bar_at(&s, t0).sqrt()),
+            };
+            let exact = start * (var0 / (var0 + sigma0 * sigma0)).sqrt();
+            let x = sample_loop(sm.as_mut(), xt.clone(), &mut GmRng::new(0), |x, t| {
+                gaussian_eps(&s, var0, x, t)
+            })
+            .unwrap();
+            (vals(&x)[0] - exact).abs()
+        };
+        let (e1, e2, e3) = (err(10), err(20), err(40));
+        let (r1, r2) = (e1 / e2, e2 / e3);
+        report.push(format!(
+            "{kind:?}: {e1:.2e} {e2:.2e} {e3:.2e} ratios {r1:.2} {r2:.2}"
+        ));
+        assert!(
+            r2 > lo && r2 < hi,
+            "{kind:?}: errors {e1:e} {e2:e} {e3:e}, ratio {r2} not in ({lo}, {hi})"
+        );
+    }
+    eprintln!("{}", report.join("\n"));
 }

@@ -139,6 +139,18 @@ impl Ddpm {
         labels: Option<&Tensor>,
         w: f64,
     ) -> Result<Tensor> {
+        let t: Vec<f64> = t.iter().map(|&v| v as f64).collect();
+        self.predict_at(x_t, &t, labels, w)
+    }
+
+    /// The raw network output at (possibly fractional) times `t` on the `0..T` scale.
+    pub fn predict_at(
+        &self,
+        x_t: &Tensor,
+        t: &[f64],
+        labels: Option<&Tensor>,
+        w: f64,
+    ) -> Result<Tensor> {
         let tt: Vec<f32> = t.iter().map(|&v| v as f32).collect();
         let tt = gm_core::traffic::upload(tt, t.len(), x_t.device())?;
         self.net.guided(x_t, &tt, labels, w)
@@ -273,15 +285,27 @@ impl Ddpm {
         sampler: &SamplerConfig,
         rng: &mut GmRng,
     ) -> Result<Tensor> {
-        let sm = sampler.build(&self.schedule)?;
         let [c, h, w] = self.cfg.image_shape;
         Denoiser::chunked(n, labels, |k, labels| {
             let x_t = rng.randn((k, c, h, w), &self.device)?;
-            let x = sample_loop(sm.as_ref(), self.cfg.prediction, x_t, rng, |x, t| {
-                self.predict(x, &vec![t; k], labels, sampler.guidance_scale)
-            })?;
-            Denoiser::to_pixels(&x)
+            self.sample_from(x_t, labels, sampler, rng)
         })
+    }
+
+    /// Runs `sampler` from the given `x_T ~ N(0, I)` `(n, C, H, W)`; images in `[0, 1]`.
+    pub fn sample_from(
+        &self,
+        x_t: Tensor,
+        labels: Option<&Tensor>,
+        sampler: &SamplerConfig,
+        rng: &mut GmRng,
+    ) -> Result<Tensor> {
+        let mut sm = sampler.build(&self.schedule, self.cfg.prediction)?;
+        let k = x_t.dim(0)?;
+        let x = sample_loop(sm.as_mut(), x_t, rng, |x, t| {
+            self.predict_at(x, &vec![t; k], labels, sampler.guidance_scale)
+        })?;
+        Denoiser::to_pixels(&x)
     }
 }
 
