@@ -40,7 +40,8 @@ pub use gm_models::{
     Metrics, Model, ModelConfig, PixelData,
 };
 pub use gm_train::{
-    checkpoint, config, data, doctor, eval, fetch, hooks, images, opbench, optim, source, trainer,
+    checkpoint, config, data, diffusers, doctor, eval, fetch, hooks, images, opbench, optim,
+    source, trainer,
 };
 pub use gm_train::{
     load_checkpoint, load_checkpoint_with, train, RunConfig, TrainOptions, TrainSummary,

@@ -16,10 +16,9 @@ use gm::diffusion::{NoiseSchedule, Prediction};
 use gm::samplers::{SamplerConfig, SamplerKind};
 use gm::GmRng;
 use serde_json::Value;
-use std::process::Command;
 
 mod common;
-use common::{peer_python, root};
+use common::{peer_python, run_script_json};
 
 /// The stand-in network of `scripts/diffusers_schedulers.py`.
 fn fake_model(x: &Tensor, t: f64) -> gm::candle::Result<Tensor> {
@@ -41,16 +40,7 @@ fn every_sampler_step_equals_diffusers() {
     let Some(py) = peer_python("torch, diffusers") else {
         return;
     };
-    let out = Command::new(&py)
-        .arg(root().join("scripts/diffusers_schedulers.py"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "diffusers_schedulers.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = run_script_json(&py, "diffusers_schedulers.py", &[]);
     let schedule = NoiseSchedule::from_alphas_cumprod(floats(&r["alphas_cumprod"])).unwrap();
     let shape: Vec<usize> = r["shape"]
         .as_array()

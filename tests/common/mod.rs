@@ -88,3 +88,18 @@ pub fn peer_python(modules: &str) -> Option<String> {
     }
     found
 }
+
+/// Runs `scripts/SCRIPT` with `args` under `py` and parses its standard output as JSON.
+pub fn run_script_json(py: &str, script: &str, args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = Command::new(py)
+        .arg(root().join("scripts").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

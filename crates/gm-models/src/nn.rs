@@ -404,13 +404,24 @@ impl MaskedConv2d {
 
 /// Sinusoidal embedding `[sin(t·f_i), cos(t·f_i)]`, `f_i = 10000^{-i/(dim/2)}`, of `(B,)` times.
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    timestep_embedding_with(t, dim, false, 0.0)
+}
+
+/// [`timestep_embedding`] with diffusers' options: `flip` puts the cosines first
+/// (`flip_sin_to_cos`), and the frequencies are `exp(−ln 10⁴ · i / (dim/2 − shift))`
+/// (`freq_shift`).
+pub fn timestep_embedding_with(t: &Tensor, dim: usize, flip: bool, shift: f64) -> Result<Tensor> {
     let half = dim / 2;
     let freqs: Vec<f64> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp())
+        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp())
         .collect();
     let freqs = gm_core::traffic::upload(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
-    let e = Tensor::cat(&[args.sin()?, args.cos()?], 1)?;
+    let e = if flip {
+        Tensor::cat(&[args.cos()?, args.sin()?], 1)?
+    } else {
+        Tensor::cat(&[args.sin()?, args.cos()?], 1)?
+    };
     if dim % 2 == 1 {
         e.pad_with_zeros(1, 0, 1)
     } else {

@@ -40,6 +40,24 @@ pub struct UNetConfig {
     pub groups: usize,
     /// Width of the time (and class) embedding; 0 = `4 · base_channels`.
     pub time_embed_dim: usize,
+    /// Channels per attention head; 0 = one head over all channels (diffusers'
+    /// `attention_head_dim`, whose `UNet2DModel` default is 8).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub head_dim: usize,
+    /// Time features ordered `[cos, sin]` (diffusers' `flip_sin_to_cos`) instead of `[sin, cos]`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub flip_sin_to_cos: bool,
+    /// diffusers' `freq_shift`: time frequencies `exp(−ln 10⁴ · i / (base/2 − freq_shift))`.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub freq_shift: f64,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Default for UNetConfig {
@@ -52,6 +70,9 @@ impl Default for UNetConfig {
             mid_attention: true,
             groups: 8,
             time_embed_dim: 0,
+            head_dim: 0,
+            flip_sin_to_cos: false,
+            freq_shift: 0.0,
         }
     }
 }
@@ -96,6 +117,27 @@ impl UNetConfig {
             return Err(format!(
                 "model.unet.attention_levels: level {l} does not exist ({} levels)",
                 self.channel_mult.len()
+            ));
+        }
+        if self.head_dim > 0 {
+            let mut att: Vec<usize> = self.attention_levels.clone();
+            if self.mid_attention {
+                att.push(self.channel_mult.len() - 1);
+            }
+            for l in att {
+                let c = self.base_channels * self.channel_mult[l];
+                if c % self.head_dim != 0 {
+                    return Err(format!(
+                        "model.unet.head_dim = {} must divide the attention channels ({c} at level {l})",
+                        self.head_dim
+                    ));
+                }
+            }
+        }
+        if !self.freq_shift.is_finite() || self.freq_shift >= (self.base_channels / 2) as f64 {
+            return Err(format!(
+                "model.unet.freq_shift = {} must be finite and below base_channels / 2",
+                self.freq_shift
             ));
         }
         let f = 1usize << (self.channel_mult.len() - 1);
@@ -172,37 +214,39 @@ impl ResBlock {
     }
 }
 
-/// Single-head self-attention over the `H·W` positions, residual.
+/// Self-attention over the `H·W` positions, residual; `heads` heads of `C / heads` channels
+/// each (head `h` on channels `h·d .. (h+1)·d`, as diffusers splits them).
 #[derive(Clone, Debug)]
 struct Attention {
     norm: GroupNorm,
     qkv: Conv2d,
     proj: Conv2d,
     channels: usize,
+    heads: usize,
 }
 
 impl Attention {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, groups: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: GroupNorm::new(groups, c, vb.pp("norm"))?,
             qkv: conv1(c, 3 * c, vb.pp("qkv"))?,
             proj: conv1(c, c, vb.pp("proj"))?,
             channels: c,
+            heads: c.checked_div(head_dim).unwrap_or(1),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        let (nh, d) = (self.heads, self.channels / self.heads);
         let qkv = self
             .qkv
             .forward(&self.norm.forward(x, false)?)?
             .reshape((b, 3, c, h * w))?;
-        let q = qkv.narrow(1, 0, 1)?.squeeze(1)?;
-        let k = qkv.narrow(1, 1, 1)?.squeeze(1)?;
-        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
-        // (B, N, N): logits[i, j] = q_i · k_j / √C.
-        let logits =
-            (gm_core::precision::matmul(&q.transpose(1, 2)?, &k)? / (self.channels as f64).sqrt())?;
+        let part = |i: usize| qkv.narrow(1, i, 1)?.squeeze(1)?.reshape((b * nh, d, h * w));
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        // (B·heads, N, N): logits[i, j] = q_i · k_j / √d.
+        let logits = (gm_core::precision::matmul(&q.transpose(1, 2)?, &k)? / (d as f64).sqrt())?;
         let attn = candle_nn::ops::softmax(&logits, D::Minus1)?;
         // out[:, :, i] = Σ_j attn[i, j] v[:, :, j]
         let out = gm_core::precision::matmul(&v, &attn.transpose(1, 2)?)?.reshape((b, c, h, w))?;
@@ -275,7 +319,12 @@ impl UNet {
                 res.push(ResBlock::new(ch, out, temb, g, vbl.pp(format!("res.{i}")))?);
                 ch = out;
                 if cfg.attention_levels.contains(&l) {
-                    attn.push(Attention::new(ch, g, vbl.pp(format!("attn.{i}")))?);
+                    attn.push(Attention::new(
+                        ch,
+                        g,
+                        cfg.head_dim,
+                        vbl.pp(format!("attn.{i}")),
+                    )?);
                 }
                 skip_ch.push(ch);
             }
@@ -294,7 +343,7 @@ impl UNet {
         let mid = (
             ResBlock::new(ch, ch, temb, g, vb.pp("mid.res1"))?,
             cfg.mid_attention
-                .then(|| Attention::new(ch, g, vb.pp("mid.attn")))
+                .then(|| Attention::new(ch, g, cfg.head_dim, vb.pp("mid.attn")))
                 .transpose()?,
             ResBlock::new(ch, ch, temb, g, vb.pp("mid.res2"))?,
         );
@@ -315,7 +364,12 @@ impl UNet {
                 )?);
                 ch = out;
                 if cfg.attention_levels.contains(&l) {
-                    attn.push(Attention::new(ch, g, vbl.pp(format!("attn.{i}")))?);
+                    attn.push(Attention::new(
+                        ch,
+                        g,
+                        cfg.head_dim,
+                        vbl.pp(format!("attn.{i}")),
+                    )?);
                 }
             }
             let resample = (l > 0)
@@ -350,7 +404,12 @@ impl UNet {
     /// flow matching: `1000·t`); `labels`: `(B,)` u32 in `0..=num_classes`.
     pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         let t = t.to_dtype(x.dtype())?;
-        let e = timestep_embedding(&t, self.cfg.base_channels)?;
+        let e = crate::nn::timestep_embedding_with(
+            &t,
+            self.cfg.base_channels,
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift,
+        )?;
         let e = self.time_embed[0].forward(&e)?.silu()?;
         let mut temb = self.time_embed[1].forward(&e)?;
         match (&self.label_embed, labels) {

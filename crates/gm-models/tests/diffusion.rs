@@ -24,6 +24,7 @@ fn tiny_unet() -> UNetConfig {
         mid_attention: true,
         groups: 4,
         time_embed_dim: 0,
+        ..Default::default()
     }
 }
 

@@ -379,7 +379,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
             return Ok(best);
         }
         bail!(
-            "{}: no checkpoint found (expected checkpoints/step-*.safetensors)",
+            "{}: no checkpoint found (expected a gm run directory with checkpoints/step-*.safetensors, or a diffusers folder with config.json and diffusion_pytorch_model.safetensors)",
             path.display()
         );
     }
@@ -457,6 +457,9 @@ pub fn load_checkpoint_with(
     device: &Device,
     overrides: &[String],
 ) -> Result<LoadedCheckpoint> {
+    if path.is_dir() && crate::diffusers::unet_folder(path).is_some() {
+        return load_diffusers(path, device, overrides);
+    }
     let path = resolve(path)?;
     let l = read_safetensors(&path, device)?;
     let text = l.meta.get("gm.config").ok_or_else(|| {
@@ -510,6 +513,26 @@ pub fn load_checkpoint_with(
         step,
         meta: l.meta,
         path,
+    })
+}
+
+/// A diffusers model folder read as a gm DDPM (see [`crate::diffusers`]).
+fn load_diffusers(dir: &Path, device: &Device, overrides: &[String]) -> Result<LoadedCheckpoint> {
+    let im = crate::diffusers::import(dir)?;
+    let origin = format!("{} (diffusers)", dir.display());
+    let cfg = RunConfig::from_toml_str(&im.config.to_toml(), overrides, &origin)?;
+    let built = build(&cfg, device)?;
+    set_vars(&built.varmap, &im.tensors, "", dir, true)?;
+    let meta = HashMap::from([
+        ("gm.kind".to_string(), cfg.model.kind().to_string()),
+        ("gm.config".to_string(), im.config.to_toml()),
+        ("gm.source".to_string(), im.notes.join("; ")),
+    ]);
+    Ok(LoadedCheckpoint {
+        built,
+        step: 0,
+        meta,
+        path: dir.to_path_buf(),
     })
 }
 

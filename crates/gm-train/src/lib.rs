@@ -8,6 +8,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod diffusers;
 pub mod doctor;
 pub mod eval;
 pub mod fetch;

@@ -32,6 +32,9 @@ enum Cmd {
     Doctor(cli::doctor::DoctorArgs),
     /// Download a data set into gm's cache and print its folder.
     Fetch(cli::fetch::FetchArgs),
+    /// Convert a diffusers model folder (UNet2DModel + scheduler) into a gm DDPM checkpoint;
+    /// `--checkpoint DIR` also reads such a folder directly.
+    Import(cli::import::ImportArgs),
 }
 
 fn run() -> Result<()> {
@@ -41,6 +44,7 @@ fn run() -> Result<()> {
         Cmd::Eval(a) => cli::eval::run(a),
         Cmd::Score(a) => cli::score::run(a),
         Cmd::Bench(a) => cli::bench::run(a),
+        Cmd::Import(a) => cli::import::run(a),
         Cmd::Doctor(a) => cli::doctor::run(a),
         Cmd::Fetch(a) => cli::fetch::run(a),
     }

@@ -361,6 +361,9 @@ pub struct TextCheckpoint {
 /// Whether a checkpoint (a run directory or a weights file) holds a model that reads text, from
 /// its header only.
 pub fn is_text_checkpoint(path: &Path) -> Result<bool> {
+    if path.is_dir() && crate::diffusers::unet_folder(path).is_some() {
+        return Ok(false);
+    }
     let path = checkpoint::resolve(path)?;
     let meta = checkpoint::read_meta(&path)?;
     let cfg = meta.get("gm.config").ok_or_else(|| {

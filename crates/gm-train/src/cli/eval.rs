@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 /// Evaluate a checkpoint on a split; prints one JSON object.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// A run directory or a .safetensors checkpoint.
+    /// A run directory, a .safetensors checkpoint, or a diffusers model folder (UNet2DModel).
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[arg(long)]

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod doctor;
 pub mod eval;
 pub mod fetch;
+pub mod import;
 pub mod sample;
 pub mod score;
 pub mod train;

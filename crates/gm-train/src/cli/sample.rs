@@ -11,7 +11,7 @@ use std::path::PathBuf;
 /// Write a PNG grid of samples.
 #[derive(clap::Args, Debug)]
 pub struct SampleArgs {
-    /// A run directory or a .safetensors checkpoint.
+    /// A run directory, a .safetensors checkpoint, or a diffusers model folder (UNet2DModel).
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[arg(long, default_value_t = 64)]

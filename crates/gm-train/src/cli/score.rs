@@ -11,7 +11,7 @@ use std::path::PathBuf;
 /// a second data set from the first by likelihood and by two corrected scores (JSON).
 #[derive(clap::Args, Debug)]
 pub struct ScoreArgs {
-    /// A run directory or a .safetensors checkpoint of a density model.
+    /// A run directory, a .safetensors checkpoint, or a diffusers model folder (UNet2DModel).of a density model.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// The in-distribution data (default: the checkpoint's data set).
