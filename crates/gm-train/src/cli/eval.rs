@@ -114,6 +114,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     cls.built.model.kind()
                 );
         }
+        let t0 = std::time::Instant::now();
         let samples = gm_train::eval::sample_chunked(
             model,
             fid_n,
@@ -122,6 +123,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         )
         .with_context(|| format!("--fid-n {fid_n}"))?
         .ok_or_else(|| anyhow!("--fid: a '{}' model does not sample", model.kind()))?;
+        let secs = t0.elapsed().as_secs_f64();
         let n_real = fid_n.min(ds.len());
         let (raw, _) = ds.gather(&(0..n_real).collect::<Vec<_>>())?;
         let real = (raw / 255.0)?.to_device(&dev)?;
@@ -134,6 +136,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             m.insert(k.clone(), v.clone());
         }
         m.insert("fid_n".into(), serde_json::json!(fid_n));
+        m.insert(
+            "sample_images_per_s".into(),
+            serde_json::json!(fid_n as f64 / secs),
+        );
     }
     m.insert(
         "split".into(),
