@@ -98,13 +98,25 @@ pub enum Method {
     Rk4,
     /// Dormand–Prince 5(4), adaptive steps.
     Dopri5,
+    /// Multistep DPM-Solver++(2M) on flow matching's Gaussian path (one evaluation per step;
+    /// [`crate::samplers::flow_multistep`]); not a general ODE solver: `solve` rejects it.
+    #[serde(rename = "dpmpp-2m")]
+    DpmPp2m,
+    /// UniPC (bh2, order 2) on flow matching's Gaussian path, like `dpmpp-2m`.
+    Unipc,
 }
 
 impl Method {
+    /// Whether this is one of the Gaussian-path multistep samplers, which need the path's
+    /// structure (flow matching's sampling) rather than any right-hand side.
+    pub fn is_path_solver(self) -> bool {
+        matches!(self, Method::DpmPp2m | Method::Unipc)
+    }
+
     /// Function evaluations per step of a fixed-step method (Dopri5: 6 per attempted step).
     pub fn evals_per_step(self) -> usize {
         match self {
-            Method::Euler => 1,
+            Method::Euler | Method::DpmPp2m | Method::Unipc => 1,
             Method::Midpoint | Method::Heun => 2,
             Method::Rk4 => 4,
             Method::Dopri5 => 6,
@@ -115,7 +127,7 @@ impl Method {
     pub fn order(self) -> usize {
         match self {
             Method::Euler => 1,
-            Method::Midpoint | Method::Heun => 2,
+            Method::Midpoint | Method::Heun | Method::DpmPp2m | Method::Unipc => 2,
             Method::Rk4 => 4,
             Method::Dopri5 => 5,
         }
@@ -231,8 +243,21 @@ where
     }
     match cfg.method {
         Method::Dopri5 => dopri5(f, y0, t0, t1, cfg.rtol, cfg.atol, cfg.max_steps),
+        m if m.is_path_solver() => bail!("{}", path_solver_only(m)),
         m => fixed_steps(f, y0, t0, t1, cfg.steps, m),
     }
+}
+
+/// The error of a Gaussian-path sampler asked to solve a general ODE.
+pub fn path_solver_only(m: Method) -> String {
+    let name = if m == Method::Unipc {
+        "unipc"
+    } else {
+        "dpmpp-2m"
+    };
+    format!(
+        "solver.method = \"{name}\" samples flow matching's Gaussian path only (model.solver of a flow-matching model); this ODE needs euler, midpoint, heun, rk4 or dopri5"
+    )
 }
 
 /// `steps` equal steps of a fixed-step method.
@@ -284,6 +309,7 @@ where
                 ])?
             }
             Method::Dopri5 => bail!("dopri5 is adaptive: use solve or dopri5"),
+            m @ (Method::DpmPp2m | Method::Unipc) => bail!("{}", path_solver_only(m)),
         };
         stats.nfe += method.evals_per_step();
         stats.accepted += 1;

@@ -183,6 +183,14 @@ impl CnfConfig {
         self.eval_solver
             .validate()
             .map_err(|e| format!("model.eval_{e}"))?;
+        for (prefix, s) in [("", &self.solver), ("eval_", &self.eval_solver)] {
+            if s.method.is_path_solver() {
+                return Err(format!(
+                    "model.{prefix}{}",
+                    gm_core::ode::path_solver_only(s.method)
+                ));
+            }
+        }
         if self.eval_probes == 0 {
             return Err("model.eval_probes must be at least 1".into());
         }

@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use gm_core::cnf::{log_likelihood, Divergence};
 use gm_core::diffusion::ScheduleConfig;
-use gm_core::ode::{solve, SolverConfig};
+use gm_core::ode::{solve, Method, SolverConfig};
+use gm_core::samplers::{SamplerConfig, SamplerKind, Spacing};
 use gm_core::GmRng;
 use gm_models::ddpm::{Ddpm, DdpmConfig};
 use gm_models::flow::{gaussian_ot_velocity, ot_path};
@@ -369,19 +370,30 @@ fn flow_matching_likelihood_hutchinson_agrees_with_the_exact_trace() {
 #[test]
 fn samplers_return_images_in_range() {
     let shape = [1, 8, 8];
-    for cfg in [
-        ModelConfig::new(DdpmConfig {
+    let mut cfgs = vec![];
+    for kind in SamplerKind::ALL {
+        cfgs.push(ModelConfig::new(DdpmConfig {
             image_shape: shape,
             unet: tiny_unet(),
             num_classes: 3,
+            sampler: SamplerConfig {
+                kind,
+                steps: 4,
+                spacing: Spacing::Trailing,
+                ..Default::default()
+            },
             ..Default::default()
-        }),
-        ModelConfig::new(FlowMatchingConfig {
+        }));
+    }
+    for method in [Method::Heun, Method::DpmPp2m, Method::Unipc] {
+        cfgs.push(ModelConfig::new(FlowMatchingConfig {
             image_shape: shape,
             unet: tiny_unet(),
+            solver: SolverConfig::fixed(method, 3),
             ..Default::default()
-        }),
-    ] {
+        }));
+    }
+    for cfg in cfgs {
         let (_vm, m) = build(&cfg, 16);
         let s = m.sample(5, &mut GmRng::new(17)).unwrap().unwrap();
         assert_eq!(s.dims(), &[5, 1, 8, 8]);
@@ -420,6 +432,14 @@ fn impossible_shapes_are_refused_with_the_key() {
         ..Default::default()
     };
     assert!(cfg.validate().unwrap_err().contains("groups"));
+    // The Gaussian-path samplers are not likelihood solvers.
+    let cfg = FlowMatchingConfig {
+        unet: tiny_unet(),
+        likelihood_solver: SolverConfig::fixed(Method::DpmPp2m, 10),
+        ..Default::default()
+    };
+    let e = cfg.validate().unwrap_err();
+    assert!(e.contains("model.likelihood_solver.method"), "{e}");
     // 32×32 colour images (CIFAR's shape) build and run through three levels.
     let cfg = FlowMatchingConfig {
         image_shape: [3, 32, 32],
