@@ -68,6 +68,11 @@ impl DdpmConfig {
             .validate()
             .map_err(|e| format!("model.schedule: {e}"))?;
         self.sampler.validate().map_err(|e| format!("model.{e}"))?;
+        // The step list itself (steps within T, an offset that stays inside the schedule).
+        let schedule = NoiseSchedule::new(&self.schedule).map_err(|e| e.to_string())?;
+        self.sampler
+            .build(&schedule, self.prediction)
+            .map_err(|e| format!("model.{e}"))?;
         check_dropout(self.label_dropout)?;
         if self.min_snr_gamma.is_nan() || self.min_snr_gamma <= 0.0 {
             return Err(format!(
