@@ -21,6 +21,14 @@ for p in "$ROOT"/models/*-tiny.toml; do
         text-*) data="$TEXT" ;;
         *) data="$DATA"; args+=(--set train.eval_images=64) ;;
     esac
+    case "$name" in
+        # Stage two starts from its stage-one run.
+        vqvae-prior-*)
+            base="$TMP/base-$name"
+            "$GM" train --config "$ROOT/models/${name/-prior/}.toml" --out "$base" --quiet --device cpu \
+                --data-dir "$DATA" --set train.steps=6 > /dev/null 2>> "$TMP/$name.log"
+            args+=(--init-from "$base") ;;
+    esac
     args+=(--data-dir "$data")
     "$GM" train "${args[@]}" > /dev/null 2> "$TMP/$name.log" || { echo "$name: train failed"; tail -n 3 "$TMP/$name.log"; continue; }
     # A resumed run must end where the uninterrupted one did.

@@ -36,8 +36,8 @@ pub use gm_core::{
 };
 pub use gm_models::{
     ar, classifier, ddpm, family, ffjord, flow, flow_matching, fvsbn, gated_pixelcnn, kinds, made,
-    nn, pixelcnn, realnvp, register, text, unet, vae, Batch, DataShape, EvalOptions, Family, Loss,
-    Metrics, Model, ModelConfig, PixelData,
+    nn, pixelcnn, realnvp, register, text, unet, vae, vqvae, Batch, DataShape, EvalOptions, Family,
+    Loss, Metrics, Model, ModelConfig, PixelData,
 };
 pub use gm_train::{
     checkpoint, config, data, diffusers, doctor, eval, fetch, hooks, images, opbench, optim,

@@ -576,3 +576,101 @@ fn gm_and_pytorch_agree_on_cnf_likelihoods() {
         assert_close(&format!("CNF {:?}", cfg.image_shape), &ours, &theirs, 1e-8);
     }
 }
+
+/// gm's VQ-VAE and `scripts/vqvae_torch.py` (same names) agree in f64 from the same weights on
+/// the reconstruction, the commitment and the prior's NLL of every image, and so on both stages'
+/// losses.
+#[test]
+fn gm_and_pytorch_agree_on_the_vqvae() {
+    use gm::vqvae::{Stage, VqVaeConfig};
+    use gm::{Batch, EvalOptions};
+    let Some(py) = python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = VqVaeConfig {
+        image_shape: [1, 8, 12],
+        hidden: 6,
+        res_blocks: 2,
+        embedding_dim: 3,
+        codebook_size: 5,
+        beta: 0.3,
+        ..Default::default()
+    };
+    cfg.prior.code_embedding = 4;
+    cfg.prior.channels = 6;
+    cfg.prior.layers = 3;
+    cfg.prior.first_kernel = 3;
+    cfg.prior.head_channels = 5;
+    let vm = VarMap::new();
+    let vb = gm::gm_core::rng::seeded_var_builder(&vm, 21, DType::F64, &Device::Cpu);
+    let prior_cfg = VqVaeConfig {
+        stage: Stage::Prior,
+        ..cfg.clone()
+    };
+    let prior_model = gm::ModelConfig::new(prior_cfg).build(vb).unwrap();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+    let ae_model = gm::ModelConfig::new(cfg.clone()).build(vb).unwrap();
+    let mut rng = GmRng::new(22);
+    let p = rng.uniform((4, 1, 8, 12), 0.0, 1.0, &Device::Cpu).unwrap();
+    let x = rng.bernoulli(&p).unwrap().to_dtype(DType::F64).unwrap();
+    let batch_path = tmp.path().join("vq-batch.safetensors");
+    write_tensors(&batch_path, &HashMap::from([("x".to_string(), x.clone())]));
+    let w = tmp.path().join("vq-gm.safetensors");
+    write_params(&w, &vm);
+    let out = Command::new(&py)
+        .arg(root().join("scripts/vqvae_torch.py"))
+        .args(["loss", "--config", &serde_json::to_string(&cfg).unwrap()])
+        .arg("--weights")
+        .arg(&w)
+        .arg("--batch")
+        .arg(&batch_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vqvae_torch.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let col = |k: &str| -> Vec<f64> {
+        theirs[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let batch = Batch { x, labels: None };
+    let m = prior_model
+        .eval_metrics(&batch, &mut rng, &EvalOptions::default())
+        .unwrap();
+    let get = |name: &str| -> Vec<f64> {
+        m.iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    for (name, key) in [("recon_nats", "recon"), ("prior_nats", "prior")] {
+        for (a, b) in get(name).iter().zip(col(key)) {
+            assert!((a - b).abs() < 1e-9, "{name}: gm {a} vs torch {b}");
+        }
+    }
+    let loss = ae_model.loss(&batch, &mut rng).unwrap();
+    let part = |n: &str| -> f64 {
+        loss.parts
+            .iter()
+            .find(|(k, _)| *k == n)
+            .unwrap()
+            .1
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    assert!((part("recon") - mean(col("recon"))).abs() < 1e-9);
+    assert!((part("commit") - 0.3 * mean(col("commit"))).abs() < 1e-9);
+    let total = loss.total.to_scalar::<f64>().unwrap();
+    assert!((total - mean(col("recon")) - 0.3 * mean(col("commit"))).abs() < 1e-9);
+}

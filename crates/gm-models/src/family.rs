@@ -287,6 +287,7 @@ fn builtin() -> Vec<Entry> {
         entry::<gan::GanConfig>(),
         entry::<text::TextArConfig>(),
         entry::<bernoulli_mixture::BernoulliMixtureConfig>(),
+        entry::<vqvae::VqVaeConfig>(),
     ]
 }
 

@@ -206,16 +206,31 @@ pub struct GatedPixelCnn {
     layers: Vec<GatedLayer>,
     head1: Conv2d,
     head2: Conv2d,
+    /// Logits per position.
+    classes: usize,
 }
 
 impl GatedPixelCnn {
     pub fn new(cfg: GatedPixelCnnConfig, vb: VarBuilder) -> Result<Self> {
+        let (c_in, classes) = (cfg.image_shape[0], cfg.output.classes());
+        Self::with_io(cfg, c_in, classes, vb)
+    }
+
+    /// The network on inputs of `c_in` channels with `classes` logits per position: a K-way
+    /// categorical over discrete codes whose embeddings are the input (the VQ-VAE's prior);
+    /// `cfg.image_shape[1..]` is the grid and `cfg.output` is not used.
+    pub fn with_io(
+        cfg: GatedPixelCnnConfig,
+        c_in: usize,
+        classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let h = cfg.channels;
         let mut layers = Vec::new();
         for i in 0..cfg.layers {
             let (c_in, k) = if i == 0 {
-                (cfg.image_shape[0], cfg.first_kernel)
+                (c_in, cfg.first_kernel)
             } else {
                 (h, cfg.kernel)
             };
@@ -229,14 +244,21 @@ impl GatedPixelCnn {
             )?);
         }
         let one = Conv2dParams::default();
-        let k = cfg.output.classes() * cfg.image_shape[0];
         let head1 = Conv2d::new(h, cfg.head_channels, [1, 1], one, true, vb.pp("head.1"))?;
-        let head2 = Conv2d::new(cfg.head_channels, k, [1, 1], one, true, vb.pp("head.3"))?;
+        let head2 = Conv2d::new(
+            cfg.head_channels,
+            classes,
+            [1, 1],
+            one,
+            true,
+            vb.pp("head.3"),
+        )?;
         Ok(Self {
             cfg,
             layers,
             head1,
             head2,
+            classes,
         })
     }
 
@@ -244,7 +266,8 @@ impl GatedPixelCnn {
         &self.cfg
     }
 
-    /// Logits `(B, K, D)` for images `(B, 1, H, W)` and, for a conditional model, labels `(B,)`.
+    /// Logits `(B, K, D)` for images `(B, 1, H, W)` (or embedded codes `(B, c_in, H, W)`) and,
+    /// for a conditional model, labels `(B,)`.
     pub fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         let b = x.dim(0)?;
         let (mut v, mut h) = (x.clone(), x.clone());
@@ -253,7 +276,7 @@ impl GatedPixelCnn {
         }
         let o = self.head1.forward_act(&h.relu()?, Act::Relu)?;
         let o = self.head2.forward(&o)?;
-        o.reshape((b, self.cfg.output.classes(), ()))
+        o.reshape((b, self.classes, ()))
     }
 }
 

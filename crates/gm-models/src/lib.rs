@@ -22,6 +22,7 @@ pub mod realnvp;
 pub mod text;
 pub mod unet;
 pub mod vae;
+pub mod vqvae;
 
 use candle_core::{Result, Tensor};
 use gm_core::GmRng;
@@ -143,6 +144,12 @@ pub trait Model {
     /// of a gradient step (an EM iteration: the exact E-step and the closed-form M-step); `None`
     /// (the default) for models trained by gradient.
     fn closed_form_update(&self, _batch: &Batch) -> Result<Option<Vec<(String, Tensor)>>> {
+        Ok(None)
+    }
+
+    /// Values set after each optimizer step from that step's batch, beside the gradient step (a
+    /// VQ-VAE's codebook, moved by exponential moving averages); `None` (the default) otherwise.
+    fn after_step_update(&self, _batch: &Batch) -> Result<Option<Vec<(String, Tensor)>>> {
         Ok(None)
     }
 

@@ -603,6 +603,16 @@ impl Trainer {
             }
         }
         drop(_autocast);
+        // Updates beside the gradient step (a codebook's moving averages), one per micro-batch.
+        for batch in &batches {
+            if let Some(update) = self.model.after_step_update(batch)? {
+                if self.world > 1 {
+                    bail!("a '{}' model updates state from each batch after the step (a codebook's moving averages): it trains on one rank", self.cfg.model.kind());
+                }
+                set_data_init(&self.varmap, update)
+                    .with_context(|| format!("the after-step update of step {done}"))?;
+            }
+        }
         let ctx = self.step_end_ctx(done, lr);
         for h in hooks.iter_mut() {
             h.after_step(&ctx)?;
