@@ -389,8 +389,8 @@ pub fn sample_loop(
     let mut x = if s0 == 1.0 { x_t } else { (x_t * s0)? };
     for i in 0..sampler.timesteps().len() {
         let t = sampler.timesteps()[i];
-        let out = net(&sampler.scale_model_input(&x, i)?, t)?;
         // Detached: a chain of steps must not keep every network's activations alive.
+        let out = net(&sampler.scale_model_input(&x, i)?, t)?.detach();
         x = sampler.step(&out, i, &x, rng)?.detach();
     }
     Ok(x)
@@ -684,6 +684,8 @@ impl DiffusionSampler for Multistep {
 
     fn step(&mut self, output: &Tensor, i: usize, x: &Tensor, _: &mut GmRng) -> Result<Tensor> {
         let n = self.times.len();
+        // Kept across steps: detached, or each would hold its network's activations alive.
+        let (output, x) = (&output.detach(), &x.detach());
         let m = self.x0(output, x, i)?;
         match self.solver {
             Solver::DpmPp => {
@@ -902,6 +904,8 @@ impl DiffusionSampler for Karras {
     }
 
     fn step(&mut self, output: &Tensor, i: usize, x: &Tensor, _: &mut GmRng) -> Result<Tensor> {
+        // Heun's first stage is kept for the next call: detached (see `Multistep::step`).
+        let (output, x) = (&output.detach(), &x.detach());
         match self.stage.take() {
             Some((d0, dt, x_prev)) => {
                 // Heun's correction at the step's end, σ_next = sigmas[i].

@@ -21,7 +21,8 @@
 //! (`bound_nats`: the deterministic encoder's posterior is a point mass on `z_q`, whose entropy is
 //! 0), with the prior's `−log p(z_q)` (`prior_nats`; in stage one the uniform prior's
 //! `(H/4)(W/4)·ln K`), the reconstruction's `recon_nats` and squared error `recon_mse`, and the
-//! codebook's perplexity over each evaluation batch (`perplexity`; `K` = every code equally used).
+//! codebook's perplexity over each evaluation batch (`perplexity`; `K` = every code equally used)
+//! and the number of codes that batch uses (`codes_used`); training logs both per batch.
 
 use crate::gated_pixelcnn::{GatedPixelCnn, GatedPixelCnnConfig};
 use crate::nn::{Conv2d, ConvTranspose2d};
@@ -316,11 +317,13 @@ fn one_hot(codes: &Tensor, k: usize, dtype: DType) -> Result<Tensor> {
         .to_dtype(dtype)
 }
 
-/// The codes' perplexity `exp(H(p̄))` of the mean assignment `p̄` over `codes`.
-fn perplexity(codes: &Tensor, k: usize, dtype: DType) -> Result<Tensor> {
+/// The codes' perplexity `exp(H(p̄))` of the mean assignment `p̄` over `codes`, and how many
+/// distinct codes they use.
+fn usage(codes: &Tensor, k: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
     let p = one_hot(codes, k, dtype)?.mean(0)?;
     let h = (&p * (&p + 1e-10)?.log()?)?.sum_all()?.neg()?;
-    h.exp()
+    let used = p.gt(0.0)?.to_dtype(dtype)?.sum_all()?;
+    Ok((h.exp()?, used))
 }
 
 pub struct VqVae {
@@ -537,10 +540,15 @@ impl Model for VqVae {
                 let (recon, commit, codes, _) = self.forward_parts(&batch.x)?;
                 let recon = recon.mean(0)?;
                 let commit = (commit.mean(0)? * self.cfg.beta)?;
-                let ppl = perplexity(&codes, self.cfg.codebook_size, batch.x.dtype())?;
+                let (ppl, used) = usage(&codes, self.cfg.codebook_size, batch.x.dtype())?;
                 Ok(Loss {
                     total: (&recon + &commit)?,
-                    parts: vec![("recon", recon), ("commit", commit), ("perplexity", ppl)],
+                    parts: vec![
+                        ("recon", recon),
+                        ("commit", commit),
+                        ("perplexity", ppl),
+                        ("codes_used", used),
+                    ],
                 })
             }
             Stage::Prior => {
@@ -572,7 +580,7 @@ impl Model for VqVae {
         let d = x.elem_count() / b;
         let probs = candle_nn::ops::sigmoid(&logits)?;
         let mse = (sum_per_sample(&(probs - x)?.sqr()?)? / d as f64)?;
-        let ppl = perplexity(&codes, self.cfg.codebook_size, recon.dtype())?;
+        let (ppl, used) = usage(&codes, self.cfg.codebook_size, recon.dtype())?;
         Ok(vec![
             (
                 "bits_per_dim".into(),
@@ -583,6 +591,7 @@ impl Model for VqVae {
             ("prior_nats".into(), prior),
             ("recon_mse".into(), mse),
             ("perplexity".into(), ppl.broadcast_as(b)?.contiguous()?),
+            ("codes_used".into(), used.broadcast_as(b)?.contiguous()?),
         ])
     }
 

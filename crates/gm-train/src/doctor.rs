@@ -167,6 +167,13 @@ pub const FAMILIES: &[Family] = &[
         tol: tol(1e-5, 1e-4, 1e-4),
         discrete: false,
     },
+    Family {
+        name: "vqvae",
+        preset: preset!("vqvae-tiny"),
+        overrides: &[],
+        tol: tol(1e-5, 1e-4, 1e-4),
+        discrete: false,
+    },
 ];
 
 /// The family called `name`; the error lists the known ones.

@@ -39,7 +39,8 @@ fn every_family_passes_on_the_portable_path() {
         assert!(row.ends_with("| pass |"), "{row}");
         assert!(row.contains("bit-exact"), "{row}");
     }
-    assert!(err.contains("all 14 families pass on cpu"), "{err}");
+    let all = format!("all {} families pass on cpu", families.len());
+    assert!(err.contains(&all), "{err}");
 }
 
 #[test]
