@@ -1,4 +1,4 @@
-//! Denoising diffusion (DDPM, Ho et al., 2020) on the shared [`UNet`]: training by the simple
+//! Denoising diffusion (DDPM, Ho et al., 2020) on the shared [`crate::unet::UNet`]: training by the simple
 //! (or min-SNR weighted) regression of `ε`, `x_0` or `v`; the variational bound `L_vlb` with the
 //! discretised Gaussian decoder at `t = 0` as an upper bound on `−log p(x)` of 8-bit images
 //! (`bpd_bound`); sampling through any [`gm_core::diffusion::DiffusionSampler`] (ancestral DDPM,

@@ -3,7 +3,7 @@
 //!
 //! - [`Collective`]: all-reduce and broadcast over ranks. [`ThreadGroup`] runs ranks as threads of
 //!   one process (any device; what the tests use to check the logic), the NCCL implementation
-//!   (`--features nccl`, [`crate::nccl`]) one process per GPU.
+//!   (`--features nccl`, `gm_train::nccl`) one process per GPU.
 //! - [`DataParallel`]: the [`Hook`] that all-reduces a step's gradients in f32, in buckets (one
 //!   collective call per [`BUCKET_ELEMS`] values, not one per tensor), and averages them; it also
 //!   gathers every rank's loss for the log.
