@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct SamplerConfig {
     pub kind: SamplerKind,
-    /// Denoising steps (at most `T`). NFE = `steps`, except `heun-karras`: `2·steps − 1`.
+    /// Denoising steps (more than `T` run each of the `T` once). NFE = `steps`, except
+    /// `heun-karras`: `2·steps − 1`.
     pub steps: usize,
     /// How the steps are laid out over `0..T`, as diffusers names it.
     #[serde(skip_serializing_if = "Spacing::is_linspace")]
@@ -170,13 +171,9 @@ impl SamplerConfig {
             bail!("{e}")
         }
         let t = schedule.len();
-        if self.steps > t {
-            bail!(
-                "sampler.steps = {} exceeds the schedule's {t} timesteps",
-                self.steps
-            )
-        }
-        let n = self.steps;
+        // More steps than the schedule has run every step once (configs written before the
+        // multistep samplers rely on it).
+        let n = self.steps.min(t);
         Ok(match self.kind {
             SamplerKind::Ddpm | SamplerKind::Ddim => Box::new(self.discrete(schedule, prediction)?),
             SamplerKind::Dpmpp2m | SamplerKind::Unipc => {

@@ -433,32 +433,21 @@ fn impossible_shapes_are_refused_with_the_key() {
     };
     assert!(cfg.validate().unwrap_err().contains("groups"));
     // A step list the schedule cannot hold is refused before training, naming the key.
-    for (sampler, key) in [
-        (
-            SamplerConfig {
-                steps: 2000,
-                ..Default::default()
-            },
-            "model.sampler.steps = 2000",
-        ),
-        (
-            SamplerConfig {
-                kind: SamplerKind::EulerKarras,
-                spacing: Spacing::Leading,
-                steps_offset: 50,
-                ..Default::default()
-            },
-            "steps_offset 50",
-        ),
-    ] {
-        let cfg = DdpmConfig {
-            unet: tiny_unet(),
-            sampler,
+    let cfg = DdpmConfig {
+        unet: tiny_unet(),
+        sampler: SamplerConfig {
+            kind: SamplerKind::EulerKarras,
+            spacing: Spacing::Leading,
+            steps_offset: 50,
             ..Default::default()
-        };
-        let e = cfg.validate().unwrap_err();
-        assert!(e.contains(key), "{e}");
-    }
+        },
+        ..Default::default()
+    };
+    let e = cfg.validate().unwrap_err();
+    assert!(
+        e.contains("model.sampler") && e.contains("steps_offset 50"),
+        "{e}"
+    );
     // The Gaussian-path samplers are not likelihood solvers.
     let cfg = FlowMatchingConfig {
         unet: tiny_unet(),
