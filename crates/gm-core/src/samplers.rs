@@ -254,25 +254,14 @@ fn arange_down(start: f64, stop: f64, step: f64) -> Vec<f64> {
     (0..len).map(|i| start + i as f64 * step).collect()
 }
 
-/// The descending integer timesteps of `n` steps over `0..T`. `drop_last`: diffusers' multistep
-/// lists, which lay out `n + 1` points and drop the final one (the last step then goes to
-/// `σ = 0`).
-fn integer_timesteps(
-    t: usize,
-    n: usize,
-    spacing: Spacing,
-    offset: usize,
-    drop_last: bool,
-) -> Result<Vec<usize>> {
+/// diffusers' layout of `n` steps over `0..T`, descending and not yet rounded ("linspace" is
+/// fractional). `drop_last`: diffusers' multistep lists, which lay out `n + 1` points and drop the
+/// final one (the last step then goes to `σ = 0`).
+fn spaced_points(t: usize, n: usize, spacing: Spacing, offset: usize, drop_last: bool) -> Vec<f64> {
     let tf = t as f64;
     let m = if drop_last { n + 1 } else { n };
     let mut v: Vec<f64> = match spacing {
-        Spacing::Linspace if n == 1 && !drop_last => vec![tf - 1.0],
-        Spacing::Linspace => linspace(0.0, tf - 1.0, m)
-            .into_iter()
-            .map(f64::round_ties_even)
-            .rev()
-            .collect(),
+        Spacing::Linspace => linspace(0.0, tf - 1.0, m).into_iter().rev().collect(),
         Spacing::Leading => {
             let ratio = t / m;
             (0..m).rev().map(|i| (i * ratio + offset) as f64).collect()
@@ -285,6 +274,25 @@ fn integer_timesteps(
     if drop_last && spacing != Spacing::Trailing {
         v.pop();
     }
+    v
+}
+
+/// The descending integer timesteps of `n` steps over `0..T` ([`spaced_points`], rounded).
+fn integer_timesteps(
+    t: usize,
+    n: usize,
+    spacing: Spacing,
+    offset: usize,
+    drop_last: bool,
+) -> Result<Vec<usize>> {
+    let v: Vec<f64> = if spacing == Spacing::Linspace && n == 1 && !drop_last {
+        vec![t as f64 - 1.0]
+    } else {
+        spaced_points(t, n, spacing, offset, drop_last)
+            .into_iter()
+            .map(f64::round_ties_even)
+            .collect()
+    };
     let out: Vec<usize> = v
         .into_iter()
         .filter(|&x| x >= 0.0)
@@ -816,22 +824,10 @@ impl Karras {
         let t = schedule.len();
         let tf = t as f64;
         // diffusers keeps these times in f32.
-        let f32r = |x: f64| x as f32 as f64;
-        let times: Vec<f64> = match spacing {
-            Spacing::Linspace => linspace(0.0, tf - 1.0, n)
-                .into_iter()
-                .rev()
-                .map(f32r)
-                .collect(),
-            Spacing::Leading => (0..n)
-                .rev()
-                .map(|i| (i * (t / n) + offset) as f64)
-                .collect(),
-            Spacing::Trailing => arange_down(tf, 0.0, -tf / n as f64)
-                .into_iter()
-                .map(|x| x.round_ties_even() - 1.0)
-                .collect(),
-        };
+        let times: Vec<f64> = spaced_points(t, n, spacing, offset, false)
+            .into_iter()
+            .map(|x| x as f32 as f64)
+            .collect();
         if let Some(&bad) = times.iter().find(|&&x| !(0.0..tf).contains(&x)) {
             bail!(
                 "sampler: timestep {bad} (steps_offset {offset}) is outside the schedule's 0..{t}"
