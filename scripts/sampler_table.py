@@ -12,18 +12,10 @@ at or below the one asked for.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-def run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
-    return out.stdout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mode_table import ROOT, run  # noqa: E402
 
 
 def main():

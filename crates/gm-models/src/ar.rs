@@ -69,20 +69,23 @@ impl PixelOutput {
                 Self::Categorical => {
                     let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let w: Vec<f64> = l.iter().map(|&v| ((v - m) as f64).exp()).collect();
-                    let mut u = rng.uniform_f64() * w.iter().sum::<f64>();
-                    let mut k = w.len() - 1;
-                    for (i, wi) in w.iter().enumerate() {
-                        if u < *wi {
-                            k = i;
-                            break;
-                        }
-                        u -= wi;
-                    }
-                    k as f32 / 255.0
+                    draw_index(&w, rng) as f32 / 255.0
                 }
             })
             .collect()
     }
+}
+
+/// An index drawn with probability proportional to the non-negative weights `w` (one uniform).
+pub(crate) fn draw_index(w: &[f64], rng: &mut GmRng) -> usize {
+    let mut u = rng.uniform_f64() * w.iter().sum::<f64>();
+    for (i, wi) in w.iter().enumerate() {
+        if u < *wi {
+            return i;
+        }
+        u -= wi;
+    }
+    w.len() - 1
 }
 
 /// Grey values in `[0, 1]` (multiples of 1/255) to `u32` levels `0..=255`.

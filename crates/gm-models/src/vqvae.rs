@@ -496,7 +496,6 @@ impl VqVae {
     pub fn sample_codes(&self, n: usize, rng: &mut GmRng) -> Result<Tensor> {
         let [gh, gw] = self.cfg.grid();
         let dev = self.codebook.device();
-        let k = self.cfg.codebook_size;
         let mut codes = vec![0u32; n * gh * gw];
         for pos in 0..gh * gw {
             let c = Tensor::from_slice(&codes, n * gh * gw, dev)?;
@@ -512,16 +511,7 @@ impl VqVae {
                 .to_dtype(DType::F64)?
                 .to_vec2::<f64>()?;
             for (i, row) in p.iter().enumerate() {
-                let mut u = rng.uniform_f64() * row.iter().sum::<f64>();
-                let mut pick = k - 1;
-                for (j, w) in row.iter().enumerate() {
-                    if u < *w {
-                        pick = j;
-                        break;
-                    }
-                    u -= w;
-                }
-                codes[i * gh * gw + pos] = pick as u32;
+                codes[i * gh * gw + pos] = crate::ar::draw_index(row, rng) as u32;
             }
         }
         Tensor::from_slice(&codes, n * gh * gw, dev)
