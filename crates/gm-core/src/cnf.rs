@@ -103,6 +103,30 @@ pub fn std_normal_log_prob(z: &Tensor) -> Result<Tensor> {
 /// `t_base` is `N(0, I)`: `(log p (B,) in nats, the solver's statistics)`. One probe per sample is
 /// drawn from `rng` and kept for the whole solve.
 pub fn log_likelihood(
+    field: impl FnMut(f64, &Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    t_data: f64,
+    t_base: f64,
+    solver: &SolverConfig,
+    mode: Divergence,
+    rng: &mut GmRng,
+) -> Result<(Tensor, OdeStats)> {
+    log_likelihood_with_prior(
+        field,
+        x,
+        t_data,
+        t_base,
+        solver,
+        mode,
+        rng,
+        std_normal_log_prob,
+    )
+}
+
+/// [`log_likelihood`] with another density at `t_base`: `prior(z)` is its log-density per sample
+/// `(B,)` (a variance-exploding SDE's `N(0, σ_max² I)`, or an exact marginal in tests).
+#[allow(clippy::too_many_arguments)]
+pub fn log_likelihood_with_prior(
     mut field: impl FnMut(f64, &Tensor) -> Result<Tensor>,
     x: &Tensor,
     t_data: f64,
@@ -110,6 +134,7 @@ pub fn log_likelihood(
     solver: &SolverConfig,
     mode: Divergence,
     rng: &mut GmRng,
+    prior: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, OdeStats)> {
     let probe = draw_probe(mode, x, rng)?;
     let b = x.dim(0)?;
@@ -121,6 +146,6 @@ pub fn log_likelihood(
     };
     // l(t) = ∫_{t_data}^{t} div dt', so l(t_base) = −∫_{t_base}^{t_data} div.
     let (out, stats) = solve(dynamics, vec![x.detach(), l0], t_data, t_base, solver)?;
-    let logp = (std_normal_log_prob(&out[0])? + &out[1])?;
+    let logp = (prior(&out[0])? + &out[1])?;
     Ok((logp, stats))
 }

@@ -26,6 +26,7 @@ pub mod ode;
 pub mod precision;
 pub mod rng;
 pub mod samplers;
+pub mod sde;
 pub mod traffic;
 pub mod vbgmm;
 
