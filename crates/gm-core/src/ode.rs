@@ -248,6 +248,19 @@ where
     }
 }
 
+impl SolverConfig {
+    /// [`SolverConfig::validate`] for a general ODE (a likelihood, a score model's flow), which
+    /// the Gaussian-path samplers cannot solve; messages start with `prefix` (`"model.likelihood_"`
+    /// gives `model.likelihood_solver.steps …`).
+    pub fn validate_general(&self, prefix: &str) -> std::result::Result<(), String> {
+        self.validate().map_err(|e| format!("{prefix}{e}"))?;
+        if self.method.is_path_solver() {
+            return Err(format!("{prefix}{}", path_solver_only(self.method)));
+        }
+        Ok(())
+    }
+}
+
 /// The error of a Gaussian-path sampler asked to solve a general ODE.
 pub fn path_solver_only(m: Method) -> String {
     let name = if m == Method::Unipc {

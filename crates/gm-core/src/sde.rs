@@ -138,9 +138,97 @@ impl Sde {
         logp - d as f64 * s.ln()
     }
 
-    /// The network time of `t`: `1000 t`, the range a 1000-step DDPM's sinusoidal embedding sees.
-    pub fn network_time(t: f64) -> f64 {
-        1000.0 * t
+    /// The noise-to-signal ratio `σ̄(t) = s(t)/a(t)` (increasing in `t`): `x_t/a = x₀ + σ̄ z`.
+    pub fn sigma_bar(&self, t: f64) -> f64 {
+        let (a, s) = self.marginal(t);
+        s / a
+    }
+
+    /// The time `t` at which `σ̄(t) = sigma_bar` (the inverse of [`Sde::sigma_bar`]).
+    pub fn time_of_sigma_bar(&self, sigma_bar: f64) -> f64 {
+        match *self {
+            Sde::Ve {
+                sigma_min,
+                sigma_max,
+            } => (sigma_bar / sigma_min).ln() / (sigma_max / sigma_min).ln(),
+            Sde::Vp { beta_min, beta_max } => {
+                // ln a = −½ ln(1 + σ̄²) = −¼ t² Δ − ½ t β_min.
+                let lmc = -0.5 * sigma_bar.powi(2).ln_1p();
+                let d = beta_max - beta_min;
+                if d.abs() < 1e-12 {
+                    -2.0 * lmc / beta_min
+                } else {
+                    (-0.5 * beta_min + (0.25 * beta_min * beta_min - d * lmc).sqrt()) / (0.5 * d)
+                }
+            }
+        }
+    }
+
+    /// The variance of `x_1/a(1)` under the prior: `σ̄(1)² + 1` for VP (`x_1 ~ N(0, I)`),
+    /// `σ_max²` for VE.
+    fn prior_var_bar(&self) -> f64 {
+        match self {
+            Sde::Ve { sigma_max, .. } => sigma_max * sigma_max,
+            Sde::Vp { .. } => 1.0 / self.marginal(1.0).0.powi(2),
+        }
+    }
+}
+
+/// The exponent of the Karras et al. (2022) noise spacing the probability-flow ODE is stepped in.
+pub const KARRAS_RHO: f64 = 7.0;
+
+/// The probability-flow ODE in the variables that make its trajectories nearly straight
+/// (DDIM, Karras et al.): the state `x̄ = x_t/a(t)`, the noise level `σ̄`, `dx̄/dσ̄ = ε̂ = −s·score`,
+/// and `σ̄` itself spaced over `u ∈ [0, 1]` as `σ̄(u) = (lo^{1/ρ} + u (hi^{1/ρ} − lo^{1/ρ}))^ρ`,
+/// so that equal steps in `u` put fixed-step solvers where the path bends (small noise).
+struct PfOde<'a> {
+    sde: &'a Sde,
+    lo: f64,
+    hi: f64,
+}
+
+impl PfOde<'_> {
+    fn new(sde: &Sde, t_min: f64) -> PfOde<'_> {
+        PfOde {
+            sde,
+            lo: sde.sigma_bar(t_min),
+            hi: sde.sigma_bar(1.0),
+        }
+    }
+
+    /// `(σ̄(u), dσ̄/du, t(σ̄))`.
+    fn at(&self, u: f64) -> (f64, f64, f64) {
+        let (a, b) = (
+            self.lo.powf(1.0 / KARRAS_RHO),
+            self.hi.powf(1.0 / KARRAS_RHO),
+        );
+        let base = a + u * (b - a);
+        let sb = base.powf(KARRAS_RHO);
+        let dsb = KARRAS_RHO * base.powf(KARRAS_RHO - 1.0) * (b - a);
+        let t = if u <= 0.0 {
+            // Exact ends: no round-trip through the inverse.
+            None
+        } else if u >= 1.0 {
+            Some(1.0)
+        } else {
+            Some(self.sde.time_of_sigma_bar(sb))
+        };
+        (sb, dsb, t.unwrap_or(f64::NAN))
+    }
+
+    /// `dx̄/du` at `u` for the state `x̄`.
+    fn velocity(
+        &self,
+        u: f64,
+        t_min: f64,
+        xbar: &Tensor,
+        score: &mut impl FnMut(&Tensor, f64) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (_, dsb, t) = self.at(u);
+        let t = if t.is_nan() { t_min } else { t };
+        let (a, s) = self.sde.marginal(t);
+        let g = score(&(xbar * a)?, t)?;
+        g * (-s * dsb)
     }
 }
 
@@ -283,13 +371,7 @@ impl SdeSamplerConfig {
                 self.t_min
             ));
         }
-        self.solver.validate().map_err(|e| format!("sampler.{e}"))?;
-        if self.solver.method.is_path_solver() {
-            return Err(format!(
-                "sampler.{}",
-                crate::ode::path_solver_only(self.solver.method)
-            ));
-        }
+        self.solver.validate_general("sampler.")?;
         Ok(())
     }
 
@@ -373,20 +455,22 @@ pub fn sample(
             }
         }
         SdeMethod::Ode => {
+            let ode = PfOde::new(sde, cfg.t_min);
+            let xbar = (x / sde.marginal(1.0).0)?;
             let (out, st) = solve(
-                |t, x: &Tensor| {
-                    let g = score(x, t)?;
-                    pf_velocity(sde, t, x, &g).map(|v| v.detach())
+                |u, x: &Tensor| {
+                    ode.velocity(u, cfg.t_min, x, &mut score)
+                        .map(|v| v.detach())
                 },
-                x,
+                xbar,
                 1.0,
-                cfg.t_min,
+                0.0,
                 &cfg.solver,
             )?;
             stats.nfe += st.nfe;
             stats.accepted = st.accepted;
             stats.rejected = st.rejected;
-            x = out;
+            x = (out * sde.marginal(cfg.t_min).0)?;
         }
     }
     if cfg.denoise {
@@ -399,7 +483,8 @@ pub fn sample(
 }
 
 /// `log p(x)` of data `x` at `t_min` under the probability-flow ODE of `score`, with the SDE's
-/// prior at `t = 1`: `(log p (B,) in nats, the solver's statistics)`.
+/// prior at `t = 1`: `(log p (B,) in nats, the solver's statistics)`. The ODE is solved in the
+/// noise level `σ̄` on Karras' spacing (see [`PfOde`]): `log p_x(x) = log p_x̄(x/a) − D ln a`.
 pub fn pf_ode_log_likelihood(
     sde: &Sde,
     x: &Tensor,
@@ -409,19 +494,21 @@ pub fn pf_ode_log_likelihood(
     rng: &mut GmRng,
     mut score: impl FnMut(&Tensor, f64) -> Result<Tensor>,
 ) -> Result<(Tensor, OdeStats)> {
-    crate::cnf::log_likelihood_with_prior(
-        |t, x: &Tensor| {
-            let g = score(x, t)?;
-            pf_velocity(sde, t, x, &g)
-        },
-        x,
-        t_min,
+    let ode = PfOde::new(sde, t_min);
+    let a_min = sde.marginal(t_min).0;
+    let d = x.elem_count() / x.dim(0)?.max(1);
+    let var = sde.prior_var_bar();
+    let (logp, stats) = crate::cnf::log_likelihood_with_prior(
+        |u, xb: &Tensor| ode.velocity(u, t_min, xb, &mut score),
+        &(x / a_min)?,
+        0.0,
         1.0,
         solver,
         divergence,
         rng,
-        |z| sde.prior_log_prob(z),
-    )
+        |z| crate::cnf::std_normal_log_prob(&(z / var.sqrt())?)? - d as f64 * 0.5 * var.ln(),
+    )?;
+    Ok(((logp - d as f64 * a_min.ln())?, stats))
 }
 
 /// The sliced score-matching objective by central finite differences (Pang et al., 2020):
@@ -443,4 +530,50 @@ pub fn fd_sliced_score_matching(
     let quad = crate::sum_per_sample(&(jvp * v)?)?;
     let proj = crate::sum_per_sample(&(s * v)?)?;
     quad + (proj.sqr()? * 0.5)?
+}
+
+/// How a probability-flow ODE likelihood is computed (TOML: e.g. DDPM's
+/// `[model.ode_likelihood]`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PfOdeConfig {
+    pub solver: SolverConfig,
+    pub divergence: crate::cnf::Divergence,
+    /// The time the data sits at (the score is singular at 0).
+    pub t_min: f64,
+}
+
+impl Default for PfOdeConfig {
+    fn default() -> Self {
+        Self {
+            solver: SolverConfig::rk4(10),
+            divergence: crate::cnf::Divergence::Rademacher,
+            t_min: 1e-5,
+        }
+    }
+}
+
+impl PfOdeConfig {
+    /// Checks the values; errors name the key under `prefix`.
+    pub fn validate(&self, prefix: &str) -> std::result::Result<(), String> {
+        self.solver.validate_general(&format!("{prefix}."))?;
+        if !(self.t_min > 0.0 && self.t_min < 1.0) {
+            return Err(format!(
+                "{prefix}.t_min must be in (0, 1), got {}",
+                self.t_min
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The VP SDE of a DDPM with `T` linear betas `β_start … β_end`: `β_min = T β_start`,
+/// `β_max = T β_end`, and network step `t·(T − 1)` for time `t` (the discrete chain's `β_i` is
+/// `β(i/(T − 1))/T`).
+pub fn vp_of_linear_ddpm(timesteps: usize, beta_start: f64, beta_end: f64) -> Sde {
+    let t = timesteps as f64;
+    Sde::Vp {
+        beta_min: t * beta_start,
+        beta_max: t * beta_end,
+    }
 }

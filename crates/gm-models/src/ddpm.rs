@@ -16,9 +16,10 @@ use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use gm_core::diffusion::{
     discretized_gaussian_log_likelihood, loss_weights, normal_kl, per_sample, q_sample,
-    sample_loop, split_prediction, target, LossWeighting, NoiseSchedule, Prediction, SamplerConfig,
-    ScheduleConfig,
+    sample_loop, split_prediction, target, BetaSchedule, LossWeighting, NoiseSchedule, Prediction,
+    SamplerConfig, ScheduleConfig,
 };
+use gm_core::sde::{pf_ode_log_likelihood, vp_of_linear_ddpm, PfOdeConfig};
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,12 @@ pub struct DdpmConfig {
     /// Terms `L_{t-1}` evaluated per image for the bound: `0` = all `T − 1` (exact sum),
     /// otherwise a stratified sample of that many steps, weighted to stay unbiased.
     pub bound_timesteps: usize,
+    /// Also report the probability-flow ODE's likelihood (`ode_nll_nats`, `ode_bpd`) in full
+    /// evaluations: the ε-model read as the score of the VP SDE that the linear schedule
+    /// discretises ([`gm_core::sde::vp_of_linear_ddpm`]), on uniformly dequantised pixels.
+    /// Absent (the default) = not computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ode_likelihood: Option<PfOdeConfig>,
 }
 
 impl Default for DdpmConfig {
@@ -57,6 +64,7 @@ impl Default for DdpmConfig {
             min_snr_gamma: 5.0,
             sampler: SamplerConfig::default(),
             bound_timesteps: 100,
+            ode_likelihood: None,
         }
     }
 }
@@ -74,6 +82,15 @@ impl DdpmConfig {
             .build(&schedule, self.prediction)
             .map_err(|e| format!("model.{e}"))?;
         check_dropout(self.label_dropout)?;
+        if let Some(o) = &self.ode_likelihood {
+            o.validate("model.ode_likelihood")?;
+            if self.schedule.schedule != BetaSchedule::Linear {
+                return Err(format!(
+                    "model.ode_likelihood needs model.schedule.schedule = \"linear\" (the VP SDE a linear schedule discretises), got {:?}",
+                    self.schedule.schedule
+                ));
+            }
+        }
         if self.min_snr_gamma.is_nan() || self.min_snr_gamma <= 0.0 {
             return Err(format!(
                 "model.min_snr_gamma must be > 0, got {}",
@@ -159,6 +176,41 @@ impl Ddpm {
         let tt: Vec<f32> = t.iter().map(|&v| v as f32).collect();
         let tt = gm_core::traffic::upload(tt, t.len(), x_t.device())?;
         self.net.guided(x_t, &tt, labels, w)
+    }
+
+    /// `−log p(y)` per image in nats on the 8-bit scale, by the probability-flow ODE of the VP
+    /// SDE this model's linear schedule discretises, for pixels `x ∈ {0, 1/255, …, 1}`
+    /// dequantised uniformly (`y = (k + u)/256`, as flow matching's data); with the ODE's
+    /// network evaluations.
+    pub fn ode_nll(
+        &self,
+        x: &Tensor,
+        labels: Option<&Tensor>,
+        o: &PfOdeConfig,
+        rng: &mut GmRng,
+    ) -> Result<(Tensor, usize)> {
+        let s = &self.cfg.schedule;
+        let sde = vp_of_linear_ddpm(s.timesteps, s.beta_start, s.beta_end);
+        let steps = (s.timesteps - 1) as f64;
+        let levels = (x * 255.0)?.round()?;
+        let u = rng
+            .uniform(x.shape(), 0.0, 1.0, x.device())?
+            .to_dtype(x.dtype())?;
+        let y = ((levels + u)? / 256.0)?;
+        let xm = Denoiser::to_model(&y)?;
+        let (logp, stats) =
+            pf_ode_log_likelihood(&sde, &xm, o.t_min, &o.solver, o.divergence, rng, |x, t| {
+                let (a, sd) = sde.marginal(t);
+                let out = self.predict_at(x, &vec![t * steps; x.dim(0)?], labels, 1.0)?;
+                let eps = match self.cfg.prediction {
+                    Prediction::Epsilon => out,
+                    Prediction::Sample => ((x - (out * a)?)? / sd)?,
+                    Prediction::V => ((x * sd)? + (out * a)?)?,
+                };
+                eps / -sd
+            })?;
+        let d = y.elem_count() / y.dim(0)?;
+        Ok(((logp.neg()? + d as f64 * 128f64.ln())?, stats.nfe))
     }
 
     fn random_steps(&self, b: usize, rng: &mut GmRng) -> Vec<usize> {
@@ -342,6 +394,14 @@ impl Model for Ddpm {
             let bpd = (&vlb / (d as f64 * std::f64::consts::LN_2))?;
             m.push(("vlb_nats".into(), vlb));
             m.push(("bpd_bound".into(), bpd));
+            if let Some(o) = &self.cfg.ode_likelihood {
+                let (nll, nfe) = self.ode_nll(&batch.x, labels.as_ref(), o, rng)?;
+                let bpd = (&nll / (d as f64 * std::f64::consts::LN_2))?;
+                let nfe = Tensor::full(nfe as f32, nll.dim(0)?, nll.device())?;
+                m.push(("ode_nll_nats".into(), nll));
+                m.push(("ode_bpd".into(), bpd));
+                m.push(("ode_nfe".into(), nfe));
+            }
         }
         Ok(m)
     }

@@ -179,18 +179,8 @@ impl CnfConfig {
         if !(self.time_length > 0.0 && self.time_length.is_finite()) {
             return Err("model.time_length must be positive".into());
         }
-        self.solver.validate().map_err(|e| format!("model.{e}"))?;
-        self.eval_solver
-            .validate()
-            .map_err(|e| format!("model.eval_{e}"))?;
-        for (prefix, s) in [("", &self.solver), ("eval_", &self.eval_solver)] {
-            if s.method.is_path_solver() {
-                return Err(format!(
-                    "model.{prefix}{}",
-                    gm_core::ode::path_solver_only(s.method)
-                ));
-            }
-        }
+        self.solver.validate_general("model.")?;
+        self.eval_solver.validate_general("model.eval_")?;
         if self.eval_probes == 0 {
             return Err("model.eval_probes must be at least 1".into());
         }

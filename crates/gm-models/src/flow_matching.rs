@@ -78,14 +78,7 @@ impl FlowMatchingConfig {
         }
         self.solver.validate().map_err(|e| format!("model.{e}"))?;
         self.likelihood_solver
-            .validate()
-            .map_err(|e| format!("model.likelihood_{e}"))?;
-        if self.likelihood_solver.method.is_path_solver() {
-            return Err(format!(
-                "model.likelihood_{}",
-                gm_core::ode::path_solver_only(self.likelihood_solver.method)
-            ));
-        }
+            .validate_general("model.likelihood_")?;
         if !self.guidance_scale.is_finite() {
             return Err("model.guidance_scale must be finite".into());
         }
