@@ -288,6 +288,7 @@ fn builtin() -> Vec<Entry> {
         entry::<text::TextArConfig>(),
         entry::<bernoulli_mixture::BernoulliMixtureConfig>(),
         entry::<vqvae::VqVaeConfig>(),
+        entry::<score::ScoreConfig>(),
     ]
 }
 

@@ -19,6 +19,7 @@ pub mod made;
 pub mod nn;
 pub mod pixelcnn;
 pub mod realnvp;
+pub mod score;
 pub mod text;
 pub mod unet;
 pub mod vae;

@@ -174,6 +174,13 @@ pub const FAMILIES: &[Family] = &[
         tol: tol(1e-5, 1e-4, 1e-4),
         discrete: false,
     },
+    Family {
+        name: "score",
+        preset: preset!("score-tiny"),
+        overrides: &[],
+        tol: tol(1e-5, 1e-3, 1e-3),
+        discrete: false,
+    },
 ];
 
 /// The family called `name`; the error lists the known ones.
