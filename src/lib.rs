@@ -30,14 +30,14 @@ pub use gm_train;
 
 pub use gm_core::kernels::{self, conv, norm, ops};
 pub use gm_core::{
-    bits_per_dim, cnf, diffusion, dist, em, keep_freed_memory, ladder, loss, native_kernels, ode,
-    portable_kernels, precision, samplers, sde, select_device, set_portable_kernels,
+    bits_per_dim, cnf, diffusion, dist, em, keep_freed_memory, ladder, loss, mcmc, native_kernels,
+    ode, portable_kernels, precision, samplers, sde, select_device, set_portable_kernels,
     sum_per_sample, traffic, vbgmm, DeviceChoice, GmRng, RngState,
 };
 pub use gm_models::{
-    ar, classifier, ddpm, family, ffjord, flow, flow_matching, fvsbn, gated_pixelcnn, kinds, made,
-    nn, pixelcnn, realnvp, register, score, text, unet, vae, vqvae, Batch, DataShape, EvalOptions,
-    Family, Loss, Metrics, Model, ModelConfig, PixelData,
+    ar, classifier, ddpm, ebm, family, ffjord, flow, flow_matching, fvsbn, gated_pixelcnn, kinds,
+    made, nn, pixelcnn, realnvp, register, score, text, unet, vae, vqvae, Batch, DataShape,
+    EvalOptions, Family, Loss, Metrics, Model, ModelConfig, PixelData,
 };
 pub use gm_train::{
     checkpoint, config, data, diffusers, doctor, eval, fetch, hooks, images, opbench, optim,

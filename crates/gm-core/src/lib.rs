@@ -22,6 +22,7 @@ pub mod em;
 pub mod kernels;
 pub mod ladder;
 pub mod loss;
+pub mod mcmc;
 pub mod ode;
 pub mod precision;
 pub mod rng;

@@ -289,6 +289,7 @@ fn builtin() -> Vec<Entry> {
         entry::<bernoulli_mixture::BernoulliMixtureConfig>(),
         entry::<vqvae::VqVaeConfig>(),
         entry::<score::ScoreConfig>(),
+        entry::<ebm::EbmConfig>(),
     ]
 }
 

@@ -8,6 +8,7 @@ pub mod ar;
 pub mod bernoulli_mixture;
 pub mod classifier;
 pub mod ddpm;
+pub mod ebm;
 pub mod family;
 pub mod ffjord;
 pub mod flow;

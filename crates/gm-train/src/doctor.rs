@@ -181,6 +181,13 @@ pub const FAMILIES: &[Family] = &[
         tol: tol(1e-5, 1e-3, 1e-3),
         discrete: false,
     },
+    Family {
+        name: "ebm-nce",
+        preset: preset!("ebm-nce-tiny"),
+        overrides: &[],
+        tol: tol(1e-5, 1e-3, 1e-3),
+        discrete: false,
+    },
 ];
 
 /// The family called `name`; the error lists the known ones.
