@@ -183,6 +183,7 @@ pub const KARRAS_RHO: f64 = 7.0;
 /// so that equal steps in `u` put fixed-step solvers where the path bends (small noise).
 struct PfOde<'a> {
     sde: &'a Sde,
+    t_min: f64,
     lo: f64,
     hi: f64,
 }
@@ -191,41 +192,39 @@ impl PfOde<'_> {
     fn new(sde: &Sde, t_min: f64) -> PfOde<'_> {
         PfOde {
             sde,
+            t_min,
             lo: sde.sigma_bar(t_min),
             hi: sde.sigma_bar(1.0),
         }
     }
 
-    /// `(σ̄(u), dσ̄/du, t(σ̄))`.
-    fn at(&self, u: f64) -> (f64, f64, f64) {
+    /// `(dσ̄/du, t)` at `u`; the ends map to `t_min` and 1 exactly (no round trip through the
+    /// inverse).
+    fn at(&self, u: f64) -> (f64, f64) {
         let (a, b) = (
             self.lo.powf(1.0 / KARRAS_RHO),
             self.hi.powf(1.0 / KARRAS_RHO),
         );
         let base = a + u * (b - a);
-        let sb = base.powf(KARRAS_RHO);
         let dsb = KARRAS_RHO * base.powf(KARRAS_RHO - 1.0) * (b - a);
         let t = if u <= 0.0 {
-            // Exact ends: no round-trip through the inverse.
-            None
+            self.t_min
         } else if u >= 1.0 {
-            Some(1.0)
+            1.0
         } else {
-            Some(self.sde.time_of_sigma_bar(sb))
+            self.sde.time_of_sigma_bar(base.powf(KARRAS_RHO))
         };
-        (sb, dsb, t.unwrap_or(f64::NAN))
+        (dsb, t)
     }
 
     /// `dx̄/du` at `u` for the state `x̄`.
     fn velocity(
         &self,
         u: f64,
-        t_min: f64,
         xbar: &Tensor,
         score: &mut impl FnMut(&Tensor, f64) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let (_, dsb, t) = self.at(u);
-        let t = if t.is_nan() { t_min } else { t };
+        let (dsb, t) = self.at(u);
         let (a, s) = self.sde.marginal(t);
         let g = score(&(xbar * a)?, t)?;
         g * (-s * dsb)
@@ -458,10 +457,7 @@ pub fn sample(
             let ode = PfOde::new(sde, cfg.t_min);
             let xbar = (x / sde.marginal(1.0).0)?;
             let (out, st) = solve(
-                |u, x: &Tensor| {
-                    ode.velocity(u, cfg.t_min, x, &mut score)
-                        .map(|v| v.detach())
-                },
+                |u, x: &Tensor| ode.velocity(u, x, &mut score).map(|v| v.detach()),
                 xbar,
                 1.0,
                 0.0,
@@ -499,7 +495,7 @@ pub fn pf_ode_log_likelihood(
     let d = x.elem_count() / x.dim(0)?.max(1);
     let var = sde.prior_var_bar();
     let (logp, stats) = crate::cnf::log_likelihood_with_prior(
-        |u, xb: &Tensor| ode.velocity(u, t_min, xb, &mut score),
+        |u, xb: &Tensor| ode.velocity(u, xb, &mut score),
         &(x / a_min)?,
         0.0,
         1.0,
