@@ -480,7 +480,7 @@ pub fn sample(
 
 /// `log p(x)` of data `x` at `t_min` under the probability-flow ODE of `score`, with the SDE's
 /// prior at `t = 1`: `(log p (B,) in nats, the solver's statistics)`. The ODE is solved in the
-/// noise level `σ̄` on Karras' spacing (see [`PfOde`]): `log p_x(x) = log p_x̄(x/a) − D ln a`.
+/// noise level `σ̄` on Karras' spacing (state `x̄ = x/a`, `dx̄/dσ̄ = ε̂`): `log p_x(x) = log p_x̄(x/a) − D ln a`.
 pub fn pf_ode_log_likelihood(
     sde: &Sde,
     x: &Tensor,
