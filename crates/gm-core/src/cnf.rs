@@ -99,6 +99,12 @@ pub fn std_normal_log_prob(z: &Tensor) -> Result<Tensor> {
     ((sq * -0.5)? + c)?.to_dtype(z.dtype())
 }
 
+/// `log N(z; 0, σ² I)` per sample, `(B,)`.
+pub fn normal_log_prob(z: &Tensor, std: f64) -> Result<Tensor> {
+    let d = z.elem_count() / z.dim(0)?.max(1);
+    std_normal_log_prob(&(z / std)?)? - d as f64 * std.ln()
+}
+
 /// `log p(x)` of data `x` at time `t_data` under the flow `dx/dt = field(t, x)` whose density at
 /// `t_base` is `N(0, I)`: `(log p (B,) in nats, the solver's statistics)`. One probe per sample is
 /// drawn from `rng` and kept for the whole solve.

@@ -179,9 +179,14 @@ pub enum Prediction {
 /// A `(B, 1, …, 1)` tensor of per-sample coefficients `values[t_b]`, shaped to broadcast on `like`.
 pub fn per_sample(values: &[f64], t: &[usize], like: &Tensor) -> Result<Tensor> {
     let v: Vec<f64> = t.iter().map(|&i| values[i]).collect();
-    let mut shape = vec![t.len()];
+    per_sample_values(v, like)
+}
+
+/// A `(B, 1, …, 1)` tensor holding `values[b]` for sample `b`, shaped to broadcast on `like`.
+pub fn per_sample_values(values: Vec<f64>, like: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![values.len()];
     shape.extend(std::iter::repeat_n(1, like.rank().saturating_sub(1)));
-    crate::traffic::upload(v, shape, like.device())?.to_dtype(like.dtype())
+    crate::traffic::upload(values, shape, like.device())?.to_dtype(like.dtype())
 }
 
 fn map_per_sample(

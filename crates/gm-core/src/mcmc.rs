@@ -56,9 +56,7 @@ pub fn mala_step(
         })
         .collect();
     let rate = accept.iter().sum::<f64>() / b as f64;
-    let mut shape = vec![b];
-    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
-    let m = Tensor::from_vec(accept, shape, x.device())?.to_dtype(x.dtype())?;
+    let m = crate::diffusion::per_sample_values(accept, x)?;
     let out = (y.broadcast_mul(&m)? + x.broadcast_mul(&(1.0 - &m)?)?)?;
     Ok((out, rate))
 }
@@ -102,12 +100,15 @@ pub fn ais(
     step: f64,
     rng: &mut GmRng,
 ) -> Result<AisResult> {
+    if levels == 0 {
+        candle_core::bail!("ais needs at least one bridge level")
+    }
     let b = x0.dim(0)?;
     let mut logw = vec![0.0f64; b];
     let mut x = x0;
     let mut acc = 0.0;
     let mut moves = 0usize;
-    for k in 1..=levels.max(1) {
+    for k in 1..=levels {
         let (b0, b1) = ((k - 1) as f64 / levels as f64, k as f64 / levels as f64);
         let diff = (log_f(&x)? - log_q(&x)?)?;
         for (w, d) in logw.iter_mut().zip(to_f64(&diff)?) {

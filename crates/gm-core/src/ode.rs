@@ -232,6 +232,18 @@ pub struct OdeStats {
     pub rejected: usize,
 }
 
+impl OdeStats {
+    /// The largest of each count over two solves (chunks of one sampling call: a sample's cost
+    /// is that of the costliest chunk).
+    pub fn max(self, other: OdeStats) -> OdeStats {
+        OdeStats {
+            nfe: self.nfe.max(other.nfe),
+            accepted: self.accepted.max(other.accepted),
+            rejected: self.rejected.max(other.rejected),
+        }
+    }
+}
+
 /// Integrates `dy/dt = f(t, y)` from `t0` to `t1` (either direction) and returns `y(t1)`.
 pub fn solve<S, F>(f: F, y0: S, t0: f64, t1: f64, cfg: &SolverConfig) -> Result<(S, OdeStats)>
 where

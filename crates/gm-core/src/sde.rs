@@ -19,6 +19,7 @@
 //! `dx/dt = f x − ½ g² score` (through [`crate::ode`]); its log-likelihood comes from
 //! [`crate::cnf::log_likelihood_with_prior`].
 
+use crate::diffusion::per_sample_values;
 use crate::ode::{solve, OdeStats, SolverConfig};
 use crate::rng::GmRng;
 use candle_core::{DType, Result, Tensor};
@@ -130,14 +131,6 @@ impl Sde {
         rng.randn(shape, device)?.to_dtype(dtype)? * self.prior_std()
     }
 
-    /// `log N(z; 0, σ² I)` of the prior per sample, `(B,)`.
-    pub fn prior_log_prob(&self, z: &Tensor) -> Result<Tensor> {
-        let s = self.prior_std();
-        let d = z.elem_count() / z.dim(0)?.max(1);
-        let logp = crate::cnf::std_normal_log_prob(&(z / s)?)?;
-        logp - d as f64 * s.ln()
-    }
-
     /// The noise-to-signal ratio `σ̄(t) = s(t)/a(t)` (increasing in `t`): `x_t/a = x₀ + σ̄ z`.
     pub fn sigma_bar(&self, t: f64) -> f64 {
         let (a, s) = self.marginal(t);
@@ -164,13 +157,10 @@ impl Sde {
         }
     }
 
-    /// The variance of `x_1/a(1)` under the prior: `σ̄(1)² + 1` for VP (`x_1 ~ N(0, I)`),
-    /// `σ_max²` for VE.
-    fn prior_var_bar(&self) -> f64 {
-        match self {
-            Sde::Ve { sigma_max, .. } => sigma_max * sigma_max,
-            Sde::Vp { .. } => 1.0 / self.marginal(1.0).0.powi(2),
-        }
+    /// The standard deviation of `x_1/a(1)` under the prior (`σ_max` for VE, `√(1 + σ̄(1)²)`
+    /// for VP).
+    fn prior_std_bar(&self) -> f64 {
+        self.prior_std() / self.marginal(1.0).0
     }
 }
 
@@ -231,19 +221,12 @@ impl PfOde<'_> {
     }
 }
 
-/// A `(B, 1, …)` tensor holding `values[i]` for sample `i`, broadcastable against `like`.
-pub fn per_sample_coef(values: &[f64], like: &Tensor) -> Result<Tensor> {
-    let mut shape = vec![values.len()];
-    shape.extend(std::iter::repeat_n(1, like.rank().saturating_sub(1)));
-    Tensor::from_slice(values, shape, like.device())?.to_dtype(like.dtype())
-}
-
 /// The denoising-score-matching pair at per-sample times `t`: `(x_t, s(t))` with
 /// `x_t = a(t) x₀ + s(t) z`. The target of an ε-network is `z`; that of a score is `−z/s(t)`.
 pub fn perturb(sde: &Sde, x0: &Tensor, t: &[f64], z: &Tensor) -> Result<(Tensor, Vec<f64>)> {
     let (a, s): (Vec<f64>, Vec<f64>) = t.iter().map(|&t| sde.marginal(t)).unzip();
-    let xt = (x0.broadcast_mul(&per_sample_coef(&a, x0)?)?
-        + z.broadcast_mul(&per_sample_coef(&s, z)?)?)?;
+    let xt = (x0.broadcast_mul(&per_sample_values(a, x0)?)?
+        + z.broadcast_mul(&per_sample_values(s.clone(), z)?)?)?;
     Ok((xt, s))
 }
 
@@ -273,9 +256,9 @@ pub fn reverse_em_step(
 
 /// One unadjusted Langevin step `x + δ·score + √(2δ) z` with a per-sample step `δ` `(B,)`.
 pub fn langevin_step(x: &Tensor, score: &Tensor, step: &[f64], z: &Tensor) -> Result<Tensor> {
-    let d = per_sample_coef(step, x)?;
+    let d = per_sample_values(step.to_vec(), x)?;
     let noise: Vec<f64> = step.iter().map(|s| (2.0 * s).sqrt()).collect();
-    x + score.broadcast_mul(&d)? + z.broadcast_mul(&per_sample_coef(&noise, z)?)?
+    x + score.broadcast_mul(&d)? + z.broadcast_mul(&per_sample_values(noise, z)?)?
 }
 
 /// The Langevin corrector's step for a target signal-to-noise ratio `r` (Song et al., 2021,
@@ -372,21 +355,6 @@ impl SdeSamplerConfig {
         }
         self.solver.validate_general("sampler.")?;
         Ok(())
-    }
-
-    /// Network evaluations per sample (adaptive ODE solvers: an estimate from their last use is
-    /// not known in advance, so `None`).
-    pub fn nfe(&self) -> Option<usize> {
-        let d = usize::from(self.denoise);
-        match self.method {
-            SdeMethod::AnnealedLangevin => Some(self.steps * self.corrector_steps + d),
-            SdeMethod::EulerMaruyama => Some(self.steps + d),
-            SdeMethod::Pc => Some(self.steps * (1 + self.corrector_steps) + d),
-            SdeMethod::Ode => match self.solver.method {
-                crate::ode::Method::Dopri5 => None,
-                m => Some(self.solver.steps * m.evals_per_step() + d),
-            },
-        }
     }
 }
 
@@ -493,7 +461,7 @@ pub fn pf_ode_log_likelihood(
     let ode = PfOde::new(sde, t_min);
     let a_min = sde.marginal(t_min).0;
     let d = x.elem_count() / x.dim(0)?.max(1);
-    let var = sde.prior_var_bar();
+    let std_bar = sde.prior_std_bar();
     let (logp, stats) = crate::cnf::log_likelihood_with_prior(
         |u, xb: &Tensor| ode.velocity(u, xb, &mut score),
         &(x / a_min)?,
@@ -502,7 +470,7 @@ pub fn pf_ode_log_likelihood(
         solver,
         divergence,
         rng,
-        |z| crate::cnf::std_normal_log_prob(&(z / var.sqrt())?)? - d as f64 * 0.5 * var.ln(),
+        |z| crate::cnf::normal_log_prob(z, std_bar),
     )?;
     Ok(((logp - d as f64 * a_min.ln())?, stats))
 }
@@ -517,11 +485,11 @@ pub fn fd_sliced_score_matching(
     h: &[f64],
     mut score: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let hv = v.broadcast_mul(&per_sample_coef(h, v)?)?;
+    let hv = v.broadcast_mul(&per_sample_values(h.to_vec(), v)?)?;
     let sp = score(&(x + &hv)?)?;
     let sm = score(&(x - &hv)?)?;
     let inv2h: Vec<f64> = h.iter().map(|h| 0.5 / h).collect();
-    let jvp = (&sp - &sm)?.broadcast_mul(&per_sample_coef(&inv2h, &sp)?)?;
+    let jvp = (&sp - &sm)?.broadcast_mul(&per_sample_values(inv2h, &sp)?)?;
     let s = ((sp + sm)? * 0.5)?;
     let quad = crate::sum_per_sample(&(jvp * v)?)?;
     let proj = crate::sum_per_sample(&(s * v)?)?;

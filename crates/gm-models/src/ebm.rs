@@ -133,8 +133,7 @@ impl Ebm {
             .enumerate()
             .map(|(i, w)| Linear::new(w[0], w[1], vb.pp(format!("energy.{}", 2 * i))))
             .collect::<Result<_>>()?;
-        // c starts at the noise's own log-normaliser scale: log Z of exp(−E) for E ≈ 0 is
-        // unknown, so 0 (the loss moves it first).
+        // c starts at 0; the NCE loss moves it to the energy's log-normaliser.
         let log_z = vb.get_with_hints(1, "log_z", Init::Const(0.0))?;
         Ok(Self {
             device: vb.device().clone(),
@@ -167,10 +166,7 @@ impl Ebm {
 
     /// `log q(x)` of the noise per sample `(B,)`.
     pub fn noise_log_prob(&self, x: &Tensor) -> Result<Tensor> {
-        let s = self.cfg.noise_std;
-        let d = self.cfg.dims() as f64;
-        let sq = x.flatten_from(1)?.sqr()?.sum(1)?;
-        (sq * (-0.5 / (s * s)))? - d * (s.ln() + 0.5 * (2.0 * std::f64::consts::PI).ln())
+        gm_core::cnf::normal_log_prob(x, self.cfg.noise_std)
     }
 
     fn noise(&self, n: usize, dtype: DType, rng: &mut GmRng) -> Result<Tensor> {

@@ -180,9 +180,7 @@ impl FlowMatching {
                 1.0,
                 solver,
             )?;
-            total.nfe = total.nfe.max(stats.nfe);
-            total.accepted = total.accepted.max(stats.accepted);
-            total.rejected = total.rejected.max(stats.rejected);
+            total = total.max(stats);
             Denoiser::to_pixels(&x1)
         })?;
         self.last_stats.set(total);

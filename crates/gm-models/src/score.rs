@@ -27,8 +27,7 @@ use gm_core::cnf::{draw_probe, Divergence};
 use gm_core::kernels::ops::Act;
 use gm_core::ode::{OdeStats, SolverConfig};
 use gm_core::sde::{
-    fd_sliced_score_matching, per_sample_coef, perturb, pf_ode_log_likelihood, sample, Sde,
-    SdeSamplerConfig,
+    fd_sliced_score_matching, perturb, pf_ode_log_likelihood, sample, Sde, SdeSamplerConfig,
 };
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
@@ -307,9 +306,7 @@ impl ScoreModel {
             let (x, stats) = sample(&self.cfg.sde, sampler, x0, rng, |x, t| {
                 self.score(x, t).map(|s| s.detach())
             })?;
-            total.nfe = total.nfe.max(stats.nfe);
-            total.accepted = total.accepted.max(stats.accepted);
-            total.rejected = total.rejected.max(stats.rejected);
+            total = total.max(stats);
             if self.cfg.is_vector() {
                 Ok(x)
             } else {
@@ -361,7 +358,7 @@ impl ScoreModel {
                     .ok_or_else(|| candle_core::Error::Msg("no probe".into()))?;
                 let h: Vec<f64> = s.iter().map(|s| self.cfg.ssm_step * s).collect();
                 let inv_s: Vec<f64> = s.iter().map(|s| -1.0 / s).collect();
-                let inv_s = per_sample_coef(&inv_s, &xt)?;
+                let inv_s = gm_core::diffusion::per_sample_values(inv_s, &xt)?;
                 let j = fd_sliced_score_matching(&xt, &v, &h, |x| {
                     self.epsilon(x, &tt)?.broadcast_mul(&inv_s)
                 })?;
