@@ -1,8 +1,11 @@
 //! The NCE energy model: the loss's gradient against finite differences, and on 2-D Gaussian data
 //! the learned log-normaliser `c` against the energy's own integral over a grid.
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Optimizer, VarMap};
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use common::{entropy, gaussian_data, train_on_gaussian};
 use gm_core::GmRng;
 use gm_models::ebm::{Ebm, EbmConfig};
 use gm_models::{Batch, EvalOptions, Model};
@@ -70,7 +73,6 @@ fn nce_gradient_matches_finite_differences() {
         }
     }
     assert!(checked >= 3 * 7, "checked {checked}");
-    let _ = Var::from_tensor(&x).unwrap();
 }
 
 /// Trained by NCE on `N((1, −0.5), diag(0.5, 0.2))` with Gaussian noise, the learned `c` equals
@@ -91,47 +93,7 @@ fn nce_learns_a_normalised_gaussian() {
         ..Default::default()
     };
     let m = Ebm::new(cfg, vb).unwrap();
-    let mut opt = candle_nn::AdamW::new(
-        vm.all_vars(),
-        candle_nn::ParamsAdamW {
-            lr: 3e-3,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mu = Tensor::new(&[1.0f32, -0.5], &Device::Cpu).unwrap();
-    let sd = Tensor::new(&[0.5f32.sqrt(), 0.2f32.sqrt()], &Device::Cpu).unwrap();
-    let data = |n: usize, rng: &mut GmRng| {
-        rng.randn((n, 2), &Device::Cpu)
-            .unwrap()
-            .broadcast_mul(&sd)
-            .unwrap()
-            .broadcast_add(&mu)
-            .unwrap()
-            .reshape((n, 2, 1, 1))
-            .unwrap()
-    };
-    let mut rng = GmRng::new(1);
-    let steps = 1200;
-    let mut first = 0.0;
-    let mut last = 0.0;
-    for i in 0..steps {
-        opt.set_learning_rate(3e-3 * (1.0 - i as f64 / steps as f64));
-        let b = Batch {
-            x: data(256, &mut rng),
-            labels: None,
-        };
-        let l = m.loss(&b, &mut rng).unwrap().total;
-        let v = l.to_scalar::<f32>().unwrap() as f64;
-        if i < 50 {
-            first += v / 50.0;
-        }
-        if i >= steps - 50 {
-            last += v / 50.0;
-        }
-        opt.backward_step(&l).unwrap();
-    }
+    let (first, last, mut rng) = train_on_gaussian(&vm, &m, 1200);
     // The energy's integral over a grid.
     let n = 300;
     let lim = 6.0;
@@ -154,10 +116,9 @@ fn nce_learns_a_normalised_gaussian() {
     let lo = e.iter().copied().fold(f64::INFINITY, f64::min);
     let log_z_grid = -lo + (e.iter().map(|v| (lo - v).exp()).sum::<f64>() * step * step).ln();
     let c = m.log_z().unwrap();
-    let h = 0.5 * (2.0 * std::f64::consts::PI * std::f64::consts::E * 0.5f64).ln()
-        + 0.5 * (2.0 * std::f64::consts::PI * std::f64::consts::E * 0.2f64).ln();
+    let h = entropy();
     let test = Batch {
-        x: data(2000, &mut rng),
+        x: gaussian_data(2000, &mut rng),
         labels: None,
     };
     let metrics = m

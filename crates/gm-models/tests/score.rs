@@ -2,8 +2,8 @@
 //! probability-flow ODE's likelihood lands on the data's entropy and the samplers on its moments;
 //! configs that cannot work are refused with the key named.
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{Optimizer, VarMap};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
 use gm_core::cnf::Divergence;
 use gm_core::ode::SolverConfig;
 use gm_core::sde::{Sde, SdeMethod, SdeSamplerConfig};
@@ -11,20 +11,9 @@ use gm_core::GmRng;
 use gm_models::score::{Objective, ScoreConfig, ScoreModel};
 use gm_models::{Batch, EvalOptions, Model};
 
-const MU: [f64; 2] = [1.0, -0.5];
-const VAR: [f64; 2] = [0.5, 0.2];
+mod common;
 
-fn data(n: usize, rng: &mut GmRng) -> Tensor {
-    let z = rng.randn((n, 2), &Device::Cpu).unwrap();
-    let s = Tensor::new(&[VAR[0].sqrt() as f32, VAR[1].sqrt() as f32], &Device::Cpu).unwrap();
-    let m = Tensor::new(&[MU[0] as f32, MU[1] as f32], &Device::Cpu).unwrap();
-    z.broadcast_mul(&s)
-        .unwrap()
-        .broadcast_add(&m)
-        .unwrap()
-        .reshape((n, 2, 1, 1))
-        .unwrap()
-}
+use common::{entropy, gaussian_data as data, train_on_gaussian, MU, VAR};
 
 fn config(sde: Sde, objective: Objective) -> ScoreConfig {
     ScoreConfig {
@@ -38,43 +27,14 @@ fn config(sde: Sde, objective: Objective) -> ScoreConfig {
     }
 }
 
-/// Trains `cfg` for `steps` of batch 256 with Adam, the learning rate decayed linearly to 0 (the
-/// noisy small-noise terms of the objective otherwise leave the weights jittering); returns the
-/// model and the first and last 50-step mean losses.
+/// Trains `cfg` for `steps` (see [`train_on_gaussian`]); the model and the first and last
+/// 50-step mean losses.
 fn train(cfg: ScoreConfig, steps: usize) -> (ScoreModel, f64, f64) {
     let vm = VarMap::new();
     let vb = gm_core::rng::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
     let model = ScoreModel::new(cfg, vb).unwrap();
-    let mut opt = candle_nn::AdamW::new(
-        vm.all_vars(),
-        candle_nn::ParamsAdamW {
-            lr: 3e-3,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut rng = GmRng::new(1);
-    let mut losses = Vec::new();
-    for i in 0..steps {
-        opt.set_learning_rate(3e-3 * (1.0 - i as f64 / steps as f64));
-        let batch = Batch {
-            x: data(256, &mut rng),
-            labels: None,
-        };
-        let l = model.loss(&batch, &mut rng).unwrap().total;
-        losses.push(l.to_scalar::<f32>().unwrap() as f64);
-        opt.backward_step(&l).unwrap();
-    }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (first, last) = (mean(&losses[..50]), mean(&losses[steps - 50..]));
+    let (first, last, _) = train_on_gaussian(&vm, &model, steps);
     (model, first, last)
-}
-
-fn entropy() -> f64 {
-    VAR.iter()
-        .map(|v| 0.5 * (2.0 * std::f64::consts::PI * std::f64::consts::E * v).ln())
-        .sum()
 }
 
 fn mean_nll(model: &ScoreModel) -> f64 {
