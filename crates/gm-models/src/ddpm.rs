@@ -210,7 +210,7 @@ impl Ddpm {
                 eps / -sd
             })?;
         let d = y.elem_count() / y.dim(0)?;
-        Ok(((logp.neg()? + d as f64 * 128f64.ln())?, stats.nfe))
+        Ok((Denoiser::eight_bit_nll(&logp, d)?, stats.nfe))
     }
 
     fn random_steps(&self, b: usize, rng: &mut GmRng) -> Vec<usize> {

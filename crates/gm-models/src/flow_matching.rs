@@ -200,8 +200,7 @@ impl FlowMatching {
             rng,
         )?;
         self.last_stats.set(stats);
-        let d = self.cfg.dims() as f64;
-        logp.neg()? + d * 128f64.ln()
+        Denoiser::eight_bit_nll(&logp, self.cfg.dims())
     }
 }
 

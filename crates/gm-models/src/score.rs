@@ -334,7 +334,7 @@ impl ScoreModel {
         if self.cfg.is_vector() {
             logp.neg()
         } else {
-            logp.neg()? + self.cfg.dims() as f64 * 128f64.ln()
+            Denoiser::eight_bit_nll(&logp, self.cfg.dims())
         }
     }
 

@@ -491,6 +491,13 @@ impl Denoiser {
         x.affine(2.0, -1.0)
     }
 
+    /// `−log p(y)` in nats on the 8-bit scale of dequantised pixels `y ∈ [0, 1]` from `log p(x)`
+    /// `(B,)` of the model's `x = 2y − 1`: `−log p(x) − D ln 2` (the scaling) `+ D ln 256`
+    /// (dequantisation), i.e. `−log p(x) + D ln 128`.
+    pub fn eight_bit_nll(logp_model: &Tensor, dims: usize) -> Result<Tensor> {
+        logp_model.neg()? + dims as f64 * 128f64.ln()
+    }
+
     /// `[-1, 1]` back to `[0, 1]`, clamped.
     pub fn to_pixels(x: &Tensor) -> Result<Tensor> {
         x.affine(0.5, 0.5)?.clamp(0.0, 1.0)
