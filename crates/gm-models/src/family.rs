@@ -71,9 +71,27 @@ pub trait Family:
         false
     }
 
+    /// A trained model of another family this one holds frozen (an EBM's noise flow): its
+    /// weights come from that family's run by `gm train --init-from RUN` and live in this
+    /// model's checkpoints under a prefix. `None` (the default) for self-contained models.
+    fn embeds(&self) -> Option<Embedded> {
+        None
+    }
+
     /// Builds the model; its parameters are created through `vb` under PyTorch `state_dict`
     /// names.
     fn build(&self, vb: VarBuilder) -> Result<Box<dyn Model>>;
+}
+
+/// A frozen model of another family inside a model ([`Family::embeds`]).
+#[derive(Clone, Debug)]
+pub struct Embedded {
+    /// Its config, compared with the `--init-from` run's.
+    pub config: ModelConfig,
+    /// Where its variables live (`noise_flow.`).
+    pub prefix: &'static str,
+    /// The config key of its table (`model.flow`), for error messages.
+    pub key: &'static str,
 }
 
 /// [`Family`] with the type erased, so that one [`ModelConfig`] holds any of them.
@@ -85,6 +103,7 @@ trait AnyFamily: erased_serde::Serialize + Debug + Send + Sync {
     fn num_classes(&self) -> usize;
     fn needs_labels(&self) -> bool;
     fn second_order(&self) -> bool;
+    fn embeds(&self) -> Option<Embedded>;
     fn build(&self, vb: VarBuilder) -> Result<Box<dyn Model>>;
     fn as_any(&self) -> &dyn Any;
     fn same(&self, other: &dyn AnyFamily) -> bool;
@@ -111,6 +130,9 @@ impl<F: Family> AnyFamily for F {
     }
     fn second_order(&self) -> bool {
         Family::second_order(self)
+    }
+    fn embeds(&self) -> Option<Embedded> {
+        Family::embeds(self)
     }
     fn build(&self, vb: VarBuilder) -> Result<Box<dyn Model>> {
         Family::build(self, vb)
@@ -185,6 +207,11 @@ impl ModelConfig {
     /// Whether training differentiates a gradient (see [`Family::second_order`]).
     pub fn second_order(&self) -> bool {
         self.0.second_order()
+    }
+
+    /// The frozen model of another family it holds (see [`Family::embeds`]).
+    pub fn embeds(&self) -> Option<Embedded> {
+        self.0.embeds()
     }
 }
 

@@ -9,6 +9,7 @@
 //! that is uniform on `[0, 1]^D` scores exactly 8.
 
 use candle_core::{DType, Result, Tensor};
+use gm_core::dist::softplus;
 use gm_core::sum_per_sample;
 use serde::{Deserialize, Serialize};
 
@@ -55,12 +56,32 @@ impl Logit {
         Ok((y, ld))
     }
 
-    /// `x` from `y`, clamped to `[0, 1]`.
+    /// `x` from `y`, clamped to `[0, 1]` (images to show).
     pub fn inverse(&self, y: &Tensor) -> Result<Tensor> {
+        self.inverse_unclamped(y)?.clamp(0.0, 1.0)
+    }
+
+    /// The exact inverse of [`Logit::forward`]: `x = (σ(y) − α) / (1 − 2α)`, in the open box
+    /// `(−α/(1 − 2α), (1 − α)/(1 − 2α))` that holds `[0, 1]` — the support of a flow's density.
+    pub fn inverse_unclamped(&self, y: &Tensor) -> Result<Tensor> {
         let a = self.alpha;
-        candle_nn::ops::sigmoid(y)?
-            .affine(1.0 / (1.0 - 2.0 * a), -a / (1.0 - 2.0 * a))?
-            .clamp(0.0, 1.0)
+        candle_nn::ops::sigmoid(y)?.affine(1.0 / (1.0 - 2.0 * a), -a / (1.0 - 2.0 * a))
+    }
+
+    /// [`Logit::inverse_unclamped`] with `log|det ∂x/∂y|` per image `(B,)`:
+    /// `Σ log σ(y) + log(1 − σ(y)) − log(1 − 2α)`, written with softplus so that it stays finite
+    /// where `σ(y)` rounds to 0 or 1.
+    pub fn inverse_with_logdet(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let d = y.elem_count() / y.dim(0)?.max(1);
+        let per = (softplus(&y.neg()?)? + softplus(y)?)?;
+        let ld = (sum_per_sample(&per)?.neg()? - d as f64 * (1.0 - 2.0 * self.alpha).ln())?;
+        Ok((self.inverse_unclamped(y)?, ld))
+    }
+
+    /// The support of a flow with this pre-processing, per pixel: `(lo, hi)`.
+    pub fn support(&self) -> (f64, f64) {
+        let a = self.alpha;
+        (-a / (1.0 - 2.0 * a), (1.0 - a) / (1.0 - 2.0 * a))
     }
 }
 

@@ -29,7 +29,7 @@ pub mod vqvae;
 use candle_core::{Result, Tensor};
 use gm_core::GmRng;
 
-pub use family::{kinds, register, DataShape, Family, ModelConfig};
+pub use family::{kinds, register, DataShape, Embedded, Family, ModelConfig};
 
 /// One batch of data as the models see it.
 #[derive(Clone, Debug)]

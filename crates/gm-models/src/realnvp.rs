@@ -256,20 +256,22 @@ impl Coupling {
         }
     }
 
-    fn inverse(&self, y: &Tensor) -> Result<Tensor> {
+    /// `(x, log|det ∂x/∂y| = −Σ s)`.
+    fn inverse(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
         match &self.mask {
             Mask::Checkerboard(b) => {
                 let kept = y.broadcast_mul(b)?;
                 let (s, t) = self.s_t(&kept, Some(b))?;
                 let nb = b.affine(-1.0, 1.0)?;
                 let (s, t) = (s.broadcast_mul(&nb)?, t.broadcast_mul(&nb)?);
-                (y - t)? * s.neg()?.exp()?
+                let x = ((y - t)? * s.neg()?.exp()?)?;
+                Ok((x, sum_per_sample(&s)?.neg()?))
             }
             Mask::Channel { keep, flip } => {
                 let (ya, yb) = Self::split(y, *keep, *flip)?;
                 let (s, t) = self.s_t(&ya, None)?;
                 let xb = ((yb - t)? * s.neg()?.exp()?)?;
-                Self::join(&ya, &xb, *flip)
+                Ok((Self::join(&ya, &xb, *flip)?, sum_per_sample(&s)?.neg()?))
             }
         }
     }
@@ -300,9 +302,14 @@ impl ActNorm {
         Ok((y, ld.to_dtype(x.dtype())?.broadcast_as(b)?.contiguous()?))
     }
 
-    fn inverse(&self, y: &Tensor) -> Result<Tensor> {
-        y.broadcast_mul(&self.log_scale.neg()?.exp()?)?
-            .broadcast_sub(&self.bias)
+    /// `(x, log|det ∂x/∂y| = −H·W·Σ log_scale)`.
+    fn inverse(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, _, h, w) = y.dims4()?;
+        let x = y
+            .broadcast_mul(&self.log_scale.neg()?.exp()?)?
+            .broadcast_sub(&self.bias)?;
+        let ld = (self.log_scale.sum_all()? * -((h * w) as f64))?;
+        Ok((x, ld.to_dtype(y.dtype())?.broadcast_as(b)?.contiguous()?))
     }
 }
 
@@ -444,6 +451,12 @@ impl RealNvp {
 
     /// The inverse of [`RealNvp::forward`]: pre-processed input from the latents.
     pub fn inverse(&self, zs: &[Tensor]) -> Result<Tensor> {
+        Ok(self.inverse_with_logdet(zs)?.0)
+    }
+
+    /// [`RealNvp::inverse`] with its `log|det ∂y/∂z|` per sample `(B,)`: `log q(y) = log N(z)
+    /// − log|det ∂y/∂z|` without running the flow forward again.
+    pub fn inverse_with_logdet(&self, zs: &[Tensor]) -> Result<(Tensor, Tensor)> {
         if zs.len() != self.latent_shapes.len() {
             candle_core::bail!(
                 "RealNVP inverse: expected {} latents, got {}",
@@ -453,10 +466,19 @@ impl RealNvp {
         }
         let mut k = zs.len() - 1;
         let mut x = zs[k].clone();
+        let mut ld = Tensor::zeros(x.dim(0)?, x.dtype(), x.device())?;
         for step in self.steps.iter().rev() {
             x = match step {
-                Step::ActNorm(a) => a.inverse(&x)?,
-                Step::Coupling(cp) => cp.inverse(&x)?,
+                Step::ActNorm(a) => {
+                    let (nx, l) = a.inverse(&x)?;
+                    ld = (ld + l)?;
+                    nx
+                }
+                Step::Coupling(cp) => {
+                    let (nx, l) = cp.inverse(&x)?;
+                    ld = (ld + l)?;
+                    nx
+                }
                 Step::Squeeze => unsqueeze(&x)?,
                 Step::FactorOut => {
                     k -= 1;
@@ -464,7 +486,7 @@ impl RealNvp {
                 }
             };
         }
-        Ok(x)
+        Ok((x, ld))
     }
 
     /// `[C, H, W]` of each latent.
@@ -508,11 +530,45 @@ impl RealNvp {
                     .to_dtype(self.dtype)
             })
             .collect::<Result<Vec<_>>>()?;
-        let y = self.inverse(&zs)?;
+        let x = self.inverse_to_pixels(&zs)?;
         match &self.logit {
-            Some(l) => l.inverse(&y),
+            Some(_) => x.clamp(0.0, 1.0),
+            None => Ok(x),
+        }
+    }
+
+    /// [`RealNvp::inverse`] followed by the exact inverse of the logit pre-processing: draws of
+    /// the density itself, unclamped, in the flow's support ([`Logit::support`]; `R^D` for
+    /// vectors), differentiable in the latents.
+    pub fn inverse_to_pixels(&self, zs: &[Tensor]) -> Result<Tensor> {
+        let y = self.inverse(zs)?;
+        match &self.logit {
+            Some(l) => l.inverse_unclamped(&y),
             None => Ok(y),
         }
+    }
+
+    /// [`RealNvp::inverse_to_pixels`] with `log q(x)` per sample `(B,)`, from the latents'
+    /// density and the inverse's log-determinant (stable where the pixels near the support's
+    /// edge, which a forward pass through the logit would not be).
+    pub fn inverse_to_pixels_with_log_prob(&self, zs: &[Tensor]) -> Result<(Tensor, Tensor)> {
+        let (y, ld) = self.inverse_with_logdet(zs)?;
+        let mut lp = ld.neg()?;
+        for z in zs {
+            lp = (lp + std_normal_log_prob(z)?)?;
+        }
+        match &self.logit {
+            Some(l) => {
+                let (x, ld0) = l.inverse_with_logdet(&y)?;
+                Ok((x, (lp - ld0)?))
+            }
+            None => Ok((y, lp)),
+        }
+    }
+
+    /// The logit pre-processing of an image flow.
+    pub fn logit(&self) -> Option<&Logit> {
+        self.logit.as_ref()
     }
 }
 

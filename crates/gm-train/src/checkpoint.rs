@@ -408,19 +408,7 @@ pub fn set_vars(
 ) -> Result<()> {
     let vars = named_vars(vm);
     for (name, var) in &vars {
-        let key = format!("{prefix}{name}");
-        let t = tensors
-            .get(&key)
-            .ok_or_else(|| anyhow!("{}: missing tensor '{key}'", origin.display()))?;
-        if t.dims() != var.dims() {
-            bail!(
-                "{}: tensor '{key}' has shape {:?}, the model expects {:?}",
-                origin.display(),
-                t.dims(),
-                var.dims()
-            );
-        }
-        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        set_var(var, tensors, &format!("{prefix}{name}"), origin)?;
     }
     if strict {
         let known: std::collections::HashSet<&String> = vars.iter().map(|(n, _)| n).collect();
@@ -434,6 +422,51 @@ pub fn set_vars(
         }
     }
     Ok(())
+}
+
+fn set_var(var: &Var, tensors: &HashMap<String, Tensor>, key: &str, origin: &Path) -> Result<()> {
+    let t = tensors
+        .get(key)
+        .ok_or_else(|| anyhow!("{}: missing tensor '{key}'", origin.display()))?;
+    if t.dims() != var.dims() {
+        bail!(
+            "{}: tensor '{key}' has shape {:?}, the model expects {:?}",
+            origin.display(),
+            t.dims(),
+            var.dims()
+        );
+    }
+    var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    Ok(())
+}
+
+/// The variables named `prefix…` from another model's tensors, named without the prefix (an
+/// EBM's `noise_flow.*` from a RealNVP checkpoint): each must be there with its shape, and every
+/// tensor must be used. Returns how many were set.
+pub fn set_vars_under(
+    vm: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    origin: &Path,
+) -> Result<usize> {
+    let vars: Vec<(String, Var)> = named_vars(vm)
+        .into_iter()
+        .filter_map(|(n, v)| n.strip_prefix(prefix).map(|k| (k.to_string(), v)))
+        .collect();
+    for (key, var) in &vars {
+        set_var(var, tensors, key, origin)?;
+    }
+    let known: std::collections::HashSet<&String> = vars.iter().map(|(n, _)| n).collect();
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k)).collect();
+    if !extra.is_empty() {
+        extra.sort();
+        bail!(
+            "{}: tensors {:?} have no place under '{prefix}' in this model",
+            origin.display(),
+            extra
+        );
+    }
+    Ok(vars.len())
 }
 
 /// A model loaded from a checkpoint file, with the metadata it carried.

@@ -332,6 +332,13 @@ impl Trainer {
                 bail!("--init-from starts a fresh run; it cannot be combined with --resume");
             }
             init_from(cfg, &varmap, src, &opts.device)?;
+        } else if let (false, Some(e)) = (opts.resume, cfg.model.embeds()) {
+            bail!(
+                "a '{}' model with [{}] holds a trained '{}' model: start it from that model's run with --init-from RUN",
+                cfg.model.kind(),
+                e.key,
+                e.config.kind()
+            );
         }
         let (groups, adams) = optimizers(model.as_ref(), &vars, t)?;
         let mut hooks: Vec<Box<dyn Hook>> = vec![Box::new(NanStop)];
@@ -918,6 +925,9 @@ fn init_from(cfg: &RunConfig, vm: &VarMap, src: &Path, device: &Device) -> Resul
     let path = checkpoint::resolve(src)?;
     let w = read_safetensors(&path, device)?;
     if let Some(kind) = w.meta.get("gm.kind") {
+        if let Some(e) = cfg.model.embeds().filter(|e| e.config.kind() == kind) {
+            return init_embedded(vm, &e, &w, &path);
+        }
         if kind != cfg.model.kind() {
             bail!(
                 "--init-from {}: a '{kind}' checkpoint cannot start a '{}' model",
@@ -928,6 +938,52 @@ fn init_from(cfg: &RunConfig, vm: &VarMap, src: &Path, device: &Device) -> Resul
     }
     set_vars(vm, &w.tensors, "", &path, true)?;
     eprintln!("gm: weights from {}", path.display());
+    Ok(())
+}
+
+/// `--init-from` a run of the family a model embeds: that model's variables, after checking its
+/// config against the embedded one (sampling temperature aside).
+fn init_embedded(
+    vm: &VarMap,
+    e: &gm_models::Embedded,
+    w: &checkpoint::Loaded,
+    path: &Path,
+) -> Result<()> {
+    let text = w
+        .meta
+        .get("gm.config")
+        .ok_or_else(|| anyhow!("{}: no gm.config metadata", path.display()))?;
+    let src = RunConfig::from_toml_str(text, &[], &format!("{} (gm.config)", path.display()))?;
+    let table = |m: &gm_models::ModelConfig| -> Result<toml::Table> {
+        let mut t = toml::Table::try_from(m).context("model config to TOML")?;
+        // Sampling only: the density is the same at any temperature.
+        t.remove("temperature");
+        Ok(t)
+    };
+    let (want, have) = (table(&e.config)?, table(&src.model)?);
+    let mut keys: Vec<&String> = want.keys().chain(have.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        if want.get(k) != have.get(k) {
+            let show =
+                |v: Option<&toml::Value>| v.map_or("(absent)".to_string(), |v| v.to_string());
+            bail!(
+                "--init-from {}: {}.{k} = {} here, but that run's model has {k} = {}",
+                path.display(),
+                e.key,
+                show(want.get(k)),
+                show(have.get(k))
+            );
+        }
+    }
+    let n = checkpoint::set_vars_under(vm, &w.tensors, e.prefix, path)?;
+    eprintln!(
+        "gm: {n} tensors of the '{}' model under {} from {}",
+        e.config.kind(),
+        e.prefix,
+        path.display()
+    );
     Ok(())
 }
 

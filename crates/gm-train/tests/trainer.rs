@@ -540,3 +540,75 @@ fn closed_form_em_steps_through_the_trainer() {
         "resumed EM run differs"
     );
 }
+
+/// An NCE energy model with a RealNVP as its noise, started by `--init-from` a realnvp run:
+/// the flow's tensors land under `noise_flow.` unchanged and stay frozen through training
+/// (the checkpoint holds them bit for bit), while the energy trains; a fresh run without
+/// `--init-from`, and a run whose `[model.flow]` differs from the flow run's model, are refused
+/// with errors naming the flag and the key.
+#[test]
+fn ebm_noise_flow_comes_from_a_realnvp_run_and_stays_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = idx_dir(&dir.path().join("data"));
+    let quick = [
+        "train.eval_every=0",
+        "train.sample_every=0",
+        "train.checkpoint_every=3",
+        "train.steps=3",
+        "train.eval_images=16",
+    ]
+    .map(String::from);
+    let flow_cfg = RunConfig::load(&root().join("models/realnvp-tiny.toml"), &quick).unwrap();
+    let flow_run = dir.path().join("flow");
+    Trainer::new(&flow_cfg, &options(&flow_run, &data))
+        .unwrap()
+        .run()
+        .unwrap();
+    let flow = tensors(&flow_run.join("checkpoints/step-00000003.safetensors"));
+
+    let ebm_cfg = |extra: &[&str]| {
+        let sets: Vec<String> = quick
+            .iter()
+            .cloned()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect();
+        RunConfig::load(&root().join("models/ebm-nce-flow-tiny.toml"), &sets).unwrap()
+    };
+    let err = Trainer::new(&ebm_cfg(&[]), &options(&dir.path().join("e0"), &data))
+        .err()
+        .expect("a flow-noise EBM without --init-from must be refused")
+        .to_string();
+    assert!(
+        err.contains("--init-from") && err.contains("model.flow"),
+        "{err}"
+    );
+
+    let mut opts = options(&dir.path().join("e1"), &data);
+    opts.init_from = Some(flow_run.clone());
+    let err = Trainer::new(&ebm_cfg(&["model.flow.hidden=16"]), &opts)
+        .err()
+        .expect("a flow of another width must be refused")
+        .to_string();
+    assert!(err.contains("model.flow.hidden"), "{err}");
+
+    let mut opts = options(&dir.path().join("e2"), &data);
+    opts.init_from = Some(flow_run.clone());
+    let summary = Trainer::new(&ebm_cfg(&[]), &opts).unwrap().run().unwrap();
+    assert_eq!(summary.steps, 3);
+    let ebm = tensors(&dir.path().join("e2/checkpoints/step-00000003.safetensors"));
+    let mut frozen = 0;
+    for (name, v) in &flow {
+        assert_eq!(
+            ebm.get(&format!("noise_flow.{name}")),
+            Some(v),
+            "noise_flow.{name} differs from the flow run's {name}"
+        );
+        frozen += 1;
+    }
+    assert!(frozen > 10, "{frozen} flow tensors");
+    // The energy's last layer starts at zero (residual) and must have moved.
+    assert!(
+        ebm["energy.2.weight"].iter().any(|&w| w != 0.0),
+        "the energy did not train"
+    );
+}
