@@ -297,12 +297,15 @@ impl Ebm {
         }
     }
 
-    /// `−E(x) − log q(x)` per sample: the log density ratio of the model to the noise, up to `c`.
-    /// A residual model's is `−g(x)`, with no call to the noise density.
-    pub fn log_ratio(&self, x: &Tensor) -> Result<Tensor> {
-        match self.cfg.residual {
-            true => self.net(x)?.neg(),
-            false => self.net(x)?.neg()? - self.noise_log_prob(x)?,
+    /// `−E(x) − log q(x)` per sample: the log density ratio of the model to the noise, up to `c`,
+    /// with `log q(x)` from `log_q` when given (the flow's inverse pass, or a detached value). A
+    /// residual model's ratio is `−g(x)`, with no call to the noise density.
+    pub fn log_ratio(&self, x: &Tensor, log_q: Option<&Tensor>) -> Result<Tensor> {
+        let r = self.net(x)?.neg()?;
+        match (self.cfg.residual, log_q) {
+            (true, _) => Ok(r),
+            (false, Some(lq)) => r - lq,
+            (false, None) => r - self.noise_log_prob(x)?,
         }
     }
 
@@ -358,24 +361,21 @@ impl Ebm {
         let b = x.dim(0)?;
         let ln_nu = (nu as f64).ln();
         // The noise is frozen: its density enters the loss as a constant.
+        let frozen = |u: &Tensor, lq: Option<&Tensor>| -> Result<Option<Tensor>> {
+            Ok(match (self.cfg.residual, lq) {
+                (true, _) => None,
+                (false, Some(lq)) => Some(lq.detach()),
+                (false, None) => Some(self.noise_log_prob(u)?.detach()),
+            })
+        };
         let g = |u: &Tensor, lq: Option<&Tensor>| -> Result<Tensor> {
-            let r = match (self.cfg.residual, lq) {
-                (true, _) => self.net(u)?.neg()?,
-                (false, Some(lq)) => (self.net(u)?.neg()? - lq.detach())?,
-                (false, None) => (self.net(u)?.neg()? - self.noise_log_prob(u)?.detach())?,
-            };
+            let r = self.log_ratio(u, frozen(u, lq)?.as_ref())?;
             let c = self.log_z.to_dtype(r.dtype())?;
             r.broadcast_sub(&c)? - ln_nu
         };
         let data = softplus(&g(x, None)?.neg()?)?;
         let noise = softplus(&g(y, log_q_y)?)?.reshape((b, nu))?.sum(1)?;
         data + noise
-    }
-
-    /// `−log p(x) = E(x) + c` per sample (of pixels in `[0, 1]^D` for images).
-    pub fn nll(&self, x: &Tensor) -> Result<Tensor> {
-        let e = self.energy(x)?;
-        e.broadcast_add(&self.log_z.to_dtype(e.dtype())?)
     }
 
     /// What moves a density of pixels in `[0, 1]^D` onto the 8-bit scale (0 for vectors).
@@ -435,10 +435,12 @@ impl Ebm {
     /// `log N(z) − E(x) − log q(x)` (the Jacobian of `x = f⁻¹(z)` is `N(z) / q(x)`).
     fn chain_log_density(&self, u: &Tensor) -> Result<Tensor> {
         match (&self.flow, self.cfg.residual) {
-            (Some(_), true) => self.chain_noise_log_prob(u)? - self.net(&self.to_x(u)?)?,
+            (Some(_), true) => {
+                self.chain_noise_log_prob(u)? + self.log_ratio(&self.to_x(u)?, None)?
+            }
             (Some(_), false) => {
                 let (x, lq) = self.to_x_with_log_q(u)?;
-                (self.chain_noise_log_prob(u)? - self.net(&x)?)? - lq
+                self.chain_noise_log_prob(u)? + self.log_ratio(&x, Some(&lq))?
             }
             (None, _) => self.energy(u)?.neg(),
         }
