@@ -435,7 +435,8 @@ impl Model for Vae {
     }
 
     /// `elbo_nats` (−ELBO, averaged over the `k` samples), `nll_iwae_nats` (−IWAE-k bound, an
-    /// estimate of −log p(x) from above), `kl_nats` and `rec_nats` of one sample — per image.
+    /// estimate of −log p(x) from above) with its `iwae_k`, `kl_nats` and `rec_nats` of one
+    /// sample — per image.
     fn eval_metrics(&self, batch: &Batch, rng: &mut GmRng, opts: &EvalOptions) -> Result<Metrics> {
         let x = &batch.x;
         let k = opts.iwae_k.max(1);
@@ -445,9 +446,12 @@ impl Model for Vae {
         let iwae = (lme_lw.neg()? + off)?;
         let q = self.encode(x)?;
         let kl = q.kl_std_normal()?.to_dtype(DType::F64)?;
+        // The estimator's k beside its value: IWAE-10 and IWAE-1000 are different bounds.
+        let ks = Tensor::full(k as f64, x.dim(0)?, x.device())?;
         Ok(vec![
             ("elbo_nats".into(), elbo.clone()),
             ("nll_iwae_nats".into(), iwae),
+            ("iwae_k".into(), ks),
             ("kl_nats".into(), kl.clone()),
             ("rec_nats".into(), (elbo - kl)?),
         ])

@@ -119,7 +119,11 @@ impl TrainData for ImageData {
     }
 
     fn describe(&self) -> String {
-        format!("{} — {} training images", self.source, self.train.len())
+        let unit = match crate::data::toy_name(&self.cfg.dataset) {
+            Some(_) => "points",
+            None => "images",
+        };
+        format!("{} — {} training {unit}", self.source, self.train.len())
     }
 
     fn len(&self) -> usize {

@@ -341,6 +341,27 @@ fn autoregressive_presets_train_eval_and_sample() {
     );
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (3 * 30 + 2, 3 * 30 + 2));
+    // Without --out the grid goes into the run's samples/ folder, named by step and seed.
+    let o = gm(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--n",
+        "4",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "sample without --out failed: {err}");
+    let written: Vec<_> = std::fs::read_dir(run.join("samples"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("sample-step-") && n.ends_with("-seed-7.png"))
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}; {err}");
+    assert!(err.contains(&written[0]), "{err}");
     for (labels, want) in [("12", "out of range"), ("a-b", "--labels")] {
         let o = gm(&[
             "sample",

@@ -16,8 +16,10 @@ pub struct SampleArgs {
     pub checkpoint: PathBuf,
     #[arg(long, default_value_t = 64)]
     pub n: usize,
-    #[arg(long, default_value = "samples.png")]
-    pub out: PathBuf,
+    /// The PNG to write (`.txt` for text models); default: the run's `samples/` folder as
+    /// `sample-step-STEP-seed-SEED.png`, or beside a checkpoint file outside a run.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Class-conditional models: one grid row per label, `--n` samples each (e.g. 0,1,2 or 0-9).
@@ -88,7 +90,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         )?;
         let dt = t0.elapsed().as_secs_f64();
         let joined = texts.join("\n----\n");
-        if out.extension().is_some_and(|e| e == "txt") {
+        if let Some(out) = out.filter(|o| o.extension().is_some_and(|e| e == "txt")) {
             std::fs::write(&out, &joined)
                 .with_context(|| format!("cannot write {}", out.display()))?;
         }
@@ -109,6 +111,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
                 k - 1
             );
     }
+    let out = match out {
+        Some(o) => o,
+        None => default_out(&ck.path, ck.step, seed)?,
+    };
     let mut rng = GmRng::new(seed);
     let t0 = std::time::Instant::now();
     if gm_train::data::toy_name(&ck.built.cfg.data.dataset).is_some() {
@@ -155,4 +161,18 @@ pub fn run(args: SampleArgs) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// Where a grid goes without `--out`: `RUN/samples/sample-step-STEP-seed-SEED.png` for a checkpoint
+/// in a run's `checkpoints/` folder, else beside the checkpoint file (inside a model folder) —
+/// never into the current directory.
+fn default_out(ck: &std::path::Path, step: usize, seed: u64) -> Result<PathBuf> {
+    let name = format!("sample-step-{step}-seed-{seed}.png");
+    let dir = ck.parent().unwrap_or(std::path::Path::new("."));
+    let dir = match (dir.file_name(), dir.parent()) {
+        (Some(n), Some(run)) if n == "checkpoints" => run.join("samples"),
+        _ => dir.to_path_buf(),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir.join(name))
 }
