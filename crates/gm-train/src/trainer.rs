@@ -392,6 +392,18 @@ impl Trainer {
             trainer.cfg_text.as_bytes(),
         )?;
         let n_params: usize = trainer.vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let frozen = match cfg.model.embeds() {
+            Some(e) => {
+                let n: usize = trainer
+                    .vars
+                    .iter()
+                    .filter(|(name, _)| name.starts_with(e.prefix))
+                    .map(|(_, v)| v.elem_count())
+                    .sum();
+                format!(" ({n} of them the frozen '{}' model)", e.config.kind())
+            }
+            None => String::new(),
+        };
         let micro = match t.accumulate {
             1 => String::new(),
             k => format!(" ({k} accumulated micro-batches of {})", t.batch_size),
@@ -401,7 +413,7 @@ impl Trainer {
             n => format!(" over {n} ranks ({})", trainer.hooks[0].name()),
         };
         eprintln!(
-            "gm: model {} with {n_params} parameters; {} steps of batch {}{micro}{ranks}",
+            "gm: model {} with {n_params} parameters{frozen}; {} steps of batch {}{micro}{ranks}",
             cfg.model.kind(),
             t.steps,
             t.batch_size * t.accumulate * world
