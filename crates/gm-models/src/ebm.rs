@@ -290,10 +290,16 @@ impl Ebm {
 
     /// The energy `E(x)` per sample `(B,)`.
     pub fn energy(&self, x: &Tensor) -> Result<Tensor> {
+        self.energy_given(x, None)
+    }
+
+    /// [`Ebm::energy`] with `log q(x)` given when already computed.
+    fn energy_given(&self, x: &Tensor, log_q: Option<&Tensor>) -> Result<Tensor> {
         let e = self.net(x)?;
-        match self.cfg.residual {
-            true => e - self.noise_log_prob(x)?,
-            false => Ok(e),
+        match (self.cfg.residual, log_q) {
+            (true, Some(lq)) => e - lq,
+            (true, None) => e - self.noise_log_prob(x)?,
+            (false, _) => Ok(e),
         }
     }
 
@@ -352,11 +358,18 @@ impl Ebm {
     /// The NCE loss per data point `(B,)`: its data term plus `ν` times the mean of its noise
     /// draws' term.
     pub fn nce_loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        self.nce_loss_given(x, y, None)
+        self.nce_loss_given(x, None, y, None)
     }
 
-    /// [`Ebm::nce_loss`] with the noise draws' `log q(y)` when known (from the flow's inverse).
-    fn nce_loss_given(&self, x: &Tensor, y: &Tensor, log_q_y: Option<&Tensor>) -> Result<Tensor> {
+    /// [`Ebm::nce_loss`] with `log q` of the data and of the noise draws when known (from the
+    /// flow's inverse, or computed once for an evaluation batch).
+    fn nce_loss_given(
+        &self,
+        x: &Tensor,
+        log_q_x: Option<&Tensor>,
+        y: &Tensor,
+        log_q_y: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let nu = self.cfg.noise_ratio;
         let b = x.dim(0)?;
         let ln_nu = (nu as f64).ln();
@@ -373,7 +386,7 @@ impl Ebm {
             let c = self.log_z.to_dtype(r.dtype())?;
             r.broadcast_sub(&c)? - ln_nu
         };
-        let data = softplus(&g(x, None)?.neg()?)?;
+        let data = softplus(&g(x, log_q_x)?.neg()?)?;
         let noise = softplus(&g(y, log_q_y)?)?.reshape((b, nu))?.sum(1)?;
         data + noise
     }
@@ -485,7 +498,9 @@ impl Model for Ebm {
     fn loss(&self, batch: &Batch, rng: &mut GmRng) -> Result<Loss> {
         let b = batch.x.dim(0)?;
         let (y, lq) = self.noise(b * self.cfg.noise_ratio, batch.x.dtype(), rng)?;
-        let l = self.nce_loss_given(&batch.x, &y, Some(&lq))?.mean_all()?;
+        let l = self
+            .nce_loss_given(&batch.x, None, &y, Some(&lq))?
+            .mean_all()?;
         let c = self.log_z.sum_all()?.detach();
         Ok(Loss {
             total: l.clone(),
@@ -500,20 +515,21 @@ impl Model for Ebm {
         let x = &batch.x;
         let b = x.dim(0)?;
         let (y, lq) = self.noise(b * self.cfg.noise_ratio, x.dtype(), rng)?;
-        let e = self.energy(x)?;
+        // The noise's density of the batch, once: the energy, the loss and noise_nll_nats read it.
+        let lq_x = self.noise_log_prob(x)?;
+        let e = self.energy_given(x, Some(&lq_x))?;
         let off = self.offset();
         let full = |v: f64| Tensor::full(v as f32, b, x.device());
         let mut m = vec![
             (
                 "nce_loss".to_string(),
-                self.nce_loss_given(x, &y, Some(&lq))?,
+                self.nce_loss_given(x, Some(&lq_x), &y, Some(&lq))?,
             ),
             ("nll_nats".to_string(), (&e + (self.log_z()? + off))?),
             ("log_z".to_string(), full(self.log_z()?)?),
         ];
         if self.flow.is_some() {
-            let q = self.noise_log_prob(x)?;
-            m.push(("noise_nll_nats".into(), q.affine(-1.0, off)?));
+            m.push(("noise_nll_nats".into(), lq_x.affine(-1.0, off)?));
         }
         if opts.full {
             let (lz, se, acc) = self.ais_log_z(rng)?;
