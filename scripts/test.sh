@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs gm's test suite. Sets up .venv with the peers the tests compare against — PyTorch (the
-# gm <-> PyTorch interop test) and diffusers (samplers and the imported UNet) — unless GM_PYTHON
+# gm <-> PyTorch interop test), diffusers (samplers and the imported UNet) and tensorboard (its
+# event reader checks gm's event files) — unless GM_PYTHON
 # already points at a Python with them; GM_SKIP_TORCH=1 skips that step. With GM_REQUIRE_PEERS=1
 # (as .ci/run sets) a peer test fails instead of skipping when its peer is missing.
 # Then runs the model and core tests a second time with GM_KERNELS=portable: the composition of
@@ -8,10 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${GM_PYTHON:-}" ] && [ "${GM_SKIP_TORCH:-0}" != 1 ]; then
-  if ! .venv/bin/python -c "import torch, safetensors, numpy, diffusers" 2>/dev/null; then
-    echo "test.sh: installing torch, numpy, safetensors, diffusers into .venv (once)"
+  if ! .venv/bin/python -c "import torch, safetensors, numpy, diffusers, tensorboard" 2>/dev/null; then
+    echo "test.sh: installing torch, numpy, safetensors, diffusers, tensorboard into .venv (once)"
     python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check torch numpy safetensors diffusers
+    .venv/bin/pip install -q --disable-pip-version-check torch numpy safetensors diffusers tensorboard
   fi
   export GM_PYTHON="$PWD/.venv/bin/python"
 fi

@@ -41,7 +41,7 @@ pub use gm_models::{
 };
 pub use gm_train::{
     checkpoint, config, data, diffusers, doctor, eval, fetch, hooks, images, opbench, optim,
-    source, trainer,
+    source, tensorboard, trainer,
 };
 pub use gm_train::{
     load_checkpoint, load_checkpoint_with, train, RunConfig, TrainOptions, TrainSummary,

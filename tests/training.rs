@@ -284,3 +284,129 @@ fn data_init_sets_the_element_norm_and_init_from_starts_a_fresh_run_from_those_w
         "{e}"
     );
 }
+
+/// TensorBoard's own reader (the `tensorboard` package) finds every scalar gm logged, each step
+/// once after an interrupted run is resumed, and the sample grids at their sizes.
+#[test]
+fn tensorboard_reads_the_scalars_and_images_gm_logged_once_after_resume() {
+    let Some(py) = common::peer_python("tensorboard") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_idx(&data, 256, 64);
+    let cfg = common::tiny_vae_config(&[
+        "train.steps=16",
+        "train.batch_size=32",
+        "train.log_every=2",
+        "train.checkpoint_every=8",
+        "train.eval_every=8",
+        "train.eval_images=64",
+        "train.sample_every=8",
+        "train.sample_n=16",
+        "train.keep_last=5",
+        "train.tensorboard=true",
+    ]);
+    let a = tmp.path().join("a");
+    train(&cfg, &opts(&a, &data, false)).unwrap();
+    // Run b was killed after logging step 16 but checkpointing only step 8.
+    let b = tmp.path().join("b");
+    std::fs::create_dir_all(b.join("checkpoints")).unwrap();
+    for f in std::fs::read_dir(&a).unwrap() {
+        let p = f.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("events.out.tfevents.")
+            || name == "config.toml"
+            || name == "metrics.jsonl"
+        {
+            std::fs::copy(&p, b.join(&name)).unwrap();
+        }
+    }
+    for f in [
+        "step-00000008.safetensors",
+        "step-00000008.state.safetensors",
+    ] {
+        std::fs::copy(a.join("checkpoints").join(f), b.join("checkpoints").join(f)).unwrap();
+    }
+    train(&cfg, &opts(&b, &data, true)).unwrap();
+    let events = std::fs::read_dir(&b)
+        .unwrap()
+        .filter(|f| {
+            let n = f.as_ref().unwrap().file_name();
+            n.to_string_lossy().starts_with("events.out.tfevents.")
+        })
+        .count();
+    assert_eq!(events, 2, "the resumed run writes its own event file");
+    let tb = common::run_script_json(&py, "tb_read.py", &[b.as_os_str()]);
+    // What metrics.jsonl holds after the resume, as (tag, step) -> value.
+    let mut want = std::collections::BTreeMap::new();
+    for l in std::fs::read_to_string(b.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let step = v["step"].as_u64().unwrap();
+        let split = v["split"].as_str().unwrap_or("train");
+        for (k, x) in v.as_object().unwrap() {
+            if let (Some(x), false) = (x.as_f64(), ["step", "elapsed_s"].contains(&k.as_str())) {
+                want.insert((format!("{split}/{k}"), step), x);
+            }
+        }
+    }
+    let scalars = tb["scalars"].as_object().unwrap();
+    let mut seen = 0;
+    for ((tag, step), x) in &want {
+        let pts = scalars.get(tag).unwrap_or_else(|| {
+            panic!(
+                "TensorBoard has no scalar {tag}; it has {:?}",
+                scalars.keys()
+            )
+        });
+        let at: Vec<f64> = pts
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p[0].as_u64() == Some(*step))
+            .map(|p| p[1].as_f64().unwrap())
+            .collect();
+        assert_eq!(at.len(), 1, "{tag} at step {step}: {at:?} (each step once)");
+        // As f32, what event files hold (serde_json's parse may differ from Python's
+        // shortest repr in the last bit of an f64).
+        assert_eq!(at[0] as f32, *x as f32, "{tag} at step {step}");
+        seen += 1;
+    }
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "test/bits_per_dim",
+    ] {
+        assert!(
+            want.keys().any(|(t, _)| t == tag),
+            "metrics.jsonl lacks {tag}"
+        );
+    }
+    let loss_steps: Vec<u64> = scalars["train/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(loss_steps, (1..=8).map(|i| 2 * i).collect::<Vec<u64>>());
+    assert!(scalars["train/it_per_s"].as_array().unwrap().len() >= 8);
+    assert!(seen > 20, "only {seen} scalars compared");
+    for (tag, file) in [("samples", "step"), ("reconstructions", "recon-step")] {
+        let imgs = tb["images"][tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no images {tag}"));
+        let steps: Vec<u64> = imgs.iter().map(|i| i[0].as_u64().unwrap()).collect();
+        assert_eq!(steps, [8, 16], "{tag}");
+        let (w, h) =
+            image::image_dimensions(b.join(format!("samples/{file}-00000016.png"))).unwrap();
+        assert_eq!(
+            (imgs[1][1].as_u64().unwrap(), imgs[1][2].as_u64().unwrap()),
+            (w as u64, h as u64),
+            "{tag}"
+        );
+    }
+}

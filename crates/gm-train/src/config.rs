@@ -96,6 +96,10 @@ pub struct TrainConfig {
     /// data-parallel training uses). See [`gm_core::rng`].
     #[serde(skip_serializing_if = "is_stream")]
     pub rng: String,
+    /// Also write TensorBoard event files in the run directory ([`crate::tensorboard`]): every
+    /// logged scalar (`train/…`, `test/…`) and the sample grids. Can be switched on at resume.
+    #[serde(skip_serializing_if = "is_false")]
+    pub tensorboard: bool,
 }
 
 // Settings at their defaults are left out of the saved config, so runs that do not use them
@@ -105,6 +109,9 @@ fn is_one(v: &usize) -> bool {
 }
 fn is_f32(v: &str) -> bool {
     v == "f32"
+}
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 fn is_stream(v: &str) -> bool {
     v == "stream"
@@ -143,6 +150,7 @@ impl Default for TrainConfig {
             precision: "f32".into(),
             loss_scale: DEFAULT_LOSS_SCALE,
             rng: "stream".into(),
+            tensorboard: false,
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod optim;
 pub mod parallel;
 pub mod score;
 pub mod source;
+pub mod tensorboard;
 pub mod text;
 pub mod trainer;
 

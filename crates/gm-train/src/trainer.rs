@@ -15,11 +15,13 @@ use crate::images::{save_curve, save_grid};
 use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
 use crate::parallel::{Collective, DataParallel};
 use crate::source::{load_run_data, TrainData};
+use crate::tensorboard::{EventWriter, Value as TbValue};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use gm_core::GmRng;
 use gm_models::{EvalOptions, Model};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -262,6 +264,8 @@ pub struct Trainer {
     world: usize,
     /// The data folder given at the start (`--data-dir`), kept in checkpoints for resume.
     data_dir: Option<PathBuf>,
+    /// The run's TensorBoard event file while [`Trainer::run`] runs (`train.tensorboard`).
+    tensorboard: RefCell<Option<EventWriter>>,
 }
 
 impl Trainer {
@@ -380,6 +384,7 @@ impl Trainer {
             best: f64::INFINITY,
             progress: opts.progress,
             precision,
+            tensorboard: RefCell::new(None),
         };
         if opts.resume {
             trainer.resume()?;
@@ -715,20 +720,48 @@ impl Trainer {
             Ok((s, model.components(), recon))
         })?;
         if let Some(s) = s? {
-            save_grid(&s, 8, &run.join(format!("samples/step-{step:08}.png")))?;
+            let path = run.join(format!("samples/step-{step:08}.png"));
+            save_grid(&s, 8, &path)?;
+            self.log_image(step, "samples", &path)?;
+        } else if toy.is_some() && t.sample_n > 0 {
+            let path = run.join(format!("samples/density-step-{step:08}.png"));
+            self.log_image(step, "density", &path)?;
         }
         if let Some(c) = components? {
             let path = run.join(format!("samples/components-step-{step:08}.png"));
             save_grid(&c, 10, &path)?;
+            self.log_image(step, "components", &path)?;
         }
         if let Some(r) = recon? {
-            save_grid(
-                &r,
-                8,
-                &run.join(format!("samples/recon-step-{step:08}.png")),
-            )?;
+            let path = run.join(format!("samples/recon-step-{step:08}.png"));
+            save_grid(&r, 8, &path)?;
+            self.log_image(step, "reconstructions", &path)?;
         }
         Ok(())
+    }
+
+    /// Logs the PNG at `path` as a TensorBoard image, when the run writes event files.
+    fn log_image(&self, step: usize, tag: &str, path: &Path) -> Result<()> {
+        let mut tb = self.tensorboard.borrow_mut();
+        let Some(tb) = tb.as_mut() else {
+            return Ok(());
+        };
+        let png = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let img = image::load_from_memory(&png)
+            .with_context(|| format!("cannot decode {}", path.display()))?;
+        let channels = img.color().channel_count() as u32;
+        tb.summary(
+            step,
+            &[(
+                tag.to_string(),
+                TbValue::Png {
+                    png: &png,
+                    height: img.height(),
+                    width: img.width(),
+                    channels,
+                },
+            )],
+        )
     }
 
     /// Writes the checkpoint of `step` (weights, optimiser state, the generator, hooks' state)
@@ -771,7 +804,7 @@ impl Trainer {
         let Some(m) = self.evaluate()? else {
             return Ok(None);
         };
-        log.eval(done, &m)?;
+        log.eval(done, &m, &self.tensorboard)?;
         if let Some(&p) = m.get(self.model.primary_metric()) {
             if p < self.best {
                 self.best = p;
@@ -794,6 +827,12 @@ impl Trainer {
         let steps = self.cfg.train.steps;
         let lead = self.rank == 0;
         let mut log = RunLog::new(&self.run, self.progress && lead, self.start, steps, lead);
+        if self.cfg.train.tensorboard && lead {
+            let resumed = (self.start > 0).then_some(self.start + 1);
+            let w = EventWriter::create(&self.run, resumed)?;
+            eprintln!("gm: TensorBoard events in {}", w.path().display());
+            *self.tensorboard.borrow_mut() = Some(w);
+        }
         let mut losses = Vec::new();
         let mut last_eval = None;
         let mut step_traffic = gm_core::traffic::Traffic::default();
@@ -813,7 +852,7 @@ impl Trainer {
             }
             step_traffic = step_traffic.plus(&gm_core::traffic::snapshot().since(&traffic0));
             losses.push((done, r.loss));
-            log.step(done, &r, &self.cfg.train, &self.hooks)?;
+            log.step(done, &r, &self.cfg.train, &self.hooks, &self.tensorboard)?;
             let t = &self.cfg.train;
             let eval_due = (t.eval_every > 0 && done % t.eval_every == 0) || done == steps;
             let ckpt_due =
@@ -841,6 +880,7 @@ impl Trainer {
             }
         }
         log.finish();
+        self.tensorboard.borrow_mut().take();
         if losses.len() >= 2 && lead {
             let pts: Vec<(f64, f64)> = losses.iter().map(|&(s, l)| (s as f64, l)).collect();
             save_curve(&pts, &self.run.join("loss_curve.png"))?;
@@ -864,6 +904,8 @@ struct RunLog {
     path: PathBuf,
     pb: indicatif::ProgressBar,
     clock: Instant,
+    /// The step and time of the last logged line (for steps per second).
+    last: (usize, Instant),
     /// Whether this rank writes the log (rank 0).
     write: bool,
 }
@@ -886,6 +928,7 @@ impl RunLog {
             path: run.join("metrics.jsonl"),
             pb,
             clock: Instant::now(),
+            last: (start, Instant::now()),
             write,
         }
     }
@@ -896,6 +939,7 @@ impl RunLog {
         r: &StepReport,
         t: &crate::config::TrainConfig,
         hooks: &[Box<dyn Hook>],
+        tb: &RefCell<Option<EventWriter>>,
     ) -> Result<()> {
         self.pb.inc(1);
         let part_msg: Vec<String> = r.parts.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
@@ -911,16 +955,41 @@ impl RunLog {
                 h.log(&mut rec);
             }
             jsonl(&self.path, &rec)?;
+            if let Some(tb) = tb.borrow_mut().as_mut() {
+                // Every number of the log line, and the speed since the last one.
+                let mut v: Vec<(String, f64)> = rec
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| *k != "step" && *k != "elapsed_s")
+                    .filter_map(|(k, x)| Some((format!("train/{k}"), x.as_f64()?)))
+                    .collect();
+                let dt = self.last.1.elapsed().as_secs_f64();
+                if done > self.last.0 && dt > 0.0 {
+                    v.push(("train/it_per_s".into(), (done - self.last.0) as f64 / dt));
+                }
+                tb.scalars(done, &v)?;
+            }
+            self.last = (done, Instant::now());
         }
         Ok(())
     }
 
-    fn eval(&mut self, done: usize, m: &BTreeMap<String, f64>) -> Result<()> {
+    fn eval(
+        &mut self,
+        done: usize,
+        m: &BTreeMap<String, f64>,
+        tb: &RefCell<Option<EventWriter>>,
+    ) -> Result<()> {
         let mut rec = serde_json::json!({"step": done, "split": "test"});
         for (k, v) in m {
             rec[k] = serde_json::json!(v);
         }
         jsonl(&self.path, &rec)?;
+        if let Some(tb) = tb.borrow_mut().as_mut() {
+            let v: Vec<(String, f64)> = m.iter().map(|(k, x)| (format!("test/{k}"), *x)).collect();
+            tb.scalars(done, &v)?;
+        }
         let shown: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
         self.pb
             .println(format!("step {done}: test {}", shown.join(" ")));

@@ -33,6 +33,10 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Also write TensorBoard event files in the run directory (same as --set
+    /// train.tensorboard=true); view with `tensorboard --logdir runs`.
+    #[arg(long)]
+    pub tensorboard: bool,
     /// Data-parallel ranks: on CUDA one process per GPU with NCCL (a build with
     /// `--features nccl`); on the CPU threads of this process (a check of the logic, no
     /// faster). A torchrun-style launch sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and
@@ -53,9 +57,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         resume,
         init_from,
         quiet,
+        tensorboard,
         ranks,
         device: d,
     } = args;
+    if tensorboard {
+        overrides.push("train.tensorboard=true".into());
+    }
     if let Some(s) = seed {
         overrides.push(format!("train.seed={s}"));
     }
