@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Runs gm's test suite. Sets up .venv with the peers the tests compare against — PyTorch (the
-# gm <-> PyTorch interop test), diffusers (samplers and the imported UNet) and tensorboard (its
-# event reader checks gm's event files) — unless GM_PYTHON
-# already points at a Python with them; GM_SKIP_TORCH=1 skips that step. With GM_REQUIRE_PEERS=1
+# gm <-> PyTorch interop test), diffusers (samplers and the imported UNet), tensorboard (its
+# event reader checks gm's event files), torchmetrics and prdc (KID, precision/recall) — unless
+# GM_PYTHON already points at a Python with them; GM_SKIP_TORCH=1 skips that step. With GM_REQUIRE_PEERS=1
 # (as .ci/run sets) a peer test fails instead of skipping when its peer is missing.
 # Then runs the model and core tests a second time with GM_KERNELS=portable: the composition of
 # candle ops that CUDA and Metal run, on the CPU (GM_SKIP_PORTABLE=1 skips that pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${GM_PYTHON:-}" ] && [ "${GM_SKIP_TORCH:-0}" != 1 ]; then
-  if ! .venv/bin/python -c "import torch, safetensors, numpy, diffusers, tensorboard" 2>/dev/null; then
-    echo "test.sh: installing torch, numpy, safetensors, diffusers, tensorboard into .venv (once)"
+  if ! .venv/bin/python -c "import torch, safetensors, numpy, diffusers, tensorboard, torchmetrics, prdc" 2>/dev/null; then
+    echo "test.sh: installing torch, numpy, safetensors, diffusers, tensorboard, torchmetrics, prdc into .venv (once)"
     python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check torch numpy safetensors diffusers tensorboard
+    .venv/bin/pip install -q --disable-pip-version-check torch numpy safetensors diffusers tensorboard torchmetrics prdc
   fi
   export GM_PYTHON="$PWD/.venv/bin/python"
 fi

@@ -674,3 +674,57 @@ fn gm_and_pytorch_agree_on_the_vqvae() {
     let total = loss.total.to_scalar::<f64>().unwrap();
     assert!((total - mean(col("recon")) - 0.3 * mean(col("commit"))).abs() < 1e-9);
 }
+
+/// gm's KID and precision/recall/density/coverage equal the peers' own code (torchmetrics'
+/// `poly_mmd`, the `prdc` package) on the same features: two clusters of real points, samples
+/// that cover one of them and stray off it.
+#[test]
+fn kid_and_prdc_match_torchmetrics_and_prdc() {
+    let Some(py) = peer_python("torchmetrics, prdc") else {
+        return;
+    };
+    let mut rng = GmRng::new(5);
+    let (n, d) = (300, 16);
+    // Real: two clusters (±2 in every coordinate); fake: the +2 cluster, a third of it at +3.
+    let mut set = |centre: &dyn Fn(usize) -> f64| {
+        let z = rng.normal_vec_f64(n * d);
+        nalgebra::DMatrix::from_fn(n, d, |i, j| centre(i) + z[i * d + j])
+    };
+    let real = set(&|i| if i % 2 == 0 { 2.0 } else { -2.0 });
+    let fake = set(&|i| if i % 3 == 0 { 3.0 } else { 2.0 });
+    let rows = |m: &nalgebra::DMatrix<f64>| -> Vec<Vec<f64>> {
+        m.row_iter().map(|r| r.iter().copied().collect()).collect()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("features.json");
+    let k = gm::eval::PRDC_K;
+    std::fs::write(
+        &file,
+        serde_json::json!({"fake": rows(&fake), "real": rows(&real), "k": k}).to_string(),
+    )
+    .unwrap();
+    let want = common::run_script_json(&py, "sample_metrics_peer.py", &[file.as_os_str()]);
+    let (kid, kid_se) = gm::eval::kid(&fake, &real);
+    let (p, r, dens, cov) = gm::eval::prdc(&fake, &real, k);
+    eprintln!("gm: kid {kid} ± {kid_se}, precision {p}, recall {r}, density {dens}, coverage {cov}; peers: {want}");
+    let kid_peer = want["kid"].as_f64().unwrap();
+    assert!(
+        (kid - kid_peer).abs() <= 1e-9 * kid_peer.abs().max(1.0),
+        "kid {kid} vs torchmetrics {kid_peer}"
+    );
+    assert!(
+        kid > 10.0 * kid_se,
+        "the shifted samples are far: kid {kid} ± {kid_se}"
+    );
+    for (name, v) in [
+        ("precision", p),
+        ("recall", r),
+        ("density", dens),
+        ("coverage", cov),
+    ] {
+        let w = want[name].as_f64().unwrap();
+        assert!((v - w).abs() < 1e-12, "{name}: gm {v}, prdc {w}");
+    }
+    // Half the real points (one cluster) have no sample near them.
+    assert!(r < 0.75 && cov < 0.75, "recall {r}, coverage {cov}");
+}

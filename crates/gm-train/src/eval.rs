@@ -133,6 +133,128 @@ pub fn bootstrap_se(fs: &DMatrix<f64>, fr: &DMatrix<f64>, b: usize) -> f64 {
     (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (b as f64 - 1.0).max(1.0)).sqrt()
 }
 
+/// Blocks of the delete-a-block jackknife behind `kid_se`.
+pub const KID_JACKKNIFE_BLOCKS: usize = 10;
+
+/// Kernel inception-style distance (Bińkowski et al., 2018) between two feature sets: the
+/// unbiased estimate of MMD² with the cubic polynomial kernel `k(x, y) = (x·y / d + 1)³`, and
+/// its standard error by the delete-a-block jackknife over [`KID_JACKKNIFE_BLOCKS`] blocks (each
+/// set cut into that many contiguous blocks; block `b` of both left out in turn). Unbiased: its
+/// expectation is 0 when both sets come from one distribution, so small sets do not inflate it
+/// the way they inflate the Fréchet distance.
+pub fn kid(fs: &DMatrix<f64>, fr: &DMatrix<f64>) -> (f64, f64) {
+    let d = fs.ncols() as f64;
+    let kern =
+        |a: &DMatrix<f64>, b: &DMatrix<f64>| (a * b.transpose()).map(|v| (v / d + 1.0).powi(3));
+    let (kss, krr, ksr) = (kern(fs, fs), kern(fr, fr), kern(fs, fr));
+    let (m, n) = (fs.nrows(), fr.nrows());
+    let nb = KID_JACKKNIFE_BLOCKS.min(m).min(n);
+    let block = |i: usize, len: usize| i * nb / len;
+    // Block sums: within a set without the diagonal, and across the sets.
+    let sums = |k: &DMatrix<f64>, same: bool, rows: usize, cols: usize| {
+        let mut s = vec![vec![0.0; nb]; nb];
+        for i in 0..rows {
+            for j in 0..cols {
+                if !(same && i == j) {
+                    s[block(i, rows)][block(j, cols)] += k[(i, j)];
+                }
+            }
+        }
+        s
+    };
+    let (sss, srr, ssr) = (
+        sums(&kss, true, m, m),
+        sums(&krr, true, n, n),
+        sums(&ksr, false, m, n),
+    );
+    let sizes = |len: usize| {
+        let mut c = vec![0usize; nb];
+        for i in 0..len {
+            c[block(i, len)] += 1;
+        }
+        c
+    };
+    let (cm, cn) = (sizes(m), sizes(n));
+    // The U-statistic with block `skip` of both sets left out (none: `skip = nb`).
+    let mmd = |skip: usize| {
+        let total = |s: &Vec<Vec<f64>>| -> f64 {
+            (0..nb)
+                .filter(|&a| a != skip)
+                .map(|a| (0..nb).filter(|&b| b != skip).map(|b| s[a][b]).sum::<f64>())
+                .sum()
+        };
+        let mm = (m - if skip < nb { cm[skip] } else { 0 }) as f64;
+        let nn = (n - if skip < nb { cn[skip] } else { 0 }) as f64;
+        total(&sss) / (mm * (mm - 1.0)) + total(&srr) / (nn * (nn - 1.0))
+            - 2.0 * total(&ssr) / (mm * nn)
+    };
+    let full = mmd(nb);
+    if nb < 2 {
+        return (full, f64::NAN);
+    }
+    let loo: Vec<f64> = (0..nb).map(mmd).collect();
+    let mean = loo.iter().sum::<f64>() / nb as f64;
+    let var = (nb as f64 - 1.0) / nb as f64 * loo.iter().map(|v| (v - mean).powi(2)).sum::<f64>();
+    (full, var.sqrt())
+}
+
+/// Squared Euclidean distances between the rows of `a` and of `b`.
+fn sq_dists(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
+    let na: Vec<f64> = a.row_iter().map(|r| r.norm_squared()).collect();
+    let nb: Vec<f64> = b.row_iter().map(|r| r.norm_squared()).collect();
+    let mut g = a * b.transpose();
+    for i in 0..g.nrows() {
+        for j in 0..g.ncols() {
+            g[(i, j)] = (na[i] + nb[j] - 2.0 * g[(i, j)]).max(0.0);
+        }
+    }
+    g
+}
+
+/// The distance from each row of `f` to its `k`-th nearest other row (squared).
+fn knn_radius(f: &DMatrix<f64>, k: usize) -> Vec<f64> {
+    let d = sq_dists(f, f);
+    (0..f.nrows())
+        .map(|i| {
+            let mut row: Vec<f64> = (0..f.nrows())
+                .filter(|&j| j != i)
+                .map(|j| d[(i, j)])
+                .collect();
+            let k = k.min(row.len()).max(1) - 1;
+            *row.select_nth_unstable_by(k, |a, b| a.total_cmp(b)).1
+        })
+        .collect()
+}
+
+/// Nearest neighbours behind precision, recall, density and coverage (Naeem et al.'s default).
+pub const PRDC_K: usize = 5;
+
+/// Precision and recall (Kynkäänniemi et al., 2019) and density and coverage (Naeem et al.,
+/// 2020) of generated features `fs` against real ones `fr`, with `k`-nearest-neighbour balls:
+/// precision = the share of samples inside some real point's ball (fidelity), recall = the share
+/// of real points inside some sample's ball (diversity), density = the mean number of real balls
+/// a sample falls in, over `k`, coverage = the share of real balls that hold a sample.
+pub fn prdc(fs: &DMatrix<f64>, fr: &DMatrix<f64>, k: usize) -> (f64, f64, f64, f64) {
+    let (rr, rs) = (knn_radius(fr, k), knn_radius(fs, k));
+    let d = sq_dists(fr, fs);
+    let (m, n) = (fr.nrows(), fs.nrows());
+    let inside = |i: usize, j: usize| d[(i, j)] < rr[i];
+    let precision = (0..n).filter(|&j| (0..m).any(|i| inside(i, j))).count() as f64 / n as f64;
+    let recall = (0..m)
+        .filter(|&i| (0..n).any(|j| d[(i, j)] < rs[j]))
+        .count() as f64
+        / m as f64;
+    let density = (0..n)
+        .map(|j| (0..m).filter(|&i| inside(i, j)).count())
+        .sum::<usize>() as f64
+        / (k as f64 * n as f64);
+    let coverage = (0..m)
+        .filter(|&i| (0..n).map(|j| d[(i, j)]).fold(f64::INFINITY, f64::min) < rr[i])
+        .count() as f64
+        / m as f64;
+    (precision, recall, density, coverage)
+}
+
 /// Sample-quality report of generated images, through gm's classifier.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SampleQuality {
@@ -149,6 +271,17 @@ pub struct SampleQuality {
     pub classes_ge_5pct: usize,
     /// Mean max-softmax probability of the classifier on the samples.
     pub classifier_confidence: f64,
+    /// Kernel distance in the same features ([`kid`]): unbiased, so comparable across sample
+    /// counts, with its jackknife standard error.
+    pub kid_mnist: f64,
+    pub kid_mnist_se: f64,
+    /// Precision, recall, density and coverage in the same features ([`prdc`], `prdc_k`
+    /// neighbours).
+    pub precision: f64,
+    pub recall: f64,
+    pub density: f64,
+    pub coverage: f64,
+    pub prdc_k: usize,
 }
 
 fn features_and_probs(
@@ -208,7 +341,16 @@ pub fn sample_quality(
         .filter(|&&p| p > 0.0)
         .map(|&p| p * (p * k as f64).ln())
         .sum();
+    let (kid_mnist, kid_mnist_se) = kid(&fs, &fr);
+    let (precision, recall, density, coverage) = prdc(&fs, &fr, PRDC_K);
     Ok(SampleQuality {
+        kid_mnist,
+        kid_mnist_se,
+        precision,
+        recall,
+        density,
+        coverage,
+        prdc_k: PRDC_K,
         fid_mnist: frechet_distance(&m1, &s1, &m2, &s2),
         fid_mnist_se: bootstrap_se(&fs, &fr, FID_BOOTSTRAP),
         classes_ge_5pct: hist.iter().filter(|&&p| p >= 0.05).count(),
@@ -257,6 +399,67 @@ pub fn check_sample_count(what: &str, n: usize) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gaussian_set(rng: &mut GmRng, n: usize, d: usize, shift: f64) -> DMatrix<f64> {
+        let z = rng.normal_vec_f64(n * d);
+        DMatrix::from_fn(n, d, |i, j| z[i * d + j] + if j == 0 { shift } else { 0.0 })
+    }
+
+    /// `reps` independent estimates on pairs of sets, the second shifted by `shift`, and the
+    /// mean of their jackknife standard errors.
+    fn kid_runs(rng: &mut GmRng, reps: usize, n: usize, shift: f64) -> (Vec<f64>, f64) {
+        let (mut est, mut se) = (Vec::new(), 0.0);
+        for _ in 0..reps {
+            let (a, b) = (gaussian_set(rng, n, 4, 0.0), gaussian_set(rng, n, 4, shift));
+            let (k, s) = kid(&a, &b);
+            est.push(k);
+            se += s / reps as f64;
+        }
+        (est, se)
+    }
+
+    fn mean_sd(v: &[f64]) -> (f64, f64) {
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64;
+        (m, var.sqrt())
+    }
+
+    #[test]
+    fn kid_is_unbiased_and_its_jackknife_error_is_calibrated() {
+        let mut rng = GmRng::new(1);
+        // Sets from one Gaussian: the mean estimate is 0 within its Monte-Carlo error (an
+        // unbiased estimator; the Fréchet distance is biased upward here). There the jackknife
+        // is conservative (a degenerate U-statistic): its error is larger than the spread.
+        let (est, se) = kid_runs(&mut rng, 200, 100, 0.0);
+        let (mean, sd) = mean_sd(&est);
+        assert!(
+            mean.abs() < 3.0 * sd / 200f64.sqrt(),
+            "null: mean {mean}, sd {sd}"
+        );
+        assert!(se >= sd, "null: jackknife se {se} below the spread {sd}");
+        // Sets that differ (what the metric is used for): the jackknife error matches the
+        // spread of the estimates.
+        let (est, se) = kid_runs(&mut rng, 200, 100, 1.5);
+        let (mean, sd) = mean_sd(&est);
+        assert!(mean > 3.0 * sd, "shifted: {mean} ± {sd}");
+        eprintln!("kid of shifted sets: {mean} ± {sd} over 200 pairs; mean jackknife se {se}");
+        assert!(
+            (se / sd - 1.0).abs() < 0.2,
+            "shifted: jackknife se {se} vs spread {sd}"
+        );
+    }
+
+    #[test]
+    fn prdc_of_identical_and_disjoint_sets() {
+        let mut rng = GmRng::new(2);
+        let a = gaussian_set(&mut rng, 200, 3, 0.0);
+        // Samples equal to the real points: every one lies inside its own ball (radius > 0).
+        let (p, r, _, c) = prdc(&a, &a, 5);
+        assert_eq!((p, r, c), (1.0, 1.0, 1.0));
+        // Samples far from every real point: nothing is inside anything.
+        let far = gaussian_set(&mut rng, 200, 3, 100.0);
+        assert_eq!(prdc(&far, &a, 5), (0.0, 0.0, 0.0, 0.0));
+    }
 
     #[test]
     fn frechet_closed_forms() {
