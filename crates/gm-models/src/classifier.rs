@@ -141,6 +141,10 @@ impl Model for Classifier {
         Ok(vec![("nll_nats".into(), nll), ("error_rate".into(), wrong)])
     }
 
+    fn loss_units(&self) -> &'static str {
+        "cross-entropy, nats per image"
+    }
+
     fn primary_metric(&self) -> &'static str {
         "nll_nats"
     }

@@ -406,6 +406,10 @@ impl Model for Ddpm {
         Ok(m)
     }
 
+    fn loss_units(&self) -> &'static str {
+        "squared error of the predicted noise (per element)"
+    }
+
     fn primary_metric(&self) -> &'static str {
         "loss_simple"
     }

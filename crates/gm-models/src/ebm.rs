@@ -541,6 +541,10 @@ impl Model for Ebm {
         Ok(m)
     }
 
+    fn loss_units(&self) -> &'static str {
+        "NCE logistic loss, nats per data point"
+    }
+
     fn primary_metric(&self) -> &'static str {
         "nce_loss"
     }

@@ -743,6 +743,14 @@ impl Model for Cnf {
         ])
     }
 
+    fn loss_units(&self) -> &'static str {
+        if self.cfg.objective == Objective::FlowMatching {
+            "squared error of the velocity (per element)"
+        } else {
+            "negative log-likelihood (+ regularisers), nats per image"
+        }
+    }
+
     fn primary_metric(&self) -> &'static str {
         "nll_nats"
     }

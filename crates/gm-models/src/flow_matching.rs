@@ -229,6 +229,10 @@ impl Model for FlowMatching {
         Ok(m)
     }
 
+    fn loss_units(&self) -> &'static str {
+        "squared error of the velocity (per element)"
+    }
+
     fn primary_metric(&self) -> &'static str {
         "fm_loss"
     }

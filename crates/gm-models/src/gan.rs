@@ -661,6 +661,10 @@ impl Model for Gan {
     }
 
     /// How far the discriminator tells test images from samples (lower: harder to tell).
+    fn loss_units(&self) -> &'static str {
+        "discriminator + generator losses"
+    }
+
     fn primary_metric(&self) -> &'static str {
         "d_gap_logit"
     }

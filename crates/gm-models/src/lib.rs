@@ -121,6 +121,11 @@ pub trait Model {
     /// is derived; `None` for models that are not density models.
     fn likelihood_metric(&self) -> Option<&'static str>;
 
+    /// What the training loss measures, in words with its units (the loss plot's axis).
+    fn loss_units(&self) -> &'static str {
+        "negative log-likelihood, nats per image"
+    }
+
     /// `n` samples as `(n, C, H, W)` images in `[0, 1]`; `None` for models that do not sample.
     fn sample(&self, n: usize, rng: &mut GmRng) -> Result<Option<Tensor>>;
 

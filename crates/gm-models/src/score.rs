@@ -406,6 +406,13 @@ impl Model for ScoreModel {
         Ok(m)
     }
 
+    fn loss_units(&self) -> &'static str {
+        match self.cfg.objective {
+            Objective::Dsm => "denoising score matching, weighted squared error",
+            Objective::Ssm => "sliced score matching",
+        }
+    }
+
     fn primary_metric(&self) -> &'static str {
         self.loss_name()
     }

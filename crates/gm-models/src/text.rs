@@ -273,6 +273,10 @@ impl crate::Model for TextAr {
         Ok(vec![("nll_nats".to_string(), nll)])
     }
 
+    fn loss_units(&self) -> &'static str {
+        "negative log-likelihood, nats per token"
+    }
+
     fn primary_metric(&self) -> &'static str {
         "bits_per_byte"
     }

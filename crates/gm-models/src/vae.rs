@@ -457,6 +457,10 @@ impl Model for Vae {
         ])
     }
 
+    fn loss_units(&self) -> &'static str {
+        "negative ELBO (beta-weighted), nats per image"
+    }
+
     fn primary_metric(&self) -> &'static str {
         "elbo_nats"
     }

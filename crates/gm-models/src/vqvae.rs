@@ -585,6 +585,13 @@ impl Model for VqVae {
         ])
     }
 
+    fn loss_units(&self) -> &'static str {
+        match self.cfg.stage {
+            Stage::Autoencoder => "reconstruction nats per image + beta x commitment",
+            _ => "negative log-likelihood of the codes, nats per image",
+        }
+    }
+
     fn primary_metric(&self) -> &'static str {
         "bound_nats"
     }

@@ -11,7 +11,7 @@ use crate::hooks::{
     Ema, GradAction, Hook, LossScaler, LossValues, NanStop, SavedState, StepContext,
 };
 pub use crate::images::toy_density_plot;
-use crate::images::{save_curve, save_grid};
+use crate::images::{save_curve, save_grid, save_reconstructions, Series};
 use crate::optim::{clip_grad_norm, named_vars, Adam, AdamConfig};
 use crate::parallel::{Collective, DataParallel};
 use crate::source::{load_run_data, TrainData};
@@ -704,16 +704,15 @@ impl Trainer {
                     &mut GmRng::new(t.seed.wrapping_add(1)),
                 ),
             };
-            // Reconstructions of the first 32 test images: originals on top, reconstructions
-            // below.
+            // Reconstructions of the first 32 test images, below the images.
             let recon = match images.and_then(|i| i.test.as_ref()) {
                 Some(test) if test.len() >= 32 => {
                     let idx: Vec<usize> = (0..32).collect();
                     let mut r = GmRng::new(me.cfg.eval.seed);
                     let batch = make_batch(test, &idx, &me.cfg.data, &mut r, &me.device)?;
-                    model.reconstruct(&batch, &mut r).and_then(|rec| {
-                        rec.map(|rec| Tensor::cat(&[&batch.x, &rec], 0)).transpose()
-                    })
+                    model
+                        .reconstruct(&batch, &mut r)
+                        .map(|rec| rec.map(|rec| (batch.x, rec)))
                 }
                 _ => Ok(None),
             };
@@ -732,9 +731,9 @@ impl Trainer {
             save_grid(&c, 10, &path)?;
             self.log_image(step, "components", &path)?;
         }
-        if let Some(r) = recon? {
+        if let Some((x, r)) = recon? {
             let path = run.join(format!("samples/recon-step-{step:08}.png"));
-            save_grid(&r, 8, &path)?;
+            save_reconstructions(&x, &r, 8, &path)?;
             self.log_image(step, "reconstructions", &path)?;
         }
         Ok(())
@@ -793,6 +792,70 @@ impl Trainer {
             extra_tensors,
             extra_meta,
         })
+    }
+
+    /// `loss_curve.png`: the logged training loss of the whole run (`metrics.jsonl`, so a
+    /// resumed run's curve starts at step 1; this process's per-step losses when nothing was
+    /// logged) and, when it is on the same scale, the test split's primary metric.
+    fn plot_losses(&self, losses: &[(usize, f64)]) -> Result<()> {
+        let metric = self.model.primary_metric();
+        let (mut train, mut test) = (Vec::new(), Vec::new());
+        if let Ok(text) = std::fs::read_to_string(self.run.join("metrics.jsonl")) {
+            for l in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+                    continue;
+                };
+                let Some(step) = v["step"].as_f64() else {
+                    continue;
+                };
+                match v["split"].as_str() {
+                    Some("test") => test.extend(v[metric].as_f64().map(|m| (step, m))),
+                    _ => train.extend(v["loss"].as_f64().map(|m| (step, m))),
+                }
+            }
+        }
+        if train.len() < 2 {
+            train = losses.iter().map(|&(s, l)| (s as f64, l)).collect();
+        }
+        if train.len() < 2 {
+            return Ok(());
+        }
+        // The test metric shares the axis only when it lies within the training loss's span
+        // widened by that span on each side (another quantity would flatten the curve).
+        let (lo, hi) = train
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+                (a.0.min(p.1), a.1.max(p.1))
+            });
+        let span = (hi - lo).max(1e-12);
+        let same_scale =
+            !test.is_empty() && test.iter().all(|p| p.1 >= lo - span && p.1 <= hi + span);
+        let test_label = format!("test {metric}");
+        let mut series = vec![Series {
+            label: "train loss",
+            points: &train,
+            color: [31, 119, 180],
+        }];
+        if same_scale {
+            series.push(Series {
+                label: &test_label,
+                points: &test,
+                color: [214, 39, 40],
+            });
+        }
+        let toy = crate::data::toy_name(&self.cfg.data.dataset).is_some();
+        let units = self.model.loss_units();
+        let units = if toy {
+            units.replace("per image", "per point")
+        } else {
+            units.to_string()
+        };
+        save_curve(
+            &series,
+            &format!("{} training loss", self.model.kind()),
+            &units,
+            &self.run.join("loss_curve.png"),
+        )
     }
 
     /// Evaluates, and keeps `best.safetensors` when the primary metric improved.
@@ -881,9 +944,8 @@ impl Trainer {
         }
         log.finish();
         self.tensorboard.borrow_mut().take();
-        if losses.len() >= 2 && lead {
-            let pts: Vec<(f64, f64)> = losses.iter().map(|&(s, l)| (s as f64, l)).collect();
-            save_curve(&pts, &self.run.join("loss_curve.png"))?;
+        if lead {
+            self.plot_losses(&losses)?;
         }
         let checkpoint = self
             .last_checkpoint

@@ -715,7 +715,12 @@ fn flow_presets_train_eval_and_sample() {
     let losses = loss_summary("realnvp-moons", &err);
     assert!(losses[1] < losses[0] - 0.5, "{losses:?}");
     let img = image::open(run.join("samples/density-step-00000060.png")).unwrap();
-    assert_eq!((img.width(), img.height()), (3 * 200 + 16, 200 + 8));
+    // Three captioned 200-pixel panels (data, density, samples), 6-pixel gutters, a 14-pixel
+    // caption line.
+    assert_eq!(
+        (img.width(), img.height()),
+        (3 * (200 + 6) + 6, 200 + 14 + 2 * 6)
+    );
     let png = tmp.path().join("moons.png");
     let o = gm(&[
         "sample",
