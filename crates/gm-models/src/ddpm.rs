@@ -406,6 +406,10 @@ impl Model for Ddpm {
         Ok(m)
     }
 
+    fn likelihood_estimate(&self) -> &'static str {
+        "bound (variational)"
+    }
+
     fn loss_units(&self) -> &'static str {
         "squared error of the predicted noise (per element)"
     }

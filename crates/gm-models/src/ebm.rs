@@ -541,6 +541,10 @@ impl Model for Ebm {
         Ok(m)
     }
 
+    fn likelihood_estimate(&self) -> &'static str {
+        "learned normaliser"
+    }
+
     fn loss_units(&self) -> &'static str {
         "NCE logistic loss, nats per data point"
     }

@@ -743,6 +743,10 @@ impl Model for Cnf {
         ])
     }
 
+    fn likelihood_estimate(&self) -> &'static str {
+        "ODE"
+    }
+
     fn loss_units(&self) -> &'static str {
         if self.cfg.objective == Objective::FlowMatching {
             "squared error of the velocity (per element)"

@@ -229,6 +229,10 @@ impl Model for FlowMatching {
         Ok(m)
     }
 
+    fn likelihood_estimate(&self) -> &'static str {
+        "ODE"
+    }
+
     fn loss_units(&self) -> &'static str {
         "squared error of the velocity (per element)"
     }

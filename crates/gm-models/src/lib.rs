@@ -121,6 +121,13 @@ pub trait Model {
     /// is derived; `None` for models that are not density models.
     fn likelihood_metric(&self) -> Option<&'static str>;
 
+    /// How [`Model::likelihood_metric`] stands to `−log p(x)`: `exact`, a `bound` (an upper
+    /// bound on it, named), `ODE` (the exact density of the flow an ODE solver integrates, its
+    /// log-determinant by a trace estimate), or `learned normaliser` (an EBM's fitted `c`).
+    fn likelihood_estimate(&self) -> &'static str {
+        "exact"
+    }
+
     /// What the training loss measures, in words with its units (the loss plot's axis).
     fn loss_units(&self) -> &'static str {
         "negative log-likelihood, nats per image"

@@ -406,6 +406,10 @@ impl Model for ScoreModel {
         Ok(m)
     }
 
+    fn likelihood_estimate(&self) -> &'static str {
+        "ODE"
+    }
+
     fn loss_units(&self) -> &'static str {
         match self.cfg.objective {
             Objective::Dsm => "denoising score matching, weighted squared error",

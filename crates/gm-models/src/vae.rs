@@ -457,6 +457,10 @@ impl Model for Vae {
         ])
     }
 
+    fn likelihood_estimate(&self) -> &'static str {
+        "bound (IWAE-k)"
+    }
+
     fn loss_units(&self) -> &'static str {
         "negative ELBO (beta-weighted), nats per image"
     }

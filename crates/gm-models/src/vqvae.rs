@@ -585,6 +585,10 @@ impl Model for VqVae {
         ])
     }
 
+    fn likelihood_estimate(&self) -> &'static str {
+        "bound (codes' prior + decoder)"
+    }
+
     fn loss_units(&self) -> &'static str {
         match self.cfg.stage {
             Stage::Autoencoder => "reconstruction nats per image + beta x commitment",

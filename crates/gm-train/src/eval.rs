@@ -360,6 +360,61 @@ pub fn sample_quality(
     })
 }
 
+/// gm's classifier from `path`, for sample quality; errors say how to train one.
+pub fn load_classifier(
+    path: &std::path::Path,
+    device: &Device,
+) -> Result<crate::checkpoint::LoadedCheckpoint> {
+    let hint = "gm train --config models/classifier-mnist.toml";
+    let cls = crate::checkpoint::load_checkpoint(path, device).map_err(|e| {
+        anyhow!(
+            "sample quality needs gm's classifier at {} ({hint}): {e:#}",
+            path.display()
+        )
+    })?;
+    if cls
+        .built
+        .cfg
+        .model
+        .get::<gm_models::classifier::ClassifierConfig>()
+        .is_none()
+    {
+        return Err(anyhow!(
+            "{}: a '{}' checkpoint; sample quality needs gm's classifier ({hint})",
+            cls.path.display(),
+            cls.built.model.kind()
+        ));
+    }
+    Ok(cls)
+}
+
+/// `n` samples of `model` (seeded), their quality against the first `n` images of `real`, the
+/// samples, and the sampling speed in images per second.
+pub fn sample_quality_of(
+    model: &dyn Model,
+    classifier: &dyn Model,
+    real: &ImageDataset,
+    n: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<(SampleQuality, Tensor, f64)> {
+    check_sample_count(&format!("{n} samples"), n)?;
+    if n < 2 {
+        return Err(anyhow!(
+            "sample quality needs at least 2 samples (a covariance), got {n}"
+        ));
+    }
+    let t0 = std::time::Instant::now();
+    let samples = sample_chunked(model, n, SAMPLE_CHUNK, &mut GmRng::new(seed))?
+        .ok_or_else(|| anyhow!("a '{}' model does not sample", model.kind()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let n_real = n.min(real.len());
+    let (raw, _) = real.gather(&(0..n_real).collect::<Vec<_>>())?;
+    let real = (raw / 255.0)?.to_device(device)?;
+    let q = sample_quality(classifier, &samples, &real)?;
+    Ok((q, samples, n as f64 / secs))
+}
+
 /// Images generated per model call by `gm sample`, `--fid` and the trainer's sample grids: one
 /// call up to this many (the same images as before chunking), bounded memory beyond.
 pub const SAMPLE_CHUNK: usize = 1024;

@@ -23,6 +23,9 @@ enum Cmd {
     /// Per-image −log p(x) of a density model to a CSV; with --ood-data-dir, the AUROC of telling
     /// a second data set from the first by likelihood and by two corrected scores (JSON).
     Score(cli::score::ScoreArgs),
+    /// One table over trained runs (likelihood, fid_mnist, KID, precision/recall, mode coverage,
+    /// speed; seeds grouped) and a labelled montage of their samples.
+    Compare(cli::compare::CompareArgs),
     /// Time the train step (forward, backward, Adam) of a preset on random data; prints JSON.
     Bench(cli::bench::BenchArgs),
     /// Check that a device computes what gm's CPU kernels compute, for every model family: one
@@ -44,6 +47,7 @@ fn run() -> Result<()> {
         Cmd::Eval(a) => cli::eval::run(a),
         Cmd::Score(a) => cli::score::run(a),
         Cmd::Bench(a) => cli::bench::run(a),
+        Cmd::Compare(a) => cli::compare::run(a),
         Cmd::Import(a) => cli::import::run(a),
         Cmd::Doctor(a) => cli::doctor::run(a),
         Cmd::Fetch(a) => cli::fetch::run(a),

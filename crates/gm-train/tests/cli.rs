@@ -178,6 +178,87 @@ fn train_sample_eval_end_to_end() {
         .sum();
     assert!((hist - 1.0).abs() < 1e-9, "{v}");
     assert!(v["classes_ge_5pct"].as_u64().unwrap() >= 1);
+    assert!(v["kid_mnist"].as_f64().unwrap().is_finite(), "{v}");
+    assert!(v["kid_mnist_se"].as_f64().unwrap() > 0.0, "{v}");
+    for k in ["precision", "recall", "coverage"] {
+        let x = v[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&x), "{k}: {v}");
+    }
+
+    // gm compare: the same preset with another seed groups with the first run.
+    let run2 = tmp.path().join("run-seed1");
+    let o = train(
+        &cfg,
+        &data,
+        &run2,
+        &["--set", "train.steps=60", "--seed", "1"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("compare");
+    let compare = |runs: &[&Path]| {
+        let mut args = vec!["compare"];
+        args.extend(runs.iter().map(|r| r.to_str().unwrap()));
+        args.extend([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--max-images",
+            "20",
+            "--fid-n",
+            "40",
+            "--classifier",
+            cls.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        gm(&args)
+    };
+    let o = compare(&[&run, &run2]);
+    assert!(
+        o.status.success(),
+        "compare: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| run,") || l.starts_with("| run "))
+        .collect();
+    assert_eq!(rows.len(), 2, "a header and one grouped row: {table}");
+    assert!(
+        rows[1].contains(" ± ") && rows[1].contains("| vae | 2 | 60 × 64 |"),
+        "{table}"
+    );
+    assert!(rows[1].contains("bound (IWAE-"), "{table}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("compare.md"))
+            .unwrap()
+            .trim(),
+        table.trim()
+    );
+    let csv = std::fs::read_to_string(out.join("compare.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    let cols = lines[0].split(',').count();
+    let kid_col = lines[0].split(',').position(|c| c == "kid_mnist").unwrap();
+    for l in &lines[1..] {
+        // No quoted fields in these rows: a plain split counts the columns.
+        assert_eq!(l.split(',').count(), cols, "{l}");
+        assert!(
+            l.split(',').nth(kid_col).unwrap().parse::<f64>().is_ok(),
+            "{l}"
+        );
+    }
+    let m = image::open(out.join("montage.png")).unwrap();
+    // Two 4×4 grids of 28-pixel digits, drawn twice as large, captioned, side by side.
+    let g = 2 * (4 * 30 + 2);
+    assert_eq!((m.width(), m.height()), (2 * (g + 6) + 6, g + 14 + 2 * 6));
+    // A classifier is named as one.
+    let o = compare(&[&run, &cls]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("a classifier, not a generative model"),
+        "{err}"
+    );
     // Without a classifier, --fid says what to do.
     let o = gm(&[
         "eval",

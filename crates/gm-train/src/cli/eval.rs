@@ -1,12 +1,11 @@
 //! `gm eval`.
 
 use super::*;
-use anyhow::{anyhow, bail, Context, Result};
-use gm_core::GmRng;
+use anyhow::{bail, Context, Result};
 use gm_models::EvalOptions;
 use gm_train::data::Split;
-use gm_train::eval::{evaluate, sample_quality};
-use gm_train::trainer::{load_checkpoint, load_checkpoint_with, load_data};
+use gm_train::eval::{evaluate, load_classifier, sample_quality_of};
+use gm_train::trainer::{load_checkpoint_with, load_data};
 use std::path::{Path, PathBuf};
 
 /// Evaluate a checkpoint on a split; prints one JSON object.
@@ -98,36 +97,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
         if fid_n < 2 {
             bail!("--fid-n must be at least 2 (a covariance needs two samples), got {fid_n}");
         }
-        let cls = load_checkpoint(&classifier, &dev).with_context(|| {
-                format!("--fid needs gm's classifier at {} (gm train --config models/classifier-mnist.toml)", classifier.display())
-            })?;
-        if cls
-            .built
-            .cfg
-            .model
-            .get::<gm_models::classifier::ClassifierConfig>()
-            .is_none()
-        {
-            bail!(
-                    "--classifier {}: a '{}' checkpoint; --fid needs gm's classifier (gm train --config models/classifier-mnist.toml)",
-                    cls.path.display(),
-                    cls.built.model.kind()
-                );
-        }
-        let t0 = std::time::Instant::now();
-        let samples = gm_train::eval::sample_chunked(
+        let cls = load_classifier(&classifier, &dev).context("--fid")?;
+        let (q, _, per_s) = sample_quality_of(
             model,
+            cls.built.model.as_ref(),
+            &ds,
             fid_n,
-            gm_train::eval::SAMPLE_CHUNK,
-            &mut GmRng::new(cfg.eval.seed),
+            cfg.eval.seed,
+            &dev,
         )
-        .with_context(|| format!("--fid-n {fid_n}"))?
-        .ok_or_else(|| anyhow!("--fid: a '{}' model does not sample", model.kind()))?;
-        let secs = t0.elapsed().as_secs_f64();
-        let n_real = fid_n.min(ds.len());
-        let (raw, _) = ds.gather(&(0..n_real).collect::<Vec<_>>())?;
-        let real = (raw / 255.0)?.to_device(&dev)?;
-        let q = sample_quality(cls.built.model.as_ref(), &samples, &real)?;
+        .with_context(|| format!("--fid --fid-n {fid_n}"))?;
         for (k, v) in serde_json::to_value(&q)?
             .as_object()
             .expect("struct")
@@ -136,10 +115,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             m.insert(k.clone(), v.clone());
         }
         m.insert("fid_n".into(), serde_json::json!(fid_n));
-        m.insert(
-            "sample_images_per_s".into(),
-            serde_json::json!(fid_n as f64 / secs),
-        );
+        m.insert("sample_images_per_s".into(), serde_json::json!(per_s));
     }
     m.insert(
         "split".into(),

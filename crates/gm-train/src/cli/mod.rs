@@ -1,6 +1,7 @@
 //! The `gm` commands, one file each; shared argument types and helpers here.
 
 pub mod bench;
+pub mod compare;
 pub mod doctor;
 pub mod eval;
 pub mod fetch;
