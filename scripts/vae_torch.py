@@ -8,6 +8,8 @@ Modes:
   iwae   --config JSON --weights W.safetensors --data-dir DIR [--iwae-k K]
          evaluates a gm checkpoint with this file's estimators (test ELBO and IWAE-k, nats) on
          the test split, binarised with torch's generator seeded 4321.
+  --model DIR replaces --config and --weights in elbo and iwae: a folder `gm export` wrote
+         (its config.json's `model` and its model.safetensors).
   train  --data-dir DIR [--steps N --batch-size B --lr LR --threads T --iwae-k K]
          trains the `models/vae-mnist.toml` architecture the way gm does (dynamic binarisation,
          Adam, warm-up + cosine, the same steps and batch) and prints test ELBO and IWAE-k NLL in
@@ -179,6 +181,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["elbo", "init", "iwae", "train"])
     ap.add_argument("--config")
+    ap.add_argument("--model", help="a folder written by `gm export` (config.json, model.safetensors)")
     ap.add_argument("--weights")
     ap.add_argument("--batch")
     ap.add_argument("--out")
@@ -195,7 +198,12 @@ def main():
     if args.mode == "train":
         torch.set_default_dtype(torch.float32)
         return train(args)
-    cfg = json.loads(args.config)
+    if args.model:
+        with open(os.path.join(args.model, "config.json")) as f:
+            cfg = json.load(f)["model"]
+        args.weights = os.path.join(args.model, "model.safetensors")
+    else:
+        cfg = json.loads(args.config)
     cfg.pop("kind", None)
     torch.manual_seed(args.seed)
     model = VAE(**cfg)

@@ -40,8 +40,8 @@ pub use gm_models::{
     EvalOptions, Family, Loss, Metrics, Model, ModelConfig, PixelData,
 };
 pub use gm_train::{
-    checkpoint, config, data, diffusers, doctor, eval, fetch, hooks, images, opbench, optim,
-    source, tensorboard, trainer,
+    checkpoint, compare, config, data, diffusers, doctor, eval, export, fetch, hooks, images,
+    opbench, optim, source, tensorboard, trainer,
 };
 pub use gm_train::{
     load_checkpoint, load_checkpoint_with, train, RunConfig, TrainOptions, TrainSummary,

@@ -21,12 +21,27 @@ fn python() -> Option<String> {
 }
 
 fn torch_elbo(py: &str, cfg: &str, weights: &Path, batch: &Path) -> Vec<f64> {
+    let args = [
+        "elbo".as_ref(),
+        "--config".as_ref(),
+        cfg.as_ref(),
+        "--weights".as_ref(),
+    ];
+    torch_elbo_with(
+        py,
+        &[
+            &args[..],
+            &[weights.as_os_str(), "--batch".as_ref(), batch.as_os_str()],
+        ]
+        .concat(),
+    )
+}
+
+/// `scripts/vae_torch.py ARGS`: the per-image ELBO it prints.
+fn torch_elbo_with(py: &str, args: &[&std::ffi::OsStr]) -> Vec<f64> {
     let out = Command::new(py)
         .arg(root().join("scripts/vae_torch.py"))
-        .args(["elbo", "--config", cfg, "--weights"])
-        .arg(weights)
-        .arg("--batch")
-        .arg(batch)
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -727,4 +742,127 @@ fn kid_and_prdc_match_torchmetrics_and_prdc() {
     }
     // Half the real points (one cluster) have no sample near them.
     assert!(r < 0.75 && cov < 0.75, "recall {r}, coverage {cov}");
+}
+
+/// A folder from `gm export` (EMA weights, config.json) loads by name into the PyTorch twin and
+/// gives gm's ELBO; gm reads the same folder as a checkpoint.
+#[test]
+fn exported_folder_loads_into_the_pytorch_twin() {
+    let Some(py) = python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_idx(&data, 128, 32);
+    let cfg = common::tiny_vae_config(&[
+        "train.steps=8",
+        "train.batch_size=16",
+        "train.ema_decay=0.9",
+        "train.checkpoint_every=8",
+        "train.eval_every=0",
+        "train.sample_every=0",
+    ]);
+    let run = tmp.path().join("run");
+    gm::train(
+        &cfg,
+        &gm::TrainOptions {
+            out: run.clone(),
+            device: Device::Cpu,
+            data_dir: Some(data.clone()),
+            resume: false,
+            progress: false,
+            init_from: None,
+        },
+    )
+    .unwrap();
+    let dir = tmp.path().join("vae-tiny-export");
+    let e = gm::export::export(
+        &run,
+        &dir,
+        &gm::export::ExportOptions {
+            data_dir: Some(data.clone()),
+            eval_images: Some(16),
+            samples: 16,
+            device: Device::Cpu,
+        },
+    )
+    .unwrap();
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "samples.png",
+    ] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    assert!(
+        card.starts_with("---\nlibrary_name: gm\n") && card.contains("bits/dim"),
+        "{card}"
+    );
+    assert!(e.eval.unwrap()["n_images"] == 16.0);
+    // The folder holds the run's evaluation weights (the EMA's), byte for byte as tensors.
+    let folder =
+        gm::checkpoint::read_safetensors(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let ckpt = gm::checkpoint::read_safetensors(
+        &run.join("checkpoints/step-00000008.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(folder.tensors.len(), ckpt.tensors.len());
+    for (k, t) in &ckpt.tensors {
+        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = folder.tensors[k]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b, "{k}");
+    }
+    assert_eq!(folder.meta["format"], "pt");
+    // gm reads the folder as a checkpoint.
+    let loaded = gm::load_checkpoint(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.step, 8);
+    // The PyTorch twin, given only the folder's name, computes gm's ELBO (f64 on both sides).
+    let vcfg: VaeConfig = loaded.built.cfg.model.get::<VaeConfig>().unwrap().clone();
+    let (vm, vae) = build(&vcfg);
+    let f64s: HashMap<String, Tensor> = folder
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(DType::F64).unwrap()))
+        .collect();
+    gm::trainer::set_vars(&vm, &f64s, "", &dir, true).unwrap();
+    let mut rng = GmRng::new(3);
+    let p = rng.uniform((4, 1, 28, 28), 0.0, 1.0, &Device::Cpu).unwrap();
+    let x = rng.bernoulli(&p).unwrap().to_dtype(DType::F64).unwrap();
+    let eps = rng
+        .randn((4, vcfg.latent_dim), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let batch = tmp.path().join("batch.safetensors");
+    write_tensors(
+        &batch,
+        &HashMap::from([
+            ("x".to_string(), x.clone()),
+            ("eps".to_string(), eps.clone()),
+        ]),
+    );
+    let ours = vae
+        .elbo_with_noise(&x, &eps)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let args = [
+        "elbo".as_ref(),
+        "--model".as_ref(),
+        dir.as_os_str(),
+        "--batch".as_ref(),
+        batch.as_os_str(),
+    ];
+    let theirs = torch_elbo_with(&py, &args);
+    assert_eq!(theirs.len(), 4);
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!((a - b).abs() < 1e-4, "gm {a} vs torch {b}");
+    }
 }

@@ -371,6 +371,9 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     if path.is_dir() {
+        if let Some(w) = crate::export::exported_weights(path) {
+            return Ok(w);
+        }
         if let Some(s) = complete_steps(path).last() {
             return Ok(weights_path(path, *s));
         }
@@ -379,7 +382,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
             return Ok(best);
         }
         bail!(
-            "{}: no checkpoint found (expected a gm run directory with checkpoints/step-*.safetensors, or a diffusers folder with config.json and diffusion_pytorch_model.safetensors)",
+            "{}: no checkpoint found (expected a gm run directory with checkpoints/step-*.safetensors, a folder from gm export, or a diffusers folder with config.json and diffusion_pytorch_model.safetensors)",
             path.display()
         );
     }

@@ -120,10 +120,7 @@ pub fn report_run(
             let nats = *m
                 .get(metric)
                 .ok_or_else(|| anyhow!("{}: the evaluation gave no {metric}", run.display()))?;
-            let mut estimate = model.likelihood_estimate().to_string();
-            if m.contains_key("nll_iwae_nats") {
-                estimate = estimate.replace("IWAE-k", &format!("IWAE-{}", cfg.eval.iwae_k));
-            }
+            let estimate = crate::eval::likelihood_estimate_label(model, cfg.eval.iwae_k);
             Some(Likelihood {
                 metric: metric.to_string(),
                 nats,

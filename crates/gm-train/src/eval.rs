@@ -360,6 +360,14 @@ pub fn sample_quality(
     })
 }
 
+/// How a model's likelihood metric stands to `−log p(x)` ([`Model::likelihood_estimate`]), with
+/// the IWAE's `k` filled in.
+pub fn likelihood_estimate_label(model: &dyn Model, iwae_k: usize) -> String {
+    model
+        .likelihood_estimate()
+        .replace("IWAE-k", &format!("IWAE-{iwae_k}"))
+}
+
 /// gm's classifier from `path`, for sample quality; errors say how to train one.
 pub fn load_classifier(
     path: &std::path::Path,

@@ -12,6 +12,7 @@ pub mod data;
 pub mod diffusers;
 pub mod doctor;
 pub mod eval;
+pub mod export;
 pub mod fetch;
 pub mod hooks;
 pub mod images;

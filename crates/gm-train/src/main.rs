@@ -33,6 +33,9 @@ enum Cmd {
     /// and noise, plus a checkpoint round trip; prints a table, exits non-zero on any failure.
     /// `--device cpu` compares gm's kernels with the portable path (what CUDA and Metal run).
     Doctor(cli::doctor::DoctorArgs),
+    /// Write a trained run as a model folder a hub can host (model.safetensors, config.json, a
+    /// model card, samples.png); --checkpoint DIR reads it.
+    Export(cli::export::ExportArgs),
     /// Download a data set into gm's cache and print its folder.
     Fetch(cli::fetch::FetchArgs),
     /// Convert a diffusers model folder (UNet2DModel + scheduler) into a gm DDPM checkpoint;
@@ -51,6 +54,7 @@ fn run() -> Result<()> {
         Cmd::Import(a) => cli::import::run(a),
         Cmd::Doctor(a) => cli::doctor::run(a),
         Cmd::Fetch(a) => cli::fetch::run(a),
+        Cmd::Export(a) => cli::export::run(a),
     }
 }
 

@@ -252,6 +252,53 @@ fn train_sample_eval_end_to_end() {
     // Two 4×4 grids of 28-pixel digits, drawn twice as large, captioned, side by side.
     let g = 2 * (4 * 30 + 2);
     assert_eq!((m.width(), m.height()), (2 * (g + 6) + 6, g + 14 + 2 * 6));
+    // gm export: a folder that sample and eval read; an existing folder is never written into.
+    let folder = tmp.path().join("exported");
+    let export = || {
+        gm(&[
+            "export",
+            run.to_str().unwrap(),
+            folder.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--max-images",
+            "20",
+            "--samples",
+            "16",
+        ])
+    };
+    let o = export();
+    assert!(
+        o.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let card = std::fs::read_to_string(folder.join("README.md")).unwrap();
+    assert!(
+        card.contains("| kind | `vae` |") && card.contains("60 steps × batch 64"),
+        "{card}"
+    );
+    let png = tmp.path().join("from-folder.png");
+    let o = gm(&[
+        "sample",
+        "--checkpoint",
+        folder.to_str().unwrap(),
+        "--n",
+        "4",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success() && png.is_file(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = export();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("exists and is not empty"),
+        "{err}"
+    );
     // A classifier is named as one.
     let o = compare(&[&run, &cls]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod compare;
 pub mod doctor;
 pub mod eval;
+pub mod export;
 pub mod fetch;
 pub mod import;
 pub mod sample;
