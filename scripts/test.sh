@@ -16,11 +16,28 @@ if [ -z "${GM_PYTHON:-}" ] && [ "${GM_SKIP_TORCH:-0}" != 1 ]; then
   fi
   export GM_PYTHON="$PWD/.venv/bin/python"
 fi
-cargo test --workspace "$@"
+# gm-py is a Python extension (libpython unlinked): Python tests it below.
+cargo test --workspace --exclude gm-py "$@"
 if [ "${GM_SKIP_PORTABLE:-0}" != 1 ] && [ $# -eq 0 ]; then
   echo "test.sh: the model and core tests again on the portable path (GM_KERNELS=portable)"
   # --workspace keeps the feature set of the first pass, so nothing is rebuilt.
-  GM_KERNELS=portable cargo test --workspace --lib --test autoregressive --test diffusion \
+  GM_KERNELS=portable cargo test --workspace --exclude gm-py --lib --test autoregressive --test diffusion \
     --test flows --test gan --test text --test conv --test conv_second_order --test ops \
     --test norm --test cnf
+fi
+if [ $# -eq 0 ]; then
+  # gm from Python: the extension in the dev profile, in the workspace's target folder, without
+  # the HTTPS download stack; then a user's calls (train, load, sample, log_prob, eval, errors).
+  if [ -n "${GM_PYTHON:-}" ] && "$GM_PYTHON" -c "import numpy" 2>/dev/null; then
+    echo "test.sh: gm's Python extension (cargo build -p gm-py), called from Python"
+    start=$(date +%s)
+    cargo build -p gm-py
+    "$GM_PYTHON" scripts/test_gm_py.py target/debug/libgm_py.so
+    echo "test.sh: the Python extension took $(( $(date +%s) - start )) s"
+  elif [ "${GM_REQUIRE_PEERS:-0}" = 1 ]; then
+    echo "test.sh: GM_REQUIRE_PEERS=1 but no Python with numpy for gm's extension" >&2
+    exit 1
+  else
+    echo "test.sh: SKIPPED gm's Python extension test (no GM_PYTHON with numpy)"
+  fi
 fi

@@ -70,6 +70,7 @@ fn md5_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+#[cfg(feature = "download")]
 fn http_get(url: &str) -> Result<Vec<u8>> {
     let agent = ureq::Agent::config_builder()
         .timeout_global(Some(std::time::Duration::from_secs(120)))
@@ -83,6 +84,21 @@ fn http_get(url: &str) -> Result<Vec<u8>> {
         .read_to_end(&mut buf)
         .with_context(|| format!("{url}: reading body"))?;
     Ok(buf)
+}
+
+/// A build without the `download` feature (the Python extension) reads data from folders only.
+#[cfg(not(feature = "download"))]
+fn http_get(url: &str) -> Result<Vec<u8>> {
+    Err(anyhow!(
+        "{url}: this build of gm cannot download (built without the `download` feature); give a folder of MNIST-style IDX files (data_dir / --data-dir)"
+    ))
+}
+
+#[cfg(not(feature = "download"))]
+fn from_hf_hub(_dir: &Path) -> Result<String> {
+    Err(anyhow!(
+        "the Hugging Face hub: this build of gm cannot download (built without the `download` feature)"
+    ))
 }
 
 /// Writes via a temporary file and a rename, so a partial download never looks complete.
@@ -129,6 +145,7 @@ pub fn write_idx_gz(path: &Path, dims: &[usize], data: &[u8]) -> Result<()> {
     write_atomic(path, &gz.finish()?)
 }
 
+#[cfg(feature = "download")]
 fn tensor_bytes(t: &candle_core::Tensor, scale: f64) -> Result<Vec<u8>> {
     let v = (t.flatten_all()?.to_dtype(candle_core::DType::F64)? * scale)?.to_vec1::<f64>()?;
     Ok(v.into_iter()
@@ -136,6 +153,7 @@ fn tensor_bytes(t: &candle_core::Tensor, scale: f64) -> Result<Vec<u8>> {
         .collect())
 }
 
+#[cfg(feature = "download")]
 fn from_hf_hub(dir: &Path) -> Result<String> {
     // candle-datasets caches under HF_HOME; keep it inside gm's cache unless the user set one.
     if std::env::var_os("HF_HOME").is_none() {
