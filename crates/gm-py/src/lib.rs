@@ -18,7 +18,7 @@ use gm_core::{select_device, DeviceChoice, GmRng};
 use gm_models::{Batch, EvalOptions};
 use gm_train::checkpoint::{free_run_dir, load_checkpoint_with, LoadedCheckpoint};
 use gm_train::data::{load_data, Split};
-use gm_train::eval::{evaluate, likelihood_estimate_label, sample_chunked, SAMPLE_CHUNK};
+use gm_train::eval::{evaluate_full, likelihood_estimate_label, sample_chunked, SAMPLE_CHUNK};
 use gm_train::{RunConfig, TrainOptions};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -349,19 +349,12 @@ impl Model {
         };
         let cfg = &self.ck.built.cfg;
         let (ds, source) = load_data(cfg, data_dir.as_deref(), split).map_err(runtime)?;
-        let opts = EvalOptions {
-            iwae_k: cfg.eval.iwae_k,
-            max_pairs: cfg.eval.max_pairs,
-            full: true,
-        };
-        let m = evaluate(
+        let m = evaluate_full(
             self.ck.built.model.as_ref(),
+            cfg,
             &ds,
-            &cfg.data,
-            &opts,
-            cfg.eval.batch_size,
+            None,
             max_images,
-            cfg.eval.seed,
             &self.device,
         )
         .map_err(runtime)?;

@@ -6,11 +6,11 @@
 
 use crate::checkpoint::load_checkpoint;
 use crate::data::{load_data, Split};
-use crate::eval::{evaluate, sample_quality_of, SampleQuality};
+use crate::eval::{evaluate_full, sample_quality_of, SampleQuality};
 use crate::images::{grid_image, labelled_panels};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
-use gm_models::{EvalOptions, Model};
+use gm_models::Model;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 
@@ -101,22 +101,8 @@ pub fn report_run(
         .with_context(|| format!("{}: its test data", run.display()))?;
     let likelihood = match model.likelihood_metric() {
         Some(metric) => {
-            let eval_opts = EvalOptions {
-                iwae_k: cfg.eval.iwae_k,
-                max_pairs: cfg.eval.max_pairs,
-                full: true,
-            };
-            let m = evaluate(
-                model,
-                &ds,
-                &cfg.data,
-                &eval_opts,
-                cfg.eval.batch_size,
-                opts.max_images,
-                cfg.eval.seed,
-                &opts.device,
-            )
-            .with_context(|| format!("{}: evaluation", run.display()))?;
+            let m = evaluate_full(model, cfg, &ds, None, opts.max_images, &opts.device)
+                .with_context(|| format!("{}: evaluation", run.display()))?;
             let nats = *m
                 .get(metric)
                 .ok_or_else(|| anyhow!("{}: the evaluation gave no {metric}", run.display()))?;

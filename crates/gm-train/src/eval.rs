@@ -70,6 +70,34 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// [`evaluate`] as `gm eval` runs it: every estimator (`full`), the run's eval settings (its
+/// batch size, seed and IWAE `k` unless `iwae_k` is given), the first `max_images` of `ds`.
+pub fn evaluate_full(
+    model: &dyn Model,
+    cfg: &crate::RunConfig,
+    ds: &ImageDataset,
+    iwae_k: Option<usize>,
+    max_images: usize,
+    device: &Device,
+) -> Result<BTreeMap<String, f64>> {
+    let opts = EvalOptions {
+        iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
+        max_pairs: cfg.eval.max_pairs,
+        full: true,
+    };
+    crate::config::check_iwae_k(opts.iwae_k)?;
+    evaluate(
+        model,
+        ds,
+        &cfg.data,
+        &opts,
+        cfg.eval.batch_size,
+        max_images,
+        cfg.eval.seed,
+        device,
+    )
+}
+
 /// Mean and (unbiased) covariance of feature rows.
 pub fn feature_stats(f: &DMatrix<f64>) -> (DVector<f64>, DMatrix<f64>) {
     let n = f.nrows() as f64;

@@ -11,12 +11,11 @@
 
 use crate::checkpoint::{load_checkpoint, read_safetensors, to_safetensors};
 use crate::data::{load_data, Split};
-use crate::eval::{evaluate, sample_chunked, SAMPLE_CHUNK};
+use crate::eval::{evaluate_full, sample_chunked, SAMPLE_CHUNK};
 use crate::images::save_grid;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
 use gm_core::GmRng;
-use gm_models::EvalOptions;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -157,19 +156,12 @@ pub fn export(run: &Path, dir: &Path, opts: &ExportOptions) -> Result<Exported> 
         if let Some(max_images) = opts.eval_images {
             let (ds, source) = load_data(cfg, opts.data_dir.as_deref(), Split::Test)?;
             data_line = describe_data(cfg, &source);
-            let eo = EvalOptions {
-                iwae_k: cfg.eval.iwae_k,
-                max_pairs: cfg.eval.max_pairs,
-                full: true,
-            };
-            eval = Some(evaluate(
+            eval = Some(evaluate_full(
                 model,
+                cfg,
                 &ds,
-                &cfg.data,
-                &eo,
-                cfg.eval.batch_size,
+                None,
                 max_images,
-                cfg.eval.seed,
                 &opts.device,
             )?);
         }

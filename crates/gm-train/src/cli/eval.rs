@@ -2,9 +2,8 @@
 
 use super::*;
 use anyhow::{bail, Context, Result};
-use gm_models::EvalOptions;
 use gm_train::data::Split;
-use gm_train::eval::{evaluate, load_classifier, sample_quality_of};
+use gm_train::eval::{evaluate_full, load_classifier, sample_quality_of};
 use gm_train::trainer::{load_checkpoint_with, load_data};
 use std::path::{Path, PathBuf};
 
@@ -64,29 +63,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let ck = load_checkpoint_with(&checkpoint, &dev, &overrides)?;
     let cfg = &ck.built.cfg;
     let (ds, source) = load_data(cfg, data_dir.as_deref(), split)?;
-    let opts = EvalOptions {
-        iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
-        max_pairs: cfg.eval.max_pairs,
-        full: true,
-    };
-    gm_train::config::check_iwae_k(opts.iwae_k)?;
+    let iwae = iwae_k.unwrap_or(cfg.eval.iwae_k);
     let model = ck.built.model.as_ref();
     let mut m = serde_json::Map::new();
-    for (k, v) in evaluate(
-        model,
-        &ds,
-        &cfg.data,
-        &opts,
-        cfg.eval.batch_size,
-        max_images,
-        cfg.eval.seed,
-        &dev,
-    )? {
+    for (k, v) in evaluate_full(model, cfg, &ds, Some(iwae), max_images, &dev)? {
         m.insert(k, serde_json::json!(v));
     }
     if model.likelihood_metric().is_some() {
         if m.contains_key("nll_iwae_nats") {
-            m.insert("iwae_k".into(), serde_json::json!(opts.iwae_k));
+            m.insert("iwae_k".into(), serde_json::json!(iwae));
         }
         m.insert(
             "binarization".into(),
