@@ -22,7 +22,9 @@ pub enum Binarize {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// `mnist` (downloaded into the cache) or `idx` (the folder given by `dir` / `--data-dir`).
+    /// `mnist` or `fashion-mnist` (fetched into the cache), `toy:NAME` (a 2-D density),
+    /// `folder:PATH` (PNG/JPEG images, class subfolders) or `npy:PATH` (a uint8 array); see
+    /// [`crate::userdata`].
     pub dataset: String,
     /// A folder of IDX files (`train-images-idx3-ubyte[.gz]`, …); overrides `dataset`.
     pub dir: Option<String>,
@@ -33,6 +35,22 @@ pub struct DataConfig {
     pub dequantize: bool,
     /// Use at most this many training images (0 = all).
     pub max_train: usize,
+    /// Images of another size than the model's: `none` (an error naming the file), `resize`,
+    /// or `center-crop` (then resize). Folder and array data sets only.
+    #[serde(skip_serializing_if = "is_fit_none")]
+    pub fit: String,
+    /// Percent of a folder's (or array's) images in the test split, by a hash of each name,
+    /// when it has no `train/` and `test/` subfolders.
+    #[serde(skip_serializing_if = "is_ten")]
+    pub test_percent: u32,
+}
+
+// Defaults are left out of saved configs, so earlier runs' checkpoints keep their bytes.
+fn is_fit_none(v: &str) -> bool {
+    v == "none"
+}
+fn is_ten(v: &u32) -> bool {
+    *v == 10
 }
 
 impl Default for DataConfig {
@@ -44,6 +62,8 @@ impl Default for DataConfig {
             static_seed: 1234,
             dequantize: false,
             max_train: 0,
+            fit: "none".into(),
+            test_percent: 10,
         }
     }
 }
@@ -394,12 +414,30 @@ impl RunConfig {
                 self.data.dataset
             ));
         }
+        self.data
+            .fit
+            .parse::<crate::userdata::Fit>()
+            .map_err(|e| e.to_string())?;
+        if self.data.test_percent == 0 || self.data.test_percent >= 100 {
+            return Err(format!(
+                "data.test_percent must be between 1 and 99, got {}",
+                self.data.test_percent
+            ));
+        }
+        let user = crate::userdata::source(&self.data.dataset, None).is_some();
+        if user && text {
+            return Err(format!(
+                "data.dataset = \"{}\": a text model reads text, not images",
+                self.data.dataset
+            ));
+        }
         if !text
+            && !user
             && self.data.dir.is_none()
             && !["mnist", "fashion-mnist"].contains(&self.data.dataset.as_str())
         {
             return Err(format!(
-                "data.dataset must be 'mnist' or 'fashion-mnist' (or give data.dir), got '{}'",
+                "data.dataset must be 'mnist', 'fashion-mnist', 'toy:NAME', 'folder:PATH' or 'npy:PATH' (or give data.dir), got '{}'",
                 self.data.dataset
             ));
         }

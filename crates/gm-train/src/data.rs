@@ -488,6 +488,17 @@ pub fn load_data(
         let src = ds.source.clone();
         return Ok((ds, src));
     }
+    if let Some(src) = crate::userdata::source(&cfg.data.dataset, data_dir) {
+        let shape = cfg.model.image_shape().ok_or_else(|| {
+            anyhow::anyhow!(
+                "data.dataset = \"{}\" holds images; this model reads text",
+                cfg.data.dataset
+            )
+        })?;
+        let ds = crate::userdata::load(&src, &cfg.data, shape, split)?;
+        let source = ds.source.clone();
+        return Ok((ds, source));
+    }
     let (dir, source) = resolve_data(cfg, data_dir)?;
     Ok((load_split(&dir, split)?, source))
 }

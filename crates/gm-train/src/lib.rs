@@ -27,6 +27,7 @@ pub mod source;
 pub mod tensorboard;
 pub mod text;
 pub mod trainer;
+pub mod userdata;
 
 pub use config::RunConfig;
 pub use trainer::{load_checkpoint, load_checkpoint_with, train, TrainOptions, TrainSummary};
