@@ -4,7 +4,6 @@
 //! samples. Runs of one configuration that differ only in `train.seed` form a group, shown as
 //! mean ± standard deviation over its seeds.
 
-use crate::checkpoint::load_checkpoint;
 use crate::data::{load_data, Split};
 use crate::eval::{evaluate_full, sample_quality_of, SampleQuality};
 use crate::images::{grid_image, labelled_panels};
@@ -22,6 +21,26 @@ pub struct CompareOptions {
     /// Samples drawn per run for sample quality (and the speed).
     pub fid_n: usize,
     pub device: Device,
+    /// `KEY=VALUE` settings that leave weights alone, applied to each run whose configuration
+    /// has the key (e.g. one ODE solver for every continuous-time model).
+    pub overrides: Vec<String>,
+}
+
+/// The overrides of `overrides` that the stored configuration of `run` accepts.
+pub fn applicable_overrides(run: &Path, overrides: &[String]) -> Result<Vec<String>> {
+    if overrides.is_empty() {
+        return Ok(Vec::new());
+    }
+    let path = crate::checkpoint::resolve(run)?;
+    let meta = crate::checkpoint::read_meta(&path)?;
+    let text = meta
+        .get("gm.config")
+        .ok_or_else(|| anyhow!("{}: no gm.config metadata", path.display()))?;
+    Ok(overrides
+        .iter()
+        .filter(|o| crate::RunConfig::from_toml_str(text, &[o.to_string()], "").is_ok())
+        .cloned()
+        .collect())
 }
 
 /// A run's likelihood as evaluated.
@@ -84,7 +103,15 @@ pub fn report_run(
             run.display()
         );
     }
-    let ck = load_checkpoint(run, &opts.device)?;
+    let applied = applicable_overrides(run, &opts.overrides)?;
+    if !applied.is_empty() {
+        eprintln!(
+            "gm: compare: {}: --set {}",
+            run.display(),
+            applied.join(" --set ")
+        );
+    }
+    let ck = crate::checkpoint::load_checkpoint_with(run, &opts.device, &applied)?;
     let cfg = &ck.built.cfg;
     let model = ck.built.model.as_ref();
     if model.kind() == "classifier" {
@@ -202,6 +229,13 @@ pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
         opts.fid_n,
         crate::eval::PRDC_K
     );
+    if !opts.overrides.is_empty() {
+        let shown: Vec<String> = opts.overrides.iter().map(|o| format!("`{o}`")).collect();
+        s.push_str(&format!(
+            "Settings applied to every run whose configuration has them: {}.\n\n",
+            shown.join(", ")
+        ));
+    }
     s.push_str(
         "| run | kind | seeds | steps × batch | likelihood (nats) | bits/dim | estimate, scale | fid_mnist | KID | precision | recall | classes ≥ 5% | class KL | samples/s |\n",
     );
@@ -354,6 +388,7 @@ mod tests {
             max_images: 5,
             fid_n: 10,
             device: Device::Cpu,
+            overrides: Vec::new(),
         };
         let md = markdown(&r, &opts);
         assert!(

@@ -30,6 +30,10 @@ pub struct CompareArgs {
     /// Leave sample quality out (likelihood and budget only; no classifier needed).
     #[arg(long)]
     pub no_quality: bool,
+    /// A setting that leaves the weights alone, applied to every run whose configuration has the
+    /// key, e.g. --set 'model.likelihood_solver={method="rk4",steps=80}' (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
     /// Where the table, CSV, JSON and montage go.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
@@ -57,6 +61,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         max_images: args.max_images,
         fid_n: args.fid_n,
         device: dev,
+        overrides: args.overrides.clone(),
     };
     let mut reports = Vec::new();
     for r in &args.runs {
