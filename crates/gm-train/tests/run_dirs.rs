@@ -729,7 +729,7 @@ fn bad_inputs_get_messages_that_name_the_file_or_key() {
         ),
         (
             vec!["eval", "--checkpoint", r, "--data-dir", d, "--fid", "--fid-n", "8", "--classifier", r],
-            "a 'vae' checkpoint; --fid needs gm's classifier".to_string(),
+            "a 'vae' checkpoint; sample quality needs gm's classifier".to_string(),
         ),
         (
             vec!["train", "--quiet", "--config", text_cfg.to_str().unwrap(), "--data-dir", d, "--out", "x3"],
