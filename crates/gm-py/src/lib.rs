@@ -15,7 +15,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use gm_core::{select_device, DeviceChoice, GmRng};
-use gm_models::{Batch, EvalOptions};
+use gm_models::Batch;
 use gm_train::checkpoint::{free_run_dir, load_checkpoint_with, LoadedCheckpoint};
 use gm_train::data::{load_data, Split};
 use gm_train::eval::{evaluate_full, likelihood_estimate_label, sample_chunked, SAMPLE_CHUNK};
@@ -288,11 +288,7 @@ impl Model {
             }
         }
         let mut rng = GmRng::new(seed);
-        let opts = EvalOptions {
-            iwae_k: cfg.eval.iwae_k,
-            max_pairs: cfg.eval.max_pairs,
-            full: true,
-        };
+        let opts = gm_train::eval::full_options(cfg, None).map_err(runtime)?;
         let n = shape[0];
         let per = want.iter().product::<usize>();
         let mut out = Vec::with_capacity(n);

@@ -70,6 +70,18 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// The options of a full evaluation (every estimator) under the run's eval settings, with the
+/// IWAE `k` given or the config's (checked against its bound).
+pub fn full_options(cfg: &crate::RunConfig, iwae_k: Option<usize>) -> Result<EvalOptions> {
+    let opts = EvalOptions {
+        iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
+        max_pairs: cfg.eval.max_pairs,
+        full: true,
+    };
+    crate::config::check_iwae_k(opts.iwae_k)?;
+    Ok(opts)
+}
+
 /// [`evaluate`] as `gm eval` runs it: every estimator (`full`), the run's eval settings (its
 /// batch size, seed and IWAE `k` unless `iwae_k` is given), the first `max_images` of `ds`.
 pub fn evaluate_full(
@@ -80,12 +92,7 @@ pub fn evaluate_full(
     max_images: usize,
     device: &Device,
 ) -> Result<BTreeMap<String, f64>> {
-    let opts = EvalOptions {
-        iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
-        max_pairs: cfg.eval.max_pairs,
-        full: true,
-    };
-    crate::config::check_iwae_k(opts.iwae_k)?;
+    let opts = full_options(cfg, iwae_k)?;
     evaluate(
         model,
         ds,

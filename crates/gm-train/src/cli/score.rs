@@ -2,7 +2,6 @@
 
 use super::*;
 use anyhow::{bail, Result};
-use gm_models::EvalOptions;
 use gm_train::data::Split;
 use gm_train::trainer::{load_checkpoint_with, load_data};
 use std::path::PathBuf;
@@ -53,12 +52,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let ck = load_checkpoint_with(&checkpoint, &dev, &overrides)?;
     let cfg = &ck.built.cfg;
     let model = ck.built.model.as_ref();
-    let opts = EvalOptions {
-        iwae_k: iwae_k.unwrap_or(cfg.eval.iwae_k),
-        max_pairs: cfg.eval.max_pairs,
-        full: true,
-    };
-    gm_train::config::check_iwae_k(opts.iwae_k)?;
+    let opts = gm_train::eval::full_options(cfg, iwae_k)?;
     let score = |ds: &gm_train::data::ImageDataset| {
         gm_train::score::score_images(
             model,
