@@ -127,10 +127,11 @@ pub fn sample_in_order(
     gm_core::traffic::upload(buf, (n, c, h, w), device)?.to_dtype(dtype)
 }
 
-/// Samples `n` single-channel images in raster order when the logits of row `i` depend only on
-/// rows `i − rows_above … i` (a convolutional model's vertical receptive field): the network
-/// runs on that band of rows only, so each pixel costs `rows_above + 1` rows of computation
-/// instead of `H`. Gives the same logits as [`sample_in_order`] on the full image (tested).
+/// Samples `n` images in raster order — pixel by pixel, and within a pixel channel by channel
+/// (R, then G, then B) — when the logits of row `i` depend only on rows `i − rows_above … i` (a
+/// convolutional model's vertical receptive field): the network runs on that band of rows only,
+/// so each value costs `rows_above + 1` rows of computation instead of `H`. Gives the same
+/// logits as [`sample_in_order`] on the full image (tested).
 pub fn sample_raster(
     shape: [usize; 3],
     n: usize,
@@ -141,28 +142,30 @@ pub fn sample_raster(
     mut logits: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let [c, h, w] = shape;
-    if c != 1 {
-        candle_core::bail!("sample_raster: single-channel images only, got {c} channels")
-    }
     let (dtype, device) = (like.dtype(), like.device());
-    let d = h * w;
+    let (plane, d) = (h * w, c * h * w);
     let mut buf = vec![0f32; n * d];
     for i in 0..h {
         let lo = i.saturating_sub(rows_above);
         let rows = i + 1 - lo;
         for j in 0..w {
-            let mut band = Vec::with_capacity(n * rows * w);
-            for b in 0..n {
-                band.extend_from_slice(&buf[b * d + lo * w..b * d + (i + 1) * w]);
-            }
-            let x = gm_core::traffic::upload(band, (n, 1, rows, w), device)?.to_dtype(dtype)?;
-            let l = logits(&x)?
-                .narrow(D::Minus1, (i - lo) * w + j, 1)?
-                .squeeze(D::Minus1)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            for (b, v) in out.draw(&l, rng).into_iter().enumerate() {
-                buf[b * d + i * w + j] = v;
+            for ch in 0..c {
+                let mut band = Vec::with_capacity(n * c * rows * w);
+                for b in 0..n {
+                    for k in 0..c {
+                        let at = b * d + k * plane;
+                        band.extend_from_slice(&buf[at + lo * w..at + (i + 1) * w]);
+                    }
+                }
+                let x = gm_core::traffic::upload(band, (n, c, rows, w), device)?.to_dtype(dtype)?;
+                let l = logits(&x)?
+                    .narrow(D::Minus1, ch * rows * w + (i - lo) * w + j, 1)?
+                    .squeeze(D::Minus1)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?;
+                for (b, v) in out.draw(&l, rng).into_iter().enumerate() {
+                    buf[b * d + ch * plane + i * w + j] = v;
+                }
             }
         }
     }

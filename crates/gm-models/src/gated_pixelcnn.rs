@@ -12,20 +12,27 @@
 //! - Each layer is gated, `y = tanh(W_f ∗ x + V_f·e_y) ⊙ σ(W_g ∗ x + V_g·e_y)`, where `e_y` is the
 //!   class embedding of a conditional model; the horizontal stack is residual after layer 0.
 //!
+//! Colour images (`image_shape = [C, H, W]`) split every horizontal-stack layer into C colour
+//! groups as the plain PixelCNN does ([`crate::nn::channel_mask`]): the horizontal kernels then
+//! include the centre column for every layer, masked by colour (A in layer 0, B after), and the
+//! 1×1 convolutions of the horizontal stack and head keep the groups. The vertical stack sees
+//! only rows above, so it needs no colour mask. `channels` must be a multiple of C (the gates
+//! pair channel `i` with `channels + i`, which must share a colour).
+//!
 //! Parameter names: `layers.{i}.{v_conv,h_conv,v_to_h,h_out,cond_v,cond_h}`, `head.1`, `head.3`.
 
 use crate::ar::{check_shape, PixelOutput, RasterModel};
-use crate::nn::Conv2d;
+use crate::nn::{channel_mask, Conv2d, MaskType, PointwiseConv};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use gm_core::kernels::conv::Conv2dParams;
+use gm_core::kernels::conv::{conv2d_cropped, Conv2dParams};
 use gm_core::kernels::ops::{gated_tanh, Act};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatedPixelCnnConfig {
-    /// `[1, H, W]`.
+    /// `[C, H, W]`: C colour channels (1 grey, 3 RGB), any size.
     pub image_shape: [usize; 3],
     /// Feature maps per stack (`h`; the gates use `2h`).
     pub channels: usize,
@@ -59,14 +66,16 @@ impl Default for GatedPixelCnnConfig {
 impl GatedPixelCnnConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         check_shape(self.image_shape)?;
-        if self.image_shape[0] != 1 {
-            return Err(format!(
-                "model.image_shape: Gated PixelCNN supports single-channel images, got {} channels",
-                self.image_shape[0]
-            ));
-        }
         if self.channels == 0 || self.head_channels == 0 || self.layers == 0 {
             return Err("model.channels, model.head_channels and model.layers must be > 0".into());
+        }
+        let c = self.image_shape[0];
+        if self.channels % c != 0 || self.head_channels < c {
+            return Err(format!(
+                "model.channels must be a multiple of C and model.head_channels >= C for {c} \
+                 colour channels, got {} and {}",
+                self.channels, self.head_channels
+            ));
         }
         for (k, v) in [("first_kernel", self.first_kernel), ("kernel", self.kernel)] {
             if v % 2 == 0 || v < 3 {
@@ -104,9 +113,12 @@ impl crate::Family for GatedPixelCnnConfig {
 /// A convolution whose output is the top-left corner of the input's size: with a kernel of
 /// `rows × cols` and padding `(pr, pc)`, output `(i, j)` reads input rows `i − pr … i − pr + rows
 /// − 1` and columns `j − pc … j − pc + cols − 1`.
+///
+/// With a `mask` (the shape of the weight), the weight is multiplied by it on every use.
 #[derive(Clone, Debug)]
 struct ShiftedConv {
     conv: Conv2d,
+    mask: Option<Tensor>,
 }
 
 impl ShiftedConv {
@@ -123,12 +135,51 @@ impl ShiftedConv {
         };
         Ok(Self {
             conv: Conv2d::new(c_in, c_out, kernel, p, true, vb)?,
+            mask: None,
         })
+    }
+
+    /// A `1 × (r + 1)` row kernel (padding `r` on the left) whose last, centre column is masked
+    /// by colour ([`channel_mask`], `groups` colours).
+    fn row_with_centre(
+        c_in: usize,
+        c_out: usize,
+        r: usize,
+        t: MaskType,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let mut s = Self::new(c_in, c_out, [1, r + 1], [0, r], vb)?;
+        let cm = channel_mask(c_out, c_in, groups, t);
+        let m: Vec<f32> = (0..c_out * c_in * (r + 1))
+            .map(|n| {
+                if n % (r + 1) == r {
+                    cm[n / (r + 1)]
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let w = s.conv.weight();
+        s.mask =
+            Some(Tensor::from_vec(m, (c_out, c_in, 1, r + 1), w.device())?.to_dtype(w.dtype())?);
+        Ok(s)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        self.conv.forward_cropped(x, [h, w], Act::Identity)
+        match &self.mask {
+            None => self.conv.forward_cropped(x, [h, w], Act::Identity),
+            Some(m) => {
+                let weight = (self.conv.weight() * m)?;
+                let p = Conv2dParams {
+                    padding: [0, self.conv.weight().dim(3)? - 1],
+                    ..Default::default()
+                };
+                self.conv
+                    .bias_act(conv2d_cropped(x, &weight, p, [h, w])?, Act::Identity)
+            }
+        }
     }
 }
 
@@ -137,7 +188,7 @@ struct GatedLayer {
     v_conv: ShiftedConv,
     h_conv: ShiftedConv,
     v_to_h: Conv2d,
-    h_out: Conv2d,
+    h_out: PointwiseConv,
     cond_v: Option<Embedding>,
     cond_h: Option<Embedding>,
     /// Layer 0: strictly-before kernels, no residual.
@@ -153,6 +204,7 @@ impl GatedLayer {
         k: usize,
         [first, last]: [bool; 2],
         classes: usize,
+        groups: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
         let r = k / 2;
@@ -165,9 +217,14 @@ impl GatedLayer {
         };
         Ok(Self {
             v_conv: ShiftedConv::new(c_in, 2 * h, [v_rows, k], [r, r], vb.pp("v_conv"))?,
-            h_conv: ShiftedConv::new(c_in, 2 * h, [1, h_cols], [0, r], vb.pp("h_conv"))?,
+            h_conv: if groups > 1 {
+                let t = if first { MaskType::A } else { MaskType::B };
+                ShiftedConv::row_with_centre(c_in, 2 * h, r, t, groups, vb.pp("h_conv"))?
+            } else {
+                ShiftedConv::new(c_in, 2 * h, [1, h_cols], [0, r], vb.pp("h_conv"))?
+            },
             v_to_h: Conv2d::new(2 * h, 2 * h, [1, 1], one, true, vb.pp("v_to_h"))?,
-            h_out: Conv2d::new(h, h, [1, 1], one, true, vb.pp("h_out"))?,
+            h_out: PointwiseConv::new(h, h, groups, vb.pp("h_out"))?,
             cond_v: emb("cond_v")?,
             cond_h: emb("cond_h")?,
             first,
@@ -204,16 +261,16 @@ impl GatedLayer {
 pub struct GatedPixelCnn {
     cfg: GatedPixelCnnConfig,
     layers: Vec<GatedLayer>,
-    head1: Conv2d,
-    head2: Conv2d,
-    /// Logits per position.
+    head1: PointwiseConv,
+    head2: PointwiseConv,
+    /// Logits per position and channel.
     classes: usize,
 }
 
 impl GatedPixelCnn {
     pub fn new(cfg: GatedPixelCnnConfig, vb: VarBuilder) -> Result<Self> {
-        let (c_in, classes) = (cfg.image_shape[0], cfg.output.classes());
-        Self::with_io(cfg, c_in, classes, vb)
+        let (c, classes) = (cfg.image_shape[0], cfg.output.classes());
+        Self::build(cfg, c, classes, c, vb)
     }
 
     /// The network on inputs of `c_in` channels with `classes` logits per position: a K-way
@@ -223,6 +280,18 @@ impl GatedPixelCnn {
         cfg: GatedPixelCnnConfig,
         c_in: usize,
         classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Self::build(cfg, c_in, classes, 1, vb)
+    }
+
+    /// `groups` colour groups (1 for grey images and embedded codes); `classes` logits per
+    /// position and group.
+    fn build(
+        cfg: GatedPixelCnnConfig,
+        c_in: usize,
+        classes: usize,
+        groups: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
@@ -240,19 +309,13 @@ impl GatedPixelCnn {
                 k,
                 [i == 0, i + 1 == cfg.layers],
                 cfg.num_classes,
+                groups,
                 vb.pp("layers").pp(i.to_string()),
             )?);
         }
-        let one = Conv2dParams::default();
-        let head1 = Conv2d::new(h, cfg.head_channels, [1, 1], one, true, vb.pp("head.1"))?;
-        let head2 = Conv2d::new(
-            cfg.head_channels,
-            classes,
-            [1, 1],
-            one,
-            true,
-            vb.pp("head.3"),
-        )?;
+        let head1 = PointwiseConv::new(h, cfg.head_channels, groups, vb.pp("head.1"))?;
+        let head2 =
+            PointwiseConv::new(cfg.head_channels, classes * groups, groups, vb.pp("head.3"))?;
         Ok(Self {
             cfg,
             layers,
@@ -266,7 +329,7 @@ impl GatedPixelCnn {
         &self.cfg
     }
 
-    /// Logits `(B, K, D)` for images `(B, 1, H, W)` (or embedded codes `(B, c_in, H, W)`) and,
+    /// Logits `(B, K, D)` (`D = C·H·W`) for images `(B, C, H, W)` (or embedded codes `(B, c_in, H, W)`) and,
     /// for a conditional model, labels `(B,)`.
     pub fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         let b = x.dim(0)?;

@@ -318,7 +318,8 @@ impl GroupNorm {
 }
 
 /// Which pixels a masked kernel may read: `A` strictly before the centre, `B` up to and
-/// including it (raster order, single channel).
+/// including it (raster order). With several colour channels the centre pixel is split by
+/// colour ([`channel_mask`]): `A` reads the earlier colours of the centre, `B` also its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MaskType {
     A,
@@ -336,6 +337,66 @@ pub fn raster_mask(kh: usize, kw: usize, t: MaskType) -> Vec<f32> {
         .collect()
 }
 
+/// The `(c_out, c_in)` 0/1 mask of the centre tap when the channels are split into `groups`
+/// colours (the PixelCNN paper's RGB masks, §3.4): channel `i` of every layer has colour
+/// `i % groups`, and output colour `o` reads input colour `i < o` (mask A) or `i ≤ o` (mask B).
+/// So the logits of colour `c` at a pixel see that pixel's colours before `c` only: R, then G
+/// given R, then B given R and G. All ones for mask B and one group.
+pub fn channel_mask(c_out: usize, c_in: usize, groups: usize, t: MaskType) -> Vec<f32> {
+    let g = groups.max(1);
+    (0..c_out * c_in)
+        .map(|k| {
+            let (o, i) = ((k / c_in) % g, (k % c_in) % g);
+            f32::from(i < o || (t == MaskType::B && i == o))
+        })
+        .collect()
+}
+
+/// A 1×1 convolution that keeps the colour groups of [`channel_mask`] (mask B): output colour
+/// `o` reads input colours `≤ o`. A plain 1×1 convolution for one group.
+#[derive(Clone, Debug)]
+pub struct PointwiseConv {
+    conv: Conv2d,
+    mask: Option<Tensor>,
+}
+
+impl PointwiseConv {
+    pub fn new(c_in: usize, c_out: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        let conv = Conv2d::new(c_in, c_out, [1, 1], Conv2dParams::default(), true, vb)?;
+        let mask = (groups > 1)
+            .then(|| {
+                Tensor::from_vec(
+                    channel_mask(c_out, c_in, groups, MaskType::B),
+                    (c_out, c_in, 1, 1),
+                    conv.weight().device(),
+                )?
+                .to_dtype(conv.weight().dtype())
+            })
+            .transpose()?;
+        Ok(Self { conv, mask })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.conv.weight()
+    }
+
+    /// `act(conv(x) + bias)` with the masked weight.
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        match &self.mask {
+            None => self.conv.forward_act(x, act),
+            Some(m) => self
+                .conv
+                .forward_with_weight(x, &(self.conv.weight() * m)?, act),
+        }
+    }
+}
+
+impl Module for PointwiseConv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Act::Identity)
+    }
+}
+
 /// A "same"-padded convolution whose weight is masked in raster order on every use (so the
 /// masked entries get zero gradient and stay inert).
 ///
@@ -345,47 +406,107 @@ pub fn raster_mask(kh: usize, kw: usize, t: MaskType) -> Vec<f32> {
 /// right, cropped) — so the masked taps, about half of them, cost nothing. The function and the
 /// gradients are those of the weight multiplied by [`raster_mask`]
 /// ([`MaskedConv2d::forward_act_by_mask`], kept as the reference).
+///
+/// With `groups > 1` colour channels ([`MaskedConv2d::with_groups`]) the centre tap is masked by
+/// [`channel_mask`] and computed as a third, 1×1 convolution; the centre row's part then stops
+/// left of the centre for both mask types.
 #[derive(Clone, Debug)]
 pub struct MaskedConv2d {
     conv: Conv2d,
     mask: Tensor,
+    /// The `(c_out, c_in, 1, 1)` colour mask of the centre tap, with several groups.
+    centre_mask: Option<Tensor>,
     k: usize,
     t: MaskType,
 }
 
 impl MaskedConv2d {
     pub fn new(c_in: usize, c_out: usize, k: usize, t: MaskType, vb: VarBuilder) -> Result<Self> {
+        Self::with_groups(c_in, c_out, k, t, 1, vb)
+    }
+
+    /// A masked convolution over `groups` colour groups ([`channel_mask`]).
+    pub fn with_groups(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        t: MaskType,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if k % 2 == 0 {
             candle_core::bail!("masked convolution: kernel size must be odd, got {k}")
         }
         let p = Conv2dParams::default().padding(k / 2);
         let conv = Conv2d::new(c_in, c_out, [k, k], p, true, vb)?;
-        let mask = Tensor::from_vec(raster_mask(k, k, t), (1, 1, k, k), conv.weight().device())?
-            .to_dtype(conv.weight().dtype())?;
-        Ok(Self { conv, mask, k, t })
+        let (dev, dt) = (conv.weight().device().clone(), conv.weight().dtype());
+        let spatial = raster_mask(k, k, t);
+        let (mask, centre_mask) = if groups > 1 {
+            let cm = channel_mask(c_out, c_in, groups, t);
+            let centre = (k / 2) * k + k / 2;
+            let full: Vec<f32> = (0..c_out * c_in * k * k)
+                .map(|n| {
+                    let (oi, tap) = (n / (k * k), n % (k * k));
+                    if tap == centre {
+                        cm[oi]
+                    } else {
+                        spatial[tap]
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(full, (c_out, c_in, k, k), &dev)?.to_dtype(dt)?;
+            let cm = Tensor::from_vec(cm, (c_out, c_in, 1, 1), &dev)?.to_dtype(dt)?;
+            (mask, Some(cm))
+        } else {
+            let mask = Tensor::from_vec(spatial, (1, 1, k, k), &dev)?.to_dtype(dt)?;
+            (mask, None)
+        };
+        Ok(Self {
+            conv,
+            mask,
+            centre_mask,
+            k,
+            t,
+        })
     }
 
-    /// `act(masked_conv(x) + bias)`, by the two convolutions of the unmasked taps.
+    /// `act(masked_conv(x) + bias)`, by the convolutions of the unmasked taps.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let c = self.k / 2;
-        let m = if self.t == MaskType::B { c + 1 } else { c };
+        let m = if self.t == MaskType::B && self.centre_mask.is_none() {
+            c + 1
+        } else {
+            c
+        };
         let weight = self.conv.weight();
         let pad = |padding: [usize; 2]| Conv2dParams {
             padding,
             ..Conv2dParams::default()
         };
         let mut y = None;
+        let mut add = |t: Tensor| -> Result<()> {
+            y = Some(match y.take() {
+                Some(y) => (t + y)?,
+                None => t,
+            });
+            Ok(())
+        };
         if m > 0 {
             let centre = weight.narrow(2, c, 1)?.narrow(3, 0, m)?;
-            y = Some(conv2d_cropped(x, &centre, pad([0, c]), [h, w])?);
+            add(conv2d_cropped(x, &centre, pad([0, c]), [h, w])?)?;
         }
         if c > 0 {
-            let above = conv2d_cropped(x, &weight.narrow(2, 0, c)?, pad([c, c]), [h, w])?;
-            y = Some(match y {
-                Some(y) => (above + y)?,
-                None => above,
-            });
+            add(conv2d_cropped(
+                x,
+                &weight.narrow(2, 0, c)?,
+                pad([c, c]),
+                [h, w],
+            )?)?;
+        }
+        if let Some(cm) = &self.centre_mask {
+            let tap = (weight.narrow(2, c, 1)?.narrow(3, c, 1)? * cm)?;
+            add(conv2d(x, &tap, Conv2dParams::default())?)?;
         }
         match y {
             Some(y) => self.conv.bias_act(y, act),

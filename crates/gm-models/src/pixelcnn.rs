@@ -3,8 +3,13 @@
 //! A 7×7 convolution with mask A (the centre pixel and everything after it in raster order are
 //! zeroed) reads the image; residual blocks `ReLU → 1×1 (2h→h) → ReLU → 3×3 mask B → ReLU →
 //! 1×1 (h→2h)` (mask B keeps the centre) follow; a head `ReLU → 1×1 → ReLU → 1×1` gives one
-//! Bernoulli logit or 256 grey-level logits per pixel. Single-channel images only (the RGB
-//! channel masks are not implemented).
+//! Bernoulli logit or 256 level logits per pixel and channel.
+//!
+//! Colour images (`image_shape = [C, H, W]`, C = 3 for RGB) follow the paper's channel masks
+//! (§3.4): every layer's channels are split into C colour groups (channel `i` has colour
+//! `i % C`), and at the centre pixel colour `c` reads only the colours before it (mask A) or up
+//! to it (mask B, also in every 1×1 convolution) — so within a pixel R comes first, then G given
+//! R, then B given R and G; [`crate::nn::channel_mask`].
 //!
 //! The masks make the receptive field of pixel `(i, j)` a subset of the pixels before it, but
 //! stacking them leaves a *blind spot* up and to the right: some earlier pixels never reach
@@ -15,18 +20,16 @@
 //! `blocks.{i}.label_emb`, `head.1`, `head.3` (a PyTorch `Sequential` of `ReLU, Conv, ReLU, Conv`).
 
 use crate::ar::{check_shape, PixelOutput, RasterModel};
-use crate::nn::Conv2d;
-pub use crate::nn::{raster_mask, MaskType, MaskedConv2d};
+pub use crate::nn::{channel_mask, raster_mask, MaskType, MaskedConv2d, PointwiseConv};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use gm_core::kernels::conv::Conv2dParams;
 use gm_core::kernels::ops::Act;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PixelCnnConfig {
-    /// `[1, H, W]`.
+    /// `[C, H, W]`: C colour channels (1 grey, 3 RGB), any size.
     pub image_shape: [usize; 3],
     /// Width of the residual stream (`2h` in the paper).
     pub channels: usize,
@@ -60,15 +63,11 @@ impl Default for PixelCnnConfig {
 impl PixelCnnConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         check_shape(self.image_shape)?;
-        if self.image_shape[0] != 1 {
+        let c = self.image_shape[0];
+        if self.channels < 2 * c || self.channels % 2 != 0 || self.head_channels < c {
             return Err(format!(
-                "model.image_shape: PixelCNN supports single-channel images, got {} channels",
-                self.image_shape[0]
-            ));
-        }
-        if self.channels < 2 || self.channels % 2 != 0 || self.head_channels == 0 {
-            return Err(format!(
-                "model.channels must be even and >= 2 and model.head_channels > 0, got {} and {}",
+                "model.channels must be even and >= 2·C and model.head_channels >= C (every colour \
+                 group needs a channel; C = {c}), got {} and {}",
                 self.channels, self.head_channels
             ));
         }
@@ -107,9 +106,9 @@ impl crate::Family for PixelCnnConfig {
 
 #[derive(Clone, Debug)]
 struct Block {
-    conv1: Conv2d,
+    conv1: PointwiseConv,
     conv2: MaskedConv2d,
-    conv3: Conv2d,
+    conv3: PointwiseConv,
     label_emb: Option<Embedding>,
 }
 
@@ -118,29 +117,30 @@ pub struct PixelCnn {
     cfg: PixelCnnConfig,
     input_conv: MaskedConv2d,
     blocks: Vec<Block>,
-    head1: Conv2d,
-    head2: Conv2d,
+    head1: PointwiseConv,
+    head2: PointwiseConv,
 }
 
 impl PixelCnn {
     pub fn new(cfg: PixelCnnConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
-        let c = cfg.channels;
-        let one = Conv2dParams::default();
-        let input_conv = MaskedConv2d::new(
-            cfg.image_shape[0],
-            c,
-            cfg.first_kernel,
-            MaskType::A,
-            vb.pp("input_conv"),
-        )?;
+        let (c, g) = (cfg.channels, cfg.image_shape[0]);
+        let input_conv =
+            MaskedConv2d::with_groups(g, c, cfg.first_kernel, MaskType::A, g, vb.pp("input_conv"))?;
         let mut blocks = Vec::new();
         for i in 0..cfg.res_blocks {
             let b = vb.pp("blocks").pp(i.to_string());
             blocks.push(Block {
-                conv1: Conv2d::new(c, c / 2, [1, 1], one, true, b.pp("conv1"))?,
-                conv2: MaskedConv2d::new(c / 2, c / 2, cfg.kernel, MaskType::B, b.pp("conv2"))?,
-                conv3: Conv2d::new(c / 2, c, [1, 1], one, true, b.pp("conv3"))?,
+                conv1: PointwiseConv::new(c, c / 2, g, b.pp("conv1"))?,
+                conv2: MaskedConv2d::with_groups(
+                    c / 2,
+                    c / 2,
+                    cfg.kernel,
+                    MaskType::B,
+                    g,
+                    b.pp("conv2"),
+                )?,
+                conv3: PointwiseConv::new(c / 2, c, g, b.pp("conv3"))?,
                 label_emb: if cfg.num_classes > 0 {
                     Some(candle_nn::embedding(cfg.num_classes, c, b.pp("label_emb"))?)
                 } else {
@@ -149,8 +149,8 @@ impl PixelCnn {
             });
         }
         let k = cfg.output.classes() * cfg.image_shape[0];
-        let head1 = Conv2d::new(c, cfg.head_channels, [1, 1], one, true, vb.pp("head.1"))?;
-        let head2 = Conv2d::new(cfg.head_channels, k, [1, 1], one, true, vb.pp("head.3"))?;
+        let head1 = PointwiseConv::new(c, cfg.head_channels, g, vb.pp("head.1"))?;
+        let head2 = PointwiseConv::new(cfg.head_channels, k, g, vb.pp("head.3"))?;
         Ok(Self {
             cfg,
             input_conv,
@@ -164,7 +164,7 @@ impl PixelCnn {
         &self.cfg
     }
 
-    /// Logits `(B, K, D)` for images `(B, 1, H, W)` and, for a conditional model, labels `(B,)`.
+    /// Logits `(B, K, D)` (`D = C·H·W`) for images `(B, C, H, W)` and, for a conditional model, labels `(B,)`.
     pub fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         let b = x.dim(0)?;
         let mut h = self.input_conv.forward_act(x, Act::Identity)?;
