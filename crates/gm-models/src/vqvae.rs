@@ -2,7 +2,7 @@
 //! Gated PixelCNN prior over its code grid: seed 001's route to sharp samples from a likelihood
 //! model.
 //!
-//! - Stage one (`model.stage = "autoencoder"`): a convolutional encoder maps a `1×H×W` image to
+//! - Stage one (`model.stage = "autoencoder"`): a convolutional encoder maps a `C×H×W` image to
 //!   a `D × H/4 × W/4` grid `z_e`; each position takes its nearest of `K` codebook vectors
 //!   (`z_q`); the decoder reads `z_q` through the straight-through estimator
 //!   (`z_e + sg(z_q − z_e)`: the decoder's gradient reaches the encoder unchanged) and gives
@@ -76,7 +76,7 @@ impl Default for PriorConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VqVaeConfig {
-    /// `[1, H, W]`, `H` and `W` divisible by 4.
+    /// `[C, H, W]` (C colour channels, 1 grey or 3 RGB), `H` and `W` divisible by 4.
     pub image_shape: [usize; 3],
     /// Channels of the convolutional encoder and decoder.
     pub hidden: usize,
@@ -119,9 +119,9 @@ impl Default for VqVaeConfig {
 impl VqVaeConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let [c, h, w] = self.image_shape;
-        if c != 1 || h == 0 || w == 0 || h % 4 != 0 || w % 4 != 0 {
+        if c == 0 || h == 0 || w == 0 || h % 4 != 0 || w % 4 != 0 {
             return Err(format!(
-                "model.image_shape must be [1, H, W] with H, W multiples of 4, got {:?}",
+                "model.image_shape must be [C, H, W] with H, W multiples of 4, got {:?}",
                 self.image_shape
             ));
         }
@@ -351,6 +351,7 @@ impl VqVae {
     pub fn new(cfg: VqVaeConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let (h, d, k) = (cfg.hidden, cfg.embedding_dim, cfg.codebook_size);
+        let c = cfg.image_shape[0];
         let s2 = Conv2dParams::default().stride(2).padding(1);
         let one = Conv2dParams::default();
         let e = vb.pp("encoder");
@@ -369,7 +370,7 @@ impl VqVae {
         let ema_sum = q.get_with_hints((k, d), "ema_sum", candle_nn::Init::Const(0.0))?;
         let p = vb.pp("prior");
         Ok(Self {
-            enc1: Conv2d::new(1, h, [4, 4], s2, true, e.pp("conv1"))?,
+            enc1: Conv2d::new(c, h, [4, 4], s2, true, e.pp("conv1"))?,
             enc2: Conv2d::new(h, h, [4, 4], s2, true, e.pp("conv2"))?,
             enc_res: (0..cfg.res_blocks)
                 .map(|i| ResBlock::new(h, e.pp(format!("res.{i}"))))
@@ -380,7 +381,7 @@ impl VqVae {
                 .map(|i| ResBlock::new(h, dv.pp(format!("res.{i}"))))
                 .collect::<Result<_>>()?,
             dec1: ConvTranspose2d::new(h, h, [4, 4], s2, [0, 0], dv.pp("up1"))?,
-            dec2: ConvTranspose2d::new(h, 1, [4, 4], s2, [0, 0], dv.pp("up2"))?,
+            dec2: ConvTranspose2d::new(h, c, [4, 4], s2, [0, 0], dv.pp("up2"))?,
             codebook,
             ema_count,
             ema_sum,
@@ -411,7 +412,7 @@ impl VqVae {
         self.enc_out.forward(&h.relu()?)
     }
 
-    /// Bernoulli logits `(B, 1, H, W)` from a code-vector grid `(B, D, H/4, W/4)`.
+    /// Bernoulli logits `(B, C, H, W)` from a code-vector grid `(B, D, H/4, W/4)`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let mut h = self.dec_in.forward(z)?;
         for r in &self.dec_res {

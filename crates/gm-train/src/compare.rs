@@ -9,7 +9,6 @@ use crate::eval::{evaluate_full, sample_quality_of, SampleQuality};
 use crate::images::{grid_image, labelled_panels};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
-use gm_models::Model;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +23,8 @@ pub struct CompareOptions {
     /// `KEY=VALUE` settings that leave weights alone, applied to each run whose configuration
     /// has the key (e.g. one ODE solver for every continuous-time model).
     pub overrides: Vec<String>,
+    /// The classifier's data, which names its feature-space metrics ([`crate::eval::feature_space`]).
+    pub feature_space: String,
 }
 
 /// The overrides of `overrides` that the stored configuration of `run` accepts.
@@ -94,7 +95,7 @@ fn scale_of(cfg: &crate::RunConfig) -> String {
 /// 16 make its montage panel.
 pub fn report_run(
     run: &Path,
-    classifier: Option<&dyn Model>,
+    classifier: Option<&crate::checkpoint::LoadedCheckpoint>,
     opts: &CompareOptions,
 ) -> Result<RunReport> {
     if crate::text::is_text_checkpoint(run)? {
@@ -151,6 +152,12 @@ pub fn report_run(
     let image_model = crate::data::toy_name(&cfg.data.dataset).is_none();
     let (quality, per_s, grid) = match (classifier, image_model) {
         (Some(cls), true) => {
+            crate::eval::check_classifier_shape(
+                cls,
+                cfg.model.image_shape(),
+                &run.display().to_string(),
+            )?;
+            let cls = cls.built.model.as_ref();
             let (q, samples, per_s) =
                 sample_quality_of(model, cls, &ds, opts.fid_n, cfg.eval.seed, &opts.device)
                     .with_context(|| format!("{}: sample quality", run.display()))?;
@@ -219,7 +226,7 @@ fn cell(values: &[f64], digits: usize) -> String {
 pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
     let mut s = format!(
         "Likelihood on the first {} test images; sample quality from {} samples per run through \
-         gm's classifier (fid_mnist and KID in its features, lower is better; precision, \
+         gm's classifier of {} (fid_{} and KID in its features, lower is better; precision, \
          recall with k = {}); groups of seeds as mean ± sd.\n\n",
         if opts.max_images == 0 {
             "all".to_string()
@@ -227,6 +234,8 @@ pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
             opts.max_images.to_string()
         },
         opts.fid_n,
+        opts.feature_space,
+        opts.feature_space,
         crate::eval::PRDC_K
     );
     if !opts.overrides.is_empty() {
@@ -236,9 +245,10 @@ pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
             shown.join(", ")
         ));
     }
-    s.push_str(
-        "| run | kind | seeds | steps × batch | likelihood (nats) | bits/dim | estimate, scale | fid_mnist | KID | precision | recall | classes ≥ 5% | class KL | samples/s |\n",
-    );
+    s.push_str(&format!(
+        "| run | kind | seeds | steps × batch | likelihood (nats) | bits/dim | estimate, scale | fid_{} | KID | precision | recall | classes ≥ 5% | class KL | samples/s |\n",
+        opts.feature_space
+    ));
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for g in groups(reports) {
         let first = g[0];
@@ -279,10 +289,9 @@ pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
 }
 
 /// One CSV line per run (not grouped), every measured value.
-pub fn csv(reports: &[RunReport]) -> String {
-    let mut s = String::from(
-        "run,kind,seed,steps,batch,parameters,likelihood_metric,likelihood_nats,bits_per_dim,estimate,scale,n_images,fid_mnist,fid_mnist_se,kid_mnist,kid_mnist_se,precision,recall,density,coverage,classes_ge_5pct,class_kl_uniform_nats,classifier_confidence,sample_images_per_s\n",
-    );
+pub fn csv(reports: &[RunReport], feature_space: &str) -> String {
+    let mut s = "run,kind,seed,steps,batch,parameters,likelihood_metric,likelihood_nats,bits_per_dim,estimate,scale,n_images,fid_mnist,fid_mnist_se,kid_mnist,kid_mnist_se,precision,recall,density,coverage,classes_ge_5pct,class_kl_uniform_nats,classifier_confidence,sample_images_per_s\n"
+        .replace("_mnist", &format!("_{feature_space}"));
     let q = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
     let text = |t: &str| {
         if t.contains([',', '"']) {
@@ -389,6 +398,7 @@ mod tests {
             fid_n: 10,
             device: Device::Cpu,
             overrides: Vec::new(),
+            feature_space: "mnist".into(),
         };
         let md = markdown(&r, &opts);
         assert!(
@@ -396,6 +406,6 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| b | vae | 1 | 10 × 4 | 90.00 |"), "{md}");
-        assert_eq!(csv(&r).lines().count(), 4);
+        assert_eq!(csv(&r, "mnist").lines().count(), 4);
     }
 }

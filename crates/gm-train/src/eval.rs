@@ -431,6 +431,64 @@ pub fn load_classifier(
     Ok(cls)
 }
 
+/// The name of the data a classifier was trained on, which names its feature space in the
+/// reported metrics (`fid_mnist`, `kid_mnist`; `fid_photos32` for a classifier of
+/// `npy:…/photos32`): the data set's name, or the last component of a user data set's path.
+pub fn feature_space(cls: &crate::checkpoint::LoadedCheckpoint) -> String {
+    let data = &cls.built.cfg.data;
+    let Some((_, path)) = data.dataset.split_once(':') else {
+        return data.dataset.clone();
+    };
+    let path = std::path::PathBuf::from(data.dir.as_deref().unwrap_or(path));
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let name: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if name.is_empty() {
+        "data".into()
+    } else {
+        name
+    }
+}
+
+/// Refuses a classifier that reads images of another shape than the model makes, saying how to
+/// train one on the model's data.
+pub fn check_classifier_shape(
+    cls: &crate::checkpoint::LoadedCheckpoint,
+    shape: Option<[usize; 3]>,
+    what: &str,
+) -> Result<()> {
+    let want = cls.built.cfg.model.image_shape();
+    if shape.is_some() && want != shape {
+        return Err(anyhow!(
+            "{what}: the classifier {} reads {:?} images ({}) but the model makes {:?}: sample \
+             quality needs a classifier trained on the model's data (gm train --config \
+             models/classifier-mnist.toml --set 'model.image_shape=…' --set 'data.dataset=…', \
+             then --classifier RUN)",
+            cls.path.display(),
+            want.unwrap_or_default(),
+            feature_space(cls),
+            shape.unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+/// `q` as JSON fields, the feature-space metrics named after the classifier's data (`fid_mnist`
+/// → `fid_SPACE`, likewise `kid_`).
+pub fn quality_fields(q: &SampleQuality, space: &str) -> Result<Vec<(String, serde_json::Value)>> {
+    let v = serde_json::to_value(q)?;
+    Ok(v.as_object()
+        .expect("a struct")
+        .iter()
+        .map(|(k, v)| (k.replacen("_mnist", &format!("_{space}"), 1), v.clone()))
+        .collect())
+}
+
 /// `n` samples of `model` (seeded), their quality against the first `n` images of `real`, the
 /// samples, and the sampling speed in images per second.
 pub fn sample_quality_of(

@@ -27,6 +27,27 @@ use image::{imageops::FilterType, DynamicImage};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
+/// The bytes of a NumPy v1.0 `.npy` file holding `data`, C order, of dtype `descr` (`"|u1"` for
+/// uint8) and `shape` — what `np.save` writes; for building `npy:` data sets from Rust.
+pub fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}");
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((h.len() as u16).to_le_bytes());
+    b.extend(h.as_bytes());
+    b.extend(data);
+    b
+}
+
 /// A data set named by `data.dataset`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Source {
@@ -820,22 +841,7 @@ mod tests {
 
     /// A NumPy v1.0 file of `descr` values.
     fn npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
-        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        let tuple = if dims.len() == 1 {
-            format!("({},)", dims[0])
-        } else {
-            format!("({})", dims.join(", "))
-        };
-        let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}");
-        while (10 + h.len() + 1) % 64 != 0 {
-            h.push(' ');
-        }
-        h.push('\n');
-        let mut b = b"\x93NUMPY\x01\x00".to_vec();
-        b.extend((h.len() as u16).to_le_bytes());
-        b.extend(h.as_bytes());
-        b.extend(data);
-        std::fs::write(path, b).unwrap();
+        std::fs::write(path, npy_bytes(descr, shape, data)).unwrap();
     }
 
     #[test]

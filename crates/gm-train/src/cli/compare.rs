@@ -62,21 +62,23 @@ pub fn run(args: CompareArgs) -> Result<()> {
         fid_n: args.fid_n,
         device: dev,
         overrides: args.overrides.clone(),
+        feature_space: cls
+            .as_ref()
+            .map_or_else(|| "mnist".into(), gm_train::eval::feature_space),
     };
     let mut reports = Vec::new();
     for r in &args.runs {
         eprintln!("gm: compare: {}", r.display());
-        reports.push(report_run(
-            r,
-            cls.as_ref().map(|c| c.built.model.as_ref()),
-            &opts,
-        )?);
+        reports.push(report_run(r, cls.as_ref(), &opts)?);
     }
     let md = markdown(&reports, &opts);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     atomic_write(&args.out.join("compare.md"), md.as_bytes())?;
-    atomic_write(&args.out.join("compare.csv"), csv(&reports).as_bytes())?;
+    atomic_write(
+        &args.out.join("compare.csv"),
+        csv(&reports, &opts.feature_space).as_bytes(),
+    )?;
     atomic_write(
         &args.out.join("compare.json"),
         serde_json::to_string_pretty(&reports)?.as_bytes(),

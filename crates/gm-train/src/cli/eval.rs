@@ -3,7 +3,10 @@
 use super::*;
 use anyhow::{bail, Context, Result};
 use gm_train::data::Split;
-use gm_train::eval::{evaluate_full, load_classifier, sample_quality_of};
+use gm_train::eval::{
+    check_classifier_shape, evaluate_full, feature_space, load_classifier, quality_fields,
+    sample_quality_of,
+};
 use gm_train::trainer::{load_checkpoint_with, load_data};
 use std::path::{Path, PathBuf};
 
@@ -23,7 +26,8 @@ pub struct EvalArgs {
     /// Evaluate only the first N images (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_images: usize,
-    /// Also report sample quality (fid_mnist, class histogram) through gm's classifier.
+    /// Also report sample quality (fid_mnist, KID, precision/recall, class histogram) through
+    /// gm's classifier; the distances are named after the classifier's data (`fid_photos32`).
     #[arg(long)]
     pub fid: bool,
     /// Number of generated images for --fid.
@@ -83,6 +87,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             bail!("--fid-n must be at least 2 (a covariance needs two samples), got {fid_n}");
         }
         let cls = load_classifier(&classifier, &dev).context("--fid")?;
+        check_classifier_shape(&cls, cfg.model.image_shape(), "--fid")?;
         let (q, _, per_s) = sample_quality_of(
             model,
             cls.built.model.as_ref(),
@@ -92,12 +97,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             &dev,
         )
         .with_context(|| format!("--fid --fid-n {fid_n}"))?;
-        for (k, v) in serde_json::to_value(&q)?
-            .as_object()
-            .expect("struct")
-            .iter()
-        {
-            m.insert(k.clone(), v.clone());
+        for (k, v) in quality_fields(&q, &feature_space(&cls))? {
+            m.insert(k, v);
         }
         m.insert("fid_n".into(), serde_json::json!(fid_n));
         m.insert("sample_images_per_s".into(), serde_json::json!(per_s));
