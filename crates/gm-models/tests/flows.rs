@@ -66,6 +66,14 @@ fn small_image_cfg(num_scales: usize, actnorm: bool) -> RealNvpConfig {
     }
 }
 
+/// A 3-channel (RGB) 4×4 multi-scale flow.
+fn rgb_cfg() -> RealNvpConfig {
+    RealNvpConfig {
+        image_shape: [3, 4, 4],
+        ..small_image_cfg(2, true)
+    }
+}
+
 fn vector_cfg(d: usize, actnorm: bool) -> RealNvpConfig {
     RealNvpConfig {
         image_shape: [d, 1, 1],
@@ -99,37 +107,27 @@ fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
     ld
 }
 
-/// The flattened, concatenated latents of `y` (one sample).
-fn flat_latents(flow: &RealNvp, y: &Tensor) -> Vec<f64> {
-    let (zs, _) = flow.forward(y).unwrap();
-    let flat: Vec<Tensor> = zs.iter().map(|z| z.flatten_from(1).unwrap()).collect();
-    Tensor::cat(&flat, 1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
-/// The full Jacobian of `y ↦ latents` at one point by central differences (f64).
+/// `log|det ∂latents/∂y|` at one sample `y` from the full Jacobian, built row by row by reverse-
+/// mode autodiff through the flow's forward pass (f64) — independent of the flow's own log-det
+/// bookkeeping. (Not by finite differences: the coupling nets are ReLU networks, and with
+/// 48 inputs a step of 1e-5 often crosses a kink.)
 fn brute_force_log_det(flow: &RealNvp, y: &Tensor) -> f64 {
-    let shape = y.shape().clone();
-    let y0 = y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let d = y0.len();
-    // Near the optimal central-difference step in f64 (ε^(1/3) ≈ 6e-6): truncation ~h², rounding ~ε/h.
-    let h = 1e-5;
-    let mut jac = vec![vec![0.0; d]; d];
-    for j in 0..d {
-        let mut yp = y0.clone();
-        let mut ym = y0.clone();
-        yp[j] += h;
-        ym[j] -= h;
-        let fp = flat_latents(flow, &Tensor::from_vec(yp, &shape, &DEV).unwrap());
-        let fm = flat_latents(flow, &Tensor::from_vec(ym, &shape, &DEV).unwrap());
-        for i in 0..d {
-            jac[i][j] = (fp[i] - fm[i]) / (2.0 * h);
-        }
-    }
+    let y = candle_core::Var::from_tensor(y).unwrap();
+    let (zs, _) = flow.forward(y.as_tensor()).unwrap();
+    let flat: Vec<Tensor> = zs.iter().map(|z| z.flatten_all().unwrap()).collect();
+    let z = Tensor::cat(&flat, 0).unwrap();
+    let d = z.dim(0).unwrap();
+    let jac: Vec<Vec<f64>> = (0..d)
+        .map(|i| {
+            let g = z.get(i).unwrap().backward().unwrap();
+            g.get(y.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect();
     log_abs_det(jac)
 }
 
@@ -138,6 +136,7 @@ fn realnvp_inverse_of_forward_is_the_identity() -> Result<()> {
     for (cfg, dtype, tol) in [
         (small_image_cfg(2, true), DType::F32, 1e-5),
         (small_image_cfg(2, true), DType::F64, 1e-10),
+        (rgb_cfg(), DType::F64, 1e-10),
         (vector_cfg(3, true), DType::F32, 1e-5),
         (
             RealNvpConfig {
@@ -171,12 +170,17 @@ fn realnvp_inverse_of_forward_is_the_identity() -> Result<()> {
 #[test]
 fn realnvp_log_det_equals_the_brute_force_jacobian() -> Result<()> {
     // Checkerboard couplings only (one scale), channel couplings only (vectors), ActNorm on and
-    // off, and the full multi-scale stack with squeeze and factor-out.
+    // off, and the full multi-scale stack with squeeze and factor-out, grey and RGB.
     for cfg in [
         small_image_cfg(1, false),
         vector_cfg(4, false),
         vector_cfg(4, true),
         small_image_cfg(2, true),
+        RealNvpConfig {
+            image_shape: [3, 4, 4],
+            ..small_image_cfg(1, false)
+        },
+        rgb_cfg(),
     ] {
         let shape = cfg.image_shape;
         let (flow, _vm) = perturbed(DType::F64, 11, 0.3, |vb| RealNvp::new(cfg.clone(), vb))?;
@@ -189,7 +193,7 @@ fn realnvp_log_det_equals_the_brute_force_jacobian() -> Result<()> {
             let bf = brute_force_log_det(&flow, &y.narrow(0, b, 1)?);
             assert!(
                 (l - bf).abs() < 1e-6,
-                "{shape:?} sample {b}: flow log|det| {l} vs brute force {bf}"
+                "{shape:?} sample {b}: flow log|det| {l} vs the autodiff Jacobian's {bf}"
             );
             assert!(
                 l.abs() > 1e-3,
@@ -205,7 +209,7 @@ fn logit_preprocessing_jacobian_is_its_derivative() -> Result<()> {
     let logit = Logit { alpha: 0.05 };
     let x = Tensor::new(&[[0.0f64, 0.3, 0.999], [0.5, 0.01, 1.0]], &DEV)?;
     let (y, ld) = logit.forward(&x)?;
-    let h = 1e-6;
+    let h = 1e-5;
     let (yp, _) = logit.forward(&(&x + h)?)?;
     let (ym, _) = logit.forward(&(&x - h)?)?;
     let fd = ((yp - ym)? / (2.0 * h))?.log()?.sum(D::Minus1)?;
@@ -312,7 +316,7 @@ fn fd_jacobian(f: &dyn Fn(&Tensor) -> Tensor, z: &Tensor) -> Vec<Vec<f64>> {
     let shape = z.shape().clone();
     let z0 = z.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let d = z0.len();
-    let h = 1e-6;
+    let h = 1e-5;
     let mut jac = vec![vec![0.0; d]; d];
     for j in 0..d {
         let (mut zp, mut zm) = (z0.clone(), z0.clone());
@@ -337,8 +341,8 @@ fn fd_jacobian(f: &dyn Fn(&Tensor) -> Tensor, z: &Tensor) -> Vec<Vec<f64>> {
 
 #[test]
 fn forward_mode_jvp_and_exact_trace_match_finite_differences() -> Result<()> {
-    // A vector net and two convolutional ones (squeezed 1×4×4 image, softplus; plain and with
-    // residual hidden layers).
+    // A vector net and three convolutional ones (squeezed 1×4×4 image, softplus; plain and with
+    // residual hidden layers; a squeezed RGB 3×4×4 image).
     let (cnf, _vm) = toy_cnf(DType::F64, 1, vec![7, 5])?;
     let img_cfg = CnfConfig {
         image_shape: [1, 4, 4],
@@ -353,12 +357,18 @@ fn forward_mode_jvp_and_exact_trace_match_finite_differences() -> Result<()> {
         residual: true,
         ..img_cfg.clone()
     };
+    let rgb_cfg = CnfConfig {
+        image_shape: [3, 4, 4],
+        ..img_cfg.clone()
+    };
     let (img, _vm2) = perturbed(DType::F64, 2, 0.5, |vb| Cnf::new(img_cfg, vb))?;
     let (res, _vm3) = perturbed(DType::F64, 3, 0.5, |vb| Cnf::new(res_cfg, vb))?;
+    let (rgb, _vm4) = perturbed(DType::F64, 4, 0.5, |vb| Cnf::new(rgb_cfg, vb))?;
     for (model, shape) in [
         (&cnf, vec![1, 2, 1, 1]),
         (&img, vec![1, 4, 2, 2]),
         (&res, vec![1, 4, 2, 2]),
+        (&rgb, vec![1, 12, 2, 2]),
     ] {
         let net = model.net();
         let d: usize = shape.iter().product();
@@ -496,7 +506,7 @@ fn gradients_through_the_solver_match_finite_differences() -> Result<()> {
         let g = g.flatten_all()?.to_vec1::<f64>()?;
         let base = v.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         for k in [0, base.len() - 1] {
-            let h = 1e-6;
+            let h = 1e-5;
             let mut p = base.clone();
             p[k] += h;
             v.set(&Tensor::from_vec(p.clone(), v.shape(), &DEV)?)?;
@@ -520,22 +530,32 @@ fn gradients_through_the_solver_match_finite_differences() -> Result<()> {
 
 #[test]
 fn a_cnf_and_its_reverse_solve_return_the_input() -> Result<()> {
+    // A 2-D vector field, and the convolutional field of an RGB 3×4×4 image (squeezed to
+    // 12×2×2).
     let (cnf, _vm) = toy_cnf(DType::F64, 7, vec![16, 16])?;
-    let net = cnf.net();
-    let x = GmRng::new(2)
-        .randn((5, 2, 1, 1), &DEV)?
-        .to_dtype(DType::F64)?;
-    let solver = SolverConfig::dopri5(1e-10, 1e-10);
-    let fwd = |t: f64, z: &Tensor| net.forward(z, t);
-    let (z1, _) = gm_core::ode::solve(fwd, x.clone(), 0.0, 1.0, &solver)?;
-    let back = |t: f64, z: &Tensor| net.forward(z, t);
-    let (x0, _) = gm_core::ode::solve(back, z1.clone(), 1.0, 0.0, &solver)?;
-    assert!(
-        max_abs_diff(&z1, &x) > 1e-2,
-        "the flow should move the points"
-    );
-    let err = max_abs_diff(&x0, &x);
-    assert!(err < 1e-7, "round trip error {err}");
+    let rgb_cfg = CnfConfig {
+        image_shape: [3, 4, 4],
+        hidden: vec![8],
+        activation: gm_models::ffjord::Activation::Softplus,
+        squeeze: 1,
+        ..Default::default()
+    };
+    let (rgb, _vm2) = perturbed(DType::F64, 5, 0.5, |vb| Cnf::new(rgb_cfg, vb))?;
+    for (model, shape) in [(&cnf, (5, 2, 1, 1)), (&rgb, (3, 12, 2, 2))] {
+        let net = model.net();
+        let x = GmRng::new(2).randn(shape, &DEV)?.to_dtype(DType::F64)?;
+        let solver = SolverConfig::dopri5(1e-10, 1e-10);
+        let fwd = |t: f64, z: &Tensor| net.forward(z, t);
+        let (z1, _) = gm_core::ode::solve(fwd, x.clone(), 0.0, 1.0, &solver)?;
+        let back = |t: f64, z: &Tensor| net.forward(z, t);
+        let (x0, _) = gm_core::ode::solve(back, z1.clone(), 1.0, 0.0, &solver)?;
+        assert!(
+            max_abs_diff(&z1, &x) > 1e-2,
+            "{shape:?}: the flow should move the points"
+        );
+        let err = max_abs_diff(&x0, &x);
+        assert!(err < 1e-7, "{shape:?}: round trip error {err}");
+    }
     Ok(())
 }
 
