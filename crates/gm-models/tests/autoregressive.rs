@@ -670,11 +670,22 @@ fn colour_models_sum_to_one() {
         let (_vm, m) = build(&cfg, 15);
         let s = total_probability(m.as_ref(), &x, None);
         assert!((s - 1.0).abs() < 1e-3, "{} 2 levels: Σ p = {s}", cfg.kind());
-        // The second channel reads the first: its conditional changes with the first's level.
-        let p = nll(m.as_ref(), &x.narrow(0, 0, 512).unwrap(), None);
+        // The second channel reads the first: its conditional p(c₂ | c₁) moves with c₁ — the
+        // total variation between c₁ = 0 and c₁ = 255 (8e-4 and 2e-3 here) is far above round-off.
+        let p: Vec<f64> = nll(m.as_ref(), &x, None)
+            .iter()
+            .map(|l| (-l).exp())
+            .collect();
+        let cond = |c1: usize| -> Vec<f64> {
+            let row: Vec<f64> = (0..256).map(|c2| p[c2 * 256 + c1]).collect();
+            let z: f64 = row.iter().sum();
+            row.iter().map(|v| v / z).collect()
+        };
+        let (a, b) = (cond(0), cond(255));
+        let tv: f64 = a.iter().zip(&b).map(|(u, v)| (u - v).abs()).sum::<f64>() / 2.0;
         assert!(
-            (p[0] - p[256]) != (p[1] - p[257]),
-            "{}: channel 2 ignores channel 1",
+            tv > 1e-4,
+            "{}: channel 2 ignores channel 1 (TV {tv})",
             cfg.kind()
         );
     }
