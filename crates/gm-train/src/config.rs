@@ -183,7 +183,8 @@ pub struct EvalConfig {
     /// Importance samples per image during training's periodic evaluation.
     pub train_iwae_k: usize,
     pub batch_size: usize,
-    /// Most (sample, image) pairs decoded at once.
+    /// Most (sample, image) pairs decoded at once, for 784-value images; images of D > 784
+    /// values decode `max_pairs · 784 / D` at once (about the same memory).
     pub max_pairs: usize,
     pub seed: u64,
 }
