@@ -369,7 +369,11 @@ impl Vae {
         // `max_pairs` is counted in 784-value (MNIST-sized) images: larger images decode
         // proportionally fewer pairs at once, so memory stays about the same.
         let d = self.cfg.dims();
-        let pairs = if d > 784 { max_pairs * 784 / d } else { max_pairs };
+        let pairs = if d > 784 {
+            max_pairs * 784 / d
+        } else {
+            max_pairs
+        };
         let chunk = (pairs / b.max(1)).clamp(1, k);
         let log2pi = (2.0 * std::f64::consts::PI).ln();
         // log q(z|x) = Σ −½(log 2π + log σ² + ε²), independent of the decoder.

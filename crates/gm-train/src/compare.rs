@@ -51,7 +51,7 @@ pub struct Likelihood {
     pub metric: String,
     pub nats: f64,
     pub bits_per_dim: f64,
-    /// `exact`, `bound (...)`, `ODE` or `learned normaliser` ([`Model::likelihood_estimate`]).
+    /// `exact`, `bound (...)`, `ODE` or `learned normaliser` ([`gm_models::Model::likelihood_estimate`]).
     pub estimate: String,
     /// The data scale: `binarised`, `8-bit (dequantised)` or `continuous` (2-D toys).
     pub scale: String,
