@@ -1,8 +1,11 @@
 //! The autoregressive ladder: exact normalisation, causality (and PixelCNN's blind spot),
 //! gradients to every parameter, the raster sampler.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
+use common::max_abs_diff;
 use gm_core::GmRng;
 use gm_models::ar::{sample_in_order, PixelOutput};
 use gm_models::fvsbn::FvsbnConfig;
@@ -480,18 +483,7 @@ fn logits_of_a_row_need_only_the_band_above_it() {
                     .unwrap()
             };
             let want = full.narrow(2, i, 1).unwrap();
-            let diff = |a: &Tensor| {
-                (a - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff = |a: &Tensor| max_abs_diff(a, &want);
             assert!(
                 diff(&row(i - r)) < 1e-5,
                 "{name}, {c} channels: the band of {r} rows is not enough"
@@ -602,9 +594,7 @@ fn assert_by_parts_equals_masked(
     let (parts, masked) = (run(false), run(true));
     assert_eq!(parts.len(), 4, "output, dx, dweight, dbias");
     for (i, (a, b)) in parts.iter().zip(&masked).enumerate() {
-        let d = (a - b)
-            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>())
-            .unwrap();
+        let d = max_abs_diff(a, b);
         assert!(d < 1e-12, "{what}: tensor {i} differs by {d}");
     }
 }

@@ -4,8 +4,11 @@
 //! gradients through the solver against finite differences, and the reverse solve.
 #![allow(clippy::needless_range_loop)]
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
+use common::max_abs_diff;
 use gm_core::cnf::Divergence;
 use gm_core::ode::SolverConfig;
 use gm_core::GmRng;
@@ -38,21 +41,6 @@ fn perturbed<M>(
     }
     drop(data);
     Ok((m, vm))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 fn small_image_cfg(num_scales: usize, actnorm: bool) -> RealNvpConfig {

@@ -1,4 +1,6 @@
-//! 2-D Gaussian data and the short Adam run the density tests train their models with.
+//! 2-D Gaussian data and the short Adam run the density tests train their models with, and the
+//! tensor comparison most test files use. (Each test binary uses a part of it.)
+#![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
 use candle_nn::{Optimizer, VarMap};
@@ -56,4 +58,20 @@ pub fn train_on_gaussian(vm: &VarMap, model: &dyn Model, steps: usize) -> (f64, 
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     (mean(&losses[..50]), mean(&losses[steps - 50..]), rng)
+}
+
+/// `max |a − b|` over all elements, as f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
