@@ -25,7 +25,7 @@ use crate::ar::{check_shape, PixelOutput, RasterModel};
 use crate::nn::{channel_mask, Conv2d, MaskType, PointwiseConv};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use gm_core::kernels::conv::{conv2d_cropped, Conv2dParams};
+use gm_core::kernels::conv::Conv2dParams;
 use gm_core::kernels::ops::{gated_tanh, Act};
 use serde::{Deserialize, Serialize};
 
@@ -172,12 +172,8 @@ impl ShiftedConv {
             None => self.conv.forward_cropped(x, [h, w], Act::Identity),
             Some(m) => {
                 let weight = (self.conv.weight() * m)?;
-                let p = Conv2dParams {
-                    padding: [0, self.conv.weight().dim(3)? - 1],
-                    ..Default::default()
-                };
                 self.conv
-                    .bias_act(conv2d_cropped(x, &weight, p, [h, w])?, Act::Identity)
+                    .forward_cropped_with_weight(x, &weight, [h, w], Act::Identity)
             }
         }
     }

@@ -192,7 +192,18 @@ impl Conv2d {
     /// `act(conv(x) + bias)` on the top-left `out = [H', W']` corner of the output only
     /// ([`gm_core::kernels::conv::conv2d_cropped`]): with padding on one side, a causal convolution.
     pub fn forward_cropped(&self, x: &Tensor, out: [usize; 2], act: Act) -> Result<Tensor> {
-        self.bias_act(conv2d_cropped(x, &self.weight, self.params, out)?, act)
+        self.forward_cropped_with_weight(x, &self.weight, out, act)
+    }
+
+    /// [`Conv2d::forward_cropped`] with a weight other than the stored one (a masked weight, say).
+    pub fn forward_cropped_with_weight(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        out: [usize; 2],
+        act: Act,
+    ) -> Result<Tensor> {
+        self.bias_act(conv2d_cropped(x, weight, self.params, out)?, act)
     }
 }
 
