@@ -224,9 +224,10 @@ fn cell(values: &[f64], digits: usize) -> String {
 
 /// The comparison as a Markdown table, one row per group.
 pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
+    let fid = crate::eval::feature_metric("fid_mnist", &opts.feature_space);
     let mut s = format!(
         "Likelihood on the first {} test images; sample quality from {} samples per run through \
-         gm's classifier of {} (fid_{} and KID in its features, lower is better; precision, \
+         gm's classifier of {} ({} and KID in its features, lower is better; precision, \
          recall with k = {}); groups of seeds as mean ± sd.\n\n",
         if opts.max_images == 0 {
             "all".to_string()
@@ -235,7 +236,7 @@ pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
         },
         opts.fid_n,
         opts.feature_space,
-        opts.feature_space,
+        fid,
         crate::eval::PRDC_K
     );
     if !opts.overrides.is_empty() {
@@ -246,8 +247,7 @@ pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
         ));
     }
     s.push_str(&format!(
-        "| run | kind | seeds | steps × batch | likelihood (nats) | bits/dim | estimate, scale | fid_{} | KID | precision | recall | classes ≥ 5% | class KL | samples/s |\n",
-        opts.feature_space
+        "| run | kind | seeds | steps × batch | likelihood (nats) | bits/dim | estimate, scale | {fid} | KID | precision | recall | classes ≥ 5% | class KL | samples/s |\n"
     ));
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for g in groups(reports) {
@@ -290,8 +290,11 @@ pub fn markdown(reports: &[RunReport], opts: &CompareOptions) -> String {
 
 /// One CSV line per run (not grouped), every measured value.
 pub fn csv(reports: &[RunReport], feature_space: &str) -> String {
-    let mut s = "run,kind,seed,steps,batch,parameters,likelihood_metric,likelihood_nats,bits_per_dim,estimate,scale,n_images,fid_mnist,fid_mnist_se,kid_mnist,kid_mnist_se,precision,recall,density,coverage,classes_ge_5pct,class_kl_uniform_nats,classifier_confidence,sample_images_per_s\n"
-        .replace("_mnist", &format!("_{feature_space}"));
+    let header: Vec<String> = "run,kind,seed,steps,batch,parameters,likelihood_metric,likelihood_nats,bits_per_dim,estimate,scale,n_images,fid_mnist,fid_mnist_se,kid_mnist,kid_mnist_se,precision,recall,density,coverage,classes_ge_5pct,class_kl_uniform_nats,classifier_confidence,sample_images_per_s"
+        .split(',')
+        .map(|c| crate::eval::feature_metric(c, feature_space))
+        .collect();
+    let mut s = header.join(",") + "\n";
     let q = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
     let text = |t: &str| {
         if t.contains([',', '"']) {

@@ -478,14 +478,20 @@ pub fn check_classifier_shape(
     Ok(())
 }
 
-/// `q` as JSON fields, the feature-space metrics named after the classifier's data (`fid_mnist`
-/// → `fid_SPACE`, likewise `kid_`).
+/// The name a [`SampleQuality`] field reports under for a classifier of data `space`
+/// ([`feature_space`]): `fid_mnist` → `fid_SPACE`, likewise `kid_` and their `_se`; other names
+/// unchanged.
+pub fn feature_metric(name: &str, space: &str) -> String {
+    name.replacen("_mnist", &format!("_{space}"), 1)
+}
+
+/// `q` as JSON fields, named by [`feature_metric`].
 pub fn quality_fields(q: &SampleQuality, space: &str) -> Result<Vec<(String, serde_json::Value)>> {
     let v = serde_json::to_value(q)?;
     Ok(v.as_object()
         .expect("a struct")
         .iter()
-        .map(|(k, v)| (k.replacen("_mnist", &format!("_{space}"), 1), v.clone()))
+        .map(|(k, v)| (feature_metric(k, space), v.clone()))
         .collect())
 }
 
