@@ -134,7 +134,12 @@ fn gated_tanh_matches_candle_and_finite_differences() -> Result<()> {
     use gm_core::kernels::ops::gated_tanh;
     let dev = Device::Cpu;
     let mut rng = GmRng::new(5);
-    for shape in [vec![2, 6, 3, 5], vec![3, 2], vec![1, 10, 40, 41]] {
+    for shape in [
+        vec![2, 6, 3, 5],
+        vec![3, 2],
+        vec![1, 10, 40, 41],
+        vec![700, 64],
+    ] {
         let x = rng.randn(shape.as_slice(), &dev)?;
         let c = shape[1] / 2;
         let want = (x.narrow(1, 0, c)?.tanh()? * candle_nn::ops::sigmoid(&x.narrow(1, c, c)?)?)?;
@@ -145,6 +150,16 @@ fn gated_tanh_matches_candle_and_finite_differences() -> Result<()> {
             .to_scalar::<f32>()?;
         assert!(d < 1e-6, "{shape:?}: forward differs by {d}");
     }
+    // Rows `(N, 2C)` (one pass over each image's contiguous halves) give the bits of the same
+    // values laid out as `(1, 2C, N)`.
+    let x = rng.randn((700, 64), &dev)?;
+    let rows = gated_tanh(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    let planes = gated_tanh(&x.t()?.contiguous()?.unsqueeze(0)?)?
+        .squeeze(0)?
+        .t()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(rows, planes);
     let x0 = rng.randn((2, 4, 2, 3), &dev)?.to_dtype(DType::F64)?;
     let r = rng.randn((2, 2, 2, 3), &dev)?.to_dtype(DType::F64)?;
     let f = |x: &Tensor| -> Result<f64> { Ok((gated_tanh(x)? * &r)?.sum_all()?.to_scalar()?) };

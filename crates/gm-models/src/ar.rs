@@ -58,7 +58,7 @@ impl PixelOutput {
     }
 
     /// Draws pixel values in `[0, 1]` (0/1, or level/255) from the logits `(N, K)` of one pixel.
-    fn draw(self, logits: &[Vec<f32>], rng: &mut GmRng) -> Vec<f32> {
+    pub(crate) fn draw(self, logits: &[Vec<f32>], rng: &mut GmRng) -> Vec<f32> {
         logits
             .iter()
             .map(|l| match self {
@@ -197,9 +197,21 @@ pub trait RasterModel {
     /// How many rows above its own the logits of a row can see (the vertical receptive field).
     fn rows_above(&self) -> usize;
 
-    /// Raster-order samples, one per label (or unconditional when `labels` is `None`), running
-    /// the network on the band of rows each pixel can see ([`sample_raster`]).
-    fn draw(&self, labels: Option<Tensor>, n: usize, rng: &mut GmRng) -> Result<Tensor> {
+    /// Cached raster sampling ([`crate::ar_cache`]): each value costs one position of every
+    /// layer. Returns the images and the logits `(n, K, D)` each value was drawn from; `None`
+    /// for a model without it (the default), which then samples by [`RasterModel::draw_banded`].
+    fn draw_cached(
+        &self,
+        _labels: Option<&Tensor>,
+        _n: usize,
+        _rng: &mut GmRng,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    /// Raster-order samples running the network on the band of rows each pixel can see
+    /// ([`sample_raster`]): the reference the cached sampler is tested against.
+    fn draw_banded(&self, labels: Option<&Tensor>, n: usize, rng: &mut GmRng) -> Result<Tensor> {
         sample_raster(
             self.image_shape(),
             n,
@@ -207,8 +219,17 @@ pub trait RasterModel {
             self.any_param(),
             rng,
             self.rows_above(),
-            |x| self.logits(x, labels.as_ref()),
+            |x| self.logits(x, labels),
         )
+    }
+
+    /// Raster-order samples, one per label (or unconditional when `labels` is `None`): cached
+    /// where the model has it, else by the band of rows.
+    fn draw(&self, labels: Option<Tensor>, n: usize, rng: &mut GmRng) -> Result<Tensor> {
+        match self.draw_cached(labels.as_ref(), n, rng)? {
+            Some((x, _)) => Ok(x),
+            None => self.draw_banded(labels.as_ref(), n, rng),
+        }
     }
 }
 

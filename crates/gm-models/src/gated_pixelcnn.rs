@@ -22,11 +22,15 @@
 //! Parameter names: `layers.{i}.{v_conv,h_conv,v_to_h,h_out,cond_v,cond_h}`, `head.1`, `head.3`.
 
 use crate::ar::{check_shape, PixelOutput, RasterModel};
+use crate::ar_cache::{
+    colour_logits, finish, per_row, CachedRaster, LayerCache, PixelTaps, Pointwise, RowTaps,
+};
 use crate::nn::{channel_mask, Conv2d, MaskType, PointwiseConv};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::kernels::conv::Conv2dParams;
 use gm_core::kernels::ops::{gated_tanh, Act};
+use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -166,6 +170,14 @@ impl ShiftedConv {
         Ok(s)
     }
 
+    /// The weight times its mask, if any.
+    fn masked_weight(&self) -> Result<Tensor> {
+        match &self.mask {
+            None => Ok(self.conv.weight().clone()),
+            Some(m) => self.conv.weight() * m,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         match &self.mask {
@@ -261,6 +273,9 @@ pub struct GatedPixelCnn {
     head2: PointwiseConv,
     /// Logits per position and channel.
     classes: usize,
+    /// Input channels and colour groups.
+    c_in: usize,
+    groups: usize,
 }
 
 impl GatedPixelCnn {
@@ -318,6 +333,8 @@ impl GatedPixelCnn {
             head1,
             head2,
             classes,
+            c_in,
+            groups,
         })
     }
 
@@ -336,6 +353,148 @@ impl GatedPixelCnn {
         let o = self.head1.forward_act(&h.relu()?, Act::Relu)?;
         let o = self.head2.forward(&o)?;
         o.reshape((b, self.classes, ()))
+    }
+}
+
+/// One [`GatedLayer`] during cached raster sampling.
+struct GatedLayerCache {
+    v: RowTaps,
+    v_bias: Option<Tensor>,
+    h: PixelTaps,
+    h_bias: Option<Tensor>,
+    v_to_h: Pointwise,
+    h_out: Pointwise,
+    cond_v: Option<Tensor>,
+    cond_h: Option<Tensor>,
+    first: bool,
+    last: bool,
+    /// `v_to_h` of the vertical features of the current row, `(n, W, 2h)`.
+    vh: Option<Tensor>,
+}
+
+/// [`GatedPixelCnn`] during cached raster sampling ([`crate::ar_cache`]): the vertical stack is
+/// computed a row at a time when the row starts (it sees only the rows above), the horizontal
+/// stack a position at a time.
+struct GatedCache {
+    layers: Vec<GatedLayerCache>,
+    /// Each layer's vertical-stack input (layer 0: the image), finished rows.
+    v_in: Vec<LayerCache>,
+    /// Each layer's horizontal-stack input (layer 0: the image), the current row.
+    h_in: Vec<LayerCache>,
+    head1: Pointwise,
+    head2: Pointwise,
+    groups: usize,
+    width: usize,
+}
+
+impl GatedCache {
+    fn new(m: &GatedPixelCnn, labels: Option<&Tensor>, n: usize) -> Result<Self> {
+        let [c, w] = [m.c_in, m.cfg.image_shape[2]];
+        let like = m.head2.weight();
+        let cond = |e: &Option<Embedding>| -> Result<Option<Tensor>> {
+            let Some(e) = e else { return Ok(None) };
+            let y = labels.ok_or_else(|| {
+                candle_core::Error::msg("a class-conditional Gated PixelCNN needs labels")
+            })?;
+            Ok(Some(e.forward(y)?.detach()))
+        };
+        let (mut layers, mut v_in, mut h_in) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, l) in m.layers.iter().enumerate() {
+            let c_in = if i == 0 { c } else { m.cfg.channels };
+            let v = RowTaps::new(
+                &l.v_conv.masked_weight()?,
+                l.v_conv.conv.params().padding,
+                true,
+            )?;
+            v_in.push(LayerCache::new(n, c_in, w, v.pad(), like)?);
+            h_in.push(LayerCache::new(n, c_in, w, 0, like)?);
+            layers.push(GatedLayerCache {
+                v,
+                v_bias: l.v_conv.conv.bias().map(Tensor::detach),
+                h: PixelTaps::new(&l.h_conv.masked_weight()?, l.h_conv.conv.params().padding)?,
+                h_bias: l.h_conv.conv.bias().map(Tensor::detach),
+                v_to_h: Pointwise::new(l.v_to_h.weight(), l.v_to_h.bias())?,
+                h_out: Pointwise::new(&l.h_out.masked_weight()?, l.h_out.bias())?,
+                cond_v: cond(&l.cond_v)?,
+                cond_h: cond(&l.cond_h)?,
+                first: l.first,
+                last: l.last,
+                vh: None,
+            });
+        }
+        Ok(Self {
+            layers,
+            v_in,
+            h_in,
+            head1: Pointwise::new(&m.head1.masked_weight()?, m.head1.bias())?,
+            head2: Pointwise::new(&m.head2.masked_weight()?, m.head2.bias())?,
+            groups: m.groups,
+            width: w,
+        })
+    }
+}
+
+impl CachedRaster for GatedCache {
+    fn start_row(&mut self, i: usize) -> Result<()> {
+        let w = self.width;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let vf = layer.v.row(&self.v_in[l], i, w)?;
+            let vf = finish(vf, layer.v_bias.as_ref(), Act::Identity)?;
+            layer.vh = Some(layer.v_to_h.apply(&vf, Act::Identity)?);
+            if !layer.last {
+                let vf = match &layer.cond_v {
+                    Some(e) => vf.broadcast_add(&e.unsqueeze(1)?)?,
+                    None => vf,
+                };
+                self.v_in[l + 1].push(per_row(&vf, gated_tanh)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn logits_at(&mut self, j: usize, pixel: &Tensor, ch: usize) -> Result<Tensor> {
+        self.h_in[0].set(j, pixel.clone());
+        let mut h = pixel.clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let vh = layer
+                .vh
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::msg("cached sampling: row not started"))?
+                .narrow(1, j, 1)?
+                .squeeze(1)?;
+            let hf = finish(
+                (layer.h.at(&self.h_in[l], j)? + vh)?,
+                layer.h_bias.as_ref(),
+                Act::Identity,
+            )?;
+            let hf = match &layer.cond_h {
+                Some(e) => (hf + e)?,
+                None => hf,
+            };
+            let hg = layer.h_out.apply(&gated_tanh(&hf)?, Act::Identity)?;
+            h = if layer.first {
+                hg
+            } else {
+                (self.h_in[l].get(j) + hg)?
+            };
+            if l + 1 < self.layers.len() {
+                self.h_in[l + 1].set(j, h.clone());
+            }
+        }
+        let o = self.head1.apply(&h.relu()?, Act::Relu)?;
+        colour_logits(&self.head2.apply(&o, Act::Identity)?, self.groups, ch)
+    }
+
+    fn end_pixel(&mut self, j: usize, pixel: &Tensor) -> Result<()> {
+        self.h_in[0].set(j, pixel.clone());
+        self.v_in[0].set(j, pixel.clone());
+        Ok(())
+    }
+
+    fn end_row(&mut self) -> Result<()> {
+        self.v_in[0].push_row()?;
+        self.h_in.iter_mut().for_each(LayerCache::clear_row);
+        Ok(())
     }
 }
 
@@ -360,5 +519,13 @@ impl RasterModel for GatedPixelCnn {
     }
     fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         GatedPixelCnn::logits(self, x, labels)
+    }
+    fn draw_cached(
+        &self,
+        labels: Option<&Tensor>,
+        n: usize,
+        rng: &mut GmRng,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        crate::ar_cache::draw(self, GatedCache::new(self, labels, n)?, n, rng)
     }
 }

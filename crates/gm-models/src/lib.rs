@@ -5,6 +5,7 @@
 //! by its [`ModelConfig`], which is what checkpoints store, so a checkpoint alone rebuilds it.
 
 pub mod ar;
+pub mod ar_cache;
 pub mod bernoulli_mixture;
 pub mod classifier;
 pub mod ddpm;

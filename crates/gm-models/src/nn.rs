@@ -172,6 +172,14 @@ impl Conv2d {
         &self.weight
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn params(&self) -> Conv2dParams {
+        self.params
+    }
+
     /// `act(conv(x, weight) + bias)` with a weight other than the stored one (a masked weight,
     /// say).
     pub fn forward_with_weight(&self, x: &Tensor, weight: &Tensor, act: Act) -> Result<Tensor> {
@@ -391,6 +399,18 @@ impl PointwiseConv {
         self.conv.weight()
     }
 
+    /// The weight times its colour mask, `(C_out, C_in, 1, 1)`.
+    pub fn masked_weight(&self) -> Result<Tensor> {
+        match &self.mask {
+            None => Ok(self.conv.weight().clone()),
+            Some(m) => self.conv.weight() * m,
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.conv.bias()
+    }
+
     /// `act(conv(x) + bias)` with the masked weight.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         match &self.mask {
@@ -524,6 +544,16 @@ impl MaskedConv2d {
             // A 1 × 1 mask A reads nothing: the output is the bias alone.
             None => self.forward_act_by_mask(x, act),
         }
+    }
+
+    /// The weight times its mask, `(C_out, C_in, k, k)`.
+    pub fn masked_weight(&self) -> Result<Tensor> {
+        self.conv.weight().broadcast_mul(&self.mask)
+    }
+
+    /// The convolution under the mask (its bias and padding).
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
     }
 
     /// The same as [`MaskedConv2d::forward_act`] by one convolution with the weight multiplied

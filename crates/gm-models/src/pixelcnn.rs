@@ -20,10 +20,12 @@
 //! `blocks.{i}.label_emb`, `head.1`, `head.3` (a PyTorch `Sequential` of `ReLU, Conv, ReLU, Conv`).
 
 use crate::ar::{check_shape, PixelOutput, RasterModel};
+use crate::ar_cache::{colour_logits, CachedRaster, CausalConv, LayerCache, Pointwise};
 pub use crate::nn::{channel_mask, raster_mask, MaskType, MaskedConv2d, PointwiseConv};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::kernels::ops::Act;
+use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -186,6 +188,100 @@ impl PixelCnn {
     }
 }
 
+/// [`PixelCnn`] during cached raster sampling ([`crate::ar_cache`]): the masked convolutions'
+/// inputs (the image, each block's `conv2` input) are cached; everything else is per position.
+struct PixelCnnCache {
+    input_conv: CausalConv,
+    blocks: Vec<(Pointwise, CausalConv, Pointwise, Option<Tensor>)>,
+    head1: Pointwise,
+    head2: Pointwise,
+    /// The image, then each block's `conv2` input.
+    caches: Vec<LayerCache>,
+    groups: usize,
+    width: usize,
+}
+
+impl PixelCnnCache {
+    fn new(m: &PixelCnn, labels: Option<&Tensor>, n: usize) -> Result<Self> {
+        let [c, _, w] = m.cfg.image_shape;
+        let masked = |l: &MaskedConv2d| -> Result<CausalConv> {
+            CausalConv::new(
+                &l.masked_weight()?,
+                l.conv().bias(),
+                l.conv().params().padding,
+            )
+        };
+        let point = |l: &PointwiseConv| Pointwise::new(&l.masked_weight()?, l.bias());
+        let like = m.head2.weight();
+        let input_conv = masked(&m.input_conv)?;
+        let mut caches = vec![LayerCache::new(n, c, w, input_conv.pad(), like)?];
+        let mut blocks = Vec::new();
+        for b in &m.blocks {
+            let conv2 = masked(&b.conv2)?;
+            caches.push(LayerCache::new(
+                n,
+                m.cfg.channels / 2,
+                w,
+                conv2.pad(),
+                like,
+            )?);
+            let emb = match &b.label_emb {
+                None => None,
+                Some(e) => Some(e.forward(labels.ok_or_else(|| {
+                    candle_core::Error::msg("a class-conditional PixelCNN needs labels")
+                })?)?),
+            };
+            blocks.push((point(&b.conv1)?, conv2, point(&b.conv3)?, emb));
+        }
+        Ok(Self {
+            input_conv,
+            blocks,
+            head1: point(&m.head1)?,
+            head2: point(&m.head2)?,
+            caches,
+            groups: c,
+            width: w,
+        })
+    }
+}
+
+impl CachedRaster for PixelCnnCache {
+    fn start_row(&mut self, i: usize) -> Result<()> {
+        let w = self.width;
+        self.input_conv.start_row(&self.caches[0], i, w)?;
+        for (b, blk) in self.blocks.iter_mut().enumerate() {
+            blk.1.start_row(&self.caches[b + 1], i, w)?;
+        }
+        Ok(())
+    }
+
+    fn logits_at(&mut self, j: usize, pixel: &Tensor, ch: usize) -> Result<Tensor> {
+        self.caches[0].set(j, pixel.clone());
+        let mut h = self.input_conv.at(&self.caches[0], j, Act::Identity)?;
+        for (b, (conv1, conv2, conv3, emb)) in self.blocks.iter().enumerate() {
+            let inp = match emb {
+                Some(e) => (h + e)?,
+                None => h,
+            };
+            let r = conv1.apply(&inp.relu()?, Act::Relu)?;
+            self.caches[b + 1].set(j, r);
+            let r = conv2.at(&self.caches[b + 1], j, Act::Relu)?;
+            h = (inp + conv3.apply(&r, Act::Identity)?)?;
+        }
+        let o = self.head1.apply(&h.relu()?, Act::Relu)?;
+        colour_logits(&self.head2.apply(&o, Act::Identity)?, self.groups, ch)
+    }
+
+    fn end_pixel(&mut self, j: usize, pixel: &Tensor) -> Result<()> {
+        self.caches[0].set(j, pixel.clone());
+        Ok(())
+    }
+
+    fn end_row(&mut self) -> Result<()> {
+        self.caches.iter_mut().try_for_each(LayerCache::push_row)
+    }
+}
+
 impl RasterModel for PixelCnn {
     fn kind_name(&self) -> &'static str {
         "pixelcnn"
@@ -207,5 +303,13 @@ impl RasterModel for PixelCnn {
     }
     fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         PixelCnn::logits(self, x, labels)
+    }
+    fn draw_cached(
+        &self,
+        labels: Option<&Tensor>,
+        n: usize,
+        rng: &mut GmRng,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        crate::ar_cache::draw(self, PixelCnnCache::new(self, labels, n)?, n, rng)
     }
 }
