@@ -124,6 +124,39 @@ def cpu_mhz():
         return None
 
 
+def cpu_info():
+    """This CPU as the tables name it: model, family/model numbers, vector ISA, and its fp32 peak
+    in FLOP per cycle per core (two FMA pipes of the vector width; AMD Zen 4 — family 25 with
+    AVX-512 — runs each 512-bit FMA as two 256-bit halves, so its peak is AVX2's)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    fields.setdefault(k.strip(), v.strip())
+    except OSError:
+        return {"name": "unknown CPU", "isa": "unknown", "flop_per_cycle": float("nan")}
+    flags = set(fields.get("flags", "").split())
+    vendor, family = fields.get("vendor_id", ""), int(fields.get("cpu family", "0") or 0)
+    avx512 = sorted(f[len("avx512"):].lstrip("_").upper() for f in flags if f.startswith("avx512"))
+    if "avx512f" in flags:
+        isa = "AVX-512 (" + ", ".join(avx512) + ")" + (" + AMX" if "amx_tile" in flags else "")
+        flop = 32 if vendor == "AuthenticAMD" and family == 25 else 64
+    elif "avx2" in flags and "fma" in flags:
+        isa, flop = "AVX2 + FMA", 32
+    else:
+        isa, flop = "SSE", 8
+    name = f"{fields.get('model name', 'unknown CPU')} ({vendor} family {family} model {fields.get('model', '?')})"
+    return {"name": name, "isa": isa, "flop_per_cycle": flop}
+
+
+def print_cpu(args):
+    c, mhz = cpu_info(), cpu_mhz()
+    print(f"CPU: {c['name']}, {os.cpu_count()} logical cores, {mhz or float('nan'):.0f} MHz; vector ISA: {c['isa']}; "
+          f"fp32 peak {c['flop_per_cycle']} FLOP/cycle/core; threads {' and '.join(map(str, args.threads))}")
+
+
 def median(v):
     return sorted(v)[len(v) // 2]
 
@@ -145,9 +178,10 @@ def bench_ops(args):
             g = median([r["median_ms"] for run in gm_runs for r in run if r["name"] == c["name"] and r["backend"] == "gm"])
             cd = median([r["median_ms"] for run in gm_runs for r in run if r["name"] == c["name"] and r["backend"] == "candle"])
             t = median([run[c["name"] + ":both"] for run in torch_runs])
-            peak = 32 * mhz * 1e-3 * th if mhz else float("nan")
+            peak = cpu_info()["flop_per_cycle"] * mhz * 1e-3 * th if mhz else float("nan")
             rows.append((c["name"], th, g, cd, t, t / g, c["flop"] / g / 1e6, c["flop"] / t / 1e6, peak))
-    print(f"\nconvolution ops, batch {args.batch}, fp32 peak = 32 FLOP/cycle/core x {mhz or float('nan'):.0f} MHz x threads")
+    print(f"\nconvolution ops, batch {args.batch}, fp32 peak = {cpu_info()['flop_per_cycle']} FLOP/cycle/core x "
+          f"{mhz or float('nan'):.0f} MHz x threads")
     print(f"{'case':<30}{'thr':>4}{'gm ms':>9}{'candle ms':>10}{'torch ms':>9}{'torch/gm':>9}{'gm GF/s':>9}{'torch GF/s':>11}{'gm %peak':>9}")
     for n, th, g, cd, t, r, gg, tg, peak in rows:
         print(f"{n:<30}{th:>4}{g:>9.1f}{cd:>10.1f}{t:>9.1f}{r:>9.2f}{gg:>9.1f}{tg:>11.1f}{100 * gg / peak:>8.0f}%")
@@ -183,6 +217,60 @@ def bench_directions(args):
         print(f"{n:<30}{th:>4}{cells}")
 
 
+# The sampling table: (preset, gm --set overrides, images per gm call, images per PyTorch call,
+# timed calls per run; the median call counts).
+# The PyTorch twins' raster samplers are slow (a network pass over the rows a pixel sees, per
+# pixel), so they draw fewer images per call; images/s is per call either way.
+SAMPLE_CASES = [
+    ("models/pixelcnn-mnist.toml", [], 64, 8, 1),
+    ("models/gated-pixelcnn-mnist.toml", [], 64, 8, 1),
+    ("models/ddpm-mnist.toml", ['model.sampler={kind="ddim",steps=50,eta=0.0}'], 64, 64, 1),
+    ("models/flow-matching-mnist.toml", ['model.solver={method="heun",steps=10}'], 64, 64, 1),
+    ("models/dcgan-mnist.toml", [], 1000, 1000, 5),
+]
+
+
+def torch_sampler(args, model, n, th, calls=1):
+    """The PyTorch twin's sampling command for a preset's model section."""
+    if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
+        return [args.python, os.path.join(HERE, "pixelcnn_torch.py"), "sample-bench", "--config", json.dumps(model),
+                "--n", str(n), "--threads", str(th)]
+    if model["kind"] in ("ddpm", "flow-matching"):
+        steps = 50 if model["kind"] == "ddpm" else 10
+        return [args.python, os.path.join(HERE, "unet_torch.py"), "sample-bench", "--config", json.dumps(model),
+                "--n", str(n), "--threads", str(th), "--steps", str(steps), "--warmup", "0"]
+    if model["kind"] == "gan":
+        return [args.python, os.path.join(HERE, "gan_torch.py"), "sample-bench", "--config", json.dumps(model),
+                "--n", str(n), "--threads", str(th), "--repeats", str(calls)]
+    return None
+
+
+def bench_sampling(args):
+    rows = []
+    for preset, sets, n_gm, n_torch, calls in SAMPLE_CASES:
+        with open(os.path.join(ROOT, preset), "rb") as f:
+            model = tomllib.load(f)["model"]
+        for th in args.threads:
+            pin, env = pinning(th)
+            g, t = [], []
+            for _ in range(args.repeats):
+                r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), "--device", "cpu",
+                                     "--sample", str(n_gm), "--steps", str(calls), "--warmup", "1",
+                                     *[a for kv in sets for a in ("--set", kv)]], env, fatal=False)
+                g.append(r["images_per_s"] if r else float("nan"))
+                cmd = torch_sampler(args, model, n_torch, th, calls)
+                r = run_child(pin + cmd, env, fatal=False) if cmd else None
+                t.append(r["images_per_s"] if r else float("nan"))
+            gi, ti = median(g), median(t)
+            rows.append((os.path.basename(preset), " ".join(sets), th, n_gm, n_torch, gi, ti, gi / ti))
+            print(f"  sampling {rows[-1][0]} thr {th}: gm {gi:.2f} img/s, torch {ti:.3f} img/s", file=sys.stderr,
+                  flush=True)
+    print(f"\nsampling, images/s (medians of {args.repeats} alternating runs, fresh weights), gm/PyTorch > 1 means gm is faster")
+    print(f"{'preset':<30}{'thr':>4}{'gm n':>6}{'torch n':>8}{'gm img/s':>10}{'torch img/s':>12}{'gm/torch':>10}  settings")
+    for p, sets, th, ng, nt, gi, ti, r in rows:
+        print(f"{p:<30}{th:>4}{ng:>6}{nt:>8}{gi:>10.2f}{ti:>12.3f}{r:>10.1f}  {sets}")
+
+
 def pinning(th, device="cpu"):
     if device != "cpu":
         return [], dict(os.environ, NVIDIA_TF32_OVERRIDE="0")
@@ -198,7 +286,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
-    ap.add_argument("--what", nargs="+", default=["models", "ops"], choices=["models", "ops", "directions"])
+    ap.add_argument("--what", nargs="+", default=["models", "ops"], choices=["models", "ops", "directions", "sampling"])
     ap.add_argument("--presets", nargs="+", default=PRESETS, help="presets of the train-step table")
     ap.add_argument("--batch", type=int, default=128, help="batch of the ops table")
     ap.add_argument("--op-steps", type=int, default=5, help="timed calls per op case")
@@ -211,12 +299,16 @@ def main():
     if args.device != "cpu":
         args.what = ["models"]
         args.threads = args.threads[:1]
+    if args.device == "cpu":
+        print_cpu(args)
     if "models" in args.what:
         bench_models(args)
     if "ops" in args.what:
         bench_ops(args)
     if "directions" in args.what:
         bench_directions(args)
+    if "sampling" in args.what:
+        bench_sampling(args)
 
 
 def bench_models(args):

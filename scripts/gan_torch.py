@@ -1,6 +1,7 @@
 """PyTorch twin of gm's DCGAN (models/dcgan-*.toml), for the side-by-side train-step benchmark.
 
     python3 scripts/gan_torch.py bench --config JSON [--threads N --steps S --warmup W --batch B]
+    python3 scripts/gan_torch.py sample-bench --config JSON [--threads N --n IMAGES]
 
 One train step = the discriminator's `d_steps` updates and one generator update, each with its own
 Adam, as gm's trainer does. Parameter names follow gm's (`generator.fc`, `generator.deconv.0`,
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from timing import report_images_per_s
 
 DEFAULTS = {"image_shape": [1, 28, 28], "latent_dim": 64, "width": 64, "num_classes": 0,
             "loss": "non-saturating", "gp_weight": 10.0, "batch_norm": True, "d_steps": 1}
@@ -93,6 +96,17 @@ def cmd_bench(args):
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+@torch.no_grad()
+def cmd_sample_bench(args):
+    """Times the generator drawing `--n` images (eval mode: BatchNorm's running statistics)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = {**DEFAULTS, **{k: v for k, v in json.loads(args.config).items() if k != "kind"}}
+    g = Generator(cfg).eval()
+    y = torch.arange(args.n) % cfg["num_classes"] if cfg["num_classes"] else None
+    report_images_per_s(lambda: g(torch.randn(args.n, cfg["latent_dim"]), y), args.n, args.warmup, args.repeats)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -103,8 +117,14 @@ def main():
     a.add_argument("--steps", type=int, default=10)
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--batch", type=int, default=64)
+    a = sub.add_parser("sample-bench", help="time the generator (fresh weights)")
+    a.add_argument("--config", required=True)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--n", type=int, default=1000)
+    a.add_argument("--repeats", type=int, default=5)
+    a.add_argument("--warmup", type=int, default=1)
     args = p.parse_args()
-    cmd_bench(args)
+    {"bench": cmd_bench, "sample-bench": cmd_sample_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

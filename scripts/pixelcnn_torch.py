@@ -10,6 +10,9 @@ Modes:
          per dim and the median train-step time as JSON.
   bench  --config JSON --threads T --steps N --warmup W --batch B
          times the train step on random binary images (for scripts/bench_vs_torch.py).
+  sample-bench  --config JSON --threads T --n N [--full]
+         times raster sampling of N grey images (fresh weights): per pixel a network pass over the
+         rows that pixel sees, or over the whole image with --full (pytorch-generative's way).
 """
 import argparse
 import json
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 
 from amp_torch import autocast, scaler
 from amp_torch import step as amp_step
+from timing import report_images_per_s
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vae_torch import find, read_idx  # noqa: E402  (the IDX reader shared by the reference scripts)
@@ -266,6 +270,42 @@ def cmd_bench(args):
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def rows_above(cfg):
+    """How many rows above its own a row's logits can see (gm's `rows_above`)."""
+    if cfg["kind"] == "pixelcnn":
+        return cfg.get("first_kernel", 7) // 2 + cfg.get("res_blocks", 2) * (cfg.get("kernel", 3) // 2)
+    return cfg.get("first_kernel", 7) // 2 + (cfg.get("layers", 3) - 1) * (cfg.get("kernel", 3) // 2)
+
+
+@torch.no_grad()
+def sample(model, cfg, n, banded=True):
+    """Raster-order samples of a grey model, pixel by pixel. `banded`: the network runs on the
+    rows a pixel can see (as gm's reference sampler); else on the whole image (as
+    pytorch-generative's sampler)."""
+    c, h, w = cfg.get("image_shape", (1, 28, 28))
+    assert c == 1, "the twin samples grey images"
+    y = torch.arange(n) % cfg["num_classes"] if cfg.get("num_classes", 0) else None
+    x = torch.zeros(n, c, h, w)
+    r = rows_above(cfg) if banded else h
+    for i in range(h):
+        lo = max(0, i - r)
+        for j in range(w):
+            l = model.logits(x[:, :, lo:i + 1], y).reshape(n, -1, i + 1 - lo, w)[:, :, -1, j]
+            if model.output == "bernoulli":
+                x[:, 0, i, j] = torch.bernoulli(torch.sigmoid(l[:, 0]))
+            else:
+                x[:, 0, i, j] = torch.multinomial(torch.softmax(l, 1), 1)[:, 0].float() / 255
+    return x
+
+
+def cmd_sample_bench(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = json.loads(args.config)
+    model = build(cfg).eval()
+    report_images_per_s(lambda: sample(model, cfg, args.n, banded=not args.full), args.n, args.warmup, args.repeats)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="mode", required=True)
@@ -287,8 +327,16 @@ def main():
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--batch", type=int, default=32)
     a.add_argument("--amp", default="f32", choices=["f32", "bf16", "f16"], help="mixed precision (amp_torch.py)")
+    a = sub.add_parser("sample-bench", help="time raster sampling (fresh weights)")
+    a.add_argument("--config", required=True)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--n", type=int, default=16)
+    a.add_argument("--repeats", type=int, default=1)
+    a.add_argument("--warmup", type=int, default=0)
+    a.add_argument("--full", action="store_true", help="run on the whole image for every pixel")
     args = p.parse_args()
-    {"train": cmd_train, "nll": cmd_nll, "bench": cmd_bench}[args.mode](args)
+    {"train": cmd_train, "nll": cmd_nll, "bench": cmd_bench,
+     "sample-bench": cmd_sample_bench}[args.mode](args)
 
 
 if __name__ == "__main__":

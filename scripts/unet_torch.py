@@ -6,6 +6,7 @@ Same module tree and parameter names as gm's safetensors checkpoints, so gm's we
 
   bench    time the train step (DDPM ε-loss or flow-matching loss, Adam) at a thread count
   forward  run the network on a batch saved by gm (x, t, labels) with gm's weights, print JSON
+  sample-bench  time DDIM (ddpm) or Heun (flow matching) sampling of --n images, fresh weights
 
 Usage: python scripts/unet_torch.py bench --config '<model table as JSON>' --threads 1
 """
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from amp_torch import autocast, scaler
 from amp_torch import step as amp_step
+from timing import report_images_per_s
 
 
 def unet_cfg(model):
@@ -210,6 +212,42 @@ def cmd_bench(args):
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+@torch.no_grad()
+def sample(net, model_cfg, n, steps):
+    """DDPM: DDIM (η = 0) over `steps` evenly spaced timesteps; flow matching: Heun's method in
+    `steps` steps (two network calls each) from noise at t = 0 to data at t = 1."""
+    shape = model_cfg.get("image_shape", [1, 28, 28])
+    nc = model_cfg.get("num_classes", 0)
+    y = torch.arange(n) % nc if nc else None
+    x = torch.randn(n, *shape)
+    if model_cfg["kind"] == "ddpm":
+        ab, T = linear_alpha_bar(model_cfg)
+        ts = [int(i * T / steps) for i in range(steps)][::-1]
+        for k, t in enumerate(ts):
+            a = ab[t]
+            a_prev = ab[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0)
+            eps = net(x, torch.full((n,), float(t)), y)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return x
+    dt = 1.0 / steps
+    v = lambda x, t: net(x, torch.full((n,), t * 1000.0), y)
+    for k in range(steps):
+        t = k * dt
+        k1 = v(x, t)
+        k2 = v(x + dt * k1, t + dt)
+        x = x + dt / 2 * (k1 + k2)
+    return x
+
+
+def cmd_sample_bench(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model_cfg = json.loads(args.config)
+    net = build(model_cfg).eval()
+    report_images_per_s(lambda: sample(net, model_cfg, args.n, args.steps), args.n, args.warmup, args.repeats)
+
+
 def cmd_forward(args):
     from safetensors.torch import load_file
     net = build(json.loads(args.config)).double()
@@ -235,8 +273,15 @@ def main():
     a.add_argument("--config", required=True)
     a.add_argument("--weights", required=True)
     a.add_argument("--batch", required=True)
+    a = sub.add_parser("sample-bench", help="time DDIM (ddpm) or Heun (flow matching) sampling, fresh weights")
+    a.add_argument("--config", required=True)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--n", type=int, default=64)
+    a.add_argument("--steps", type=int, required=True, help="DDIM steps or Heun steps")
+    a.add_argument("--repeats", type=int, default=1)
+    a.add_argument("--warmup", type=int, default=1)
     args = p.parse_args()
-    {"bench": cmd_bench, "forward": cmd_forward}[args.cmd](args)
+    {"bench": cmd_bench, "forward": cmd_forward, "sample-bench": cmd_sample_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from timing import report_images_per_s
+
 
 class VAE(nn.Module):
     def __init__(self, arch="mlp", image_shape=(1, 28, 28), latent_dim=8, hidden=(64,), channels=(8, 16),
@@ -179,7 +181,7 @@ def evaluate(model, xb, k):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["elbo", "init", "iwae", "train"])
+    ap.add_argument("mode", choices=["elbo", "init", "iwae", "train", "iwae-bench"])
     ap.add_argument("--config")
     ap.add_argument("--model", help="a folder written by `gm export` (config.json, model.safetensors)")
     ap.add_argument("--weights")
@@ -193,6 +195,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iwae-k", type=int, default=1000)
+    ap.add_argument("--n", type=int, default=100, help="iwae-bench: images in the timed batch")
+    ap.add_argument("--repeats", type=int, default=1, help="iwae-bench: timed calls")
     args = ap.parse_args()
     torch.set_default_dtype(torch.float64)
     if args.mode == "train":
@@ -209,6 +213,15 @@ def main():
     model = VAE(**cfg)
     if args.mode == "init":
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
+        return
+    if args.mode == "iwae-bench":
+        # The IWAE-k evaluation of --n random binary images (fresh weights), gm's pairs per
+        # decoder call (eval.max_pairs = 20,000), timed: images per second.
+        torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(args.threads)
+        model = VAE(**cfg)
+        x = torch.bernoulli(torch.rand(args.n, *model.image_shape))
+        report_images_per_s(lambda: model.iwae(x, args.iwae_k, max(1, 20000 // args.n)), args.n, 1, args.repeats)
         return
     if args.mode == "iwae":
         torch.set_default_dtype(torch.float32)

@@ -137,3 +137,110 @@ pub fn bench_train_step(
         peak_rss_mb: peak_rss_mb(),
     })
 }
+
+/// Timing of sampling (`gm bench --sample N`) or of the full evaluation (`gm bench --eval N`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SampleBenchReport {
+    pub model: String,
+    pub device: String,
+    pub threads: usize,
+    /// `sample` or `eval`.
+    pub what: String,
+    /// Images per call of the model's sampler or evaluation.
+    pub n: usize,
+    pub median_s: f64,
+    pub min_s: f64,
+    /// Images per second at the median time.
+    pub images_per_s: f64,
+    pub repeats: usize,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Times `repeats` calls of the model's sampler for `n` images (the configured sampler, solver
+/// and steps; freshly initialised weights) after `warmup` untimed ones.
+pub fn bench_sample(
+    cfg: &RunConfig,
+    device: &Device,
+    n: usize,
+    warmup: usize,
+    repeats: usize,
+) -> Result<SampleBenchReport> {
+    let built = build(cfg, device)?;
+    let mut rng = GmRng::new(0);
+    time_calls(cfg, device, "sample", n, warmup, repeats, || {
+        let x = built.model.sample(n, &mut rng)?.ok_or_else(|| {
+            anyhow::anyhow!("a '{}' model does not sample images", cfg.model.kind())
+        })?;
+        // Waits for the device: the images are on the host afterwards.
+        let _ = x
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        Ok(())
+    })
+}
+
+/// Times `repeats` full evaluations (every estimator, as `gm eval` runs them: IWAE with
+/// `eval.iwae_k` samples, the diffusion bound, ODE likelihoods) of `n` random binary images in
+/// one batch (freshly initialised weights) after `warmup` untimed ones.
+pub fn bench_eval(
+    cfg: &RunConfig,
+    device: &Device,
+    n: usize,
+    warmup: usize,
+    repeats: usize,
+) -> Result<SampleBenchReport> {
+    let built = build(cfg, device)?;
+    let Some([c, h, w]) = cfg.model.image_shape() else {
+        anyhow::bail!("a '{}' model reads text, not images", cfg.model.kind())
+    };
+    let mut rng = GmRng::new(0);
+    let p = rng.uniform((n, c, h, w), 0.0, 1.0, device)?;
+    let labels = (0..n as u32).map(|i| i % 10).collect::<Vec<_>>();
+    let batch = gm_models::Batch {
+        x: rng.bernoulli(&p)?,
+        labels: Some(Tensor::from_vec(labels, n, device)?),
+    };
+    let opts = crate::eval::full_options(cfg, None)?;
+    time_calls(cfg, device, "eval", n, warmup, repeats, || {
+        for (_, v) in built.model.eval_metrics(&batch, &mut rng, &opts)? {
+            let _ = v.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        }
+        Ok(())
+    })
+}
+
+/// Times `warmup + repeats` calls of `f` (each handling `n` images), keeps the last `repeats`.
+fn time_calls(
+    cfg: &RunConfig,
+    device: &Device,
+    what: &str,
+    n: usize,
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<SampleBenchReport> {
+    let mut times = Vec::with_capacity(repeats);
+    for i in 0..warmup + repeats {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        f()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median_s = times[times.len() / 2];
+    Ok(SampleBenchReport {
+        model: cfg.model.kind().to_string(),
+        device: device_name(device),
+        threads: gm_core::kernels::par::threads(),
+        what: what.to_string(),
+        n,
+        median_s,
+        min_s: times[0],
+        images_per_s: n as f64 / median_s,
+        repeats,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}

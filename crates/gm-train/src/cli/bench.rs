@@ -27,6 +27,15 @@ pub struct BenchArgs {
     /// gradient only), weight (the filter gradient only), none (the forward alone).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "both")]
     pub grads: Vec<gm_train::opbench::Grads>,
+    /// Time the model's sampler for this many images instead (fresh weights; `--steps` timed
+    /// calls after `--warmup` untimed ones); prints images per second.
+    #[arg(long, conflicts_with = "ops")]
+    pub sample: Option<usize>,
+    /// Time the full evaluation (every estimator, as `gm eval` runs it: `eval.iwae_k` for the
+    /// VAEs, the diffusion bound, ODE likelihoods) of this many random images in one batch
+    /// instead (fresh weights); prints images per second.
+    #[arg(long, conflicts_with_all = ["ops", "sample"])]
+    pub eval: Option<usize>,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     #[arg(long, default_value_t = 30)]
@@ -45,6 +54,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cases,
         backend,
         grads,
+        sample,
+        eval,
         overrides,
         steps,
         warmup,
@@ -82,6 +93,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let config = config.expect("clap requires --config without --ops");
     let cfg = RunConfig::load(&config, &overrides)?;
     enable_second_order_if_needed(&cfg);
+    if let Some(n) = sample.or(eval) {
+        if n == 0 {
+            bail!("--sample and --eval must be > 0");
+        }
+        let r = if sample.is_some() {
+            gm_train::bench::bench_sample(&cfg, &dev, n, warmup, steps.max(1))?
+        } else {
+            gm_train::bench::bench_eval(&cfg, &dev, n, warmup, steps.max(1))?
+        };
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
     let r = gm_train::trainer::bench_train_step(&cfg, &dev, warmup, steps.max(1))?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
