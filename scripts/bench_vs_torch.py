@@ -9,16 +9,20 @@ With `--device cuda` both run on the GPU (f32, TF32 off on both sides, each step
 device synchronisation after the optimizer's update); only the models table applies, nothing is
 pinned, and the table adds images per second.
 
-Three tables:
+The header names the CPU (model, family/model numbers, vector ISA) and its fp32 peak. Four tables:
 - models: the train step (loss, backward, Adam) of every preset in PRESETS — gm ms, PyTorch ms,
   ratio PyTorch/gm (> 1 means gm is faster), peak RSS of each process;
 - ops: the convolution shapes of `gm bench --ops` with gm's kernels, candle's own kernels and
   PyTorch — ms, ratio PyTorch/gm, and achieved GFLOP/s against this CPU's fp32 peak
-  (32 FLOP per cycle per core for AVX2+FMA, at the clock /proc/cpuinfo reports);
+  (FLOP per cycle per core from the CPU kind — 32 for AVX2+FMA and for AMD Zen 4's AVX-512, 64
+  for AVX-512 with two full-width FMA pipes — at the clock /proc/cpuinfo reports);
 - directions (not run by default): each fwd+bwd op case timed four ways on both sides — forward
   alone, forward + data gradient only, forward + filter gradient only, and both gradients — so
   that each direction's time (data = forward with the input's gradient − forward) can be compared
-  on its own, apart from how each framework's autograd combines them.
+  on its own, apart from how each framework's autograd combines them;
+- sampling (not run by default, `--what sampling`): images/s of each family's sampler (SAMPLE_CASES:
+  raster PixelCNNs, DDIM-50, flow matching Heun-10, RealNVP, the CNF, DCGAN) and of the VAE's
+  IWAE-1000 evaluation, gm (`gm bench --sample/--eval`) against the PyTorch twins.
 """
 import argparse
 import json
@@ -217,21 +221,27 @@ def bench_directions(args):
         print(f"{n:<30}{th:>4}{cells}")
 
 
-# The sampling table: (preset, gm --set overrides, images per gm call, images per PyTorch call,
-# timed calls per run; the median call counts).
+# The sampling table: (preset, "sample" or "eval", gm --set overrides, images per gm call, images
+# per PyTorch call, timed calls per run; the median call counts).
 # The PyTorch twins' raster samplers are slow (a network pass over the rows a pixel sees, per
-# pixel), so they draw fewer images per call; images/s is per call either way.
+# pixel), so they draw fewer images per call; images/s is per call either way. The CNF runs
+# RK4 × 8 (32 network calls) on both sides: an adaptive solver's step count on fresh weights
+# depends on each side's initialisation, so dopri5 would not compare like with like.
 SAMPLE_CASES = [
-    ("models/pixelcnn-mnist.toml", [], 64, 8, 1),
-    ("models/gated-pixelcnn-mnist.toml", [], 64, 8, 1),
-    ("models/ddpm-mnist.toml", ['model.sampler={kind="ddim",steps=50,eta=0.0}'], 64, 64, 1),
-    ("models/flow-matching-mnist.toml", ['model.solver={method="heun",steps=10}'], 64, 64, 1),
-    ("models/dcgan-mnist.toml", [], 1000, 1000, 5),
+    ("models/pixelcnn-mnist.toml", "sample", [], 64, 8, 1),
+    ("models/gated-pixelcnn-mnist.toml", "sample", [], 64, 8, 1),
+    ("models/ddpm-mnist.toml", "sample", ['model.sampler={kind="ddim",steps=50,eta=0.0}'], 64, 64, 1),
+    ("models/flow-matching-mnist.toml", "sample", ['model.solver={method="heun",steps=10}'], 64, 64, 1),
+    ("models/realnvp-mnist.toml", "sample", [], 64, 64, 3),
+    ("models/cnf-mnist.toml", "sample", ['model.eval_solver={method="rk4",steps=8}'], 64, 64, 3),
+    ("models/dcgan-mnist.toml", "sample", [], 1000, 1000, 5),
+    ("models/vae-mnist.toml", "eval", ["eval.iwae_k=1000"], 100, 100, 1),
 ]
 
 
 def torch_sampler(args, model, n, th, calls=1):
-    """The PyTorch twin's sampling command for a preset's model section."""
+    """The PyTorch twin's sampling (or, for the VAE, IWAE-1000 evaluation) command for a preset's
+    model section."""
     if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
         return [args.python, os.path.join(HERE, "pixelcnn_torch.py"), "sample-bench", "--config", json.dumps(model),
                 "--n", str(n), "--threads", str(th)]
@@ -239,6 +249,12 @@ def torch_sampler(args, model, n, th, calls=1):
         steps = 50 if model["kind"] == "ddpm" else 10
         return [args.python, os.path.join(HERE, "unet_torch.py"), "sample-bench", "--config", json.dumps(model),
                 "--n", str(n), "--threads", str(th), "--steps", str(steps), "--warmup", "0"]
+    if model["kind"] in ("realnvp", "cnf"):
+        return [args.python, os.path.join(HERE, "flows_torch.py"), "sample-bench", "--config", json.dumps(model),
+                "--n", str(n), "--threads", str(th), "--steps", "8", "--repeats", str(calls)]
+    if model["kind"] == "vae":
+        return [args.python, os.path.join(HERE, "vae_torch.py"), "iwae-bench", "--config", json.dumps(model),
+                "--n", str(n), "--threads", str(th), "--iwae-k", "1000", "--repeats", str(calls)]
     if model["kind"] == "gan":
         return [args.python, os.path.join(HERE, "gan_torch.py"), "sample-bench", "--config", json.dumps(model),
                 "--n", str(n), "--threads", str(th), "--repeats", str(calls)]
@@ -247,7 +263,7 @@ def torch_sampler(args, model, n, th, calls=1):
 
 def bench_sampling(args):
     rows = []
-    for preset, sets, n_gm, n_torch, calls in SAMPLE_CASES:
+    for preset, mode, sets, n_gm, n_torch, calls in SAMPLE_CASES:
         with open(os.path.join(ROOT, preset), "rb") as f:
             model = tomllib.load(f)["model"]
         for th in args.threads:
@@ -255,20 +271,22 @@ def bench_sampling(args):
             g, t = [], []
             for _ in range(args.repeats):
                 r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), "--device", "cpu",
-                                     "--sample", str(n_gm), "--steps", str(calls), "--warmup", "1",
+                                     f"--{mode}", str(n_gm), "--steps", str(calls), "--warmup", "1",
                                      *[a for kv in sets for a in ("--set", kv)]], env, fatal=False)
                 g.append(r["images_per_s"] if r else float("nan"))
                 cmd = torch_sampler(args, model, n_torch, th, calls)
                 r = run_child(pin + cmd, env, fatal=False) if cmd else None
                 t.append(r["images_per_s"] if r else float("nan"))
             gi, ti = median(g), median(t)
-            rows.append((os.path.basename(preset), " ".join(sets), th, n_gm, n_torch, gi, ti, gi / ti))
+            rows.append((os.path.basename(preset) + (" (IWAE eval)" if mode == "eval" else ""), " ".join(sets), th,
+                         n_gm, n_torch, gi, ti, gi / ti))
             print(f"  sampling {rows[-1][0]} thr {th}: gm {gi:.2f} img/s, torch {ti:.3f} img/s", file=sys.stderr,
                   flush=True)
-    print(f"\nsampling, images/s (medians of {args.repeats} alternating runs, fresh weights), gm/PyTorch > 1 means gm is faster")
-    print(f"{'preset':<30}{'thr':>4}{'gm n':>6}{'torch n':>8}{'gm img/s':>10}{'torch img/s':>12}{'gm/torch':>10}  settings")
+    print(f"\nsampling (and the VAE's IWAE-1000 evaluation), images/s (medians of {args.repeats} alternating runs, "
+          "fresh weights), gm/PyTorch > 1 means gm is faster")
+    print(f"{'preset':<36}{'thr':>4}{'gm n':>6}{'torch n':>8}{'gm img/s':>10}{'torch img/s':>12}{'gm/torch':>10}  settings")
     for p, sets, th, ng, nt, gi, ti, r in rows:
-        print(f"{p:<30}{th:>4}{ng:>6}{nt:>8}{gi:>10.2f}{ti:>12.3f}{r:>10.1f}  {sets}")
+        print(f"{p:<36}{th:>4}{ng:>6}{nt:>8}{gi:>10.2f}{ti:>12.3f}{r:>10.2f}  {sets}")
 
 
 def pinning(th, device="cpu"):

@@ -7,6 +7,7 @@
     python3 scripts/flows_torch.py train   --preset models/realnvp-mnist.toml --data-dir DIR
                                            [--steps S --threads N --eval-images N --eval-steps K
                                             --init-from W.safetensors --save OUT.safetensors]
+    python3 scripts/flows_torch.py sample-bench --config JSON [--threads N --n N --steps K]
 
 `forward` prints −log p(x) per image (nats, 8-bit scale for images) in float64 — gm's interop test
 compares it with gm's own. `train` trains the twin on the same IDX data with the preset's optimiser
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from timing import report_images_per_s
 
 LOG2PI = math.log(2 * math.pi)
 
@@ -142,6 +145,29 @@ class FlowStep(nn.Module):
         return y, ld + s.flatten(1).sum(1)
 
 
+def unsqueeze(x):
+    b, c, h, w = x.shape
+    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
+
+
+def flow_step_inverse(step, y):
+    """x with step(x) = y: the coupling undone from the kept half, then the ActNorm."""
+    if step.mask[0] == "cb":
+        b = step.b.to(y.dtype)
+        s, t = step.s_t(y * b, b)
+        x = (y - t * (1 - b)) * (-s * (1 - b)).exp()
+    else:
+        keep, flip = step.mask[1], step.mask[2]
+        c = y.shape[1]
+        ya, yb = (y[:, c - keep:], y[:, :c - keep]) if flip else (y[:, :keep], y[:, keep:])
+        s, t = step.s_t(ya)
+        xb = (yb - t) * (-s).exp()
+        x = torch.cat([xb, ya], 1) if flip else torch.cat([ya, xb], 1)
+    if step.actnorm is not None:
+        x = x * (-step.actnorm.log_scale).exp() - step.actnorm.bias
+    return x
+
+
 class RealNVP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -196,6 +222,34 @@ class RealNVP(nn.Module):
                 y = y[:, c // 2:]
         logp = logp + std_normal_logp(y)
         return -logp + offset
+
+    @torch.no_grad()
+    def sample(self, n):
+        """n images: latents at the configured temperature through the inverse flow, then the
+        inverse logit, clamped to [0, 1] (as gm's `sample`)."""
+        shape = list(self.cfg["image_shape"])
+        factored = []
+        for p in self.plan:
+            if p == "squeeze":
+                shape = [4 * shape[0], shape[1] // 2, shape[2] // 2]
+            elif p == "factor":
+                factored.append([shape[0] // 2] + shape[1:])
+                shape = [shape[0] - shape[0] // 2] + shape[1:]
+        temp = self.cfg["temperature"]
+        y = torch.randn(n, *shape) * temp
+        k = len(self.flow)
+        for p in reversed(self.plan):
+            if p == "flow":
+                k -= 1
+                y = flow_step_inverse(self.flow[k], y)
+            elif p == "squeeze":
+                y = unsqueeze(y)
+            else:
+                y = torch.cat([torch.randn(n, *factored.pop()) * temp, y], 1)
+        if is_vector(self.cfg):
+            return y
+        a = self.cfg["logit_alpha"]
+        return ((torch.sigmoid(y) - a) / (1 - 2 * a)).clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,6 +399,26 @@ class CNF(nn.Module):
             s = [a + h / 6 * (b1 + 2 * b2 + 2 * b3 + b4) for a, b1, b2, b3, b4 in zip(s, k1, k2, k3, k4)]
             t += h
         return std_normal_logp(s[0]) + s[1], s[2], s[3], nfe
+
+    @torch.no_grad()
+    def sample(self, n, steps):
+        """n states z(T) ~ N(0, temperature²) integrated back to t = 0 by RK4 in `steps` steps
+        (the network alone, no divergence); returned as states (the pre-processing's inverse is
+        a few element-wise ops, left out)."""
+        c, h, w = self.cfg["image_shape"]
+        f = 2 ** self.cfg["squeeze"]
+        z = torch.randn(n, c * f * f, h // f, w // f) * self.cfg.get("temperature", 1.0)
+        T = self.cfg["time_length"]
+        dt = -T / steps
+        t = T
+        for _ in range(steps):
+            k1 = self.odenet(z, t)
+            k2 = self.odenet(z + dt / 2 * k1, t + dt / 2)
+            k3 = self.odenet(z + dt / 2 * k2, t + dt / 2)
+            k4 = self.odenet(z + dt * k3, t + dt)
+            z = z + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            t += dt
+        return z
 
     def nll_parts(self, x, steps, probe=None, exact=None):
         cfg = self.cfg
@@ -521,6 +595,17 @@ def cmd_train(args):
                       "nfe_per_step": float(np.median(nfes)), "eval_images": n, "threads": args.threads}))
 
 
+def cmd_sample_bench(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = build(json.loads(args.config)).eval()
+    if isinstance(net, RealNVP):
+        call = lambda: net.sample(args.n)
+    else:
+        call = lambda: net.sample(args.n, args.steps)
+    report_images_per_s(call, args.n, 1, args.repeats)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -535,6 +620,12 @@ def main():
     a.add_argument("--config", required=True)
     a.add_argument("--weights", required=True)
     a.add_argument("--batch", required=True)
+    a = sub.add_parser("sample-bench", help="time sampling (fresh weights): RealNVP's inverse, the CNF by RK4")
+    a.add_argument("--config", required=True)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--n", type=int, default=64)
+    a.add_argument("--steps", type=int, default=8, help="the CNF's RK4 steps")
+    a.add_argument("--repeats", type=int, default=1)
     a = sub.add_parser("train")
     a.add_argument("--preset", required=True)
     a.add_argument("--data-dir", required=True)
@@ -547,7 +638,7 @@ def main():
     a.add_argument("--init-from", help="start from these weights (a safetensors file with gm's names)")
     a.add_argument("--save", help="write the trained weights here (safetensors, gm's names)")
     args = p.parse_args()
-    {"bench": cmd_bench, "forward": cmd_forward, "train": cmd_train}[args.cmd](args)
+    {"bench": cmd_bench, "forward": cmd_forward, "train": cmd_train, "sample-bench": cmd_sample_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

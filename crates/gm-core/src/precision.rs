@@ -108,9 +108,10 @@ pub fn cast_op2(
     }
 }
 
-/// `a · b` (candle's batched `matmul`) under autocast.
+/// `a · b` under autocast: 2-D f32/f64 products on gm's thread pool
+/// ([`crate::kernels::matmul`]), candle's batched `matmul` otherwise.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    cast_op2("matmul", a, b, true, |a, b| a.matmul(b))
+    cast_op2("matmul", a, b, true, crate::kernels::matmul::matmul)
 }
 
 #[cfg(test)]

@@ -212,3 +212,109 @@ fn channel_broadcast_matches_candle_forward_and_backward() -> Result<()> {
     assert!(channel_broadcast(&Tensor::zeros(3, DType::F32, &dev)?, (2, 4, 1)).is_err());
     Ok(())
 }
+
+/// gm's matmul (gemm on row blocks over candle's pool) agrees with the f64 product, forward and
+/// both gradients, for contiguous and transposed operands, small (one call) and large (row
+/// blocks) products, f32 and f64; its rows do not depend on the rows around them (so neither on
+/// the thread count: every 64-row tile alone gives the same bits as inside the whole); and its
+/// gradient matches central differences in f64.
+#[test]
+fn matmul_matches_f64_and_its_rows_stand_alone() -> Result<()> {
+    use gm_core::kernels::matmul::matmul;
+    let dev = Device::Cpu;
+    let mut rng = GmRng::new(11);
+    let f64v = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+    };
+    // Largest |x − y| relative to the largest |y|.
+    let rel = |x: &Tensor, y: &Tensor| -> Result<f64> {
+        let (x, y) = (f64v(x)?, f64v(y)?);
+        let scale = y.iter().fold(0f64, |m, v| m.max(v.abs()));
+        Ok(x.iter()
+            .zip(&y)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+            / scale)
+    };
+    for dtype in [DType::F32, DType::F64] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-13 };
+        for (m, k, n) in [
+            (1, 5, 3),
+            (7, 13, 9),
+            (130, 784, 512),
+            (512, 128, 784),
+            (33, 300, 2000),
+            (250, 64, 1000),
+        ] {
+            for (ta, tb) in [(false, false), (false, true), (true, false)] {
+                let a0 = rng
+                    .randn(if ta { (k, m) } else { (m, k) }, &dev)?
+                    .to_dtype(dtype)?;
+                let b0 = rng
+                    .randn(if tb { (n, k) } else { (k, n) }, &dev)?
+                    .to_dtype(dtype)?;
+                let (av, bv) = (Var::from_tensor(&a0)?, Var::from_tensor(&b0)?);
+                let a = if ta { av.t()? } else { av.as_tensor().clone() };
+                let b = if tb { bv.t()? } else { bv.as_tensor().clone() };
+                let what = format!("{dtype:?} ({m}, {k}) · ({k}, {n}), transposed {ta} {tb}");
+                let r = rng.randn((m, n), &dev)?.to_dtype(dtype)?;
+                let ours = matmul(&a, &b)?;
+                let (a64, b64, r64) = (
+                    a.to_dtype(DType::F64)?,
+                    b.to_dtype(DType::F64)?,
+                    r.to_dtype(DType::F64)?,
+                );
+                let d = rel(&ours, &a64.matmul(&b64)?)?;
+                assert!(d < tol, "{what}: forward off by {d:e}");
+                // Each 64-row tile alone (one gemm call) has the bits it has in the whole.
+                for r0 in (0..m).step_by(64) {
+                    let rows = 64.min(m - r0);
+                    let alone = matmul(&a.narrow(0, r0, rows)?, &b)?;
+                    assert_eq!(
+                        f64v(&alone)?,
+                        f64v(&ours.narrow(0, r0, rows)?)?,
+                        "{what}: rows {r0}.."
+                    );
+                }
+                let g = (ours * &r)?.sum_all()?.backward()?;
+                let want_a = r64.matmul(&b64.t()?)?;
+                let want_b = a64.t()?.matmul(&r64)?;
+                let got_a = g.get(&av).unwrap();
+                let got_a = if ta { got_a.t()? } else { got_a.clone() };
+                let got_b = g.get(&bv).unwrap();
+                let got_b = if tb { got_b.t()? } else { got_b.clone() };
+                let (da, db) = (rel(&got_a, &want_a)?, rel(&got_b, &want_b)?);
+                assert!(
+                    da < tol && db < tol,
+                    "{what}: gradients off by {da:e}, {db:e}"
+                );
+            }
+        }
+    }
+    // Gradient against central differences in f64.
+    let a0 = rng.randn((4, 6), &dev)?.to_dtype(DType::F64)?;
+    let b = rng.randn((6, 5), &dev)?.to_dtype(DType::F64)?;
+    let f = |a: &Tensor| -> Result<f64> { Ok(matmul(a, &b)?.sqr()?.sum_all()?.to_scalar()?) };
+    let av = Var::from_tensor(&a0)?;
+    let g = matmul(&av, &b)?.sqr()?.sum_all()?.backward()?;
+    let g = g.get(&av).unwrap().flatten_all()?.to_vec1::<f64>()?;
+    let base = a0.flatten_all()?.to_vec1::<f64>()?;
+    for i in 0..base.len() {
+        let (mut p, mut q) = (base.clone(), base.clone());
+        p[i] += 1e-6;
+        q[i] -= 1e-6;
+        let fd = (f(&Tensor::from_vec(p, (4, 6), &dev)?)?
+            - f(&Tensor::from_vec(q, (4, 6), &dev)?)?)
+            / 2e-6;
+        assert!(
+            (fd - g[i]).abs() < 1e-6 * fd.abs().max(1.0),
+            "element {i}: fd {fd} vs {}",
+            g[i]
+        );
+    }
+    assert!(matmul(&rng.randn((2, 3), &dev)?, &rng.randn((4, 5), &dev)?).is_err());
+    eprintln!(
+        "matmul: checked on {} thread(s) of candle's pool (row blocks need 2 or more)",
+        gm_core::kernels::par::threads()
+    );
+    Ok(())
+}

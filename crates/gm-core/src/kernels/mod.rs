@@ -1,4 +1,5 @@
-//! gm's CPU kernels: the convolutions ([`conv`]), fused element-wise ops ([`ops`]), group and
+//! gm's CPU kernels: the convolutions ([`conv`]), matrix products ([`matmul`]), fused
+//! element-wise ops ([`ops`]), group and
 //! layer norms ([`norm`]), the fused Adam update ([`adam`]) and the loops that spread them over
 //! candle's thread pool ([`par`]).
 //!
@@ -10,6 +11,7 @@
 pub mod adam;
 pub mod conv;
 pub(crate) mod cpu;
+pub mod matmul;
 pub mod norm;
 pub mod ops;
 pub mod par;

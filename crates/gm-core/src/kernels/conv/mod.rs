@@ -267,7 +267,7 @@ impl Elem for f64 {}
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)` with explicit (row, column) strides.
 #[allow(unsafe_code, clippy::too_many_arguments)]
-fn matmul<T: Elem>(
+pub(crate) fn matmul<T: WithDType>(
     m: usize,
     n: usize,
     k: usize,
