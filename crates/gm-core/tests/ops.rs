@@ -313,7 +313,12 @@ fn matmul_matches_f64_and_its_rows_stand_alone() -> Result<()> {
     }
     assert!(matmul(&rng.randn((2, 3), &dev)?, &rng.randn((4, 5), &dev)?).is_err());
     eprintln!(
-        "matmul: checked on {} thread(s) of candle's pool (row blocks need 2 or more)",
+        "matmul: checked {} on {} thread(s) of candle's pool (row blocks need 2 or more)",
+        if gm_core::native_kernels(&dev) {
+            "gm's kernel"
+        } else {
+            "candle's matmul (the portable path)"
+        },
         gm_core::kernels::par::threads()
     );
     Ok(())
