@@ -198,14 +198,16 @@ pub trait RasterModel {
     fn rows_above(&self) -> usize;
 
     /// Cached raster sampling ([`crate::ar_cache`]): each value costs one position of every
-    /// layer. Returns the images and the logits `(n, K, D)` each value was drawn from; `None`
-    /// for a model without it (the default), which then samples by [`RasterModel::draw_banded`].
+    /// layer. Returns the images and, with `keep_logits`, the logits `(n, K, D)` each value was
+    /// drawn from; `None` for a model without it (the default), which then samples by
+    /// [`RasterModel::draw_banded`].
     fn draw_cached(
         &self,
         _labels: Option<&Tensor>,
         _n: usize,
         _rng: &mut GmRng,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+        _keep_logits: bool,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         Ok(None)
     }
 
@@ -226,7 +228,7 @@ pub trait RasterModel {
     /// Raster-order samples, one per label (or unconditional when `labels` is `None`): cached
     /// where the model has it, else by the band of rows.
     fn draw(&self, labels: Option<Tensor>, n: usize, rng: &mut GmRng) -> Result<Tensor> {
-        match self.draw_cached(labels.as_ref(), n, rng)? {
+        match self.draw_cached(labels.as_ref(), n, rng, false)? {
             Some((x, _)) => Ok(x),
             None => self.draw_banded(labels.as_ref(), n, rng),
         }

@@ -41,8 +41,8 @@ pub(crate) trait CachedRaster {
 
 /// Draws `n` images of `shape` in raster order (pixel by pixel, colour by colour) through a
 /// [`CachedRaster`] state, with the random numbers of [`crate::ar::sample_raster`] in the same
-/// order. Returns the images `(n, C, H, W)` and the logits `(n, K, C·H·W)` each value was drawn
-/// from.
+/// order. Returns the images `(n, C, H, W)` and, with `keep_logits`, the logits `(n, K, C·H·W)`
+/// each value was drawn from.
 pub(crate) fn sample_cached(
     shape: [usize; 3],
     n: usize,
@@ -50,12 +50,13 @@ pub(crate) fn sample_cached(
     like: &Tensor,
     rng: &mut GmRng,
     state: &mut dyn CachedRaster,
-) -> Result<(Tensor, Tensor)> {
+    keep_logits: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let [c, h, w] = shape;
     let (dtype, device) = (like.dtype(), like.device());
     let (plane, d, k) = (h * w, c * h * w, out.classes());
     let mut buf = vec![0f32; n * d];
-    let mut logits = vec![0f32; n * k * d];
+    let mut logits = keep_logits.then(|| vec![0f32; n * k * d]);
     for i in 0..h {
         state.start_row(i)?;
         for j in 0..w {
@@ -67,9 +68,11 @@ pub(crate) fn sample_cached(
                     .to_dtype(DType::F32)?
                     .to_vec2::<f32>()?;
                 let at = ch * plane + i * w + j;
-                for (b, lb) in l.iter().enumerate() {
-                    for (kk, v) in lb.iter().enumerate() {
-                        logits[(b * k + kk) * d + at] = *v;
+                if let Some(logits) = logits.as_mut() {
+                    for (b, lb) in l.iter().enumerate() {
+                        for (kk, v) in lb.iter().enumerate() {
+                            logits[(b * k + kk) * d + at] = *v;
+                        }
                     }
                 }
                 for (b, v) in out.draw(&l, rng).into_iter().enumerate() {
@@ -83,7 +86,9 @@ pub(crate) fn sample_cached(
         state.end_row()?;
     }
     let images = gm_core::traffic::upload(buf, (n, c, h, w), device)?.to_dtype(dtype)?;
-    let logits = Tensor::from_vec(logits, (n, k, d), device)?;
+    let logits = logits
+        .map(|l| Tensor::from_vec(l, (n, k, d), device))
+        .transpose()?;
     Ok((images, logits))
 }
 
@@ -93,16 +98,10 @@ pub(crate) fn draw<M: crate::ar::RasterModel + ?Sized>(
     mut state: impl CachedRaster,
     n: usize,
     rng: &mut GmRng,
-) -> Result<Option<(Tensor, Tensor)>> {
-    sample_cached(
-        m.image_shape(),
-        n,
-        m.output(),
-        m.any_param(),
-        rng,
-        &mut state,
-    )
-    .map(Some)
+    keep_logits: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    let (shape, out, like) = (m.image_shape(), m.output(), m.any_param());
+    sample_cached(shape, n, out, like, rng, &mut state, keep_logits).map(Some)
 }
 
 /// One layer input's activations during sampling: the finished rows `(n, W + 2·pad, C)`,

@@ -525,7 +525,8 @@ impl RasterModel for GatedPixelCnn {
         labels: Option<&Tensor>,
         n: usize,
         rng: &mut GmRng,
-    ) -> Result<Option<(Tensor, Tensor)>> {
-        crate::ar_cache::draw(self, GatedCache::new(self, labels, n)?, n, rng)
+        keep_logits: bool,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        crate::ar_cache::draw(self, GatedCache::new(self, labels, n)?, n, rng, keep_logits)
     }
 }

@@ -309,7 +309,14 @@ impl RasterModel for PixelCnn {
         labels: Option<&Tensor>,
         n: usize,
         rng: &mut GmRng,
-    ) -> Result<Option<(Tensor, Tensor)>> {
-        crate::ar_cache::draw(self, PixelCnnCache::new(self, labels, n)?, n, rng)
+        keep_logits: bool,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        crate::ar_cache::draw(
+            self,
+            PixelCnnCache::new(self, labels, n)?,
+            n,
+            rng,
+            keep_logits,
+        )
     }
 }

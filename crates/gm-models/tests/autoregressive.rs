@@ -545,9 +545,10 @@ fn cached_sampler_equals_the_banded_one() {
         for (name, m) in models {
             let what = format!("{name} {shape:?} {output:?} classes {num_classes}");
             let (x, logits) = m
-                .draw_cached(labels.as_ref(), n, &mut GmRng::new(7))
+                .draw_cached(labels.as_ref(), n, &mut GmRng::new(7), true)
                 .unwrap()
                 .expect("a cached sampler");
+            let logits = logits.expect("the logits kept");
             let banded = m
                 .draw_banded(labels.as_ref(), n, &mut GmRng::new(7))
                 .unwrap();
