@@ -387,24 +387,10 @@ fn gate_rows<T: WithDType, const OUT_ROWS: usize>(
 }
 
 fn gate_kernel<T: Transcendental>(x: &[T], dims: (usize, usize, usize)) -> Vec<T> {
+    // `(N, 2C)` is `(N, 2, C)`: image `n`'s halves are then one row each, contiguous runs of C
+    // that the loop below vectorises, instead of 2C rows of one value.
     let (outer, c2, inner) = dims;
-    if inner <= 1 {
-        // `(N, 2C)`: image `n`'s halves are contiguous runs of C, a loop that vectorises (the
-        // same function of each element as below).
-        let c = c2 / 2;
-        let mut out = vec![T::zero(); outer * c];
-        let rows_per_task = PAR_CHUNK.div_ceil(c.max(1));
-        crate::kernels::par::chunks_mut(&mut out, rows_per_task * c, |t, chunk| {
-            for (r, o) in chunk.chunks_mut(c).enumerate() {
-                let n = t * rows_per_task + r;
-                let (a, b) = x[n * c2..][..c2].split_at(c);
-                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                    *o = a.tanh_() * b.sigmoid();
-                }
-            }
-        });
-        return out;
-    }
+    let dims = if inner <= 1 { (outer, 2, c2 / 2) } else { dims };
     gate_rows::<T, 1>(x, dims, |_, a, b, o| {
         for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
             *o = a.tanh_() * b.sigmoid();
