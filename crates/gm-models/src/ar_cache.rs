@@ -21,8 +21,9 @@
 //! each value was drawn from equal the network's own logits on the finished image.
 
 use crate::ar::PixelOutput;
+use crate::nn::bias_then;
 use candle_core::{DType, Result, Tensor};
-use gm_core::kernels::ops::{bias_act, Act};
+use gm_core::kernels::ops::Act;
 use gm_core::GmRng;
 
 /// The incremental state of one model's network during raster sampling ([`sample_cached`]).
@@ -388,11 +389,7 @@ pub(crate) fn per_row(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Resu
 
 /// `act(y + bias)` on `(n, C)` positions or `(n, W, C)` rows.
 pub(crate) fn finish(y: Tensor, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
-    per_row(&y, |y| match (bias, act) {
-        (Some(b), act) => bias_act(y, b, act),
-        (None, Act::Identity) => Ok(y.clone()),
-        (None, act) => bias_act(y, &Tensor::zeros(y.dim(1)?, y.dtype(), y.device())?, act),
-    })
+    per_row(&y, |y| bias_then(y.clone(), bias, act))
 }
 
 /// The logits `(n, K)` of colour `ch` from a head output `(n, K·G)` whose channel `k·G + g`

@@ -25,13 +25,16 @@ use crate::ar::{check_shape, PixelOutput, RasterModel};
 use crate::ar_cache::{
     colour_logits, finish, per_row, CachedRaster, LayerCache, PixelTaps, Pointwise, RowTaps,
 };
-use crate::nn::{channel_mask, Conv2d, MaskType, PointwiseConv};
+use crate::nn::{channel_mask, embed_labels, masked, Conv2d, MaskType, PointwiseConv};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::kernels::conv::Conv2dParams;
 use gm_core::kernels::ops::{gated_tanh, Act};
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
+
+/// The model's name in error messages.
+const MODEL: &str = "Gated PixelCNN";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -172,22 +175,13 @@ impl ShiftedConv {
 
     /// The weight times its mask, if any.
     fn masked_weight(&self) -> Result<Tensor> {
-        match &self.mask {
-            None => Ok(self.conv.weight().clone()),
-            Some(m) => self.conv.weight() * m,
-        }
+        masked(self.conv.weight(), self.mask.as_ref())
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        match &self.mask {
-            None => self.conv.forward_cropped(x, [h, w], Act::Identity),
-            Some(m) => {
-                let weight = (self.conv.weight() * m)?;
-                self.conv
-                    .forward_cropped_with_weight(x, &weight, [h, w], Act::Identity)
-            }
-        }
+        self.conv
+            .forward_cropped_with_weight(x, &self.masked_weight()?, [h, w], Act::Identity)
     }
 }
 
@@ -244,12 +238,7 @@ impl GatedLayer {
         let cond = |e: &Option<Embedding>, t: Tensor| -> Result<Tensor> {
             match e {
                 None => Ok(t),
-                Some(e) => {
-                    let y = y.ok_or_else(|| {
-                        candle_core::Error::msg("a class-conditional Gated PixelCNN needs labels")
-                    })?;
-                    t.broadcast_add(&e.forward(y)?.unsqueeze(2)?.unsqueeze(3)?)
-                }
+                Some(e) => t.broadcast_add(&embed_labels(e, y, MODEL)?.unsqueeze(2)?.unsqueeze(3)?),
             }
         };
         let vf = self.v_conv.forward(v)?;
@@ -392,11 +381,9 @@ impl GatedCache {
         let [c, w] = [m.c_in, m.cfg.image_shape[2]];
         let like = m.head2.weight();
         let cond = |e: &Option<Embedding>| -> Result<Option<Tensor>> {
-            let Some(e) = e else { return Ok(None) };
-            let y = labels.ok_or_else(|| {
-                candle_core::Error::msg("a class-conditional Gated PixelCNN needs labels")
-            })?;
-            Ok(Some(e.forward(y)?.detach()))
+            e.as_ref()
+                .map(|e| embed_labels(e, labels, MODEL).map(|v| v.detach()))
+                .transpose()
         };
         let (mut layers, mut v_in, mut h_in) = (Vec::new(), Vec::new(), Vec::new());
         for (i, l) in m.layers.iter().enumerate() {

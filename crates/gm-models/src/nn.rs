@@ -285,13 +285,34 @@ fn uniform_fan_in(fan_in: usize) -> Init {
     }
 }
 
-/// `act(y + bias[c])` over `(N, C, H, W)`.
-fn bias_then(y: Tensor, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
+/// `act(y + bias[c])` over `(N, C, H, W)` (any shape with channels on axis 1).
+pub(crate) fn bias_then(y: Tensor, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
     match (bias, act) {
         (Some(b), act) => bias_act(&y, b, act),
         (None, Act::Identity) => Ok(y),
         (None, act) => bias_act(&y, &Tensor::zeros(y.dim(1)?, y.dtype(), y.device())?, act),
     }
+}
+
+/// A weight times its mask (same shape), or the weight itself without one.
+pub(crate) fn masked(weight: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        None => Ok(weight.clone()),
+        Some(m) => weight * m,
+    }
+}
+
+/// The class embeddings `(B, C)` of a conditional layer for labels `(B,)`; an error naming
+/// `model` when the labels are missing.
+pub(crate) fn embed_labels(
+    e: &candle_nn::Embedding,
+    labels: Option<&Tensor>,
+    model: &str,
+) -> Result<Tensor> {
+    let y = labels.ok_or_else(|| {
+        candle_core::Error::msg(format!("a class-conditional {model} needs labels"))
+    })?;
+    e.forward(y)
 }
 
 /// Labels `0, 1, …` cycling through `num_classes` (what an unconditional `sample(n)` of a
@@ -401,10 +422,7 @@ impl PointwiseConv {
 
     /// The weight times its colour mask, `(C_out, C_in, 1, 1)`.
     pub fn masked_weight(&self) -> Result<Tensor> {
-        match &self.mask {
-            None => Ok(self.conv.weight().clone()),
-            Some(m) => self.conv.weight() * m,
-        }
+        masked(self.conv.weight(), self.mask.as_ref())
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -413,12 +431,8 @@ impl PointwiseConv {
 
     /// `act(conv(x) + bias)` with the masked weight.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        match &self.mask {
-            None => self.conv.forward_act(x, act),
-            Some(m) => self
-                .conv
-                .forward_with_weight(x, &(self.conv.weight() * m)?, act),
-        }
+        self.conv
+            .forward_with_weight(x, &self.masked_weight()?, act)
     }
 }
 

@@ -21,6 +21,7 @@
 
 use crate::ar::{check_shape, PixelOutput, RasterModel};
 use crate::ar_cache::{colour_logits, CachedRaster, CausalConv, LayerCache, Pointwise};
+use crate::nn::embed_labels;
 pub use crate::nn::{channel_mask, raster_mask, MaskType, MaskedConv2d, PointwiseConv};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
@@ -173,10 +174,8 @@ impl PixelCnn {
         for blk in &self.blocks {
             let mut inp = h.clone();
             if let Some(e) = &blk.label_emb {
-                let y = labels.ok_or_else(|| {
-                    candle_core::Error::msg("a class-conditional PixelCNN needs labels")
-                })?;
-                inp = inp.broadcast_add(&e.forward(y)?.unsqueeze(2)?.unsqueeze(3)?)?;
+                let v = embed_labels(e, labels, "PixelCNN")?;
+                inp = inp.broadcast_add(&v.unsqueeze(2)?.unsqueeze(3)?)?;
             }
             let r = blk.conv1.forward_act(&inp.relu()?, Act::Relu)?;
             let r = blk.conv2.forward_act(&r, Act::Relu)?;
@@ -225,12 +224,11 @@ impl PixelCnnCache {
                 conv2.pad(),
                 like,
             )?);
-            let emb = match &b.label_emb {
-                None => None,
-                Some(e) => Some(e.forward(labels.ok_or_else(|| {
-                    candle_core::Error::msg("a class-conditional PixelCNN needs labels")
-                })?)?),
-            };
+            let emb = b
+                .label_emb
+                .as_ref()
+                .map(|e| embed_labels(e, labels, "PixelCNN").map(|v| v.detach()))
+                .transpose()?;
             blocks.push((point(&b.conv1)?, conv2, point(&b.conv3)?, emb));
         }
         Ok(Self {
