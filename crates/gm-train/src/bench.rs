@@ -33,6 +33,25 @@ pub struct BenchReport {
     pub peak_rss_mb: Option<f64>,
 }
 
+/// `n` random binary images of the model's shape with labels `0, 1, …, 9, 0, …` (the benchmarks'
+/// batch; drawn from `rng`).
+fn random_batch(
+    cfg: &RunConfig,
+    n: usize,
+    rng: &mut GmRng,
+    device: &Device,
+) -> Result<gm_models::Batch> {
+    let Some([c, h, w]) = cfg.model.image_shape() else {
+        anyhow::bail!("a '{}' model reads text, not images", cfg.model.kind())
+    };
+    let p = rng.uniform((n, c, h, w), 0.0, 1.0, device)?;
+    let labels = (0..n as u32).map(|i| i % 10).collect::<Vec<_>>();
+    Ok(gm_models::Batch {
+        x: rng.bernoulli(&p)?,
+        labels: Some(Tensor::from_vec(labels, n, device)?),
+    })
+}
+
 fn peak_rss_mb() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -63,19 +82,7 @@ pub fn bench_train_step(
     let t = &cfg.train;
     let (groups, mut adams) = optimizers(built.model.as_ref(), &vars, t)?;
     let mut rng = GmRng::new(0);
-    let Some([c, h, w]) = cfg.model.image_shape() else {
-        anyhow::bail!("a '{}' model reads text, not images", cfg.model.kind())
-    };
-    let p = rng.uniform((t.batch_size, c, h, w), 0.0, 1.0, device)?;
-    let labels = Tensor::from_vec(
-        (0..t.batch_size as u32).map(|i| i % 10).collect::<Vec<_>>(),
-        t.batch_size,
-        device,
-    )?;
-    let batch = gm_models::Batch {
-        x: rng.bernoulli(&p)?,
-        labels: Some(labels),
-    };
+    let batch = random_batch(cfg, t.batch_size, &mut rng, device)?;
     let batch_upload_bytes = gm_core::traffic::bytes_of(&batch.x) + 4 * t.batch_size;
     let precision = gm_core::precision::parse(&t.precision).map_err(|e| anyhow::anyhow!(e))?;
     let mut scaler =
@@ -191,16 +198,8 @@ pub fn bench_eval(
     repeats: usize,
 ) -> Result<SampleBenchReport> {
     let built = build(cfg, device)?;
-    let Some([c, h, w]) = cfg.model.image_shape() else {
-        anyhow::bail!("a '{}' model reads text, not images", cfg.model.kind())
-    };
     let mut rng = GmRng::new(0);
-    let p = rng.uniform((n, c, h, w), 0.0, 1.0, device)?;
-    let labels = (0..n as u32).map(|i| i % 10).collect::<Vec<_>>();
-    let batch = gm_models::Batch {
-        x: rng.bernoulli(&p)?,
-        labels: Some(Tensor::from_vec(labels, n, device)?),
-    };
+    let batch = random_batch(cfg, n, &mut rng, device)?;
     let opts = crate::eval::full_options(cfg, None)?;
     time_calls(cfg, device, "eval", n, warmup, repeats, || {
         for (_, v) in built.model.eval_metrics(&batch, &mut rng, &opts)? {

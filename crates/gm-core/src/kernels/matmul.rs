@@ -67,7 +67,7 @@ fn product<T: WithDType>(
     // One block of whole row tiles per thread: every block packs all of `b` again, so more
     // blocks would cost more packing.
     if threads == 1 || work < PAR_WORK || m < 2 * TILE {
-        gemm(m, n, k, &mut out, n, a, (ars, acs), b, (brs, bcs));
+        gemm(m, n, k, &mut out, a, (ars, acs), b, (brs, bcs));
         return Ok(out);
     }
     let rows = m.div_ceil(TILE).div_ceil(threads) * TILE;
@@ -78,7 +78,6 @@ fn product<T: WithDType>(
             n,
             k,
             chunk,
-            n,
             &a[t * rows * ars..],
             (ars, acs),
             b,
@@ -88,21 +87,20 @@ fn product<T: WithDType>(
     Ok(out)
 }
 
-/// `dst (m×n, row stride dst_rs) = a (m×k) · b (k×n)` by one single-threaded `gemm` call.
+/// `dst (m×n, contiguous) = a (m×k) · b (k×n)` by one single-threaded `gemm` call.
 #[allow(clippy::too_many_arguments)]
 fn gemm<T: WithDType>(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [T],
-    dst_rs: usize,
     a: &[T],
     a_strides: (usize, usize),
     b: &[T],
     b_strides: (usize, usize),
 ) {
     let par = gemm::Parallelism::None;
-    super::conv::matmul(m, n, k, dst, dst_rs, false, a, a_strides, b, b_strides, par);
+    super::conv::matmul(m, n, k, dst, n, false, a, a_strides, b, b_strides, par);
 }
 
 impl CustomOp2 for MatMul {
