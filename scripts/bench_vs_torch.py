@@ -221,6 +221,10 @@ def bench_directions(args):
         print(f"{n:<30}{th:>4}{cells}")
 
 
+# Steps (DDIM, Heun, RK4) or importance samples (IWAE) of the sampling table, by model kind: gm's
+# --set overrides below and the PyTorch twins' arguments both read them.
+SAMPLE_STEPS = {"ddpm": 50, "flow-matching": 10, "cnf": 8, "vae": 1000}
+
 # The sampling table: (preset, "sample" or "eval", gm --set overrides, images per gm call, images
 # per PyTorch call, timed calls per run; the median call counts).
 # The PyTorch twins' raster samplers are slow (a network pass over the rows a pixel sees, per
@@ -230,12 +234,13 @@ def bench_directions(args):
 SAMPLE_CASES = [
     ("models/pixelcnn-mnist.toml", "sample", [], 64, 8, 1),
     ("models/gated-pixelcnn-mnist.toml", "sample", [], 64, 8, 1),
-    ("models/ddpm-mnist.toml", "sample", ['model.sampler={kind="ddim",steps=50,eta=0.0}'], 64, 64, 1),
-    ("models/flow-matching-mnist.toml", "sample", ['model.solver={method="heun",steps=10}'], 64, 64, 1),
+    ("models/ddpm-mnist.toml", "sample", [f'model.sampler={{kind="ddim",steps={SAMPLE_STEPS["ddpm"]},eta=0.0}}'], 64, 64, 1),
+    ("models/flow-matching-mnist.toml", "sample",
+     [f'model.solver={{method="heun",steps={SAMPLE_STEPS["flow-matching"]}}}'], 64, 64, 1),
     ("models/realnvp-mnist.toml", "sample", [], 64, 64, 3),
-    ("models/cnf-mnist.toml", "sample", ['model.eval_solver={method="rk4",steps=8}'], 64, 64, 3),
+    ("models/cnf-mnist.toml", "sample", [f'model.eval_solver={{method="rk4",steps={SAMPLE_STEPS["cnf"]}}}'], 64, 64, 3),
     ("models/dcgan-mnist.toml", "sample", [], 1000, 1000, 5),
-    ("models/vae-mnist.toml", "eval", ["eval.iwae_k=1000"], 100, 100, 1),
+    ("models/vae-mnist.toml", "eval", [f"eval.iwae_k={SAMPLE_STEPS['vae']}"], 100, 100, 1),
 ]
 
 
@@ -246,15 +251,14 @@ def torch_sampler(args, model, n, th, calls=1):
         return [args.python, os.path.join(HERE, "pixelcnn_torch.py"), "sample-bench", "--config", json.dumps(model),
                 "--n", str(n), "--threads", str(th)]
     if model["kind"] in ("ddpm", "flow-matching"):
-        steps = 50 if model["kind"] == "ddpm" else 10
         return [args.python, os.path.join(HERE, "unet_torch.py"), "sample-bench", "--config", json.dumps(model),
-                "--n", str(n), "--threads", str(th), "--steps", str(steps), "--warmup", "0"]
+                "--n", str(n), "--threads", str(th), "--steps", str(SAMPLE_STEPS[model["kind"]]), "--warmup", "0"]
     if model["kind"] in ("realnvp", "cnf"):
         return [args.python, os.path.join(HERE, "flows_torch.py"), "sample-bench", "--config", json.dumps(model),
-                "--n", str(n), "--threads", str(th), "--steps", "8", "--repeats", str(calls)]
+                "--n", str(n), "--threads", str(th), "--steps", str(SAMPLE_STEPS["cnf"]), "--repeats", str(calls)]
     if model["kind"] == "vae":
         return [args.python, os.path.join(HERE, "vae_torch.py"), "iwae-bench", "--config", json.dumps(model),
-                "--n", str(n), "--threads", str(th), "--iwae-k", "1000", "--repeats", str(calls)]
+                "--n", str(n), "--threads", str(th), "--iwae-k", str(SAMPLE_STEPS["vae"]), "--repeats", str(calls)]
     if model["kind"] == "gan":
         return [args.python, os.path.join(HERE, "gan_torch.py"), "sample-bench", "--config", json.dumps(model),
                 "--n", str(n), "--threads", str(th), "--repeats", str(calls)]
