@@ -31,6 +31,9 @@ pub struct BenchReport {
     pub batch_upload_bytes: usize,
     /// Peak resident memory of the process (Linux `VmHWM`), MiB.
     pub peak_rss_mb: Option<f64>,
+    /// The most heap memory live at once during a timed step, MiB: what the step needs,
+    /// whatever the allocator keeps resident (`None` without [`crate::alloc::Counting`]).
+    pub peak_live_mb: Option<f64>,
 }
 
 /// `n` random binary images of the model's shape with labels `0, 1, …, 9, 0, …` (the benchmarks'
@@ -88,9 +91,11 @@ pub fn bench_train_step(
     let mut scaler =
         (precision == Some(candle_core::DType::F16)).then(|| LossScaler::new(t.loss_scale));
     let mut times = Vec::with_capacity(steps);
+    let mut peak_live = 0;
     let mut traffic = gm_core::traffic::Traffic::default();
     for i in 0..warmup + steps {
         device.synchronize()?;
+        crate::alloc::reset_peak();
         let t0 = Instant::now();
         let tr0 = gm_core::traffic::snapshot();
         let autocast = gm_core::precision::Autocast::enter(precision);
@@ -123,6 +128,7 @@ pub fn bench_train_step(
         device.synchronize()?;
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
+            peak_live = peak_live.max(crate::alloc::peak_bytes().unwrap_or(0));
             traffic = traffic.plus(&gm_core::traffic::snapshot().since(&tr0));
         }
     }
@@ -142,6 +148,7 @@ pub fn bench_train_step(
         readbacks_per_step: traffic.readbacks as f64 / steps as f64,
         batch_upload_bytes,
         peak_rss_mb: peak_rss_mb(),
+        peak_live_mb: crate::alloc::peak_bytes().map(|_| peak_live as f64 / (1 << 20) as f64),
     })
 }
 

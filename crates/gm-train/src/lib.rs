@@ -4,6 +4,7 @@
 //! optimizer ([`optim`]), the training loop ([`trainer`]), checkpoints ([`checkpoint`]),
 //! evaluation and sample quality ([`eval`]), PNG output ([`images`]) and the `gm` command line.
 
+pub mod alloc;
 pub mod bench;
 pub mod checkpoint;
 pub mod compare;

@@ -58,7 +58,11 @@ fn run() -> Result<()> {
     }
 }
 
+#[global_allocator]
+static ALLOC: gm_train::alloc::Counting = gm_train::alloc::Counting;
+
 fn main() {
+    gm_train::alloc::mark_installed();
     gm_core::keep_freed_memory();
     if let Err(e) = run() {
         eprintln!("gm: error: {e:#}");

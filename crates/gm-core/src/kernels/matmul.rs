@@ -10,6 +10,7 @@
 //! has inside the whole; columns do not have that property, so they are never split), so the
 //! result is the same on any number of threads. Products agree with f64 ones to 1e-5 (f32).
 
+use crate::kernels::for_grad;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
@@ -140,6 +141,7 @@ impl CustomOp2 for MatMul {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (a, b, g) = (&for_grad(a), &for_grad(b), &for_grad(g));
         Ok((Some(matmul(g, &b.t()?)?), Some(matmul(&a.t()?, g)?)))
     }
 }

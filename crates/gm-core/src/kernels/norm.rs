@@ -6,6 +6,7 @@
 //! `y = act(γ_c · (x − μ_{n,g}) / √(σ²_{n,g} + ε) + β_c)`, statistics per sample and channel group.
 
 use crate::kernels::cpu::{lane_sum, lane_sum2, Transcendental};
+use crate::kernels::for_grad;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 #[derive(Clone, Copy)]
@@ -216,6 +217,8 @@ impl CustomOp3 for GroupNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, dy) = (&for_grad(x), &for_grad(dy));
+        let (gamma, beta) = (&for_grad(gamma), &for_grad(beta));
         let c = gamma.dim(0)?;
         let gb = Tensor::cat(&[gamma, beta], 0)?;
         let all = x.apply_op3(
@@ -229,8 +232,10 @@ impl CustomOp3 for GroupNormOp {
         )?;
         let n = x.elem_count();
         let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dg = all.narrow(0, n, c)?;
-        let db = all.narrow(0, n + c, c)?;
+        // Copies: views would keep the whole buffer (dx with them) alive as long as the
+        // parameters' gradients live.
+        let dg = all.narrow(0, n, c)?.copy()?;
+        let db = all.narrow(0, n + c, c)?.copy()?;
         Ok((Some(dx), Some(dg), Some(db)))
     }
 }

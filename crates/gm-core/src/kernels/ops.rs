@@ -18,6 +18,7 @@
 //! ```
 
 use crate::kernels::cpu::{lane_sum, Transcendental};
+use crate::kernels::for_grad;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -186,6 +187,7 @@ impl CustomOp2 for BiasAct {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (y, dy) = (&for_grad(y), &for_grad(dy));
         let dx = match self.0 {
             Act::Identity => dy.clone(),
             act => dy.contiguous()?.apply_op2(y, ActGrad(act))?,
@@ -226,6 +228,7 @@ impl CustomOp2 for ActGrad {
         // `act'` is piecewise constant: its derivative with respect to `y` is zero (almost
         // everywhere). Returning it (rather than nothing) matters for gradients of gradients:
         // candle expects every tracked input of a node to receive a gradient.
+        let (y, g) = (&for_grad(y), &for_grad(g));
         Ok((
             Some(g.contiguous()?.apply_op2(y, ActGrad(self.0))?),
             Some(y.zeros_like()?),
@@ -260,6 +263,7 @@ impl CustomOp1 for ChannelSum {
         Ok((out, Shape::from(dims.1)))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = for_grad(g);
         let mut shape = vec![1; x.rank()];
         shape[1] = x.dim(1)?;
         Ok(Some(g.reshape(shape)?.broadcast_as(x.shape())?))
@@ -326,7 +330,7 @@ impl CustomOp1 for ChannelBroadcast {
         Ok((out, self.0.clone()))
     }
     fn bwd(&self, _v: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(channel_sum(g)?))
+        Ok(Some(channel_sum(&for_grad(g))?))
     }
 }
 
@@ -431,6 +435,7 @@ impl CustomOp1 for Gate {
         Ok((out, Shape::from(shape)))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (x, g) = (for_grad(x), for_grad(g));
         Ok(Some(x.apply_op2(&g.contiguous()?, GateGrad)?))
     }
 }

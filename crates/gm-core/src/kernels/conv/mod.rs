@@ -36,6 +36,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use crate::kernels::for_grad;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 #[cfg(target_arch = "x86_64")]
@@ -846,8 +847,9 @@ impl CustomOp2 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (g, grad) = (self.0, grad.contiguous()?);
         let (ta, tb) = (a.track_op(), b.track_op());
+        let (a, b) = (&for_grad(a), &for_grad(b));
+        let (g, grad) = (self.0, for_grad(grad).contiguous()?);
         Ok(match self.1 {
             // y = conv(x, w): dx = bwd_data(dy, w), dw = bwd_filter(x, dy).
             Dir::Fwd => (
