@@ -11,7 +11,8 @@ pinned, and the table adds images per second.
 
 The header names the CPU (model, family/model numbers, vector ISA) and its fp32 peak. Four tables:
 - models: the train step (loss, backward, Adam) of every preset in PRESETS — gm ms, PyTorch ms,
-  ratio PyTorch/gm (> 1 means gm is faster), peak RSS of each process;
+  ratio PyTorch/gm (> 1 means gm is faster), peak RSS of each process and the most heap gm held
+  at once (`--grad-checkpointing`: both sides recompute the UNet's and PixelCNNs' blocks);
 - ops: the convolution shapes of `gm bench --ops` with gm's kernels, candle's own kernels and
   PyTorch — ms, ratio PyTorch/gm, and achieved GFLOP/s against this CPU's fp32 peak
   (FLOP per cycle per core from the CPU kind — 32 for AVX2+FMA and for AMD Zen 4's AVX-512, 64
@@ -315,6 +316,9 @@ def main():
     ap.add_argument("--precision", nargs="+", default=["f32"], choices=["f32", "bf16", "f16"],
                     help="models table: gm's train.precision and PyTorch's AMP (amp_torch.py) side by side; "
                          "the realnvp, cnf and gan twins have f32 only")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="models table: gm's train.gradient_checkpointing and the UNet and PixelCNN twins' "
+                         "torch.utils.checkpoint of the same blocks (other presets are skipped)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: the models table on the GPU for both (no pinning; --threads then sets host threads)")
     args = ap.parse_args()
@@ -340,17 +344,24 @@ def bench_models(args):
         with open(os.path.join(ROOT, preset), "rb") as f:
             toml = tomllib.load(f)
         model, batch = toml["model"], toml["train"]["batch_size"]
+        ck_gm, ck_torch = [], []
+        if args.grad_checkpointing:
+            if model["kind"] not in ("pixelcnn", "gated-pixelcnn", "ddpm", "flow-matching"):
+                print(f"  {os.path.basename(preset)}: no checkpointed blocks, skipped", file=sys.stderr)
+                continue
+            ck_gm, ck_torch = ["--set", "train.gradient_checkpointing=true"], ["--checkpoint"]
         for th, prec in [(th, p) for th in args.threads for p in args.precision]:
             pin, env = pinning(th, args.device)
-            g, t, grss, trss = [], [], 0, 0
+            g, t, grss, glive, trss = [], [], 0, 0, 0
             for _ in range(args.repeats):
                 r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
                                      "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                     "--set", f'train.precision="{prec}"'], env, fatal=False)
+                                     "--set", f'train.precision="{prec}"', *ck_gm], env, fatal=False)
                 g.append(r["median_ms"] if r else float("nan")); grss = max(grss, (r or {}).get("peak_rss_mb") or 0)
+                glive = max(glive, (r or {}).get("peak_live_mb") or 0)
                 common = ["--threads", str(th), "--steps", str(args.steps), "--warmup", str(args.warmup),
                           "--batch", str(batch), *dev]
-                amp = ["--amp", prec]
+                amp = ["--amp", prec, *ck_torch]
                 if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
                     cmd = [args.python, os.path.join(HERE, "pixelcnn_torch.py"), "bench", "--config",
                            json.dumps(model), *common, *amp]
@@ -369,13 +380,16 @@ def bench_models(args):
                 r = run_child(pin + cmd, env, fatal=False) if cmd else None
                 t.append(r["median_ms"] if r else float("nan")); trss = max(trss, (r or {}).get("maxrss_mb", 0))
             gm_ms, pt_ms = sorted(g)[len(g) // 2], sorted(t)[len(t) // 2]
-            rows.append((os.path.basename(preset), prec, th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, trss))
+            rows.append((os.path.basename(preset), prec, th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, glive, trss))
             print(f"  {rows[-1][0]} {prec} thr {th}: gm {gm_ms:.2f} ms, torch {pt_ms:.2f} ms", file=sys.stderr, flush=True)
     print(f"train step on {args.device}, medians of {args.repeats} alternating runs; images/s at the median; "
-          "precision: gm's train.precision, PyTorch's AMP")
-    print(f"{'preset':<26}{'prec':>5}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'torch MB':>9}")
-    for p, pr, th, b, g, t, r, gr, tr in rows:
-        print(f"{p:<26}{pr:>5}{th:>4}{b:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{b / g * 1e3:>10.0f}{b / t * 1e3:>12.0f}{gr:>8.0f}{tr:>9.0f}")
+          "precision: gm's train.precision, PyTorch's AMP"
+          + ("; gradient checkpointing on both sides" if args.grad_checkpointing else ""))
+    print("peak memory: gm MB and torch MB the processes' peak RSS, gm live MB the most heap gm held at once "
+          "during a timed step")
+    print(f"{'preset':<26}{'prec':>5}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'gm live MB':>11}{'torch MB':>9}")
+    for p, pr, th, b, g, t, r, gr, gl, tr in rows:
+        print(f"{p:<26}{pr:>5}{th:>4}{b:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{b / g * 1e3:>10.0f}{b / t * 1e3:>12.0f}{gr:>8.0f}{gl:>11.0f}{tr:>9.0f}")
 
 
 if __name__ == "__main__":

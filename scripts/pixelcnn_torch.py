@@ -25,6 +25,7 @@ import tomllib
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -88,7 +89,7 @@ class PixelCNN(nn.Module):
     def logits(self, x, y=None):
         h = self.input_conv(x)
         for b in self.blocks:
-            h = b(h, y)
+            h = maybe_checkpoint(self, b, h, y)
         return self.head(h).flatten(2)  # (B, K, D)
 
 
@@ -146,8 +147,16 @@ class GatedPixelCNN(nn.Module):
     def logits(self, x, y=None):
         v = h = x
         for l in self.layers:
-            v, h = l(v, h, y)
+            v, h = maybe_checkpoint(self, l, v, h, y)
         return self.head(h).flatten(2)
+
+
+def maybe_checkpoint(net, block, *args):
+    """`block(*args)`, recomputed in the backward (torch.utils.checkpoint, diffusers' way) when
+    `net.checkpointing` is set and gradients are on."""
+    if getattr(net, "checkpointing", False) and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def build(cfg):
@@ -249,6 +258,7 @@ def cmd_bench(args):
     torch.manual_seed(0)
     cfg = json.loads(args.config)
     model = build(cfg)
+    model.checkpointing = args.checkpoint
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     shape = cfg.get("image_shape", (1, 28, 28))
     x = torch.bernoulli(torch.rand(args.batch, *shape))
@@ -327,6 +337,7 @@ def main():
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--batch", type=int, default=32)
     a.add_argument("--amp", default="f32", choices=["f32", "bf16", "f16"], help="mixed precision (amp_torch.py)")
+    a.add_argument("--checkpoint", action="store_true", help="gradient checkpointing of every layer")
     a = sub.add_parser("sample-bench", help="time raster sampling (fresh weights)")
     a.add_argument("--config", required=True)
     a.add_argument("--threads", type=int, default=1)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -129,6 +130,15 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(g, ch, eps=1e-5)
         self.conv_out = nn.Conv2d(ch, out_ch, 3, padding=1)
 
+    checkpointing = False
+
+    def block(self, f, *args):
+        """`f(*args)`, recomputed in the backward (torch.utils.checkpoint, as diffusers'
+        `gradient_checkpointing`) when `self.checkpointing` is set and gradients are on."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False)
+        return f(*args)
+
     def forward(self, x, t, labels=None):
         temb = self.time_embed(timestep_embedding(t.to(x.dtype), self.base))
         if self.label_embed is not None:
@@ -136,25 +146,26 @@ class UNet(nn.Module):
         ta = F.silu(temb)
         h = self.conv_in(x)
         skips = [h]
+        ck = self.block
         for lv in self.down:
             for i, r in enumerate(lv.res):
-                h = r(h, ta)
+                h = ck(r, h, ta)
                 if i < len(lv.attn):
-                    h = lv.attn[i](h)
+                    h = ck(lv.attn[i], h)
                 skips.append(h)
             if hasattr(lv, "downsample"):
                 h = lv.downsample(h)
                 skips.append(h)
-        h = self.mid.res1(h, ta)
+        h = ck(self.mid.res1, h, ta)
         if self.mid.attn is not None:
-            h = self.mid.attn(h)
-        h = self.mid.res2(h, ta)
+            h = ck(self.mid.attn, h)
+        h = ck(self.mid.res2, h, ta)
         for key in sorted(self.up.keys(), key=int, reverse=True):
             lv = self.up[key]
             for i, r in enumerate(lv.res):
-                h = r(torch.cat([h, skips.pop()], 1), ta)
+                h = ck(r, torch.cat([h, skips.pop()], 1), ta)
                 if i < len(lv.attn):
-                    h = lv.attn[i](h)
+                    h = ck(lv.attn[i], h)
             if hasattr(lv, "upsample"):
                 h = lv.upsample(F.interpolate(h, scale_factor=2, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -180,6 +191,7 @@ def cmd_bench(args):
     torch.manual_seed(0)
     model_cfg = json.loads(args.config)
     net = build(model_cfg)
+    net.checkpointing = args.checkpoint
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     shape = model_cfg.get("image_shape", [1, 28, 28])
     x0 = torch.rand(args.batch, *shape) * 2 - 1
@@ -269,6 +281,8 @@ def main():
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--batch", type=int, default=64)
     a.add_argument("--amp", default="f32", choices=["f32", "bf16", "f16"], help="mixed precision (amp_torch.py)")
+    a.add_argument("--checkpoint", action="store_true",
+                   help="gradient checkpointing of the residual and attention blocks")
     a = sub.add_parser("forward")
     a.add_argument("--config", required=True)
     a.add_argument("--weights", required=True)

@@ -19,6 +19,7 @@ pub mod device;
 pub mod diffusion;
 pub mod dist;
 pub mod em;
+pub mod grad_checkpoint;
 pub mod kernels;
 pub mod ladder;
 pub mod loss;

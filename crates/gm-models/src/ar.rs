@@ -240,6 +240,11 @@ impl<T: RasterModel> Model for T {
         self.kind_name()
     }
 
+    /// The raster nets (PixelCNN, Gated PixelCNN) checkpoint layer by layer.
+    fn gradient_checkpointing(&self) -> bool {
+        true
+    }
+
     fn loss(&self, batch: &Batch, _rng: &mut GmRng) -> Result<Loss> {
         let logits = self.logits(&batch.x, batch.labels.as_ref())?;
         let nll = self.output().nll(&logits, &batch.x)?.mean(0)?;

@@ -371,6 +371,10 @@ impl Model for Ddpm {
         "ddpm"
     }
 
+    fn gradient_checkpointing(&self) -> bool {
+        true
+    }
+
     fn loss(&self, batch: &Batch, rng: &mut GmRng) -> Result<Loss> {
         let x0 = Denoiser::to_model(&batch.x)?;
         let labels = self.net.train_labels(batch, self.cfg.label_dropout, rng)?;

@@ -209,6 +209,10 @@ impl Model for FlowMatching {
         "flow-matching"
     }
 
+    fn gradient_checkpointing(&self) -> bool {
+        true
+    }
+
     fn loss(&self, batch: &Batch, rng: &mut GmRng) -> Result<Loss> {
         let l = self.fm_loss(batch, rng, true)?.mean_all()?;
         Ok(Loss {

@@ -30,7 +30,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::kernels::conv::Conv2dParams;
 use gm_core::kernels::ops::{gated_tanh, Act};
-use gm_core::GmRng;
+use gm_core::{grad_checkpoint, GmRng};
 use serde::{Deserialize, Serialize};
 
 /// The model's name in error messages.
@@ -234,7 +234,32 @@ impl GatedLayer {
         })
     }
 
-    fn forward(&self, v: &Tensor, h: &Tensor, y: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    /// `(v_out, h_out)`; the last layer's `v_out` is `None` (it feeds nothing). One block of
+    /// gradient checkpointing.
+    fn forward(
+        &self,
+        v: &Tensor,
+        h: &Tensor,
+        y: Option<&Tensor>,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        if !grad_checkpoint::enabled() {
+            return self.forward_plain(v, h, y);
+        }
+        let (me, y) = (self.clone(), y.cloned());
+        let mut outs = grad_checkpoint::block(&[v, h], move |i| {
+            let (v_out, h_out) = me.forward_plain(&i[0], &i[1], y.as_ref())?;
+            Ok(v_out.into_iter().chain([h_out]).collect())
+        })?;
+        let h_out = outs.pop().expect("the horizontal output");
+        Ok((outs.pop(), h_out))
+    }
+
+    fn forward_plain(
+        &self,
+        v: &Tensor,
+        h: &Tensor,
+        y: Option<&Tensor>,
+    ) -> Result<(Option<Tensor>, Tensor)> {
         let cond = |e: &Option<Embedding>, t: Tensor| -> Result<Tensor> {
             match e {
                 None => Ok(t),
@@ -244,9 +269,9 @@ impl GatedLayer {
         let vf = self.v_conv.forward(v)?;
         let hf = (self.h_conv.forward(h)? + self.v_to_h.forward(&vf)?)?;
         let v_out = if self.last {
-            vf
+            None
         } else {
-            gated_tanh(&cond(&self.cond_v, vf)?)?
+            Some(gated_tanh(&cond(&self.cond_v, vf)?)?)
         };
         let hg = self.h_out.forward(&gated_tanh(&cond(&self.cond_h, hf)?)?)?;
         let h_out = if self.first { hg } else { (h + hg)? };
@@ -337,7 +362,12 @@ impl GatedPixelCnn {
         let b = x.dim(0)?;
         let (mut v, mut h) = (x.clone(), x.clone());
         for l in &self.layers {
-            (v, h) = l.forward(&v, &h, labels)?;
+            let (v_out, h_out) = l.forward(&v, &h, labels)?;
+            h = h_out;
+            match v_out {
+                Some(t) => v = t,
+                None => break,
+            }
         }
         let o = self.head1.forward_act(&h.relu()?, Act::Relu)?;
         let o = self.head2.forward(&o)?;

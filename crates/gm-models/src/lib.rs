@@ -129,6 +129,13 @@ pub trait Model {
         "exact"
     }
 
+    /// Whether the network's blocks recompute their activations in the backward under
+    /// [`gm_core::grad_checkpoint::Enabled`] (`train.gradient_checkpointing`): the UNet's residual
+    /// and attention blocks, the PixelCNNs' layers. Other models keep every activation.
+    fn gradient_checkpointing(&self) -> bool {
+        false
+    }
+
     /// What the training loss measures, in words with its units (the loss plot's axis).
     fn loss_units(&self) -> &'static str {
         "negative log-likelihood, nats per image"

@@ -26,7 +26,7 @@ pub use crate::nn::{channel_mask, raster_mask, MaskType, MaskedConv2d, Pointwise
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::kernels::ops::Act;
-use gm_core::GmRng;
+use gm_core::{grad_checkpoint, GmRng};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -115,6 +115,28 @@ struct Block {
     label_emb: Option<Embedding>,
 }
 
+impl Block {
+    /// One block of gradient checkpointing.
+    fn forward(&self, h: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        if !grad_checkpoint::enabled() {
+            return self.forward_plain(h, labels);
+        }
+        let (me, labels) = (self.clone(), labels.cloned());
+        grad_checkpoint::block1(&[h], move |i| me.forward_plain(&i[0], labels.as_ref()))
+    }
+
+    fn forward_plain(&self, h: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let mut inp = h.clone();
+        if let Some(e) = &self.label_emb {
+            let v = embed_labels(e, labels, "PixelCNN")?;
+            inp = inp.broadcast_add(&v.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        let r = self.conv1.forward_act(&inp.relu()?, Act::Relu)?;
+        let r = self.conv2.forward_act(&r, Act::Relu)?;
+        inp + self.conv3.forward(&r)?
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PixelCnn {
     cfg: PixelCnnConfig,
@@ -172,14 +194,7 @@ impl PixelCnn {
         let b = x.dim(0)?;
         let mut h = self.input_conv.forward_act(x, Act::Identity)?;
         for blk in &self.blocks {
-            let mut inp = h.clone();
-            if let Some(e) = &blk.label_emb {
-                let v = embed_labels(e, labels, "PixelCNN")?;
-                inp = inp.broadcast_add(&v.unsqueeze(2)?.unsqueeze(3)?)?;
-            }
-            let r = blk.conv1.forward_act(&inp.relu()?, Act::Relu)?;
-            let r = blk.conv2.forward_act(&r, Act::Relu)?;
-            h = (inp + blk.conv3.forward(&r)?)?;
+            h = blk.forward(&h, labels)?;
         }
         let o = self.head1.forward_act(&h.relu()?, Act::Relu)?;
         let o = self.head2.forward(&o)?;

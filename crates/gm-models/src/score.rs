@@ -385,6 +385,11 @@ impl Model for ScoreModel {
         "score"
     }
 
+    /// The UNet of image data checkpoints; the small MLP of 2-D data does not.
+    fn gradient_checkpointing(&self) -> bool {
+        matches!(self.net, Net::Image(_))
+    }
+
     fn loss(&self, batch: &Batch, rng: &mut GmRng) -> Result<Loss> {
         let l = self.objective(batch, rng)?.mean_all()?;
         Ok(Loss {

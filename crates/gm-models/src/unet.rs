@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::kernels::conv::Conv2dParams;
 use gm_core::kernels::ops::Act;
-use gm_core::GmRng;
+use gm_core::{grad_checkpoint, GmRng};
 use serde::{Deserialize, Serialize};
 
 /// A UNet's shape.
@@ -196,8 +196,16 @@ impl ResBlock {
         })
     }
 
-    /// `temb_act` is `silu(temb)`, `(B, T)`.
+    /// `temb_act` is `silu(temb)`, `(B, T)`. One block of gradient checkpointing.
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
+        if !grad_checkpoint::enabled() {
+            return self.forward_plain(x, temb_act);
+        }
+        let me = self.clone();
+        grad_checkpoint::block1(&[x, temb_act], move |i| me.forward_plain(&i[0], &i[1]))
+    }
+
+    fn forward_plain(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&norm_silu(&self.norm1, x)?)?;
         let t = self
             .temb_proj
@@ -236,7 +244,16 @@ impl Attention {
         })
     }
 
+    /// One block of gradient checkpointing.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !grad_checkpoint::enabled() {
+            return self.forward_plain(x);
+        }
+        let me = self.clone();
+        grad_checkpoint::block1(&[x], move |i| me.forward_plain(&i[0]))
+    }
+
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (nh, d) = (self.heads, self.channels / self.heads);
         let qkv = self

@@ -524,6 +524,11 @@ impl Model for VqVae {
         "vqvae"
     }
 
+    /// Stage two's prior (a Gated PixelCNN) checkpoints; stage one's autoencoder does not.
+    fn gradient_checkpointing(&self) -> bool {
+        self.cfg.stage == Stage::Prior
+    }
+
     fn loss(&self, batch: &Batch, _rng: &mut GmRng) -> Result<Loss> {
         let b = batch.x.dim(0)?;
         match self.cfg.stage {

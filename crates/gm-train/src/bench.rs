@@ -6,7 +6,7 @@ use crate::optim::named_vars;
 use crate::trainer::{build, group_loss, optimizers};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use gm_core::GmRng;
+use gm_core::{grad_checkpoint, GmRng};
 use std::time::Instant;
 
 /// Timing of the train step, as `gm bench` reports it.
@@ -18,6 +18,9 @@ pub struct BenchReport {
     pub batch_size: usize,
     /// `train.precision`: f32, bf16 or f16.
     pub precision: String,
+    /// `train.gradient_checkpointing`, and the blocks one step recomputed.
+    pub gradient_checkpointing: bool,
+    pub recomputed_blocks: u64,
     pub threads: usize,
     pub median_ms: f64,
     pub min_ms: f64,
@@ -81,6 +84,7 @@ pub fn bench_train_step(
     steps: usize,
 ) -> Result<BenchReport> {
     let built = build(cfg, device)?;
+    crate::trainer::check_gradient_checkpointing(cfg, built.model.as_ref())?;
     let vars = named_vars(&built.varmap);
     let t = &cfg.train;
     let (groups, mut adams) = optimizers(built.model.as_ref(), &vars, t)?;
@@ -99,6 +103,8 @@ pub fn bench_train_step(
         let t0 = Instant::now();
         let tr0 = gm_core::traffic::snapshot();
         let autocast = gm_core::precision::Autocast::enter(precision);
+        let recompute = grad_checkpoint::Enabled::enter(t.gradient_checkpointing);
+        grad_checkpoint::reset_recomputed();
         for (pi, (phase, pvars)) in groups.iter().enumerate() {
             for _ in 0..phase.repeats {
                 let loss = group_loss(built.model.as_ref(), phase, pi, &batch, &mut rng)?;
@@ -112,18 +118,18 @@ pub fn bench_train_step(
                             lr: t.lr,
                             last_checkpoint: None,
                         };
-                        let mut g = s.scale_loss(&ctx, loss.total)?.backward()?;
+                        let mut g = grad_checkpoint::backward(&s.scale_loss(&ctx, loss.total)?)?;
                         if s.after_backward(&ctx, &mut g)? == GradAction::Skip {
                             continue;
                         }
                         g
                     }
-                    None => loss.total.backward()?,
+                    None => grad_checkpoint::backward(&loss.total)?,
                 };
                 adams[pi].step(&grads, t.lr * phase.lr_scale)?;
             }
         }
-        drop(autocast);
+        drop((autocast, recompute));
         // Wait for the device so the time covers the whole step, the update included.
         device.synchronize()?;
         if i >= warmup {
@@ -139,6 +145,8 @@ pub fn bench_train_step(
         device: device_name(device),
         batch_size: t.batch_size,
         precision: t.precision.clone(),
+        gradient_checkpointing: t.gradient_checkpointing,
+        recomputed_blocks: grad_checkpoint::recomputed(),
         threads: gm_core::kernels::par::threads(),
         median_ms,
         min_ms: times[0],

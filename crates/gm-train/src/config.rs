@@ -120,6 +120,11 @@ pub struct TrainConfig {
     /// logged scalar (`train/…`, `test/…`) and the sample grids. Can be switched on at resume.
     #[serde(skip_serializing_if = "is_false")]
     pub tensorboard: bool,
+    /// Gradient checkpointing ([`gm_core::grad_checkpoint`]): the UNet's and the PixelCNNs'
+    /// blocks keep only their inputs and outputs and run their forward again in the backward —
+    /// less memory for one more forward. The same gradients; can be switched at resume.
+    #[serde(skip_serializing_if = "is_false")]
+    pub gradient_checkpointing: bool,
 }
 
 // Settings at their defaults are left out of the saved config, so runs that do not use them
@@ -171,6 +176,7 @@ impl Default for TrainConfig {
             loss_scale: DEFAULT_LOSS_SCALE,
             rng: "stream".into(),
             tensorboard: false,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::tensorboard::{EventWriter, Value as TbValue};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use gm_core::GmRng;
+use gm_core::{grad_checkpoint, GmRng};
 use gm_models::{EvalOptions, Model};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -326,6 +326,7 @@ impl Trainer {
                 .with_context(|| format!("cannot create run directory {}", run.display()))?;
         }
         let Built { model, varmap, .. } = build(cfg, &opts.device)?;
+        check_gradient_checkpointing(cfg, model.as_ref())?;
         let vars = named_vars(&varmap);
         // --init-from replaces every variable, so a data-dependent start would be discarded.
         if let (false, None, Some(images)) = (opts.resume, &opts.init_from, data.images()) {
@@ -531,6 +532,7 @@ impl Trainer {
             batches.push(self.data.batch(part, rng, &self.device)?);
         }
         let _autocast = gm_core::precision::Autocast::enter(self.precision);
+        let _recompute = grad_checkpoint::Enabled::enter(self.cfg.train.gradient_checkpointing);
         let mut report = StepReport {
             loss: 0.0,
             parts: Vec::new(),
@@ -598,7 +600,7 @@ impl Trainer {
                         )?;
                         total = h.scale_loss(&ctx, total)?;
                     }
-                    let g = total.backward()?;
+                    let g = grad_checkpoint::backward(&total)?;
                     grads = Some(match grads {
                         None => g,
                         Some(acc) => add_grads(acc, g, pvars)?,
@@ -904,6 +906,7 @@ impl Trainer {
             let traffic0 = gm_core::traffic::snapshot();
             if step == self.start {
                 gm_core::precision::reset_counts();
+                grad_checkpoint::reset_recomputed();
             }
             let r = self.step(step)?;
             if step == self.start && self.precision.is_some() && lead {
@@ -911,6 +914,12 @@ impl Trainer {
                     "gm: {} mixed precision, one step's ops: {}",
                     self.cfg.train.precision,
                     precision_report()
+                );
+            }
+            if step == self.start && self.cfg.train.gradient_checkpointing && lead {
+                eprintln!(
+                    "gm: gradient checkpointing: {} blocks recomputed in one step's backward",
+                    grad_checkpoint::recomputed()
                 );
             }
             step_traffic = step_traffic.plus(&gm_core::traffic::snapshot().since(&traffic0));
@@ -1192,6 +1201,17 @@ fn scale_grads(
             let scaled = (g * s)?;
             grads.insert(v.as_tensor(), scaled);
         }
+    }
+    Ok(())
+}
+
+/// Refuses `train.gradient_checkpointing` for a model without checkpointed blocks.
+pub(crate) fn check_gradient_checkpointing(cfg: &RunConfig, model: &dyn Model) -> Result<()> {
+    if cfg.train.gradient_checkpointing && !model.gradient_checkpointing() {
+        bail!(
+            "train.gradient_checkpointing: a '{}' model has no blocks to recompute (the UNet models ddpm, flow-matching and score on images, the PixelCNNs and the VQ-VAE's prior have)",
+            cfg.model.kind()
+        );
     }
     Ok(())
 }

@@ -213,6 +213,17 @@ impl Hook for GradTap {
     }
 }
 
+/// The largest difference between two steps' gradients, and the largest magnitude in `b`.
+fn grad_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+    let scale = b.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (diff, scale)
+}
+
 fn tapped_run(cfg: &RunConfig, out: &Path, data: &Path) -> (Vec<f64>, Vec<Vec<Vec<f32>>>) {
     let grads = Arc::new(Mutex::new(Vec::new()));
     let mut t = Trainer::new(cfg, &options(out, data)).unwrap();
@@ -266,12 +277,7 @@ fn accumulated_micro_batches_equal_one_large_batch() {
             assert!((a - b).abs() <= 1e-5 * b.abs(), "{preset}: loss {a} vs {b}");
         }
         for (step, (a, b)) in ga.iter().zip(&gb).enumerate() {
-            let scale = b.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .iter()
-                .flatten()
-                .zip(b.iter().flatten())
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let (diff, scale) = grad_diff(a, b);
             assert!(scale > 0.0);
             assert!(
                 diff <= 2e-5 * scale,
@@ -280,6 +286,75 @@ fn accumulated_micro_batches_equal_one_large_batch() {
             );
         }
     }
+}
+
+/// `train.gradient_checkpointing` recomputes the UNet's and the PixelCNNs' blocks in the
+/// backward and gives the gradients of the plain run at every step: to the bit for the
+/// PixelCNNs (the same ops in the same order), to f32 round-off for the UNet models (its
+/// skips and time embedding sum their gradients in another order). Every parameter gets one,
+/// the Gated PixelCNN's first layer (whose inputs are the images) included. A model without
+/// checkpointed blocks is refused by name.
+#[test]
+fn gradient_checkpointing_gives_the_plain_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = idx_dir(&tmp.path().join("data"));
+    let cfg = |preset: &str, on: bool| {
+        let sets = [
+            "train.steps=3".to_string(),
+            "train.eval_every=0".into(),
+            "train.sample_every=0".into(),
+            "train.checkpoint_every=0".into(),
+            "train.eval_images=16".into(),
+            format!("train.gradient_checkpointing={on}"),
+        ];
+        RunConfig::load(&root().join(format!("models/{preset}.toml")), &sets).unwrap()
+    };
+    for (preset, tol) in [
+        ("pixelcnn-tiny", 0.0),
+        ("gated-pixelcnn-cond-tiny", 0.0),
+        ("ddpm-tiny", 1e-5),
+        ("flow-matching-tiny", 1e-5),
+    ] {
+        let (la, ga) = tapped_run(
+            &cfg(preset, true),
+            &tmp.path().join(format!("{preset}-ck")),
+            &data,
+        );
+        let (lb, gb) = tapped_run(
+            &cfg(preset, false),
+            &tmp.path().join(format!("{preset}-plain")),
+            &data,
+        );
+        assert_eq!(ga.len(), 3);
+        for (a, b) in la.iter().zip(&lb) {
+            assert!((a - b).abs() <= tol * b.abs(), "{preset}: loss {a} vs {b}");
+        }
+        for (step, (a, b)) in ga.iter().zip(&gb).enumerate() {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    !x.is_empty() && x.len() == y.len(),
+                    "{preset} step {}: parameter {i} got no gradient",
+                    step + 1
+                );
+            }
+            let (diff, scale) = grad_diff(a, b);
+            assert!(
+                diff <= tol as f32 * scale,
+                "{preset} step {}: gradients differ by {diff} (largest {scale})",
+                step + 1
+            );
+        }
+    }
+    let err = Trainer::new(
+        &cfg("vae-tiny", true),
+        &options(&tmp.path().join("vae"), &data),
+    )
+    .err()
+    .expect("a VAE has no blocks to recompute");
+    assert!(
+        format!("{err:#}").contains("train.gradient_checkpointing: a 'vae' model"),
+        "{err:#}"
+    );
 }
 
 fn weights(run: &Path, step: usize) -> Vec<u8> {
