@@ -102,7 +102,7 @@ pub fn block(
         many => Tensor::cat(many, 0)?,
     };
     let op = Recompute {
-        values: Mutex::new(Some(joined)),
+        values: Held::new(joined),
         shapes: shapes.clone(),
         f: Arc::new(f),
         autocast: crate::precision::autocast(),
@@ -168,19 +168,17 @@ fn split(joined: &Tensor, shapes: &[Shape]) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// The op a checkpointed block leaves in the graph.
-struct Recompute {
-    /// The outputs computed in the forward, flattened and joined; taken by the op's forward.
-    values: Mutex<Option<Tensor>>,
-    shapes: Vec<Shape>,
-    f: Arc<BlockFn>,
-    autocast: Option<DType>,
-}
+/// A tensor computed before an op runs, which the op's forward hands out as its result.
+struct Held(Mutex<Option<Tensor>>);
 
-impl Recompute {
-    /// The joined outputs, taken once.
+impl Held {
+    fn new(t: Tensor) -> Self {
+        Self(Mutex::new(Some(t)))
+    }
+
+    /// The tensor, taken once.
     fn take(&self) -> Result<Tensor> {
-        let mut v = self.values.lock().map_err(|_| {
+        let mut v = self.0.lock().map_err(|_| {
             candle_core::Error::Msg("a checkpointed block's output lock was poisoned".into())
         })?;
         v.take().ok_or_else(|| {
@@ -188,7 +186,7 @@ impl Recompute {
         })
     }
 
-    /// The storage of the joined outputs, copied out of the tensor that holds it.
+    /// Its storage, copied out of the tensor that holds it.
     fn stored<S>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
     where
         S: BackendStorage,
@@ -221,7 +219,18 @@ impl Recompute {
             _ => None,
         })
     }
+}
 
+/// The op a checkpointed block leaves in the graph.
+struct Recompute {
+    /// The outputs computed in the forward, flattened and joined.
+    values: Held,
+    shapes: Vec<Shape>,
+    f: Arc<BlockFn>,
+    autocast: Option<DType>,
+}
+
+impl Recompute {
     /// The inputs' gradients; the parameters' go to the running [`backward`].
     fn grads(&self, inputs: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let outside = SET_ASIDE.with(|s| s.borrow().is_none());
@@ -253,7 +262,7 @@ impl Recompute {
         let grads = split(grad, &self.shapes)?;
         let mut surrogate: Option<Tensor> = None;
         for (o, g) in outs.iter().zip(&grads) {
-            let term = (o * g)?.sum_all()?;
+            let term = Seed::apply(o, g)?;
             surrogate = Some(match surrogate {
                 None => term,
                 Some(s) => (s + term)?,
@@ -280,13 +289,13 @@ impl CustomOp1 for Recompute {
         "grad-checkpoint"
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu()
+        self.values.cpu()
     }
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.cuda()
+        self.values.cuda()
     }
     fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.metal()
+        self.values.metal()
     }
     fn bwd(&self, a: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(self.grads(&[a], grad)?.remove(0))
@@ -304,7 +313,7 @@ impl CustomOp2 for Recompute {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu()
+        self.values.cpu()
     }
     fn cuda_fwd(
         &self,
@@ -313,7 +322,7 @@ impl CustomOp2 for Recompute {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        self.cuda()
+        self.values.cuda()
     }
     fn metal_fwd(
         &self,
@@ -322,7 +331,7 @@ impl CustomOp2 for Recompute {
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        self.metal()
+        self.values.metal()
     }
     fn bwd(
         &self,
@@ -333,6 +342,43 @@ impl CustomOp2 for Recompute {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let mut g = self.grads(&[a, b], grad)?.into_iter();
         Ok((g.next().flatten(), g.next().flatten()))
+    }
+}
+
+/// `0 · Σ(output)` whose backward hands the output the gradient `grad`: the recomputed
+/// block's backward starts from the gradient its output got in the outer backward, without the
+/// passes over the output a surrogate `Σ output · grad` would cost (its product, the gradient
+/// of `grad`, the broadcast of the sum's gradient).
+struct Seed {
+    zero: Held,
+    grad: Tensor,
+}
+
+impl Seed {
+    fn apply(output: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let zero = Tensor::zeros((), output.dtype(), output.device())?;
+        output.apply_op1(Seed {
+            zero: Held::new(zero),
+            grad: grad.clone(),
+        })
+    }
+}
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "grad-checkpoint-seed"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.zero.cpu()
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.zero.cuda()
+    }
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.zero.metal()
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad.clone()))
     }
 }
 
