@@ -83,7 +83,8 @@ pub fn block(
         let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
         return f(&owned);
     }
-    if inputs.is_empty() || inputs.len() > 2 {
+    // (No input at all took the plain path above.)
+    if inputs.len() > 2 {
         candle_core::bail!(
             "a checkpointed block takes one or two input tensors, got {}",
             inputs.len()
@@ -180,10 +181,10 @@ impl Held {
     /// The tensor, taken once.
     fn take(&self) -> Result<Tensor> {
         let mut v = self.0.lock().map_err(|_| {
-            candle_core::Error::Msg("a checkpointed block's output lock was poisoned".into())
+            candle_core::Error::Msg("a gradient-checkpoint op's held tensor: lock poisoned".into())
         })?;
         v.take().ok_or_else(|| {
-            candle_core::Error::Msg("a checkpointed block's forward ran twice".into())
+            candle_core::Error::Msg("a gradient-checkpoint op's forward ran twice".into())
         })
     }
 
@@ -195,7 +196,9 @@ impl Held {
         let t = self.take()?;
         let (storage, layout) = t.storage_and_layout();
         let s = pick(&storage).ok_or_else(|| {
-            candle_core::Error::Msg("a checkpointed block's output is on another device".into())
+            candle_core::Error::Msg(
+                "a gradient-checkpoint op's held tensor is on another device".into(),
+            )
         })?;
         Ok((s.try_clone(layout)?, layout.shape().clone()))
     }
