@@ -7,10 +7,10 @@ use crate::{sum_per_sample, GmRng};
 use candle_core::{DType, Result, Tensor};
 use std::f64::consts::PI;
 
-/// `log(1 + exp(x))`, stable for large |x|: `relu(x) + log(1 + exp(-|x|))`.
+/// `log(1 + exp(x))`, stable for large |x|: `relu(x) + log(1 + exp(-|x|))`, one fused pass each
+/// way on the CPU ([`crate::kernels::ops::softplus`]).
 pub fn softplus(x: &Tensor) -> Result<Tensor> {
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    x.relu()? + tail
+    crate::kernels::ops::softplus(x)
 }
 
 /// Independent Bernoulli variables parameterised by logits.

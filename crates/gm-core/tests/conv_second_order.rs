@@ -103,3 +103,48 @@ fn second_order_through_conv_and_fused_leaky_relu() -> Result<()> {
     }
     check(net, (2, 2, 4, 5), (2, 2, 3, 3))
 }
+
+/// The fused softplus and sigmoid keep gradients of their gradients: `Σ v ⊙ ∂/∂x Σ r ⊙
+/// softplus(x) ⊙ σ(x)` against central differences in f64.
+#[test]
+fn second_order_through_softplus_and_sigmoid() -> Result<()> {
+    std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+    use gm_core::kernels::ops::{sigmoid, softplus};
+    let dev = Device::Cpu;
+    let mut rng = GmRng::new(3);
+    let x0 = (rng.randn((4, 6), &dev)?.to_dtype(DType::F64)? * 3.0)?;
+    let r = rng.randn((4, 6), &dev)?.to_dtype(DType::F64)?;
+    let v = rng.randn((4, 6), &dev)?.to_dtype(DType::F64)?;
+    let h = |x: &Tensor, keep: bool| -> Result<(Tensor, Var)> {
+        let xv = Var::from_tensor(x)?;
+        let y = ((softplus(&xv)? * sigmoid(&xv)?)? * &r)?.sum_all()?;
+        let gx = y.backward()?.get(&xv).unwrap().clone();
+        let gx = if keep { gx } else { gx.detach() };
+        Ok(((gx * &v)?.sum_all()?, xv))
+    };
+    let (hv, xv) = h(&x0, true)?;
+    let g = hv.backward()?;
+    let g = g
+        .get(&xv)
+        .expect("second-order gradient missing")
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let flat = x0.flatten_all()?.to_vec1::<f64>()?;
+    let eps = 1e-5;
+    for j in 0..flat.len() {
+        let at = |d: f64| -> Result<f64> {
+            let mut p = flat.clone();
+            p[j] += d;
+            Ok(h(&Tensor::from_vec(p, x0.shape(), &dev)?, false)?
+                .0
+                .to_scalar::<f64>()?)
+        };
+        let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+        assert!(
+            (fd - g[j]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "[{j}]: fd {fd} vs {}",
+            g[j]
+        );
+    }
+    Ok(())
+}

@@ -323,3 +323,97 @@ fn matmul_matches_f64_and_its_rows_stand_alone() -> Result<()> {
     );
     Ok(())
 }
+
+/// `softplus` and `sigmoid`: forward against closed forms in f64 (and f32 within its
+/// polynomials' error), far tails included; gradients against central differences in f64 and
+/// against candle's composite ops in f32.
+#[test]
+fn softplus_and_sigmoid_match_closed_forms_and_finite_differences() -> Result<()> {
+    use gm_core::kernels::ops::{sigmoid, softplus};
+    let dev = Device::Cpu;
+    let xs: Vec<f64> = (-400..=400)
+        .map(|i| i as f64 * 0.11)
+        .chain([-85.0, -60.0, -30.0, 30.0, 60.0, 85.0])
+        .collect();
+    let sp = |v: f64| v.max(0.0) + (-v.abs()).exp().ln_1p();
+    let sg = |v: f64| 1.0 / (1.0 + (-v).exp());
+    // gm's kernels keep the relative precision of the far tail (e^{−85} included); candle's
+    // composite (the portable path) rounds 1 + e^{−|x|} and is accurate relative to max(y, 1).
+    let native = gm_core::native_kernels(&dev);
+    let floor = |y: f64, tiny: f64| if native { y.max(tiny) } else { y.max(1.0) };
+    let x64 = Tensor::new(xs.as_slice(), &dev)?;
+    for (got, f) in [
+        (
+            softplus(&x64)?.to_vec1::<f64>()?,
+            &sp as &dyn Fn(f64) -> f64,
+        ),
+        (sigmoid(&x64)?.to_vec1::<f64>()?, &sg),
+    ] {
+        for (&v, g) in xs.iter().zip(&got) {
+            let err = (g - f(v)).abs() / floor(f(v), 1e-300);
+            assert!(err <= 1e-15, "{v}: {g} vs {} (relative {err})", f(v));
+        }
+    }
+    let x32 = x64.to_dtype(DType::F32)?;
+    for (got, f) in [
+        (
+            softplus(&x32)?.to_vec1::<f32>()?,
+            &sp as &dyn Fn(f64) -> f64,
+        ),
+        (sigmoid(&x32)?.to_vec1::<f32>()?, &sg),
+    ] {
+        for (&v, &g) in xs.iter().zip(&got) {
+            let want = f(v as f32 as f64);
+            let err = (g as f64 - want).abs() / floor(want, 1e-37);
+            assert!(err < 3e-7, "{v}: {g} vs {want} (relative {err})");
+        }
+    }
+    // Gradients in f64 against central differences, through a weighted sum.
+    let mut rng = GmRng::new(9);
+    let x0 = (rng.randn((3, 5, 7), &dev)?.to_dtype(DType::F64)? * 4.0)?;
+    let r = rng.randn((3, 5, 7), &dev)?.to_dtype(DType::F64)?;
+    type F = fn(&Tensor) -> candle_core::Result<Tensor>;
+    for op in [softplus as F, sigmoid as F] {
+        let f = |x: &Tensor| -> Result<f64> { Ok((op(x)? * &r)?.sum_all()?.to_scalar()?) };
+        let x = Var::from_tensor(&x0)?;
+        let g = (op(&x)? * &r)?.sum_all()?.backward()?;
+        let g = g.get(&x).unwrap().flatten_all()?.to_vec1::<f64>()?;
+        let base = x0.flatten_all()?.to_vec1::<f64>()?;
+        let h = 1e-6;
+        for i in 0..base.len() {
+            let at = |d: f64| -> Result<f64> {
+                let mut p = base.clone();
+                p[i] += d;
+                f(&Tensor::from_vec(p, x0.shape(), &dev)?)
+            };
+            let fd = (at(h)? - at(-h)?) / (2.0 * h);
+            assert!((fd - g[i]).abs() < 1e-8, "element {i}: fd {fd} vs {}", g[i]);
+        }
+    }
+    // f32 gradients against candle's composite ops, on a tensor larger than one parallel task.
+    let x0 = (rng.randn((70_000,), &dev)? * 5.0)?;
+    let r = rng.randn((70_000,), &dev)?;
+    let composite_sp = |x: &Tensor| -> candle_core::Result<Tensor> {
+        x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+    };
+    for (op, plain) in [
+        (
+            softplus as F,
+            &composite_sp as &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+        ),
+        (sigmoid as F, &candle_nn::ops::sigmoid),
+    ] {
+        let x = Var::from_tensor(&x0)?;
+        let g = (op(&x)? * &r)?.sum_all()?.backward()?;
+        let g = g.get(&x).unwrap().clone();
+        let p = (plain(&x)? * &r)?.sum_all()?.backward()?;
+        let want = p.get(&x).unwrap();
+        let d = (g - want)?.abs()?.max(0)?.to_scalar::<f32>()?;
+        let scale = want.abs()?.max(0)?.to_scalar::<f32>()?;
+        assert!(
+            d <= 1e-6 * scale,
+            "gradient differs by {d} (largest {scale})"
+        );
+    }
+    Ok(())
+}

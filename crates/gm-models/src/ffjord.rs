@@ -34,7 +34,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use gm_core::cnf::{draw_probe, Divergence};
 use gm_core::kernels::conv::{conv2d, Conv2dParams};
-use gm_core::kernels::ops::{channel_broadcast, Act};
+use gm_core::kernels::ops::{self, channel_broadcast, Act};
 use gm_core::ode::{solve, OdeStats, SolverConfig};
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
@@ -58,11 +58,8 @@ impl Activation {
                 let d = a.sqr()?.affine(-1.0, 1.0)?;
                 Ok((a, d))
             }
-            Activation::Softplus => {
-                // log(1 + e^h) = relu(h) + log(1 + e^{−|h|}), stable for large |h|.
-                let a = (h.relu()? + (h.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-                Ok((a, candle_nn::ops::sigmoid(h)?))
-            }
+            // One fused pass each (and one each backward) on the CPU.
+            Activation::Softplus => Ok((ops::softplus(h)?, ops::sigmoid(h)?)),
         }
     }
 }

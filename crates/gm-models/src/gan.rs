@@ -48,10 +48,7 @@ pub enum GanLoss {
     WganGp,
 }
 
-/// `log(1 + e^x)`, stable for large `|x|`.
-pub fn softplus(x: &Tensor) -> Result<Tensor> {
-    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
-}
+pub use gm_core::dist::softplus;
 
 impl GanLoss {
     /// The discriminator's loss per sample, from its logits on real and on generated data

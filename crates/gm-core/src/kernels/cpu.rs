@@ -82,6 +82,53 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     er * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// `ln x` in f32 without a libm call, for positive normal `x`, so that loops over slices
+/// vectorise: `x = 2ᵉ·m` with `m ∈ [√½, √2)`, and Cephes' `logf` polynomial for `ln m` with the
+/// exponent's `ln 2` split in two (Cody–Waite). Relative error below 2e-7 (tested on `[1e-30,
+/// 1e30]`).
+#[inline(always)]
+pub(crate) fn ln_f32(x: f32) -> f32 {
+    let bits = x.to_bits();
+    // m ∈ [½, 1) and x = 2^e · m.
+    let e = ((bits >> 23) & 0xff) as i32 - 126;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let low = m < std::f32::consts::FRAC_1_SQRT_2;
+    let f = if low { m + m - 1.0 } else { m - 1.0 };
+    let e = (if low { e - 1 } else { e }) as f32;
+    let z = f * f;
+    // Horner's rule over Cephes' coefficients, highest degree first.
+    let p = [
+        -1.151_461_e-1,
+        1.167_699_9e-1,
+        -1.242_014_1e-1,
+        1.424_932_3e-1,
+        -1.666_805_8e-1,
+        2.000_071_5e-1,
+        -2.499_999_4e-1,
+        3.333_333_1e-1,
+    ]
+    .iter()
+    .fold(7.037_683_6e-2f32, |acc, &c| acc * f + c);
+    let y = f * z * p - 2.121_944_4e-4 * e - 0.5 * z;
+    f + y + 0.693_359_4 * e
+}
+
+/// `ln(1 + e^{−|x|})`, the tail of the softplus `max(x, 0) + ln(1 + e^{−|x|})`, in f32 without a
+/// libm call. `ln(u)·t/(u − 1)` with `u = 1 + t` is exact to rounding where `1 + t` rounds (the
+/// `log1p` trick), so the tail keeps its relative precision where `t` is far below 1 — where
+/// `ln(1 + t)` computed plainly is 0.
+#[inline(always)]
+pub(crate) fn softplus_tail_f32(x: f32) -> f32 {
+    let t = exp_f32(-x.abs());
+    let u = 1.0 + t;
+    let d = u - 1.0;
+    if d == 0.0 {
+        t
+    } else {
+        ln_f32(u) * (t / d)
+    }
+}
+
 /// `Σᵢ f(a[i])` with eight accumulators of `T` inside blocks of 512 elements, so the loop
 /// vectorises instead of waiting on one chain of additions, and the blocks added in f64, so long
 /// sums keep their precision.
@@ -120,6 +167,8 @@ pub(crate) fn lane_sum2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -
 pub(crate) trait Transcendental: WithDType {
     fn sigmoid(self) -> Self;
     fn tanh_(self) -> Self;
+    /// `ln(1 + eˣ)`, stable for large `|x|`.
+    fn softplus(self) -> Self;
 }
 
 impl Transcendental for f32 {
@@ -131,6 +180,10 @@ impl Transcendental for f32 {
     fn tanh_(self) -> Self {
         2.0 / (1.0 + exp_f32(-2.0 * self)) - 1.0
     }
+    #[inline(always)]
+    fn softplus(self) -> Self {
+        self.max(0.0) + softplus_tail_f32(self)
+    }
 }
 
 impl Transcendental for f64 {
@@ -139,6 +192,9 @@ impl Transcendental for f64 {
     }
     fn tanh_(self) -> Self {
         self.tanh()
+    }
+    fn softplus(self) -> Self {
+        self.max(0.0) + (-self.abs()).exp().ln_1p()
     }
 }
 
@@ -179,6 +235,40 @@ mod tests {
         assert!(exp_f32(-1000.0) >= 0.0 && exp_f32(1000.0).is_finite());
         let t = Transcendental::tanh_(0.5f32) as f64;
         assert!((t - 0.5f64.tanh()).abs() < 2e-7);
+    }
+
+    #[test]
+    fn ln_f32_and_softplus_relative_error() {
+        let mut worst = 0f64;
+        let mut x = 1e-30f32;
+        while x < 1e30 {
+            let want = (x as f64).ln();
+            let err = ((ln_f32(x) as f64) - want).abs() / want.abs().max(1.0);
+            worst = worst.max(err);
+            x *= 1.000_37;
+        }
+        assert!(worst < 2e-7, "ln_f32: worst relative error {worst}");
+        assert_eq!(ln_f32(1.0), 0.0);
+        // Near 1, where ln x is small, the error is relative to ln x itself.
+        for k in 1..2000 {
+            let x = 1.0 + k as f32 * 1e-4;
+            let want = (x as f64).ln();
+            let rel = ((ln_f32(x) as f64) - want).abs() / want;
+            assert!(rel < 3e-7, "ln_f32({x}): relative error {rel}");
+        }
+        let mut worst = 0f64;
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let xd = x as f64;
+            let want = xd.max(0.0) + (-xd.abs()).exp().ln_1p();
+            let got = Transcendental::softplus(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+            x += 0.0173;
+        }
+        assert!(worst < 3e-7, "softplus: worst relative error {worst}");
+        // The tail where 1 + e^{−|x|} rounds to 1: still e^{−|x|}, not 0.
+        let t = softplus_tail_f32(-30.0) as f64;
+        assert!((t / (-30f64).exp() - 1.0).abs() < 1e-6, "{t}");
     }
 
     #[test]

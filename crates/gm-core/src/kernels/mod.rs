@@ -6,7 +6,7 @@
 //! Each is a candle custom op with a CPU implementation and, where candle has one, a fallback to
 //! candle's own ops on other devices (or everywhere when [`crate::set_portable_kernels`] asks for
 //! the portable path). The probabilistic parts of gm-core build on tensors and never on these
-//! modules directly.
+//! modules directly; the one exception is [`crate::dist::softplus`], which is [`ops::softplus`].
 
 pub mod adam;
 pub mod conv;
@@ -22,6 +22,12 @@ thread_local! {
         .is_ok_and(|s| !s.is_empty() && s != "0");
 }
 
+/// Whether second-order gradients are on (candle's `CANDLE_GRAD_DO_NOT_DETACH`): a backward must
+/// then build its gradient from differentiable ops.
+pub(crate) fn second_order() -> bool {
+    SECOND_ORDER.with(|s| *s)
+}
+
 /// `t` as a backward pass should compute a gradient from it: detached, so the gradient an op
 /// hands back carries no graph — unless second-order gradients are on (candle's
 /// `CANDLE_GRAD_DO_NOT_DETACH`), where the graph is the point.
@@ -34,7 +40,7 @@ thread_local! {
 /// 64) peaked at 942 MB of live heap with them and at 640 MB without (`gm bench`'s
 /// `peak_live_mb`).
 pub(crate) fn for_grad(t: &candle_core::Tensor) -> candle_core::Tensor {
-    if SECOND_ORDER.with(|s| *s) {
+    if second_order() {
         t.clone()
     } else {
         t.detach()

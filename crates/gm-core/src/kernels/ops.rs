@@ -478,3 +478,153 @@ pub fn gated_tanh(x: &Tensor) -> Result<Tensor> {
     }
     x.contiguous()?.apply_op1(Gate)
 }
+
+/// `f(x[i])` for every element, spread over the thread pool.
+#[allow(unsafe_code)]
+fn par_map<T: WithDType>(x: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
+    // SAFETY: every task writes each element of its chunk.
+    unsafe {
+        crate::kernels::cpu::par_written(x.len(), PAR_CHUNK, |t, out| {
+            for (o, v) in out.iter_mut().zip(&x[t * PAR_CHUNK..]) {
+                o.write(f(*v));
+            }
+        })
+    }
+}
+
+/// `f(a[i], b[i])` for every element, spread over the thread pool.
+#[allow(unsafe_code)]
+fn par_map2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> Vec<T> {
+    // SAFETY: every task writes each element of its chunk.
+    unsafe {
+        crate::kernels::cpu::par_written(a.len(), PAR_CHUNK, |t, out| {
+            let (a, b) = (&a[t * PAR_CHUNK..], &b[t * PAR_CHUNK..]);
+            for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+                o.write(f(*a, *b));
+            }
+        })
+    }
+}
+
+/// `y = ln(1 + eˣ)`.
+struct Softplus;
+/// `dx = dy ⊙ σ(x)`.
+struct SoftplusGrad;
+/// `y = σ(x)`.
+struct Sigmoid;
+/// `dx = dy ⊙ y(1 − y)`, from the forward output `y`.
+struct SigmoidGrad;
+
+impl CustomOp1 for Softplus {
+    fn name(&self) -> &'static str {
+        "gm-softplus"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = crate::float1!("gm-softplus", s, l, |x| par_map(x, |v| v.softplus()));
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if crate::kernels::second_order() {
+            // Differentiable: gradients of this gradient go through σ's own backward.
+            return Ok(Some((g * sigmoid(x)?)?));
+        }
+        let (x, g) = (for_grad(x), for_grad(g));
+        Ok(Some(x.apply_op2(&g.contiguous()?, SoftplusGrad)?))
+    }
+}
+
+impl CustomOp2 for SoftplusGrad {
+    fn name(&self) -> &'static str {
+        "gm-softplus-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = crate::float2!("gm-softplus-grad", s1, l1, s2, l2, |x, dy| par_map2(
+            x,
+            dy,
+            |x, g| g * x.sigmoid()
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp1 for Sigmoid {
+    fn name(&self) -> &'static str {
+        "gm-sigmoid"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = crate::float1!("gm-sigmoid", s, l, |x| par_map(x, |v| v.sigmoid()));
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if crate::kernels::second_order() {
+            // `y` is this op's output, so the product stays differentiable in `x`.
+            return Ok(Some((g * (y * y.affine(-1.0, 1.0)?)?)?));
+        }
+        let (y, g) = (for_grad(y), for_grad(g));
+        Ok(Some(y.apply_op2(&g.contiguous()?, SigmoidGrad)?))
+    }
+}
+
+impl CustomOp2 for SigmoidGrad {
+    fn name(&self) -> &'static str {
+        "gm-sigmoid-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = crate::float2!("gm-sigmoid-grad", s1, l1, s2, l2, |y, dy| {
+            sigmoid_grad_kernel(y, dy)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+fn sigmoid_grad_kernel<T: WithDType>(y: &[T], dy: &[T]) -> Vec<T> {
+    par_map2(y, dy, |y, g| g * (y * (T::one() - y)))
+}
+
+/// Whether `x` takes gm's element-wise kernels (f32 or f64 on the CPU's native path).
+fn native_float(x: &Tensor) -> bool {
+    crate::native_kernels(x.device())
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// `ln(1 + eˣ)`, computed stably as `max(x, 0) + ln(1 + e^{−|x|})`: one pass forward and one
+/// backward (`dy ⊙ σ(x)`) on the CPU, with f32's `exp` and `ln` as vectorised polynomials
+/// (relative error below 3e-7); candle's ops elsewhere. Its backward is differentiable when
+/// second-order gradients are on (candle's `CANDLE_GRAD_DO_NOT_DETACH`).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[-100f64, 0.0, 3.0], &Device::Cpu)?;
+/// let y = gm_core::kernels::ops::softplus(&x)?.to_vec1::<f64>()?;
+/// assert!((y[1] - 2f64.ln()).abs() < 1e-15 && (y[2] - 3.0485873515737420).abs() < 1e-15);
+/// assert!(y[0] > 0.0 && y[0] < 1e-43);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
+    if !native_float(x) {
+        return x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    }
+    x.contiguous()?.apply_op1(Softplus)
+}
+
+/// `σ(x) = 1 / (1 + e^{−x})`: one pass forward and one backward (`dy ⊙ y(1 − y)`, from the
+/// output) on the CPU, f32's `exp` a vectorised polynomial (relative error below 3e-7);
+/// candle's op elsewhere. Differentiable twice when second-order gradients are on.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    if !native_float(x) {
+        return candle_nn::ops::sigmoid(x);
+    }
+    x.contiguous()?.apply_op1(Sigmoid)
+}
