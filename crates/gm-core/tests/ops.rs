@@ -417,3 +417,100 @@ fn softplus_and_sigmoid_match_closed_forms_and_finite_differences() -> Result<()
     }
     Ok(())
 }
+
+/// `channel_affine` = `x ⊙ scale[c] + shift[c]`: forward equal to candle's broadcast ops, its
+/// three gradients against candle's (f32, several layouts, one larger than a parallel task) and
+/// against central differences in f64; without a shift; wrong sizes are refused.
+#[test]
+fn channel_affine_matches_candle_and_finite_differences() -> Result<()> {
+    use gm_core::kernels::ops::channel_affine;
+    let dev = Device::Cpu;
+    let mut rng = GmRng::new(11);
+    for shape in [vec![2, 3, 4, 5], vec![6, 4], vec![2, 5, 70, 70]] {
+        let c = shape[1];
+        let x = Var::from_tensor(&rng.randn(shape.as_slice(), &dev)?)?;
+        let s = Var::from_tensor(&rng.randn((1, c, 1, 1), &dev)?)?;
+        let b = Var::from_tensor(&rng.randn((c,), &dev)?)?;
+        let r = rng.randn(shape.as_slice(), &dev)?;
+        let mut per_channel = vec![1; shape.len()];
+        per_channel[1] = c;
+        let plain = (x.broadcast_mul(&s.reshape(per_channel.as_slice())?)?)
+            .broadcast_add(&b.reshape(per_channel.as_slice())?)?;
+        let fused = channel_affine(&x, &s, Some(&b))?;
+        let d = (&fused - &plain)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d <= 1e-6, "{shape:?}: forward differs by {d}");
+        let gp = (plain * &r)?.sum_all()?.backward()?;
+        let gf = (fused * &r)?.sum_all()?.backward()?;
+        for (what, v) in [("x", &x), ("scale", &s), ("shift", &b)] {
+            let (p, f) = (gp.get(v).unwrap(), gf.get(v).expect("gradient missing"));
+            assert_eq!(p.dims(), f.dims(), "{what}");
+            let d = (p - f)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let scale = p.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(
+                d <= 2e-6 * scale,
+                "{shape:?} {what}: gradient differs by {d} of {scale}"
+            );
+        }
+        let no_shift = channel_affine(&x, &s, None)?;
+        let want = x.broadcast_mul(&s.reshape(per_channel.as_slice())?)?;
+        let d = (no_shift - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d <= 1e-6, "{shape:?}: forward without shift differs by {d}");
+    }
+    // f64 central differences for every element of the three arguments.
+    let x0 = rng.randn((2, 3, 2, 3), &dev)?.to_dtype(DType::F64)?;
+    let s0 = rng.randn((3,), &dev)?.to_dtype(DType::F64)?;
+    let b0 = rng.randn((3,), &dev)?.to_dtype(DType::F64)?;
+    let r = rng.randn((2, 3, 2, 3), &dev)?.to_dtype(DType::F64)?;
+    let f = |x: &Tensor, s: &Tensor, b: &Tensor| -> Result<f64> {
+        Ok((channel_affine(x, s, Some(b))? * &r)?
+            .sum_all()?
+            .to_scalar()?)
+    };
+    let (x, s, b) = (
+        Var::from_tensor(&x0)?,
+        Var::from_tensor(&s0)?,
+        Var::from_tensor(&b0)?,
+    );
+    let g = (channel_affine(&x, &s, Some(&b))? * &r)?
+        .sum_all()?
+        .backward()?;
+    let h = 1e-6;
+    for which in 0..3 {
+        let base = [&x0, &s0, &b0][which];
+        let got = g
+            .get([&x, &s, &b][which])
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let flat = base.flatten_all()?.to_vec1::<f64>()?;
+        for i in 0..flat.len() {
+            let at = |d: f64| -> Result<f64> {
+                let mut p = flat.clone();
+                p[i] += d;
+                let p = Tensor::from_vec(p, base.shape(), &dev)?;
+                let mut args = [x0.clone(), s0.clone(), b0.clone()];
+                args[which] = p;
+                f(&args[0], &args[1], &args[2])
+            };
+            let fd = (at(h)? - at(-h)?) / (2.0 * h);
+            assert!(
+                (fd - got[i]).abs() < 1e-8,
+                "arg {which} [{i}]: fd {fd} vs {}",
+                got[i]
+            );
+        }
+    }
+    let err = channel_affine(&x0, &rng.randn((4,), &dev)?.to_dtype(DType::F64)?, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("4 scale values for 3 channels"), "{err}");
+    Ok(())
+}

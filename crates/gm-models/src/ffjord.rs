@@ -34,7 +34,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use gm_core::cnf::{draw_probe, Divergence};
 use gm_core::kernels::conv::{conv2d, Conv2dParams};
-use gm_core::kernels::ops::{self, channel_broadcast, Act};
+use gm_core::kernels::ops;
 use gm_core::ode::{solve, OdeStats, SolverConfig};
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
@@ -265,17 +265,19 @@ impl ConcatSquash {
     /// `(h, gate)` at time `t`.
     fn forward(&self, z: &Tensor, t: f64) -> Result<(Tensor, Tensor)> {
         let gate = candle_nn::ops::sigmoid(&(self.gate_w.affine(t, 0.0)? + &self.gate_b)?)?;
-        let lin = self.layer.forward_act(z, Act::Identity)?;
-        // Per-channel factors materialised by `channel_broadcast`: their gradients are one
-        // contiguous channel sum each, not candle's strided reduction.
-        let h = ((&lin * channel_broadcast(&gate, lin.shape())?)?
-            + channel_broadcast(&self.time_w.affine(t, 0.0)?, lin.shape())?)?;
-        Ok((h, gate))
+        // (W z + b) ⊙ g + s = (W z) ⊙ g + (b ⊙ g + s): one per-channel affine pass after the
+        // convolution, its gradients contiguous channel reductions.
+        let mut shift = self.time_w.affine(t, 0.0)?;
+        if let Some(b) = self.layer.bias() {
+            shift = (shift + (b.reshape(gate.shape())? * &gate)?)?;
+        }
+        let lin = conv2d(z, self.layer.weight(), self.params)?;
+        Ok((ops::channel_affine(&lin, &gate, Some(&shift))?, gate))
     }
 
     fn tangent(&self, dz: &Tensor, gate: &Tensor) -> Result<Tensor> {
         let lin = conv2d(dz, self.layer.weight(), self.params)?;
-        &lin * channel_broadcast(gate, lin.shape())?
+        ops::channel_affine(&lin, gate, None)
     }
 }
 

@@ -17,10 +17,10 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use crate::kernels::cpu::{lane_sum, Transcendental};
+use crate::kernels::cpu::{lane_sum, lane_sum2, Transcendental};
 use crate::kernels::for_grad;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
 
 /// A piecewise-linear activation.
@@ -627,4 +627,181 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
         return candle_nn::ops::sigmoid(x);
     }
     x.contiguous()?.apply_op1(Sigmoid)
+}
+
+/// `y = x ⊙ scale[c] + shift[c]`.
+struct ChannelAffine;
+/// `Σ` of `a ⊙ b` over every axis but the channel axis (1).
+struct ChannelDot;
+
+/// `x ⊙ scale[c] + shift[c]` over the rows of `(N, C, inner)` (or `(N, C)`, rows of C).
+#[allow(unsafe_code)]
+fn channel_affine_kernel<T: WithDType>(
+    x: &[T],
+    scale: &[T],
+    shift: &[T],
+    (_, c, inner): (usize, usize, usize),
+) -> Vec<T> {
+    let (row, per_channel) = if inner <= 1 {
+        (c.max(1), false)
+    } else {
+        (inner, true)
+    };
+    let rows_per_task = PAR_CHUNK.div_ceil(row);
+    // SAFETY: every task writes each element of its chunk (whole rows, zipped with x's).
+    unsafe {
+        crate::kernels::cpu::par_written(x.len(), rows_per_task * row, |t, ys| {
+            let row0 = t * rows_per_task;
+            for (r, (yr, xr)) in ys
+                .chunks_mut(row)
+                .zip(x[row0 * row..].chunks(row))
+                .enumerate()
+            {
+                if per_channel {
+                    let k = (row0 + r) % c;
+                    let (a, b) = (scale[k], shift[k]);
+                    for (o, v) in yr.iter_mut().zip(xr) {
+                        o.write(*v * a + b);
+                    }
+                } else {
+                    for (((o, v), a), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
+                        o.write(*v * *a + *b);
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn channel_dot_kernel<T: WithDType>(
+    a: &[T],
+    b: &[T],
+    (_, c, inner): (usize, usize, usize),
+) -> Vec<T> {
+    let mut acc = vec![0f64; c];
+    if inner <= 1 {
+        for (ra, rb) in a.chunks_exact(c.max(1)).zip(b.chunks_exact(c.max(1))) {
+            for ((s, x), y) in acc.iter_mut().zip(ra).zip(rb) {
+                *s += (*x * *y).to_f64();
+            }
+        }
+    } else {
+        for (i, (ra, rb)) in a.chunks_exact(inner).zip(b.chunks_exact(inner)).enumerate() {
+            acc[i % c] += lane_sum2(ra, rb, |x, y| x * y);
+        }
+    }
+    acc.into_iter().map(T::from_f64).collect()
+}
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "gm-channel-affine"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use crate::kernels::cpu::slice;
+        use candle_core::backend::BackendStorage as _;
+        let dims = channel_dims(l1.shape())?;
+        let name = self.name();
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(channel_affine_kernel(
+                slice::<f32>(s1, l1, name)?,
+                slice::<f32>(s2, l2, name)?,
+                slice::<f32>(s3, l3, name)?,
+                dims,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(channel_affine_kernel(
+                slice::<f64>(s1, l1, name)?,
+                slice::<f64>(s2, l2, name)?,
+                slice::<f64>(s3, l3, name)?,
+                dims,
+            )),
+            s => bail!("{name}: f32 or f64, got {:?}", s.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Only reached with second-order gradients off (`channel_affine` takes candle's ops
+        // otherwise), so the gradients are computed from detached operands by gm's kernels.
+        let dy = dy.detach().contiguous()?;
+        let dx = x
+            .track_op()
+            .then(|| {
+                let s = scale.detach();
+                dy.apply_op3(&s, &s.zeros_like()?, ChannelAffine)
+            })
+            .transpose()?;
+        let ds = scale
+            .track_op()
+            .then(|| dy.apply_op2(&x.detach(), ChannelDot))
+            .transpose()?;
+        let db = shift.track_op().then(|| channel_sum(&dy)).transpose()?;
+        Ok((dx, ds, db))
+    }
+}
+
+impl CustomOp2 for ChannelDot {
+    fn name(&self) -> &'static str {
+        "gm-channel-dot"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = channel_dims(l1.shape())?;
+        let out = crate::float2!("gm-channel-dot", s1, l1, s2, l2, |a, b| channel_dot_kernel(
+            a, b, dims
+        ));
+        Ok((out, Shape::from(dims.1)))
+    }
+}
+
+/// `x ⊙ scale[c] + shift[c]` with per-channel `scale` and `shift` (`C` values each, any shape
+/// such as `(C,)` or `(1, C, 1, 1)`; no shift when `None`), in one pass; its backward is one pass
+/// for `dx` and one contiguous reduction each for `scale` and `shift`. With second-order
+/// gradients on, and off the CPU, it is candle's ops over [`channel_broadcast`]s.
+///
+/// # Shapes
+/// - `x`: `(N, C, ...)`; returns the shape of `x`.
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: Option<&Tensor>) -> Result<Tensor> {
+    let shape = x.shape();
+    let (_, c, _) = channel_dims(shape)?;
+    for (what, v) in [("scale", Some(scale)), ("shift", shift)] {
+        if let Some(v) = v.filter(|v| v.elem_count() != c) {
+            bail!(
+                "channel_affine: {} {what} values for {c} channels",
+                v.elem_count()
+            )
+        }
+    }
+    if !native_float(x) || crate::kernels::second_order() {
+        let y = (x * channel_broadcast(scale, shape)?)?;
+        return match shift {
+            Some(b) => y + channel_broadcast(b, shape)?,
+            None => Ok(y),
+        };
+    }
+    let scale = scale.flatten_all()?.contiguous()?;
+    let shift = match shift {
+        Some(b) => b.flatten_all()?.contiguous()?,
+        None => scale.zeros_like()?,
+    };
+    x.contiguous()?.apply_op3(&scale, &shift, ChannelAffine)
 }
