@@ -509,19 +509,27 @@ fn data_parallel_ranks_equal_one_large_batch() {
                     .unwrap();
             let got = tensors(&s.checkpoint);
             assert_eq!(got.len(), want.len());
-            let mut worst = 0f32;
+            let (mut worst, mut worst_name) = (0f32, "");
             for (name, w) in &want {
                 let scale = w.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                 let d = got[name]
                     .iter()
                     .zip(w)
                     .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                worst = worst.max(d / scale);
+                if d / scale > worst {
+                    (worst, worst_name) = (d / scale, name);
+                }
             }
-            eprintln!("DP {preset} x {world}: worst relative difference {worst:e}");
+            eprintln!("DP {preset} x {world}: worst relative difference {worst:e} ({worst_name})");
+            // Round-off only, but Adam normalises each element's step, so where a weight's
+            // gradient nearly cancels over the batch the summation order (the kernels pick their
+            // algorithm by batch size, and their vector width by CPU) moves its step visibly:
+            // ddpm-tiny's worst is 1.9e-4 on an AVX2 EPYC (mid.res2.conv2.weight), 0.8% of one
+            // step there. A lost rank moves weights by whole steps (training on half the batch:
+            // 8.2e-2 on vae-tiny).
             assert!(
-                worst < 1e-4,
-                "{preset} × {world} ranks: parameters differ by {worst:e} (relative)"
+                worst < 1e-3,
+                "{preset} × {world} ranks: parameters differ by {worst:e} (relative, {worst_name})"
             );
             let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
             let first: serde_json::Value =
