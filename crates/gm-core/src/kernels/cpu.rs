@@ -64,6 +64,35 @@ macro_rules! float2 {
     }};
 }
 
+/// Evaluates `$body` with `$a`, `$b`, `$c` bound to the three operands as f32 or f64 slices,
+/// wrapping the resulting `Vec` back into a `CpuStorage` of the same dtype.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! float3 {
+    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $s3:expr, $l3:expr, |$a:ident, $b:ident, $c:ident| $body:expr) => {{
+        use candle_core::backend::BackendStorage as _;
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let $a = $crate::kernels::cpu::slice::<f32>($s1, $l1, $name)?;
+                let $b = $crate::kernels::cpu::slice::<f32>($s2, $l2, $name)?;
+                let $c = $crate::kernels::cpu::slice::<f32>($s3, $l3, $name)?;
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let $a = $crate::kernels::cpu::slice::<f64>($s1, $l1, $name)?;
+                let $b = $crate::kernels::cpu::slice::<f64>($s2, $l2, $name)?;
+                let $c = $crate::kernels::cpu::slice::<f64>($s3, $l3, $name)?;
+                CpuStorage::F64($body)
+            }
+            (a, _, _) => candle_core::bail!(
+                "{}: f32 or f64 operands of one dtype, got {:?}",
+                $name,
+                a.dtype()
+            ),
+        }
+    }};
+}
+
 /// `eˣ` in f32 without a libm call, so that loops over slices vectorise: Cody–Waite range
 /// reduction `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, Cephes' degree-7 polynomial for `eʳ`, and `2ⁿ`
 /// built in the exponent bits. Relative error below 2e-7 on `[−87, 88]`; clamps outside.

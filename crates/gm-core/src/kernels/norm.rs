@@ -162,31 +162,6 @@ fn bwd_kernel<T: Transcendental>(
     dx
 }
 
-macro_rules! float3 {
-    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $s3:expr, $l3:expr, |$a:ident, $b:ident, $c:ident| $body:expr) => {{
-        use candle_core::backend::BackendStorage as _;
-        match ($s1, $s2, $s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let $a = crate::kernels::cpu::slice::<f32>($s1, $l1, $name)?;
-                let $b = crate::kernels::cpu::slice::<f32>($s2, $l2, $name)?;
-                let $c = crate::kernels::cpu::slice::<f32>($s3, $l3, $name)?;
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let $a = crate::kernels::cpu::slice::<f64>($s1, $l1, $name)?;
-                let $b = crate::kernels::cpu::slice::<f64>($s2, $l2, $name)?;
-                let $c = crate::kernels::cpu::slice::<f64>($s3, $l3, $name)?;
-                CpuStorage::F64($body)
-            }
-            (a, _, _) => bail!(
-                "{}: f32 or f64 operands of one dtype, got {:?}",
-                $name,
-                a.dtype()
-            ),
-        }
-    }};
-}
-
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "gm-group-norm"
@@ -203,7 +178,7 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1.shape(), self.groups)?;
         let (eps, silu) = (self.eps, self.silu);
-        let out = float3!("gm-group-norm", s1, l1, s2, l2, s3, l3, |x, g, b| {
+        let out = crate::float3!("gm-group-norm", s1, l1, s2, l2, s3, l3, |x, g, b| {
             fwd_kernel(x, g, b, d, eps, silu)
         });
         Ok((out, l1.shape().clone()))
@@ -256,7 +231,7 @@ impl CustomOp3 for GroupNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1.shape(), self.groups)?;
         let (eps, silu) = (self.eps, self.silu);
-        let out = float3!("gm-group-norm-grad", s1, l1, s2, l2, s3, l3, |x, dy, gb| {
+        let out = crate::float3!("gm-group-norm-grad", s1, l1, s2, l2, s3, l3, |x, dy, gb| {
             bwd_kernel(x, dy, gb, d, eps, silu)
         });
         let len = l1.shape().elem_count() + 2 * d.c;

@@ -100,20 +100,23 @@ fn bias_act_kernel<T: WithDType>(
     b: &[T],
     dims: (usize, usize, usize),
 ) -> Vec<T> {
-    with_act!(act, T, |f| bias_map(x, b, dims, f))
+    with_act!(act, T, |f| channel_map(x, b, b, dims, |v, bias, _| f(
+        v + bias
+    )))
 }
 
-/// `y = f(x + bias[channel])`.
+/// `y = f(x, a[channel], b[channel])` with two per-channel vectors.
 #[allow(unsafe_code)]
-fn bias_map<T: WithDType>(
+fn channel_map<T: WithDType>(
     x: &[T],
+    a: &[T],
     b: &[T],
     (_, c, inner): (usize, usize, usize),
-    f: impl Fn(T) -> T + Sync + Send,
+    f: impl Fn(T, T, T) -> T + Sync + Send,
 ) -> Vec<T> {
-    // (N, C) is N rows of C features, each taking the whole bias vector; (N, C, …) is N·C rows
-    // of `inner` elements sharing one bias. Tasks take whole rows.
-    let (row, per_bias) = if inner <= 1 {
+    // (N, C) is N rows of C features, each taking the whole vectors; (N, C, …) is N·C rows of
+    // `inner` elements sharing one channel's values. Tasks take whole rows.
+    let (row, per_channel) = if inner <= 1 {
         (c.max(1), false)
     } else {
         (inner, true)
@@ -128,14 +131,15 @@ fn bias_map<T: WithDType>(
                 .zip(x[row0 * row..].chunks(row))
                 .enumerate()
             {
-                if per_bias {
-                    let bias = b[(row0 + r) % c];
+                if per_channel {
+                    let k = (row0 + r) % c;
+                    let (ak, bk) = (a[k], b[k]);
                     for (o, v) in yr.iter_mut().zip(xr) {
-                        o.write(f(*v + bias));
+                        o.write(f(*v, ak, bk));
                     }
                 } else {
-                    for ((o, v), bias) in yr.iter_mut().zip(xr).zip(b) {
-                        o.write(f(*v + *bias));
+                    for (((o, v), ak), bk) in yr.iter_mut().zip(xr).zip(a).zip(b) {
+                        o.write(f(*v, *ak, *bk));
                     }
                 }
             }
@@ -143,23 +147,16 @@ fn bias_map<T: WithDType>(
     }
 }
 
-#[allow(unsafe_code)]
 fn act_grad_kernel<T: WithDType>(act: Act, dy: &[T], y: &[T]) -> Vec<T> {
     // The slope where y ≤ 0.
     let neg = match act {
         Act::Identity => T::one(),
         _ => leaky_slope::<T>(act),
     };
-    // SAFETY: every task writes each element of its chunk.
-    unsafe {
-        crate::kernels::cpu::par_written(dy.len(), PAR_CHUNK, move |t, out| {
-            let (g, y) = (&dy[t * PAR_CHUNK..], &y[t * PAR_CHUNK..]);
-            // The slope is selected, then multiplied: branch-free, so the loop vectorises.
-            for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
-                o.write(*g * if *y > T::zero() { T::one() } else { neg });
-            }
-        })
-    }
+    // The slope is selected, then multiplied: branch-free, so the loop vectorises.
+    par_map2(dy, y, move |g, y| {
+        g * if y > T::zero() { T::one() } else { neg }
+    })
 }
 
 impl CustomOp2 for BiasAct {
@@ -635,42 +632,13 @@ struct ChannelAffine;
 struct ChannelDot;
 
 /// `x ⊙ scale[c] + shift[c]` over the rows of `(N, C, inner)` (or `(N, C)`, rows of C).
-#[allow(unsafe_code)]
 fn channel_affine_kernel<T: WithDType>(
     x: &[T],
     scale: &[T],
     shift: &[T],
-    (_, c, inner): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) -> Vec<T> {
-    let (row, per_channel) = if inner <= 1 {
-        (c.max(1), false)
-    } else {
-        (inner, true)
-    };
-    let rows_per_task = PAR_CHUNK.div_ceil(row);
-    // SAFETY: every task writes each element of its chunk (whole rows, zipped with x's).
-    unsafe {
-        crate::kernels::cpu::par_written(x.len(), rows_per_task * row, |t, ys| {
-            let row0 = t * rows_per_task;
-            for (r, (yr, xr)) in ys
-                .chunks_mut(row)
-                .zip(x[row0 * row..].chunks(row))
-                .enumerate()
-            {
-                if per_channel {
-                    let k = (row0 + r) % c;
-                    let (a, b) = (scale[k], shift[k]);
-                    for (o, v) in yr.iter_mut().zip(xr) {
-                        o.write(*v * a + b);
-                    }
-                } else {
-                    for (((o, v), a), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
-                        o.write(*v * *a + *b);
-                    }
-                }
-            }
-        })
-    }
+    channel_map(x, scale, shift, dims, |v, a, b| v * a + b)
 }
 
 fn channel_dot_kernel<T: WithDType>(
@@ -706,25 +674,10 @@ impl CustomOp3 for ChannelAffine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use crate::kernels::cpu::slice;
-        use candle_core::backend::BackendStorage as _;
         let dims = channel_dims(l1.shape())?;
-        let name = self.name();
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(channel_affine_kernel(
-                slice::<f32>(s1, l1, name)?,
-                slice::<f32>(s2, l2, name)?,
-                slice::<f32>(s3, l3, name)?,
-                dims,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(channel_affine_kernel(
-                slice::<f64>(s1, l1, name)?,
-                slice::<f64>(s2, l2, name)?,
-                slice::<f64>(s3, l3, name)?,
-                dims,
-            )),
-            s => bail!("{name}: f32 or f64, got {:?}", s.dtype()),
-        };
+        let out = crate::float3!(self.name(), s1, l1, s2, l2, s3, l3, |x, a, b| {
+            channel_affine_kernel(x, a, b, dims)
+        });
         Ok((out, l1.shape().clone()))
     }
     fn bwd(
