@@ -23,10 +23,10 @@
 //!
 //! Images are modelled on `[-1, 1]` (`2x − 1` of the data in `[0, 1]`); samples come back in `[0, 1]`.
 
-use crate::nn::{Conv2d, ConvTranspose2d, Linear};
+use crate::nn::{BatchNorm, Conv2d, ConvTranspose2d, Linear};
 use crate::{Batch, EvalOptions, Loss, Metrics, Model, Phase};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
-use candle_nn::{BatchNorm, ModuleT, VarBuilder};
+use candle_nn::VarBuilder;
 use gm_core::kernels::conv::Conv2dParams;
 use gm_core::kernels::ops::Act;
 use gm_core::GmRng;
@@ -369,7 +369,7 @@ impl Generator {
                 )
             })
             .transpose()?;
-        let bn = |n: usize, vb: VarBuilder| candle_nn::batch_norm(n, 1e-5, vb);
+        let bn = |n: usize, vb: VarBuilder| BatchNorm::new(n, vb);
         if cfg.is_vector() {
             let mut linears = Vec::new();
             let mut d = zin;
@@ -434,19 +434,26 @@ impl Generator {
                 .forward_act(&x, Act::Identity)?
                 .reshape((b, c, h, w));
         }
-        let mut x =
-            self.fc
-                .forward_act(&z, Act::Identity)?
-                .reshape((b, 2 * self.width, h / 4, w / 4))?;
-        if let Some(bn) = &self.bn0 {
-            x = bn.forward_t(&x, train)?;
+        // BatchNorm → ReLU fused; without BatchNorm the ReLU fuses into the layer before it.
+        let relu_unless = |bn: Option<&BatchNorm>| match bn {
+            Some(_) => Act::Identity,
+            None => Act::Relu,
+        };
+        let bn0 = self.bn0.as_ref();
+        let mut x = self.fc.forward_act(&z, relu_unless(bn0))?.reshape((
+            b,
+            2 * self.width,
+            h / 4,
+            w / 4,
+        ))?;
+        if let Some(bn) = bn0 {
+            x = bn.forward(&x, train, true)?;
         }
-        x = x.relu()?;
-        x = self.deconvs[0].forward_act(&x, Act::Identity)?;
-        if let Some(bn) = self.bns.first() {
-            x = bn.forward_t(&x, train)?;
+        let bn1 = self.bns.first();
+        x = self.deconvs[0].forward_act(&x, relu_unless(bn1))?;
+        if let Some(bn) = bn1 {
+            x = bn.forward(&x, train, true)?;
         }
-        x = x.relu()?;
         self.deconvs[1].forward_act(&x, Act::Identity)?.tanh()
     }
 }

@@ -1,4 +1,5 @@
-//! Shared building blocks — layers (linear, convolutions, masked convolutions, GroupNorm), the
+//! Shared building blocks — layers (linear, convolutions, masked convolutions, GroupNorm,
+//! BatchNorm), the
 //! sinusoidal time embedding, class-label helpers. Names follow PyTorch's `nn.Sequential` numbering (activations take an
 //! index too), so safetensors files line up with a PyTorch `state_dict`.
 
@@ -354,6 +355,83 @@ impl GroupNorm {
     /// `GroupNorm(x)`, followed by SiLU when `silu`.
     pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         gm_core::kernels::norm::group_norm(x, &self.weight, &self.bias, self.groups, 1e-5, silu)
+    }
+}
+
+/// Batch normalisation over axis 1 — PyTorch's `BatchNorm1d`/`BatchNorm2d` with ε = 1e-5 and
+/// momentum 0.1 — with PyTorch's (and candle-nn's) names and initialisation: `weight` (ones),
+/// `bias` (zeros), `running_mean` (zeros), `running_var` (ones). Training normalises by the
+/// batch's statistics on gm's fused kernel ([`gm_core::kernels::norm::batch_norm`]) and moves the
+/// running ones, `r ← (1 − m)·r + m·s` with the unbiased variance; evaluation is one per-channel
+/// affine pass ([`gm_core::kernels::ops::channel_affine`]) with the running statistics. Either
+/// may end in a fused ReLU.
+#[derive(Clone, Debug)]
+pub struct BatchNorm {
+    running_mean: candle_core::Var,
+    running_var: candle_core::Var,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl BatchNorm {
+    const EPS: f64 = 1e-5;
+    const MOMENTUM: f64 = 0.1;
+
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        // candle-nn's order of creation, so a fresh model's variables are the same.
+        let mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+        let var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+        Ok(Self {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            // The VarMap's own variables (`from_tensor` of a variable shares its storage), so
+            // the running statistics move in the checkpointed model.
+            running_mean: candle_core::Var::from_tensor(&mean)?,
+            running_var: candle_core::Var::from_tensor(&var)?,
+        })
+    }
+
+    /// The running mean and variance `(C,)`.
+    pub fn running_stats(&self) -> (&Tensor, &Tensor) {
+        (self.running_mean.as_tensor(), self.running_var.as_tensor())
+    }
+
+    /// `BatchNorm(x)` for `x` `(N, C, …)`, then ReLU when `relu`: with the batch's statistics
+    /// (and a step of the running ones) when `train`, the running ones otherwise.
+    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        if x.rank() < 2 || x.dim(1)? != c {
+            candle_core::bail!(
+                "BatchNorm of {c} channels: input of shape {:?} (needs (N, {c}, …))",
+                x.dims()
+            )
+        }
+        if !train {
+            let rm = self.running_mean.as_detached_tensor();
+            let rv = self.running_var.as_detached_tensor();
+            let scale = (&self.weight / (rv + Self::EPS)?.sqrt()?)?;
+            let shift = (&self.bias - (rm * &scale)?)?;
+            let y = gm_core::kernels::ops::channel_affine(x, &scale, Some(&shift))?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        let m = x.elem_count() / c;
+        if m < 2 {
+            candle_core::bail!(
+                "BatchNorm in training needs more than one value per channel, got input of shape {:?}",
+                x.dims()
+            )
+        }
+        let (y, mean, var) =
+            gm_core::kernels::norm::batch_norm(x, &self.weight, &self.bias, Self::EPS, relu)?;
+        let (k, dt) = (Self::MOMENTUM, self.running_mean.dtype());
+        let unbiased = m as f64 / (m as f64 - 1.0);
+        let rm =
+            ((self.running_mean.as_detached_tensor() * (1.0 - k))? + (mean.to_dtype(dt)? * k)?)?;
+        let rv = ((self.running_var.as_detached_tensor() * (1.0 - k))?
+            + (var.to_dtype(dt)? * (k * unbiased))?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        Ok(y)
     }
 }
 

@@ -224,3 +224,70 @@ fn spectral_norm_bounds_the_discriminator_lipschitz_constant() -> Result<()> {
     assert!(max > 0.05, "the critic should not be flat: {max}");
     Ok(())
 }
+
+/// gm's BatchNorm layer against candle-nn's over a few training steps (outputs and the running
+/// statistics it moves, read back from the VarMap a checkpoint saves), then in evaluation.
+#[test]
+fn batch_norm_layer_matches_candle_nn_and_moves_the_saved_running_statistics() -> Result<()> {
+    let (c, shape) = (3, (6, 3, 4, 5));
+    let mut rng = GmRng::new(11);
+    let (vm, vm_ref) = (VarMap::new(), VarMap::new());
+    let ours = gm_models::nn::BatchNorm::new(
+        c,
+        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &DEV).pp("bn"),
+    )?;
+    let theirs = candle_nn::batch_norm(
+        c,
+        1e-5,
+        candle_nn::VarBuilder::from_varmap(&vm_ref, DType::F32, &DEV).pp("bn"),
+    )?;
+    // The same non-trivial affine parameters in both.
+    for name in ["bn.weight", "bn.bias"] {
+        let v = rng.randn(c, &DEV)?;
+        vm.data().lock().unwrap()[name].set(&v)?;
+        vm_ref.data().lock().unwrap()[name].set(&v)?;
+    }
+    let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    };
+    for step in 0..3 {
+        let x = rng.randn(shape, &DEV)?.affine(2.0, 0.7 * step as f64)?;
+        let want = candle_nn::ModuleT::forward_t(&theirs, &x, true)?;
+        let got = ours.forward(&x, true, step == 1)?;
+        let want = if step == 1 { want.relu()? } else { want };
+        assert!(max_diff(&got, &want)? < 1e-5, "step {step}: outputs differ");
+        let saved = vm.data().lock().unwrap()["bn.running_var"]
+            .as_tensor()
+            .clone();
+        assert!(
+            max_diff(&saved, theirs.running_var())? < 1e-5,
+            "step {step}: running var"
+        );
+        let saved = vm.data().lock().unwrap()["bn.running_mean"]
+            .as_tensor()
+            .clone();
+        assert!(
+            max_diff(&saved, theirs.running_mean())? < 1e-5,
+            "step {step}: running mean"
+        );
+    }
+    let x = rng.randn(shape, &DEV)?;
+    let want = candle_nn::ModuleT::forward_t(&theirs, &x, false)?;
+    assert!(max_diff(&ours.forward(&x, false, false)?, &want)? < 1e-5);
+    assert!(max_diff(&ours.forward(&x, false, true)?, &want.relu()?)? < 1e-5);
+    // Errors name the layer's size and the shape.
+    let e = ours
+        .forward(&rng.randn((1, 3), &DEV)?, true, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("more than one value per channel") && e.contains("[1, 3]"),
+        "{e}"
+    );
+    let e = ours
+        .forward(&rng.randn((2, 4), &DEV)?, false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 channels") && e.contains("[2, 4]"), "{e}");
+    Ok(())
+}

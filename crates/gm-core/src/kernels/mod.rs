@@ -1,6 +1,6 @@
 //! gm's CPU kernels: the convolutions ([`conv`]), matrix products ([`matmul`]), fused
-//! element-wise ops ([`ops`]), group and
-//! layer norms ([`norm`]), the fused Adam update ([`adam`]) and the loops that spread them over
+//! element-wise ops ([`ops`]), group,
+//! layer and batch norms ([`norm`]), the fused Adam update ([`adam`]) and the loops that spread them over
 //! candle's thread pool ([`par`]).
 //!
 //! Each is a candle custom op with a CPU implementation and, where candle has one, a fallback to

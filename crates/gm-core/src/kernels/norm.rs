@@ -4,10 +4,20 @@
 //! CUDA and Metal it is candle's ops. First-order: the backward is not itself differentiable.
 //!
 //! `y = act(γ_c · (x − μ_{n,g}) / √(σ²_{n,g} + ε) + β_c)`, statistics per sample and channel group.
+//!
+//! Batch normalisation in training mode ([`batch_norm`], Ioffe & Szegedy, 2015) with an optional
+//! fused ReLU — the DCGAN generator's `BatchNorm → ReLU` — statistics per channel over the batch
+//! and every spatial position: one pass for the statistics and one for the output forward, one
+//! reduction pass and one output pass backward, all on contiguous rows. candle's `BatchNorm`
+//! transposes the batch into a copy, runs about eight element-wise passes and returns a transposed
+//! view, which makes the next op's input strided.
 
 use crate::kernels::cpu::{lane_sum, lane_sum2, Transcendental};
 use crate::kernels::for_grad;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use std::sync::Arc;
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -192,27 +202,34 @@ impl CustomOp3 for GroupNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, dy) = (&for_grad(x), &for_grad(dy));
-        let (gamma, beta) = (&for_grad(gamma), &for_grad(beta));
-        let c = gamma.dim(0)?;
-        let gb = Tensor::cat(&[gamma, beta], 0)?;
-        let all = x.apply_op3(
-            &dy.contiguous()?,
-            &gb,
-            GroupNormGrad {
-                groups: self.groups,
-                eps: self.eps,
-                silu: self.silu,
-            },
-        )?;
-        let n = x.elem_count();
-        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
-        // Copies: views would keep the whole buffer (dx with them) alive as long as the
-        // parameters' gradients live.
-        let dg = all.narrow(0, n, c)?.copy()?;
-        let db = all.narrow(0, n + c, c)?.copy()?;
-        Ok((Some(dx), Some(dg), Some(db)))
+        let grad = GroupNormGrad {
+            groups: self.groups,
+            eps: self.eps,
+            silu: self.silu,
+        };
+        norm_grads(x, gamma, beta, dy, grad)
     }
+}
+
+/// A norm's backward: `grad` on `(x, dy, [γ; β])` returns `[dx, dγ, dβ]` flattened, split here.
+fn norm_grads(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    dy: &Tensor,
+    grad: impl CustomOp3 + Send + Sync + 'static,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (x, dy) = (&for_grad(x), &for_grad(dy));
+    let c = gamma.dim(0)?;
+    let gb = Tensor::cat(&[&for_grad(gamma), &for_grad(beta)], 0)?;
+    let all = x.apply_op3(&dy.contiguous()?, &gb, grad)?;
+    let n = x.elem_count();
+    let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+    // Copies: views would keep the whole buffer (dx with them) alive as long as the
+    // parameters' gradients live.
+    let dg = all.narrow(0, n, c)?.copy()?;
+    let db = all.narrow(0, n + c, c)?.copy()?;
+    Ok((Some(dx), Some(dg), Some(db)))
 }
 
 impl CustomOp3 for GroupNormGrad {
@@ -279,4 +296,350 @@ pub fn group_norm(
         &beta.contiguous()?,
         GroupNormOp { groups, eps, silu },
     )
+}
+
+/// Per-channel mean and biased variance of `x` `(N, C, …)` over every axis but 1, as
+/// `[mean₀ … mean_{C−1}, var₀ … var_{C−1}]` in f64 (two passes per channel, rows summed in f64).
+struct BatchStats;
+
+fn batch_stats_kernel<T: WithDType>(x: &[T], (n, c, inner): (usize, usize, usize)) -> Vec<f64> {
+    let m = (n * inner).max(1) as f64;
+    let per = crate::kernels::par::map(c, |ch| {
+        let rows = || (0..n).map(move |s| &x[(s * c + ch) * inner..][..inner]);
+        let mean = rows().map(|r| lane_sum(r, |v| v)).sum::<f64>() / m;
+        let mt = T::from_f64(mean);
+        let var = rows()
+            .map(|r| lane_sum(r, |v| (v - mt) * (v - mt)))
+            .sum::<f64>()
+            / m;
+        (mean, var)
+    });
+    let (mean, var): (Vec<f64>, Vec<f64>) = per.into_iter().unzip();
+    mean.into_iter().chain(var).collect()
+}
+
+impl CustomOp1 for BatchStats {
+    fn name(&self) -> &'static str {
+        "gm-batch-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage as _;
+        let dims = super::ops::channel_dims(l.shape())?;
+        let out = match s {
+            CpuStorage::F32(_) => {
+                batch_stats_kernel(super::cpu::slice::<f32>(s, l, "gm-batch-stats")?, dims)
+            }
+            CpuStorage::F64(_) => {
+                batch_stats_kernel(super::cpu::slice::<f64>(s, l, "gm-batch-stats")?, dims)
+            }
+            s => bail!("gm-batch-stats: f32 or f64, got {:?}", s.dtype()),
+        };
+        Ok((CpuStorage::F64(out), Shape::from(2 * dims.1)))
+    }
+}
+
+/// `y = act(γ_c · (x − μ_c) / √(σ²_c + ε) + β_c)` with the batch's statistics, computed before
+/// the op (they are also the running statistics' update) and kept for the backward.
+struct BatchNormOp {
+    stats: Arc<Vec<f64>>,
+    eps: f64,
+    relu: bool,
+}
+
+/// `[dx (x.len()), dγ (C), dβ (C)]` flattened into one vector.
+struct BatchNormGrad {
+    stats: Arc<Vec<f64>>,
+    eps: f64,
+    relu: bool,
+}
+
+/// The per-channel `(scale, shift)` of the normalisation: `γ/√(σ² + ε)` and `β − μ·scale`, and
+/// `1/√(σ² + ε)`.
+fn bn_coeffs<T: WithDType>(
+    stats: &[f64],
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<f64>) {
+    let c = gamma.len();
+    let rstd: Vec<f64> = stats[c..].iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let scale: Vec<f64> = gamma
+        .iter()
+        .zip(&rstd)
+        .map(|(g, r)| g.to_f64() * r)
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(&scale)
+        .zip(&stats[..c])
+        .map(|((b, a), m)| T::from_f64(b.to_f64() - m * a))
+        .collect();
+    (scale.into_iter().map(T::from_f64).collect(), shift, rstd)
+}
+
+fn bn_fwd_kernel<T: WithDType>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    dims: (usize, usize, usize),
+    op: (&[f64], f64, bool),
+) -> Vec<T> {
+    let (stats, eps, relu) = op;
+    let (a, b, _) = bn_coeffs(stats, gamma, beta, eps);
+    if relu {
+        super::ops::channel_map(x, &a, &b, dims, |v, a, b| {
+            let z = v * a + b;
+            if z > T::zero() {
+                z
+            } else {
+                T::zero()
+            }
+        })
+    } else {
+        super::ops::channel_map(x, &a, &b, dims, |v, a, b| v * a + b)
+    }
+}
+
+#[allow(unsafe_code)]
+fn bn_bwd_kernel<T: WithDType>(
+    x: &[T],
+    dy: &[T],
+    gb: &[T],
+    (n, c, inner): (usize, usize, usize),
+    op: (&[f64], f64, bool),
+) -> Vec<T> {
+    let (stats, eps, relu) = op;
+    let (gamma, beta) = gb.split_at(c);
+    let (a, b, rstd) = bn_coeffs(stats, gamma, beta, eps);
+    // The ReLU's mask from the forward's own arithmetic, so it is the forward's mask bit for bit.
+    let on = |v: T, ch: usize| !relu || v * a[ch] + b[ch] > T::zero();
+    // Pass 1, per channel: Σ dz and Σ dz·(x − μ), where dz is the normalisation's output gradient.
+    let sums = crate::kernels::par::map(c, |ch| {
+        let mt = T::from_f64(stats[ch]);
+        let (mut s0, mut s1) = (0f64, 0f64);
+        for s in 0..n {
+            let at = (s * c + ch) * inner..(s * c + ch + 1) * inner;
+            let (xr, gr) = (&x[at.clone()], &dy[at]);
+            if relu {
+                s0 += lane_sum2(gr, xr, |g, v| if on(v, ch) { g } else { T::zero() });
+                s1 += lane_sum2(
+                    gr,
+                    xr,
+                    |g, v| {
+                        if on(v, ch) {
+                            g * (v - mt)
+                        } else {
+                            T::zero()
+                        }
+                    },
+                );
+            } else {
+                s0 += lane_sum(gr, |g| g);
+                s1 += lane_sum2(gr, xr, |g, v| g * (v - mt));
+            }
+        }
+        (s0, s1)
+    });
+    let m = (n * inner).max(1) as f64;
+    // dx = γ·r·(dz − Σdz/M − x̂·Σ(dz·x̂)/M) with x̂ = (x − μ)·r: k1·dz − k2·(x − μ) − k3.
+    let k: Vec<[T; 4]> = (0..c)
+        .map(|ch| {
+            let (g, r) = (gamma[ch].to_f64(), rstd[ch]);
+            let (s0, s1) = sums[ch];
+            [
+                T::from_f64(g * r),
+                T::from_f64(g * r * r * r * s1 / m),
+                T::from_f64(g * r * s0 / m),
+                T::from_f64(stats[ch]),
+            ]
+        })
+        .collect();
+    let row = inner.max(1);
+    let rows_per_task = (1usize << 15).div_ceil(row);
+    // SAFETY: every task writes each element of its chunk (whole rows, zipped with x's and dy's).
+    let mut out = unsafe {
+        crate::kernels::cpu::par_written(x.len(), rows_per_task * row, |t, out| {
+            let row0 = t * rows_per_task;
+            for (r, (or, (xr, gr))) in out
+                .chunks_mut(row)
+                .zip(
+                    x[row0 * row..]
+                        .chunks(row)
+                        .zip(dy[row0 * row..].chunks(row)),
+                )
+                .enumerate()
+            {
+                let ch = (row0 + r) % c;
+                let [k1, k2, k3, mt] = k[ch];
+                if relu {
+                    let (ac, bc) = (a[ch], b[ch]);
+                    for ((o, v), g) in or.iter_mut().zip(xr).zip(gr) {
+                        let dz = if *v * ac + bc > T::zero() {
+                            *g
+                        } else {
+                            T::zero()
+                        };
+                        o.write(k1 * dz - k2 * (*v - mt) - k3);
+                    }
+                } else {
+                    for ((o, v), g) in or.iter_mut().zip(xr).zip(gr) {
+                        o.write(k1 * *g - k2 * (*v - mt) - k3);
+                    }
+                }
+            }
+        })
+    };
+    // dγ = Σ dz·x̂ = r·Σ dz·(x − μ), dβ = Σ dz.
+    out.extend((0..c).map(|ch| T::from_f64(rstd[ch] * sums[ch].1)));
+    out.extend(sums.iter().map(|s| T::from_f64(s.0)));
+    out
+}
+
+impl CustomOp3 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "gm-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = super::ops::channel_dims(l1.shape())?;
+        let op = (self.stats.as_slice(), self.eps, self.relu);
+        let out = crate::float3!("gm-batch-norm", s1, l1, s2, l2, s3, l3, |x, g, b| {
+            bn_fwd_kernel(x, g, b, dims, op)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = BatchNormGrad {
+            stats: self.stats.clone(),
+            eps: self.eps,
+            relu: self.relu,
+        };
+        norm_grads(x, gamma, beta, dy, grad)
+    }
+}
+
+impl CustomOp3 for BatchNormGrad {
+    fn name(&self) -> &'static str {
+        "gm-batch-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = super::ops::channel_dims(l1.shape())?;
+        let op = (self.stats.as_slice(), self.eps, self.relu);
+        let out = crate::float3!("gm-batch-norm-grad", s1, l1, s2, l2, s3, l3, |x, dy, gb| {
+            bn_bwd_kernel(x, dy, gb, dims, op)
+        });
+        Ok((out, Shape::from(l1.shape().elem_count() + 2 * dims.1)))
+    }
+}
+
+/// Training-mode batch normalisation of `x` `(N, C, …)` with affine `γ`, `β` of shape `(C,)`,
+/// then ReLU when `relu`: `y = act(γ_c · (x − μ_c) / √(σ²_c + ε) + β_c)`, `μ_c` and `σ²_c` the
+/// mean and biased variance of channel `c` over the batch and every other axis. Returns `y` and
+/// the batch's `μ` and `σ²` (`(C,)`, detached), from which a caller updates its running
+/// statistics.
+///
+/// Gradients flow into `x` (through the statistics too), `γ` and `β`. On the CPU in f32/f64 it
+/// is gm's kernels (first-order); off the CPU, in half precision (statistics in f32) and with
+/// second-order gradients on it is candle's ops.
+///
+/// # Shapes
+/// - `x`: `(N, C, ...)`; returns the shape of `x` and two `(C,)` tensors.
+pub fn batch_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (_, c, _) = super::ops::channel_dims(x.shape()).map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "batch_norm: input {:?} has no channel axis",
+            x.dims()
+        ))
+    })?;
+    if gamma.dims() != [c] || beta.dims() != [c] {
+        bail!(
+            "batch_norm: γ {:?} and β {:?} for {c} channels",
+            gamma.dims(),
+            beta.dims()
+        )
+    }
+    let native = crate::native_kernels(x.device())
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && !super::second_order();
+    if !native {
+        return batch_norm_candle(x, gamma, beta, eps, relu);
+    }
+    let x = x.contiguous()?;
+    let stats = x.detach().apply_op1_no_bwd(&BatchStats)?;
+    let stats = Arc::new(stats.to_vec1::<f64>()?);
+    let mean = Tensor::from_slice(&stats[..c], c, x.device())?.to_dtype(x.dtype())?;
+    let var = Tensor::from_slice(&stats[c..], c, x.device())?.to_dtype(x.dtype())?;
+    let y = x.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        BatchNormOp { stats, eps, relu },
+    )?;
+    Ok((y, mean, var))
+}
+
+/// [`batch_norm`] from candle's ops (differentiable to any order).
+fn batch_norm_candle(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = x.dtype();
+    let internal = match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    };
+    let c = x.dim(1)?;
+    let axes: Vec<usize> = std::iter::once(0).chain(2..x.rank()).collect();
+    let m = (x.elem_count() / c.max(1)) as f64;
+    let mut pshape = vec![1; x.rank()];
+    pshape[1] = c;
+    let xs = x.to_dtype(internal)?;
+    let mean = (xs.sum_keepdim(axes.as_slice())? / m)?;
+    let xc = xs.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(axes.as_slice())? / m)?;
+    let scale = (gamma.to_dtype(internal)?.reshape(pshape.as_slice())? / (&var + eps)?.sqrt()?)?;
+    let shift = beta.to_dtype(internal)?.reshape(pshape.as_slice())?;
+    let mut y = xc.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+    if relu {
+        y = y.relu()?;
+    }
+    Ok((
+        y.to_dtype(dtype)?,
+        mean.flatten_all()?.detach().to_dtype(dtype)?,
+        var.flatten_all()?.detach().to_dtype(dtype)?,
+    ))
 }

@@ -47,7 +47,7 @@ impl Act {
 }
 
 /// `(outer, C, inner)` of a tensor whose dimension 1 is the channel axis.
-fn channel_dims(shape: &Shape) -> Result<(usize, usize, usize)> {
+pub(crate) fn channel_dims(shape: &Shape) -> Result<(usize, usize, usize)> {
     let d = shape.dims();
     if d.len() < 2 {
         bail!("bias_act: input of shape {d:?} has no channel axis (dimension 1)")
@@ -107,7 +107,7 @@ fn bias_act_kernel<T: WithDType>(
 
 /// `y = f(x, a[channel], b[channel])` with two per-channel vectors.
 #[allow(unsafe_code)]
-fn channel_map<T: WithDType>(
+pub(crate) fn channel_map<T: WithDType>(
     x: &[T],
     a: &[T],
     b: &[T],
