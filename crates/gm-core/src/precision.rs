@@ -114,6 +114,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     cast_op2("matmul", a, b, true, crate::kernels::matmul::matmul)
 }
 
+/// `a · bᵀ` under autocast, as [`matmul`] ([`crate::kernels::matmul::matmul_nt`]: `b`'s gradient
+/// in `b`'s layout).
+pub fn matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    cast_op2("matmul", a, b, true, crate::kernels::matmul::matmul_nt)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

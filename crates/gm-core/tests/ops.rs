@@ -217,10 +217,11 @@ fn channel_broadcast_matches_candle_forward_and_backward() -> Result<()> {
 /// both gradients, for contiguous and transposed operands, small (one call) and large (row
 /// blocks) products, f32 and f64; its rows do not depend on the rows around them (so neither on
 /// the thread count: every 64-row tile alone gives the same bits as inside the whole); and its
-/// gradient matches central differences in f64.
+/// gradient matches central differences in f64. `matmul_nt` (`a · bᵀ` from `b` stored `(n, k)`)
+/// gives the same bits and `b`'s gradient contiguous in `b`'s layout.
 #[test]
 fn matmul_matches_f64_and_its_rows_stand_alone() -> Result<()> {
-    use gm_core::kernels::matmul::matmul;
+    use gm_core::kernels::matmul::{matmul, matmul_nt};
     let dev = Device::Cpu;
     let mut rng = GmRng::new(11);
     let f64v = |t: &Tensor| -> Result<Vec<f64>> {
@@ -287,6 +288,28 @@ fn matmul_matches_f64_and_its_rows_stand_alone() -> Result<()> {
                     da < tol && db < tol,
                     "{what}: gradients off by {da:e}, {db:e}"
                 );
+                if tb {
+                    // a · bᵀ from b stored (n, k): the same bits forward, and b's gradient in
+                    // b's layout, contiguous.
+                    let (av, bv) = (Var::from_tensor(&a0)?, Var::from_tensor(&b0)?);
+                    let a = if ta { av.t()? } else { av.as_tensor().clone() };
+                    let nt = matmul_nt(&a, &bv)?;
+                    assert_eq!(
+                        f64v(&nt)?,
+                        f64v(&matmul(&a, &bv.t()?)?)?,
+                        "{what}: matmul_nt"
+                    );
+                    let g = (nt * &r)?.sum_all()?.backward()?;
+                    let got_a = g.get(&av).unwrap();
+                    let got_a = if ta { got_a.t()? } else { got_a.clone() };
+                    let got_b = g.get(&bv).unwrap();
+                    assert!(got_b.is_contiguous(), "{what}: matmul_nt's db is strided");
+                    let (da, db) = (rel(&got_a, &want_a)?, rel(&got_b.t()?, &want_b)?);
+                    assert!(
+                        da < tol && db < tol,
+                        "{what}: matmul_nt's gradients off by {da:e}, {db:e}"
+                    );
+                }
             }
         }
     }

@@ -99,11 +99,7 @@ impl Linear {
             *dims.last_mut().expect("rank > 0") = self.bias.dim(0)?;
             return y.reshape(dims);
         }
-        bias_act(
-            &gm_core::precision::matmul(x, &weight.t()?)?,
-            &self.bias,
-            act,
-        )
+        bias_act(&gm_core::precision::matmul_nt(x, weight)?, &self.bias, act)
     }
 }
 

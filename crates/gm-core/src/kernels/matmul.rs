@@ -26,12 +26,7 @@ const TILE: usize = 64;
 /// candle's matmul elsewhere (and for other ranks or dtypes). Differentiable to any order (its
 /// backward is two more of these products).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let native = crate::native_kernels(a.device())
-        && a.rank() == 2
-        && b.rank() == 2
-        && a.dtype() == b.dtype()
-        && matches!(a.dtype(), DType::F32 | DType::F64);
-    if !native {
+    if !native(a, b) {
         return a.matmul(b);
     }
     let (m, k) = a.dims2()?;
@@ -39,10 +34,39 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if k != k2 {
         candle_core::bail!("matmul: ({m}, {k}) · ({k2}, {n}) do not chain")
     }
-    a.apply_op2(b, MatMul)
+    a.apply_op2(b, MatMul { bt: false })
 }
 
-struct MatMul;
+/// `a · bᵀ` for 2-D `a (m×k)` and `b (n×k)` — a linear layer's `x · Wᵀ` with `W` stored
+/// `(out, in)` — with the same product and bits as `matmul(a, &b.t()?)`, but a backward that
+/// computes `b`'s gradient `gᵀ·a` in `b`'s own layout `(n×k)`. Through the transposed view the
+/// gradient comes back transposed, and candle's gradient accumulation adds that strided view
+/// one element at a time (an eighth of the MLP VAE's train step). Differentiable to any order.
+pub fn matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !native(a, b) {
+        return a.matmul(&b.t()?);
+    }
+    let (m, k) = a.dims2()?;
+    let (n, k2) = b.dims2()?;
+    if k != k2 {
+        candle_core::bail!("matmul_nt: ({m}, {k}) · ({n}, {k2})ᵀ do not chain")
+    }
+    a.apply_op2(b, MatMul { bt: true })
+}
+
+/// Whether gm's product takes `a` and `b`: 2-D, one dtype, f32 or f64, on the CPU.
+fn native(a: &Tensor, b: &Tensor) -> bool {
+    crate::native_kernels(a.device())
+        && a.rank() == 2
+        && b.rank() == 2
+        && a.dtype() == b.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::F64)
+}
+
+/// `a · b`, or `a · bᵀ` when `bt`.
+struct MatMul {
+    bt: bool,
+}
 
 /// `(rows, cols)` strides and offset of a 2-D layout.
 fn strides(l: &Layout) -> Result<(usize, usize, usize)> {
@@ -58,9 +82,12 @@ fn product<T: WithDType>(
     la: &Layout,
     b: &[T],
     lb: &Layout,
+    bt: bool,
 ) -> Result<Vec<T>> {
     let (ars, acs, aoff) = strides(la)?;
     let (brs, bcs, boff) = strides(lb)?;
+    // bᵀ is b with its strides swapped.
+    let (brs, bcs) = if bt { (bcs, brs) } else { (brs, bcs) };
     let (a, b) = (&a[aoff..], &b[boff..]);
     let mut out = vec![T::zero(); m * n];
     let threads = crate::kernels::par::threads();
@@ -117,13 +144,15 @@ impl CustomOp2 for MatMul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
-        let n = l2.shape().dims2()?.1;
+        let (r, c) = l2.shape().dims2()?;
+        let n = if self.bt { r } else { c };
+        let bt = self.bt;
         let out = match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(product((m, k, n), a, l1, b, l2)?)
+                CpuStorage::F32(product((m, k, n), a, l1, b, l2, bt)?)
             }
             (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(product((m, k, n), a, l1, b, l2)?)
+                CpuStorage::F64(product((m, k, n), a, l1, b, l2, bt)?)
             }
             (a, b) => candle_core::bail!(
                 "gm-matmul: f32 or f64 operands of one dtype, got {:?} and {:?}",
@@ -142,6 +171,10 @@ impl CustomOp2 for MatMul {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (a, b, g) = (&for_grad(a), &for_grad(b), &for_grad(g));
+        if self.bt {
+            // y = a·bᵀ: da = g·b, db = gᵀ·a (n×k, b's layout).
+            return Ok((Some(matmul(g, b)?), Some(matmul(&g.t()?, a)?)));
+        }
         Ok((Some(matmul(g, &b.t()?)?), Some(matmul(&a.t()?, g)?)))
     }
 }
