@@ -225,10 +225,11 @@ fn norm_grads(
     let all = x.apply_op3(&dy.contiguous()?, &gb, grad)?;
     let n = x.elem_count();
     let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
-    // Copies: views would keep the whole buffer (dx with them) alive as long as the
-    // parameters' gradients live.
-    let dg = all.narrow(0, n, c)?.copy()?;
-    let db = all.narrow(0, n + c, c)?.copy()?;
+    // Copies of the C values: views would keep the whole buffer (dx with them) alive as long
+    // as the parameters' gradients live. (`Tensor::copy` would not do: it clones the whole
+    // storage under the view's layout.)
+    let dg = all.narrow(0, n, c)?.force_contiguous()?;
+    let db = all.narrow(0, n + c, c)?.force_contiguous()?;
     Ok((Some(dx), Some(dg), Some(db)))
 }
 
@@ -642,4 +643,40 @@ fn batch_norm_candle(
         mean.flatten_all()?.detach().to_dtype(dtype)?,
         var.flatten_all()?.detach().to_dtype(dtype)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// How many values a CPU tensor's storage holds (a view may hold a larger buffer).
+    fn storage_len(t: &Tensor) -> usize {
+        match &*t.storage_and_layout().0 {
+            candle_core::Storage::Cpu(s) => s.as_slice::<f32>().map_or(0, |v| v.len()),
+            _ => 0,
+        }
+    }
+
+    /// The parameters' gradients hold their C values, not the buffer they were computed in
+    /// (which has dx's size).
+    #[test]
+    fn parameter_gradients_hold_only_their_own_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4, 3, 5, 5), &dev)?;
+        let dy = Tensor::randn(0f32, 1.0, (4, 3, 5, 5), &dev)?;
+        let g = Tensor::ones(3, DType::F32, &dev)?;
+        let b = Tensor::zeros(3, DType::F32, &dev)?;
+        let grad = GroupNormGrad {
+            groups: 3,
+            eps: 1e-5,
+            silu: false,
+        };
+        let (dx, dg, db) = norm_grads(&x, &g, &b, &dy, grad)?;
+        assert_eq!(dx.expect("dx").dims(), x.dims());
+        for t in [dg.expect("dγ"), db.expect("dβ")] {
+            assert_eq!((t.dims(), storage_len(&t)), (&[3][..], 3));
+        }
+        Ok(())
+    }
 }
