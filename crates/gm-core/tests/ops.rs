@@ -1,8 +1,9 @@
-//! gm's fused bias + activation against candle's unfused ops and f64 finite differences.
+//! gm's fused bias + activation (and the activation alone) against candle's unfused ops and f64
+//! finite differences.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use gm_core::kernels::ops::{bias_act, channel_sum, Act};
+use gm_core::kernels::ops::{self, bias_act, channel_sum, Act};
 use gm_core::GmRng;
 
 const ACTS: [Act; 3] = [Act::Identity, Act::Relu, Act::LeakyRelu(0.2)];
@@ -52,6 +53,23 @@ fn forward_and_backward_match_candle() -> Result<()> {
                     .to_scalar::<f32>()?;
                 assert!(d < 1e-3, "{act:?} {shape:?}: gradient differs by {d}");
             }
+            // The activation alone.
+            let ours = ops::act(&x, act)?;
+            let theirs = unfused(&x, &Tensor::zeros(c, DType::F32, &dev)?, act)?;
+            let d = (&ours - &theirs)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d == 0.0, "{act:?} {shape:?}: act's forward differs by {d}");
+            let g1 = (ours * &r)?.sum_all()?.backward()?;
+            let g2 = (theirs * &r)?.sum_all()?.backward()?;
+            let d = (g1.get(&x).unwrap() - g2.get(&x).unwrap())?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d == 0.0, "{act:?} {shape:?}: act's gradient differs by {d}");
         }
     }
     Ok(())

@@ -29,7 +29,7 @@ use crate::nn::{channel_mask, embed_labels, masked, Conv2d, MaskType, PointwiseC
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::kernels::conv::Conv2dParams;
-use gm_core::kernels::ops::{gated_tanh, Act};
+use gm_core::kernels::ops::{self, gated_tanh, Act};
 use gm_core::{grad_checkpoint, GmRng};
 use serde::{Deserialize, Serialize};
 
@@ -369,7 +369,9 @@ impl GatedPixelCnn {
                 None => break,
             }
         }
-        let o = self.head1.forward_act(&h.relu()?, Act::Relu)?;
+        let o = self
+            .head1
+            .forward_act(&ops::act(&h, Act::Relu)?, Act::Relu)?;
         let o = self.head2.forward(&o)?;
         o.reshape((b, self.classes, ()))
     }
@@ -498,7 +500,7 @@ impl CachedRaster for GatedCache {
                 self.h_in[l + 1].set(j, h.clone());
             }
         }
-        let o = self.head1.apply(&h.relu()?, Act::Relu)?;
+        let o = self.head1.apply(&ops::act(&h, Act::Relu)?, Act::Relu)?;
         colour_logits(&self.head2.apply(&o, Act::Identity)?, self.groups, ch)
     }
 

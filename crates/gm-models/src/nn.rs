@@ -6,7 +6,7 @@
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use gm_core::kernels::conv::{conv2d, conv2d_cropped, conv_transpose2d, Conv2dParams};
-use gm_core::kernels::ops::{bias_act, Act};
+use gm_core::kernels::ops::{self, bias_act, Act};
 
 /// A stack of linear layers with ReLU between them (not after the last), named
 /// `0, 2, 4, …` like `nn.Sequential(Linear, ReLU, Linear, …)`.
@@ -408,7 +408,7 @@ impl BatchNorm {
             let scale = (&self.weight / (rv + Self::EPS)?.sqrt()?)?;
             let shift = (&self.bias - (rm * &scale)?)?;
             let y = gm_core::kernels::ops::channel_affine(x, &scale, Some(&shift))?;
-            return if relu { y.relu() } else { Ok(y) };
+            return if relu { ops::act(&y, Act::Relu) } else { Ok(y) };
         }
         let m = x.elem_count() / c;
         if m < 2 {

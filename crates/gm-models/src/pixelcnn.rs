@@ -25,7 +25,7 @@ use crate::nn::embed_labels;
 pub use crate::nn::{channel_mask, raster_mask, MaskType, MaskedConv2d, PointwiseConv};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use gm_core::kernels::ops::Act;
+use gm_core::kernels::ops::{self, Act};
 use gm_core::{grad_checkpoint, GmRng};
 use serde::{Deserialize, Serialize};
 
@@ -131,7 +131,9 @@ impl Block {
             let v = embed_labels(e, labels, "PixelCNN")?;
             inp = inp.broadcast_add(&v.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let r = self.conv1.forward_act(&inp.relu()?, Act::Relu)?;
+        let r = self
+            .conv1
+            .forward_act(&ops::act(&inp, Act::Relu)?, Act::Relu)?;
         let r = self.conv2.forward_act(&r, Act::Relu)?;
         inp + self.conv3.forward(&r)?
     }
@@ -196,7 +198,9 @@ impl PixelCnn {
         for blk in &self.blocks {
             h = blk.forward(&h, labels)?;
         }
-        let o = self.head1.forward_act(&h.relu()?, Act::Relu)?;
+        let o = self
+            .head1
+            .forward_act(&ops::act(&h, Act::Relu)?, Act::Relu)?;
         let o = self.head2.forward(&o)?;
         o.reshape((b, self.cfg.output.classes(), ()))
     }
@@ -276,12 +280,12 @@ impl CachedRaster for PixelCnnCache {
                 Some(e) => (h + e)?,
                 None => h,
             };
-            let r = conv1.apply(&inp.relu()?, Act::Relu)?;
+            let r = conv1.apply(&ops::act(&inp, Act::Relu)?, Act::Relu)?;
             self.caches[b + 1].set(j, r);
             let r = conv2.at(&self.caches[b + 1], j, Act::Relu)?;
             h = (inp + conv3.apply(&r, Act::Identity)?)?;
         }
-        let o = self.head1.apply(&h.relu()?, Act::Relu)?;
+        let o = self.head1.apply(&ops::act(&h, Act::Relu)?, Act::Relu)?;
         colour_logits(&self.head2.apply(&o, Act::Identity)?, self.groups, ch)
     }
 

@@ -22,7 +22,7 @@ use crate::{Batch, EvalOptions, Loss, Metrics, Model};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use gm_core::kernels::conv::Conv2dParams;
-use gm_core::kernels::ops::Act;
+use gm_core::kernels::ops::{self, Act};
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
 
@@ -179,10 +179,11 @@ impl StNet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.inp.forward_act(x, Act::Identity)?;
         for (c1, c2) in &self.blocks {
-            let r = c1.forward_act(&h.relu()?, Act::Relu)?;
+            let r = c1.forward_act(&ops::act(&h, Act::Relu)?, Act::Relu)?;
             h = (h + c2.forward_act(&r, Act::Identity)?)?;
         }
-        self.out.forward_act(&h.relu()?, Act::Identity)
+        self.out
+            .forward_act(&ops::act(&h, Act::Relu)?, Act::Identity)
     }
 }
 

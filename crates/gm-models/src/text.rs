@@ -15,7 +15,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::dist::Categorical;
 use gm_core::kernels::conv::Conv2dParams;
-use gm_core::kernels::ops::{gated_tanh, Act};
+use gm_core::kernels::ops::{self, gated_tanh, Act};
 use gm_core::GmRng;
 use serde::{Deserialize, Serialize};
 
@@ -169,7 +169,9 @@ impl TextAr {
                 .forward_cropped(&h.contiguous()?, [1, t], Act::Identity)?;
             h = (h + l.out.forward(&gated_tanh(&g)?)?)?;
         }
-        let o = self.head1.forward_act(&h.relu()?, Act::Relu)?;
+        let o = self
+            .head1
+            .forward_act(&ops::act(&h, Act::Relu)?, Act::Relu)?;
         self.head2.forward(&o)?.reshape((b, self.cfg.vocab_size, t))
     }
 

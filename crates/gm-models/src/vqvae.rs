@@ -31,7 +31,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use gm_core::dist::Bernoulli;
 use gm_core::kernels::conv::Conv2dParams;
-use gm_core::kernels::ops::Act;
+use gm_core::kernels::ops::{self, Act};
 use gm_core::{sum_per_sample, GmRng};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -220,7 +220,7 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.c3.forward_act(&x.relu()?, Act::Relu)?;
+        let h = self.c3.forward_act(&ops::act(&x, Act::Relu)?, Act::Relu)?;
         x + self.c1.forward(&h)?
     }
 }
@@ -409,7 +409,7 @@ impl VqVae {
         for r in &self.enc_res {
             h = r.forward(&h)?;
         }
-        self.enc_out.forward(&h.relu()?)
+        self.enc_out.forward(&ops::act(&h, Act::Relu)?)
     }
 
     /// Bernoulli logits `(B, C, H, W)` from a code-vector grid `(B, D, H/4, W/4)`.
@@ -418,7 +418,9 @@ impl VqVae {
         for r in &self.dec_res {
             h = r.forward(&h)?;
         }
-        let h = self.dec1.forward_act(&h.relu()?, Act::Relu)?;
+        let h = self
+            .dec1
+            .forward_act(&ops::act(&h, Act::Relu)?, Act::Relu)?;
         self.dec2.forward(&h)
     }
 

@@ -267,6 +267,42 @@ impl CustomOp1 for ChannelSum {
     }
 }
 
+/// `y = act(x)`.
+struct ActOp(Act);
+
+fn act_kernel<T: WithDType>(act: Act, x: &[T]) -> Vec<T> {
+    with_act!(act, T, |f| par_map(x, f))
+}
+
+impl CustomOp1 for ActOp {
+    fn name(&self) -> &'static str {
+        "gm-act"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let act = self.0;
+        let out = crate::float1!("gm-act", s, l, |x| act_kernel(act, x));
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (y, dy) = (&for_grad(y), &for_grad(dy));
+        Ok(Some(dy.contiguous()?.apply_op2(y, ActGrad(self.0))?))
+    }
+}
+
+/// `act(x)` element-wise in one pass, its backward one pass `dy ⊙ act'` read from the output;
+/// differentiable to any order. candle's `relu` backward compares `x` with a tensor of zeros on
+/// one thread and multiplies by the mask (an eighth of the PixelCNN's step). candle's ops off the
+/// CPU.
+pub fn act(x: &Tensor, act: Act) -> Result<Tensor> {
+    if act == Act::Identity {
+        return Ok(x.clone());
+    }
+    if !native_float(x) {
+        return act.candle(x);
+    }
+    x.contiguous()?.apply_op1(ActOp(act))
+}
+
 /// `act(x + bias)` with `bias` along dimension 1 (channels of `(N, C, H, W)`, features of
 /// `(N, C)`), in one pass; its backward is one pass for `dx` and one for `dbias`.
 ///
