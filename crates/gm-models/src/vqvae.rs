@@ -220,7 +220,7 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.c3.forward_act(&ops::act(&x, Act::Relu)?, Act::Relu)?;
+        let h = self.c3.forward_act(&ops::act(x, Act::Relu)?, Act::Relu)?;
         x + self.c1.forward(&h)?
     }
 }
