@@ -194,6 +194,25 @@ impl Conv2d {
         self.forward_with_weight(x, &self.weight, act)
     }
 
+    /// `conv(x) + bias + per_sample[n, c]` for `per_sample` of shape `(N, C_out)` — a time or
+    /// class embedding projected to the channels — both added in one pass, their gradient one
+    /// contiguous sum per (sample, channel) (a broadcast add of `(N, C, 1, 1)` is a further pass
+    /// forward and candle's strided reduction backward).
+    pub fn forward_add(&self, x: &Tensor, per_sample: &Tensor) -> Result<Tensor> {
+        let y = conv2d(x, &self.weight, self.params)?;
+        let (n, c, h, w) = y.dims4()?;
+        let shift = match &self.bias {
+            Some(b) => per_sample.broadcast_add(b)?,
+            None => per_sample.clone(),
+        };
+        bias_act(
+            &y.reshape((1, n * c, h * w))?,
+            &shift.flatten_all()?,
+            Act::Identity,
+        )?
+        .reshape((n, c, h, w))
+    }
+
     /// `act(conv(x) + bias)` on the top-left `out = [H', W']` corner of the output only
     /// ([`gm_core::kernels::conv::conv2d_cropped`]): with padding on one side, a causal convolution.
     pub fn forward_cropped(&self, x: &Tensor, out: [usize; 2], act: Act) -> Result<Tensor> {

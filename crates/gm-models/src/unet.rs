@@ -206,13 +206,8 @@ impl ResBlock {
     }
 
     fn forward_plain(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&norm_silu(&self.norm1, x)?)?;
-        let t = self
-            .temb_proj
-            .forward(temb_act)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        let t = self.temb_proj.forward(temb_act)?;
+        let h = self.conv1.forward_add(&norm_silu(&self.norm1, x)?, &t)?;
         let h = self.conv2.forward(&norm_silu(&self.norm2, &h)?)?;
         let s = match &self.skip {
             Some(c) => c.forward(x)?,

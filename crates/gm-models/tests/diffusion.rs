@@ -475,3 +475,42 @@ fn impossible_shapes_are_refused_with_the_key() {
         &[2, 3, 32, 32]
     );
 }
+
+/// The ResBlock's `conv(x) + bias + temb[n, c]` in one pass equals the convolution followed by a
+/// broadcast add, forward and in the gradients of the input, weight, bias and embedding.
+#[test]
+fn conv_plus_per_sample_shift_matches_a_broadcast_add() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = gm_core::rng::seeded_var_builder(&vm, 5, DType::F32, &dev);
+    let p = gm_core::kernels::conv::Conv2dParams {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    let conv = gm_models::nn::Conv2d::new(3, 4, [3, 3], p, true, vb.pp("c"))?;
+    let mut rng = GmRng::new(2);
+    let x = Var::from_tensor(&rng.randn((2, 3, 5, 6), &dev)?)?;
+    let t = Var::from_tensor(&rng.randn((2, 4), &dev)?)?;
+    let r = rng.randn((2, 4, 5, 6), &dev)?;
+    let ours = conv.forward_add(&x, &t)?;
+    let theirs = conv
+        .forward_act(&x, gm_core::kernels::ops::Act::Identity)?
+        .broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+    let diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    };
+    assert!(diff(&ours, &theirs)? < 1e-5);
+    let g1 = (ours * &r)?.sum_all()?.backward()?;
+    let g2 = (theirs * &r)?.sum_all()?.backward()?;
+    let bias = conv.bias().expect("bias").clone();
+    for (name, v) in [
+        ("x", x.as_tensor()),
+        ("temb", t.as_tensor()),
+        ("weight", conv.weight()),
+        ("bias", &bias),
+    ] {
+        let d = diff(g1.get(v).expect(name), g2.get(v).expect(name))?;
+        assert!(d < 1e-4, "d{name} differs by {d}");
+    }
+    Ok(())
+}
