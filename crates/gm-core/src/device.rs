@@ -82,30 +82,28 @@ pub fn select_device(choice: DeviceChoice) -> candle_core::Result<(Device, Strin
 /// Keeps freed tensor buffers in the process instead of returning them to the kernel after
 /// every op (glibc on Linux; a no-op elsewhere). Returns whether the setting took.
 ///
-/// glibc serves blocks above a threshold (128 KiB at first) with `mmap` and gives them back with
-/// `munmap`; a training step allocates and frees many such buffers, so every step page-faults
-/// them in again and, with two or more threads, every `munmap` interrupts the other cores to
-/// flush their TLBs. Measured on a 2-core machine (`gm bench`, conv VAE train step) this costs
-/// 15–40% of the step. The threshold cannot go above 32 MiB, so larger buffers (a sampling
-/// batch: the DCGAN generator's 1,000 images are 50 MB per layer) are served from the heap too
-/// (no `mmap` at all): 1.4–1.7× the DCGAN's sampling throughput, train steps unchanged within
-/// the noise. Freed memory then goes back to the kernel only when 1 GiB is free at the top of
-/// the heap, so after a large transient batch the resident size stays near its peak. gm's
-/// binary calls this at start-up; programs using gm as a library may call it once, before their
-/// first tensor.
+/// glibc serves blocks above a threshold (128 KiB at first, 32 MiB at most) with `mmap` and gives
+/// them back with `munmap`; a training step allocates and frees many such buffers, so every step
+/// page-faults them in again and, with two or more threads, every `munmap` interrupts the other
+/// cores to flush their TLBs. Measured on a 2-core machine (`gm bench`, conv VAE train step) this
+/// costs 15–40% of the step; and since the threshold cannot go above 32 MiB, a sampling batch
+/// (the DCGAN generator's 1,000 images are 50 MB per layer) paid it on every call. So no block is
+/// mmapped at all: every buffer comes from the heap (1.4–1.7× the DCGAN's sampling throughput,
+/// train steps unchanged within the noise). Freed memory goes back to the kernel only when 1 GiB
+/// is free at the top of the heap, so after a large transient batch the resident size stays near
+/// its peak. gm's binary calls this at start-up; programs using gm as a library may call it once,
+/// before their first tensor.
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // The largest threshold glibc accepts (HEAP_MAX_SIZE / 2 on 64-bit), which also stops
-        // it moving; no trimming of the heap top below 1 GiB; and no mmapped blocks at all.
-        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        // No mmapped blocks (which makes the mmap threshold moot), and no trimming of the heap
+        // top below 1 GiB.
         const TRIM_THRESHOLD: libc::c_int = 1 << 30;
         #[allow(unsafe_code)]
         // SAFETY: mallopt only changes allocator parameters; it is thread-safe in glibc.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            libc::mallopt(libc::M_MMAP_MAX, 0) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-                && libc::mallopt(libc::M_MMAP_MAX, 0) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -426,8 +426,8 @@ impl BatchNorm {
             let rv = self.running_var.as_detached_tensor();
             let scale = (&self.weight / (rv + Self::EPS)?.sqrt()?)?;
             let shift = (&self.bias - (rm * &scale)?)?;
-            let y = gm_core::kernels::ops::channel_affine(x, &scale, Some(&shift))?;
-            return if relu { ops::act(&y, Act::Relu) } else { Ok(y) };
+            let y = ops::channel_affine(x, &scale, Some(&shift))?;
+            return ops::act(&y, if relu { Act::Relu } else { Act::Identity });
         }
         let m = x.elem_count() / c;
         if m < 2 {

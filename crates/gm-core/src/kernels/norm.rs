@@ -474,13 +474,8 @@ fn bn_bwd_kernel<T: WithDType>(
                 let ch = (row0 + r) % c;
                 let [k1, k2, k3, mt] = k[ch];
                 if relu {
-                    let (ac, bc) = (a[ch], b[ch]);
                     for ((o, v), g) in or.iter_mut().zip(xr).zip(gr) {
-                        let dz = if *v * ac + bc > T::zero() {
-                            *g
-                        } else {
-                            T::zero()
-                        };
+                        let dz = if on(*v, ch) { *g } else { T::zero() };
                         o.write(k1 * dz - k2 * (*v - mt) - k3);
                     }
                 } else {
@@ -598,7 +593,7 @@ pub fn batch_norm(
         return batch_norm_candle(x, gamma, beta, eps, relu);
     }
     let x = x.contiguous()?;
-    let stats = x.detach().apply_op1_no_bwd(&BatchStats)?;
+    let stats = x.apply_op1_no_bwd(&BatchStats)?;
     let stats = Arc::new(stats.to_vec1::<f64>()?);
     let mean = Tensor::from_slice(&stats[..c], c, x.device())?.to_dtype(x.dtype())?;
     let var = Tensor::from_slice(&stats[c..], c, x.device())?.to_dtype(x.dtype())?;
