@@ -3,7 +3,9 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use gm_core::kernels::conv::{conv2d, conv_transpose2d, Conv2dParams};
+use gm_core::kernels::conv::{
+    conv2d, conv_transpose2d, cpu_kernels, with_tile_width, Conv2dParams, TileWidth,
+};
 use gm_core::GmRng;
 use serde_json::Value;
 
@@ -338,8 +340,19 @@ fn run_in(
 /// that run across output rows and images, rows wider than a panel, depths beyond one slice,
 /// strides 2–3 (with kernels shorter than the stride), dilation, uneven padding, groups, depthwise, 1×1, transposed with output
 /// padding, cropped outputs — batches of 2 and more so that the images split over threads.
+///
+/// Each case runs with the direct kernel's 16-channel tiles and with its 32-channel ones (AVX-512
+/// where the CPU has it, else the same tiles in plain Rust): both against f64, and the two
+/// bit for bit against each other — every output is the same sequence of fused multiply-adds.
 #[test]
 fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
+    let path = |w| with_tile_width(w, cpu_kernels);
+    eprintln!(
+        "conv kernels here: default {}, narrow tiles {}, wide tiles {}",
+        cpu_kernels(),
+        path(TileWidth::Narrow),
+        path(TileWidth::Wide)
+    );
     let dev = Device::Cpu;
     let mut rng = GmRng::new(21);
     let p = |s: [usize; 2], pad: [usize; 2], d: [usize; 2], g: usize| Conv2dParams {
@@ -357,7 +370,7 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         [usize; 2],
         Option<[usize; 2]>,
     );
-    let cases: [Geo; 25] = [
+    let cases: [Geo; 27] = [
         (
             false,
             (6, 3, 5, 7),
@@ -504,6 +517,27 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             [0, 0],
             None,
         ),
+        // 32-channel tiles in every direction: 56 output channels (one full block, one of 24),
+        // 48 input channels for the data gradient's phases (depth 224, 10 × 11 pixels each),
+        // forward depth 768 (six slices).
+        (
+            false,
+            (2, 48, 20, 22),
+            (56, 48, 4, 4),
+            p([2, 2], [1, 1], [1, 1], 1),
+            [0, 0],
+            None,
+        ),
+        // Groups of 24 output channels (a 32-channel tile with 8 empty lanes), stride and
+        // dilation, depth 216.
+        (
+            false,
+            (2, 48, 11, 9),
+            (48, 24, 3, 3),
+            p([2, 2], [1, 1], [2, 1], 2),
+            [0, 0],
+            None,
+        ),
         // Stride with dilation: phases whose taps are two dilations apart.
         (
             false,
@@ -591,17 +625,40 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
         let y = apply(&case, &x, &w)?;
         let r = rng.randn(y.shape(), &dev)?.to_dtype(DType::F64)?;
         let want = run_in(&case, &x, &w, &r, crop, DType::F64)?;
-        let got = run_in(&case, &x, &w, &r, crop, DType::F32)?;
-        for (name, a, b) in [
-            ("y", &got[0], &want[0]),
-            ("dx", &got[1], &want[1]),
-            ("dw", &got[2], &want[2]),
-        ] {
-            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-            let d = max_abs_diff(a, b)?;
+        let mut by_width = Vec::new();
+        for width in [TileWidth::Narrow, TileWidth::Wide] {
+            let got = with_tile_width(width, || run_in(&case, &x, &w, &r, crop, DType::F32))?;
+            for (name, a, b) in [
+                ("y", &got[0], &want[0]),
+                ("dx", &got[1], &want[1]),
+                ("dw", &got[2], &want[2]),
+            ] {
+                let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+                let d = max_abs_diff(a, b)?;
+                assert!(
+                    d <= 3e-6 * (1.0 + scale),
+                    "case {i}, {width:?} tiles: {name} of the f32 kernels differs from f64 by {d} \
+                     (scale {scale})"
+                );
+            }
+            by_width.push(got);
+        }
+        for (name, a, b) in ["y", "dx", "dw"]
+            .iter()
+            .zip(&by_width[0])
+            .zip(&by_width[1])
+            .map(|((n, a), b)| (n, a, b))
+        {
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f64>()?
+                    .iter()
+                    .map(|&v| (v as f32).to_bits())
+                    .collect())
+            };
             assert!(
-                d <= 3e-6 * (1.0 + scale),
-                "case {i}: {name} of the f32 kernels differs from f64 by {d} (scale {scale})"
+                bits(a)? == bits(b)?,
+                "case {i}: {name} differs between the narrow and the wide tiles"
             );
         }
     }

@@ -75,6 +75,21 @@ pub(super) fn available() -> bool {
     })
 }
 
+/// Sets this thread's direct-kernel tile width (`None`: the process default); returns the
+/// previous setting.
+pub(super) fn set_width(width: Option<super::TileWidth>) -> Option<super::TileWidth> {
+    direct::WIDTH.with(|w| w.replace(width))
+}
+
+/// [`super::cpu_kernels`] when the AVX2 kernels run.
+pub(super) fn tiles_name() -> &'static str {
+    match direct::Tiles::chosen() {
+        direct::Tiles::Avx2 => "avx2",
+        direct::Tiles::Avx512 => "avx512",
+        direct::Tiles::WideRust => "wide-rust",
+    }
+}
+
 /// Geometry of the phase planes of one image.
 #[derive(Clone, Debug)]
 struct Planes {
@@ -526,7 +541,7 @@ unsafe fn dots_mn(
 /// A weight packed for the register tiles of each group: `rows` rows of `depth` values
 /// `at(group, row, d)`, as `[group][block of W rows][depth][W]`, zero rows past `rows` — the
 /// broadcast operand of [`tile`] (`W` = [`MR`]) or the vector operand of the direct kernels
-/// (`W` = [`direct::CH`]).
+/// (`W` = [`direct::CH`] or [`direct::CH_WIDE`]).
 fn pack_weight<const W: usize>(
     groups: usize,
     rows: usize,
@@ -665,11 +680,15 @@ impl Forward<'_> {
     }
 }
 
-/// Whether `cog` output channels per group suit the [`direct`] kernel, whose register tiles are
-/// [`direct::CH`] channels wide: at most a quarter of a tile's channels wasted. Fewer channels go
-/// to the panel kernel [`Forward`], whose tiles are [`MR`] channels by [`NR`] pixels.
-fn direct_fits(cog: usize) -> bool {
-    4 * cog >= 3 * cog.next_multiple_of(direct::CH)
+/// The [`direct`] kernel's tiles for `cog` output channels per group, if they suit it: at most
+/// a quarter of a tile's channels wasted. The chosen width ([`direct::Tiles::chosen`]) where
+/// they fit, else the 16-channel tiles; fewer channels go to the panel kernel [`Forward`], whose
+/// tiles are [`MR`] channels by [`NR`] pixels.
+fn direct_tiles(cog: usize) -> Option<direct::Tiles> {
+    let fits = |t: direct::Tiles| 4 * cog >= 3 * cog.next_multiple_of(t.ch());
+    [direct::Tiles::chosen(), direct::Tiles::Avx2]
+        .into_iter()
+        .find(|&t| fits(t))
 }
 
 /// Column-matrix depth from which a forward takes the [`direct`] kernel: its results are
@@ -680,18 +699,19 @@ fn direct_fits(cog: usize) -> bool {
 const DIRECT_DEPTH: usize = 128;
 
 /// The weight packed for the forward kernel [`Kernel::new`] builds (`rows` output channels per
-/// group, `at(group, row, d)`).
+/// group, `at(group, row, d)`): for the direct kernel's `tiles`, or the panel kernel.
 fn pack_fwd(
-    direct: bool,
+    direct: Option<direct::Tiles>,
     groups: usize,
     rows: usize,
     depth: usize,
     at: impl Fn(usize, usize, usize) -> f32,
 ) -> Vec<f32> {
-    if direct {
-        pack_weight::<{ direct::CH }>(groups, rows, depth, at)
-    } else {
-        pack_weight::<MR>(groups, rows, depth, at)
+    match direct.map(direct::Tiles::ch) {
+        Some(direct::CH) => pack_weight::<{ direct::CH }>(groups, rows, depth, at),
+        Some(direct::CH_WIDE) => pack_weight::<{ direct::CH_WIDE }>(groups, rows, depth, at),
+        Some(ch) => unreachable!("direct tiles of {ch} channels"),
+        None => pack_weight::<MR>(groups, rows, depth, at),
     }
 }
 
@@ -710,11 +730,10 @@ enum Scratches {
 
 impl Scratches {
     /// Buffers for kernel depths up to `k` and `cog` output channels per group.
-    fn new(direct: bool, k: usize, cog: usize) -> Self {
-        if direct {
-            Self::Direct(direct::Scratch::new(cog))
-        } else {
-            Self::Panel(Scratch::new(k, cog))
+    fn new(direct: Option<direct::Tiles>, k: usize, cog: usize) -> Self {
+        match direct {
+            Some(tiles) => Self::Direct(direct::Scratch::new(cog, tiles.ch())),
+            None => Self::Panel(Scratch::new(k, cog)),
         }
     }
 }
@@ -722,21 +741,27 @@ impl Scratches {
 impl<'a> Kernel<'a> {
     /// `pack` from [`pack_fwd`] with the same `direct`; `taps` from `pl`, which for the direct
     /// kernel has stride 1.
-    fn new(direct: bool, g: &'a Geom, pl: &'a Planes, taps: &'a [usize], pack: &'a [f32]) -> Self {
-        if direct {
-            Self::Direct(direct::Direct {
+    fn new(
+        direct: Option<direct::Tiles>,
+        g: &'a Geom,
+        pl: &'a Planes,
+        taps: &'a [usize],
+        pack: &'a [f32],
+    ) -> Self {
+        match direct {
+            Some(tiles) => Self::Direct(direct::Direct {
                 g,
                 pl,
                 taps,
                 wpack: pack,
-            })
-        } else {
-            Self::Panel(Forward {
+                tiles,
+            }),
+            None => Self::Panel(Forward {
                 g,
                 pl,
                 taps,
                 apack: pack,
-            })
+            }),
         }
     }
 
@@ -780,10 +805,10 @@ pub(super) fn conv_fwd(g: &Geom, plan: &Plan, x: &[f32], wt: &[f32]) -> Vec<f32>
         return winograd::conv3x3(&shape, plan.per_task, x, wt, false);
     }
     let (k, cog, in_len, out_len) = (g.k(), g.cog(), g.in_len(), g.out_len());
-    let direct = direct_fits(cog) && k >= DIRECT_DEPTH;
+    let direct = direct_tiles(cog).filter(|_| k >= DIRECT_DEPTH);
     // The direct kernel reads any stride from plain padded planes; the panel kernel's runs
     // need the phase planes.
-    let pl = if direct {
+    let pl = if direct.is_some() {
         Planes::flat(g)
     } else {
         Planes::new(g)
@@ -933,7 +958,7 @@ pub(super) fn conv_bwd_data(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Ve
         },
     };
     let geoms: Vec<Geom> = phases.iter().map(as_input).collect();
-    let direct = direct_fits(cig) && geoms.iter().any(|gp| gp.k() >= DIRECT_DEPTH);
+    let direct = direct_tiles(cig).filter(|_| geoms.iter().any(|gp| gp.k() >= DIRECT_DEPTH));
     let pl = Planes::new(&geoms[0]);
     let work: Vec<(Vec<usize>, Vec<f32>)> = phases
         .iter()
@@ -1154,10 +1179,10 @@ pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> V
     let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
     // The direct kernel transposes dy first; a shallow column matrix (one input channel's 16
     // taps: 1.7 ms against 1.4 for conv 1 → 32 k4s2 on 28 × 28) does too little with it.
-    if direct_fits(cog) && k >= FILTER_DIRECT_DEPTH {
+    if let Some(tiles) = direct_tiles(cog).filter(|_| k >= FILTER_DIRECT_DEPTH) {
         let pl = Planes::flat(g);
         let taps = pl.taps(g);
-        let len = direct::filter_acc_len(g);
+        let len = direct::filter_acc_len(g, tiles.ch());
         let task = |first: usize, last: usize| -> Vec<f32> {
             let mut acc = vec![0f32; len];
             let mut planes = vec![0f32; plan.nb * pl.img + SLACK];
@@ -1165,11 +1190,11 @@ pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> V
                 let nb = plan.nb.min(last - first);
                 pl.fill_images(g, &x[first * in_len..][..nb * in_len], &mut planes);
                 let dys = &dy[first * out_len..][..nb * out_len];
-                direct::filter(g, &pl, &taps, &planes, dys, &mut acc);
+                direct::filter(g, &pl, &taps, &planes, dys, &mut acc, tiles);
             }
             acc
         };
-        return direct::filter_unpack(g, &sum_tasks(g, plan, len, task));
+        return direct::filter_unpack(g, &sum_tasks(g, plan, len, task), tiles.ch());
     }
     let groups = g.p.groups;
     let pl = Planes::new(g);

@@ -42,6 +42,66 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
+/// Width of the register tiles of the direct convolution kernel (f32 on x86-64; the panel,
+/// Winograd and dot kernels are 256-bit whatever this says).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileWidth {
+    /// The widest this CPU runs: 32 output channels in 512-bit vectors with AVX-512F, else 16
+    /// in 256-bit ones. The default; `GM_CONV=avx2` makes [`TileWidth::Narrow`] the default and
+    /// `GM_CONV=wide` [`TileWidth::Wide`].
+    Auto,
+    /// 16 channels in 256-bit vectors (AVX2 + FMA), whatever the CPU.
+    Narrow,
+    /// 32 channels: in 512-bit vectors with AVX-512F, otherwise the same tiles in plain Rust
+    /// (slow: for testing the wide layout on any CPU).
+    Wide,
+}
+
+/// Runs `f` with the direct convolution kernel's tiles set to `width` for the convolutions this
+/// thread calls (the setting in force before is restored afterwards). Both widths give the same
+/// bits: every output is the same sequence of fused multiply-adds.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use gm_core::kernels::conv::{conv2d, with_tile_width, Conv2dParams, TileWidth};
+/// let x = Tensor::randn(0f32, 1.0, (1, 32, 6, 6), &Device::Cpu)?;
+/// let w = Tensor::randn(0f32, 1.0, (32, 32, 3, 3), &Device::Cpu)?;
+/// let p = Conv2dParams::default().stride(2);
+/// let narrow = with_tile_width(TileWidth::Narrow, || conv2d(&x, &w, p))?;
+/// let wide = with_tile_width(TileWidth::Wide, || conv2d(&x, &w, p))?;
+/// assert_eq!(narrow.flatten_all()?.to_vec1::<f32>()?, wide.flatten_all()?.to_vec1::<f32>()?);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn with_tile_width<R>(width: TileWidth, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        struct Restore(Option<TileWidth>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                avx2::set_width(self.0);
+            }
+        }
+        let _restore = Restore(avx2::set_width(Some(width)));
+        f()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = width;
+        f()
+    }
+}
+
+/// What runs f32 convolutions on this CPU's thread now: `"avx512"` (the direct kernel's
+/// 512-bit tiles beside the 256-bit panel, Winograd and dot kernels), `"avx2"`, `"wide-rust"`
+/// (the wide tiles in plain Rust), or `"gemm"` (im2col + gemm: other CPUs, or `GM_CONV=gemm`).
+pub fn cpu_kernels() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        return avx2::tiles_name();
+    }
+    "gemm"
+}
+
 /// Stride, padding, dilation (each `[along H, along W]`) and groups of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dParams {
