@@ -4,7 +4,8 @@
 //! nested loop, 6–8× slower than PyTorch. gm's ops replace them on the CPU, with images split
 //! into tasks over candle's thread pool ([`crate::kernels::par`]):
 //! - f32 on x86-64 CPUs with AVX2 and FMA: register-tile kernels that never build the column
-//!   matrix (the private `avx2` module: direct 6-pixel × 16-channel tiles that broadcast input
+//!   matrix (the private `avx2` module: direct 6-pixel × 16-channel tiles — 32 channels in
+//!   512-bit vectors where the CPU has AVX-512F, see [`TileWidth`] — that broadcast input
 //!   values from zero-padded planes, for the forward and the filter gradient of deep enough
 //!   convolutions; otherwise column panels that stay in L1 with 4 × 24 tiles, and 3 × 4 dot
 //!   tiles for the filter gradient; the data gradient as sub-pixel convolutions through the
@@ -42,8 +43,11 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
-/// Width of the register tiles of the direct convolution kernel (f32 on x86-64; the panel,
-/// Winograd and dot kernels are 256-bit whatever this says).
+/// Width of the register tiles of gm's f32 convolution kernels on x86-64: the direct kernel's
+/// (16 or 32 output channels per tile) and, with AVX-512F, the panel tiles' vectors (the panel
+/// kernel, Winograd's products and the col2im data gradient: each row of 24 as a 512-bit and a
+/// 256-bit vector instead of three 256-bit ones). The filter gradient's dot tiles and the
+/// transforms stay 256-bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TileWidth {
     /// The widest this CPU runs: 32 output channels in 512-bit vectors with AVX-512F, else 16
@@ -57,7 +61,7 @@ pub enum TileWidth {
     Wide,
 }
 
-/// Runs `f` with the direct convolution kernel's tiles set to `width` for the convolutions this
+/// Runs `f` with the convolution kernels' tiles set to `width` for the convolutions this
 /// thread calls (the setting in force before is restored afterwards). Both widths give the same
 /// bits: every output is the same sequence of fused multiply-adds.
 ///
@@ -91,9 +95,9 @@ pub fn with_tile_width<R>(width: TileWidth, f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// What runs f32 convolutions on this CPU's thread now: `"avx512"` (the direct kernel's
-/// 512-bit tiles beside the 256-bit panel, Winograd and dot kernels), `"avx2"`, `"wide-rust"`
-/// (the wide tiles in plain Rust), or `"gemm"` (im2col + gemm: other CPUs, or `GM_CONV=gemm`).
+/// What runs f32 convolutions on this CPU's thread now: `"avx512"` (the 512-bit tiles of
+/// [`TileWidth::Wide`]), `"avx2"`, `"wide-rust"` (the direct kernel's wide tiles in plain Rust,
+/// the panel tiles AVX2), or `"gemm"` (im2col + gemm: other CPUs, or `GM_CONV=gemm`).
 pub fn cpu_kernels() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {

@@ -105,6 +105,7 @@ pub(in crate::kernels::conv) fn conv3x3(
     let in_len = s.ci * s.h * s.w;
     let out_len = s.co * s.ho * s.wo;
     let (blocks, cop) = (cog.div_ceil(MR), cog.next_multiple_of(MR));
+    let wide = super::wide_panels();
     let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
         let mut planes = vec![0f32; nb * s.ci * s.plane_len()];
         // The panel's transformed input `[ξ][c][NR + 8]` (ξ blocks `vx` apart, staggered by a
@@ -140,6 +141,7 @@ pub(in crate::kernels::conv) fn conv3x3(
                                 // the MR rows of m from (ξ, blk·MR) NR floats each.
                                 unsafe {
                                     tile(
+                                        wide,
                                         kd,
                                         a.as_ptr().add(kc0 * MR),
                                         v.as_ptr().add(vo + xi * vx + (grp * cig + kc0) * vw),
