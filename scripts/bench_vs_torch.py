@@ -338,7 +338,7 @@ def main():
 
 
 def bench_models(args):
-    rows = []
+    rows, kernels = [], set()
     dev = ["--device", args.device]
     for preset in args.presets:
         with open(os.path.join(ROOT, preset), "rb") as f:
@@ -359,6 +359,7 @@ def bench_models(args):
                                      "--set", f'train.precision="{prec}"', *ck_gm], env, fatal=False)
                 g.append(r["median_ms"] if r else float("nan")); grss = max(grss, (r or {}).get("peak_rss_mb") or 0)
                 glive = max(glive, (r or {}).get("peak_live_mb") or 0)
+                kernels.add((r or {}).get("conv_kernels") or "?")
                 common = ["--threads", str(th), "--steps", str(args.steps), "--warmup", str(args.warmup),
                           "--batch", str(batch), *dev]
                 amp = ["--amp", prec, *ck_torch]
@@ -384,7 +385,8 @@ def bench_models(args):
             print(f"  {rows[-1][0]} {prec} thr {th}: gm {gm_ms:.2f} ms, torch {pt_ms:.2f} ms", file=sys.stderr, flush=True)
     print(f"train step on {args.device}, medians of {args.repeats} alternating runs; images/s at the median; "
           "precision: gm's train.precision, PyTorch's AMP"
-          + ("; gradient checkpointing on both sides" if args.grad_checkpointing else ""))
+          + ("; gradient checkpointing on both sides" if args.grad_checkpointing else "")
+          + f"; gm's convolution kernels: {', '.join(sorted(kernels))}")
     print("peak memory: gm MB and torch MB the processes' peak RSS, gm live MB the most heap gm held at once "
           "during a timed step")
     print(f"{'preset':<26}{'prec':>5}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'gm live MB':>11}{'torch MB':>9}")

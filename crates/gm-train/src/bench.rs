@@ -37,6 +37,9 @@ pub struct BenchReport {
     /// The most heap memory live at once during a timed step, MiB: what the step needs,
     /// whatever the allocator keeps resident (`None` without [`crate::alloc::Counting`]).
     pub peak_live_mb: Option<f64>,
+    /// On the CPU, what ran the f32 convolutions ([`gm_core::kernels::conv::cpu_kernels`]:
+    /// `avx512`, `avx2`, `gemm`, …); `None` on other devices.
+    pub conv_kernels: Option<String>,
 }
 
 /// `n` random binary images of the model's shape with labels `0, 1, …, 9, 0, …` (the benchmarks'
@@ -157,6 +160,9 @@ pub fn bench_train_step(
         batch_upload_bytes,
         peak_rss_mb: peak_rss_mb(),
         peak_live_mb: crate::alloc::peak_bytes().map(|_| peak_live as f64 / (1 << 20) as f64),
+        conv_kernels: device
+            .is_cpu()
+            .then(|| gm_core::kernels::conv::cpu_kernels().to_string()),
     })
 }
 
