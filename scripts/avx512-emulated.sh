@@ -3,7 +3,7 @@
 # executed (and checked bit for bit against the 256-bit ones) on machines without AVX-512.
 #
 # Bochs (Debian's build has the EVEX decoder) emulates an Intel Skylake-X; a Debian kernel boots
-# from an ISO whose initramfs holds busybox, the release test binary of crates/gm-core/tests/conv.rs
+# from an ISO whose initramfs holds busybox, the test binary of crates/gm-core/tests/conv.rs
 # and the shared libraries it links. Bochs' XSAVES/XSAVEC leaves report sizes the kernel rejects
 # (it would then turn AVX off), so the kernel is told to use plain XSAVE; PKU is off for the same
 # reason. The guest prints /proc/cpuinfo's AVX-512 flags, runs the tests and powers off; this
@@ -40,8 +40,9 @@ chmod 777 deb  # apt-get download writes as the _apt user where it can
 (cd deb && apt-get download -qq "$kpkg" >/dev/null && dpkg-deb -x ./*.deb x)
 cp deb/x/boot/vmlinuz-* iso/vmlinuz
 
-# The test binary (release: the guest runs tens of millions of instructions a second).
-bin=$(cd "$root" && cargo test --release -p gm-core --test conv --no-run --message-format=json 2>/dev/null |
+# The test binary, as scripts/test.sh builds it (the dev profile compiles gm-core and every
+# dependency at opt-level 3: the guest runs only tens of millions of instructions a second).
+bin=$(cd "$root" && cargo test -p gm-core --test conv --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
