@@ -305,6 +305,15 @@ fn cropped_convolution_is_the_narrowed_full_one() -> Result<()> {
     Ok(())
 }
 
+/// The f32 bit patterns of a tensor of f32 results held as f64.
+fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f64>()?
+        .iter()
+        .map(|&v| (v as f32).to_bits())
+        .collect())
+}
+
 /// Forward, data gradient and filter gradient of one op in `dtype`, as f64 tensors.
 fn run_in(
     case: &Case,
@@ -643,21 +652,9 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             }
             by_width.push(got);
         }
-        for (name, a, b) in ["y", "dx", "dw"]
-            .iter()
-            .zip(&by_width[0])
-            .zip(&by_width[1])
-            .map(|((n, a), b)| (n, a, b))
-        {
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.flatten_all()?
-                    .to_vec1::<f64>()?
-                    .iter()
-                    .map(|&v| (v as f32).to_bits())
-                    .collect())
-            };
+        for (k, name) in ["y", "dx", "dw"].iter().enumerate() {
             assert!(
-                bits(a)? == bits(b)?,
+                f32_bits(&by_width[0][k])? == f32_bits(&by_width[1][k])?,
                 "case {i}: {name} differs between the narrow and the wide tiles"
             );
         }

@@ -7,10 +7,11 @@
 //! - **forward**: with at least 12 output channels per group and a column depth of 128 or
 //!   more, the [`direct`] kernel: register tiles of 6 output pixels × 16 channels (32 with
 //!   AVX-512F), each input value broadcast from the planes against two vectors of packed
-//!   weights, so nothing is gathered; transposed into `y` once per 48 pixels. Otherwise the *panel* kernel: for each
-//!   panel of [`NR`] output pixels (panels run across rows and images), the `K × NR` block of
-//!   the column matrix is copied from the phase planes into a panel that stays in L1, and an
-//!   `MR × NR` register tile multiplies the packed weight by it, stored straight into `y`;
+//!   weights, so nothing is gathered; transposed into `y` once per 48 pixels. Otherwise the
+//!   *panel* kernel: for each panel of [`NR`] output pixels (panels run across rows and images),
+//!   the `K × NR` block of the column matrix is copied from the phase planes into a panel that
+//!   stays in L1, and an `MR × NR` register tile multiplies the packed weight by it, stored
+//!   straight into `y` (with AVX-512F, each row of the tile one 512-bit and one 256-bit vector);
 //! - **data gradient**: `s_h·s_w` sub-pixel convolutions. The pixels of `dx` that are
 //!   `≡ (py, px)` modulo the stride receive only the kernel taps whose offset matches that phase,
 //!   so each phase is a stride-1 convolution of `dy` (padded) by those taps, flipped, with the
