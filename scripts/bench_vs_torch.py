@@ -12,7 +12,7 @@ pinned, and the table adds images per second.
 The header names the CPU (model, family/model numbers, vector ISA) and its fp32 peak. Four tables:
 - models: the train step (loss, backward, Adam) of every preset in PRESETS — gm ms, PyTorch ms,
   ratio PyTorch/gm (> 1 means gm is faster), peak RSS of each process and the most heap gm held
-  at once (`--grad-checkpointing`: both sides recompute the UNet's and PixelCNNs' blocks);
+  at once; on the CPU each run times at least --min-seconds (2 s: cheap presets run more steps) (`--grad-checkpointing`: both sides recompute the UNet's and PixelCNNs' blocks);
 - ops: the convolution shapes of `gm bench --ops` with gm's kernels, candle's own kernels and
   PyTorch — ms, ratio PyTorch/gm, and achieved GFLOP/s against this CPU's fp32 peak
   (FLOP per cycle per core from the CPU kind — 32 for AVX2+FMA and for AMD Zen 4's AVX-512, 64
@@ -27,6 +27,7 @@ The header names the CPU (model, family/model numbers, vector ISA) and its fp32 
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -308,6 +309,10 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--min-seconds", type=float, default=None,
+                    help="models table: time at least this much per run and side; a preset whose --steps take "
+                         "less (sized by a 2-step gm probe) runs more steps, the same number on both sides "
+                         "(default 2 on the CPU, 0 = off on a GPU)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
     ap.add_argument("--what", nargs="+", default=["models", "ops"], choices=["models", "ops", "directions", "sampling"])
     ap.add_argument("--presets", nargs="+", default=PRESETS, help="presets of the train-step table")
@@ -322,6 +327,8 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: the models table on the GPU for both (no pinning; --threads then sets host threads)")
     args = ap.parse_args()
+    if args.min_seconds is None:
+        args.min_seconds = 2.0 if args.device == "cpu" else 0.0
     if args.device != "cpu":
         args.what = ["models"]
         args.threads = args.threads[:1]
@@ -353,14 +360,22 @@ def bench_models(args):
         for th, prec in [(th, p) for th in args.threads for p in args.precision]:
             pin, env = pinning(th, args.device)
             g, t, grss, glive, trss = [], [], 0, 0, 0
+            steps = args.steps
+            if args.min_seconds > 0:
+                # A short step timed over a few steps moves with every hiccup of a shared machine.
+                probe = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
+                                         "--steps", "2", "--warmup", "1",
+                                         "--set", f'train.precision="{prec}"', *ck_gm], env, fatal=False)
+                if probe and probe["median_ms"] > 0:
+                    steps = max(steps, min(1000, math.ceil(args.min_seconds * 1e3 / probe["median_ms"])))
             for _ in range(args.repeats):
                 r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
-                                     "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                     "--steps", str(steps), "--warmup", str(args.warmup),
                                      "--set", f'train.precision="{prec}"', *ck_gm], env, fatal=False)
                 g.append(r["median_ms"] if r else float("nan")); grss = max(grss, (r or {}).get("peak_rss_mb") or 0)
                 glive = max(glive, (r or {}).get("peak_live_mb") or 0)
                 kernels.add((r or {}).get("conv_kernels") or "?")
-                common = ["--threads", str(th), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                common = ["--threads", str(th), "--steps", str(steps), "--warmup", str(args.warmup),
                           "--batch", str(batch), *dev]
                 amp = ["--amp", prec, *ck_torch]
                 if model["kind"] in ("pixelcnn", "gated-pixelcnn"):
@@ -377,21 +392,24 @@ def bench_models(args):
                            json.dumps(model), *common]
                 else:
                     cmd = [args.python, "-c", TORCH_CHILD, HERE, json.dumps(model), str(th),
-                           str(args.steps), str(args.warmup), str(batch), args.device, prec]
+                           str(steps), str(args.warmup), str(batch), args.device, prec]
                 r = run_child(pin + cmd, env, fatal=False) if cmd else None
                 t.append(r["median_ms"] if r else float("nan")); trss = max(trss, (r or {}).get("maxrss_mb", 0))
             gm_ms, pt_ms = sorted(g)[len(g) // 2], sorted(t)[len(t) // 2]
-            rows.append((os.path.basename(preset), prec, th, batch, gm_ms, pt_ms, pt_ms / gm_ms, grss, glive, trss))
-            print(f"  {rows[-1][0]} {prec} thr {th}: gm {gm_ms:.2f} ms, torch {pt_ms:.2f} ms", file=sys.stderr, flush=True)
-    print(f"train step on {args.device}, medians of {args.repeats} alternating runs; images/s at the median; "
+            rows.append((os.path.basename(preset), prec, th, batch, steps, gm_ms, pt_ms, pt_ms / gm_ms, grss, glive,
+                         trss))
+            print(f"  {rows[-1][0]} {prec} thr {th}: gm {gm_ms:.2f} ms, torch {pt_ms:.2f} ms ({steps} steps)",
+                  file=sys.stderr, flush=True)
+    print(f"train step on {args.device}, medians of {args.repeats} alternating runs of at least --steps "
+          f"{args.steps} steps and {args.min_seconds:g} s (steps: per run and side); images/s at the median; "
           "precision: gm's train.precision, PyTorch's AMP"
           + ("; gradient checkpointing on both sides" if args.grad_checkpointing else "")
           + f"; gm's convolution kernels: {', '.join(sorted(kernels))}")
     print("peak memory: gm MB and torch MB the processes' peak RSS, gm live MB the most heap gm held at once "
           "during a timed step")
-    print(f"{'preset':<26}{'prec':>5}{'thr':>4}{'batch':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'gm live MB':>11}{'torch MB':>9}")
-    for p, pr, th, b, g, t, r, gr, gl, tr in rows:
-        print(f"{p:<26}{pr:>5}{th:>4}{b:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{b / g * 1e3:>10.0f}{b / t * 1e3:>12.0f}{gr:>8.0f}{gl:>11.0f}{tr:>9.0f}")
+    print(f"{'preset':<26}{'prec':>5}{'thr':>4}{'batch':>6}{'steps':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'gm live MB':>11}{'torch MB':>9}")
+    for p, pr, th, b, n, g, t, r, gr, gl, tr in rows:
+        print(f"{p:<26}{pr:>5}{th:>4}{b:>6}{n:>6}{g:>10.2f}{t:>10.2f}{r:>10.2f}{b / g * 1e3:>10.0f}{b / t * 1e3:>12.0f}{gr:>8.0f}{gl:>11.0f}{tr:>9.0f}")
 
 
 if __name__ == "__main__":
