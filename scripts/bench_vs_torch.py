@@ -12,7 +12,8 @@ pinned, and the table adds images per second.
 The header names the CPU (model, family/model numbers, vector ISA) and its fp32 peak. Four tables:
 - models: the train step (loss, backward, Adam) of every preset in PRESETS — gm ms, PyTorch ms,
   ratio PyTorch/gm (> 1 means gm is faster), peak RSS of each process and the most heap gm held
-  at once; on the CPU each run times at least --min-seconds (2 s: cheap presets run more steps) (`--grad-checkpointing`: both sides recompute the UNet's and PixelCNNs' blocks);
+  at once (`--grad-checkpointing`: both sides recompute the UNet's and PixelCNNs' blocks); on the
+  CPU each run times at least --min-seconds (2 s: cheap presets run more steps);
 - ops: the convolution shapes of `gm bench --ops` with gm's kernels, candle's own kernels and
   PyTorch — ms, ratio PyTorch/gm, and achieved GFLOP/s against this CPU's fp32 peak
   (FLOP per cycle per core from the CPU kind — 32 for AVX2+FMA and for AMD Zen 4's AVX-512, 64
@@ -360,18 +361,19 @@ def bench_models(args):
         for th, prec in [(th, p) for th in args.threads for p in args.precision]:
             pin, env = pinning(th, args.device)
             g, t, grss, glive, trss = [], [], 0, 0, 0
+            def gm_bench(steps, warmup):
+                return run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
+                                        "--steps", str(steps), "--warmup", str(warmup),
+                                        "--set", f'train.precision="{prec}"', *ck_gm], env, fatal=False)
+
             steps = args.steps
             if args.min_seconds > 0:
                 # A short step timed over a few steps moves with every hiccup of a shared machine.
-                probe = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
-                                         "--steps", "2", "--warmup", "1",
-                                         "--set", f'train.precision="{prec}"', *ck_gm], env, fatal=False)
+                probe = gm_bench(2, 1)
                 if probe and probe["median_ms"] > 0:
                     steps = max(steps, min(1000, math.ceil(args.min_seconds * 1e3 / probe["median_ms"])))
             for _ in range(args.repeats):
-                r = run_child(pin + [args.gm, "bench", "--config", os.path.join(ROOT, preset), *dev,
-                                     "--steps", str(steps), "--warmup", str(args.warmup),
-                                     "--set", f'train.precision="{prec}"', *ck_gm], env, fatal=False)
+                r = gm_bench(steps, args.warmup)
                 g.append(r["median_ms"] if r else float("nan")); grss = max(grss, (r or {}).get("peak_rss_mb") or 0)
                 glive = max(glive, (r or {}).get("peak_live_mb") or 0)
                 kernels.add((r or {}).get("conv_kernels") or "?")
