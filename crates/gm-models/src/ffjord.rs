@@ -50,6 +50,14 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// `a(h)`.
+    fn value(self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Tanh => h.tanh(),
+            Activation::Softplus => ops::softplus(h),
+        }
+    }
+
     /// `(a(h), a'(h))`.
     fn value_and_slope(self, h: &Tensor) -> Result<(Tensor, Tensor)> {
         match self {
@@ -328,7 +336,7 @@ impl OdeNet {
         for (i, l) in self.layers.iter().enumerate() {
             let mut nh = l.forward(&h, t)?.0;
             if i + 1 < n {
-                nh = self.act.value_and_slope(&nh)?.0;
+                nh = self.act.value(&nh)?;
             }
             h = if self.skip[i] { (h + nh)? } else { nh };
         }
