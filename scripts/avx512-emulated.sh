@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Runs gm's convolution tests on an emulated AVX-512 CPU, so that the 512-bit kernels are
-# executed (and checked bit for bit against the 256-bit ones) on machines without AVX-512.
+# Runs gm's convolution tests and its element-wise loops' width test on an emulated AVX-512 CPU,
+# so that the 512-bit kernels are executed (and checked bit for bit against the 256-bit ones and
+# the baseline) on machines without AVX-512.
 #
 # Bochs (Debian's build has the EVEX decoder) emulates an Intel Skylake-X; a Debian kernel boots
-# from an ISO whose initramfs holds busybox, the test binary of crates/gm-core/tests/conv.rs
-# and the shared libraries it links. Bochs' XSAVES/XSAVEC leaves report sizes the kernel rejects
+# from an ISO whose initramfs holds busybox, the test binaries of crates/gm-core/tests/conv.rs and
+# tests/simd.rs and the shared libraries they link. Bochs' XSAVES/XSAVEC leaves report sizes the kernel rejects
 # (it would then turn AVX off), so the kernel is told to use plain XSAVE; PKU is off for the same
 # reason. The guest prints /proc/cpuinfo's AVX-512 flags, runs the tests and powers off; this
 # script fails unless they pass and the guest saw avx512f.
@@ -49,18 +50,22 @@ chmod 777 deb  # apt-get download writes as the _apt user where it can
   skip "could not download $kpkg"
 cp deb/x/boot/vmlinuz-* iso/vmlinuz
 
-# The test binary, as scripts/test.sh builds it (the dev profile compiles gm-core and every
-# dependency at opt-level 3: the guest runs only tens of millions of instructions a second).
-bin=$(cd "$root" && cargo test -p gm-core --test conv --no-run --message-format=json 2>/dev/null |
+# The test binaries, as scripts/test.sh builds them (the dev profile compiles gm-core and every
+# dependency at opt-level 3: the guest runs only tens of millions of instructions a second):
+# tests/conv.rs (the convolution tiles) and tests/simd.rs (the element-wise loops at every width).
+bins=$(cd "$root" && cargo test -p gm-core --test conv --test simd --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "conv":
-        print(m["executable"])')
-[ -x "$bin" ] || { echo "avx512-emulated: no test binary built" >&2; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("conv", "simd"):
+        print(m["target"]["name"], m["executable"])')
+bin=$(awk '$1 == "conv" {print $2}' <<<"$bins")
+simd_bin=$(awk '$1 == "simd" {print $2}' <<<"$bins")
+[ -x "$bin" ] && [ -x "$simd_bin" ] || { echo "avx512-emulated: no test binaries built" >&2; exit 1; }
 cp "$bin" root/conv
-# Its shared libraries and loader, at the paths it asks for.
-for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
+cp "$simd_bin" root/simd
+# Their shared libraries and loader, at the paths they ask for.
+for lib in $(ldd "$bin" "$simd_bin" | grep -v ':$' | grep -o '/[^ ]*' | sort -u); do
   mkdir -p "root$(dirname "$lib")" && cp -L "$lib" "root$lib"
 done
 # Files the tests read by absolute path.
@@ -74,7 +79,9 @@ mkdir -p root/proc root/sys root/dev root/tmp
   echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
   echo 'echo "GUEST-FLAGS: $(grep -o "avx512[a-z]*" /proc/cpuinfo | sort -u | tr "\n" " ")"'
   echo "cd /tmp && RAYON_NUM_THREADS=1 /conv --test-threads 1 --nocapture ${filters[*]} 2>&1"
-  echo 'echo "GUEST-RC: $?"'
+  echo 'rc=$?'
+  echo 'RAYON_NUM_THREADS=1 /simd --test-threads 1 --nocapture 2>&1 || rc=1'
+  echo 'echo "GUEST-RC: $rc"'
   echo 'sleep 1; poweroff -f'
 } > root/init
 chmod +x root/init
@@ -108,7 +115,7 @@ info: action=ignore
 clock: sync=none, time0=local
 EOF
 
-echo "avx512-emulated: booting the emulated Skylake-X (Bochs) with $(basename "$bin") ${filters[*]}"
+echo "avx512-emulated: booting the emulated Skylake-X (Bochs) with conv ${filters[*]} and simd"
 start=$(date +%s)
 # Debian's Bochs has its debugger built in: 'c' continues from the first instruction.
 printf 'c\n' | timeout "${GM_AVX512_TIMEOUT:-1800}" bochs -q -f bochsrc >bochs.out 2>&1 || true
@@ -117,6 +124,10 @@ tr -d '\r' < serial.out | sed -n '/GUEST-FLAGS/,/GUEST-RC/p'
 grep -q 'GUEST-FLAGS:.*avx512f' serial.out || { echo "avx512-emulated: the guest has no avx512f" >&2; exit 1; }
 grep -q 'conv kernels here: default avx512, narrow tiles avx2, wide tiles avx512' serial.out || {
   echo "avx512-emulated: the tests did not run the AVX-512 tiles" >&2
+  exit 1
+}
+grep -q 'F32 ops compared bit for bit at \["baseline", "avx2", "avx512"\]' serial.out || {
+  echo "avx512-emulated: the element-wise loops' AVX-512 copies did not run" >&2
   exit 1
 }
 grep -q 'GUEST-RC: 0' serial.out || { echo "avx512-emulated: tests failed in the guest" >&2; exit 1; }

@@ -346,7 +346,7 @@ def main():
 
 
 def bench_models(args):
-    rows, kernels = [], set()
+    rows, kernels, elementwise = [], set(), set()
     dev = ["--device", args.device]
     for preset in args.presets:
         with open(os.path.join(ROOT, preset), "rb") as f:
@@ -377,6 +377,7 @@ def bench_models(args):
                 g.append(r["median_ms"] if r else float("nan")); grss = max(grss, (r or {}).get("peak_rss_mb") or 0)
                 glive = max(glive, (r or {}).get("peak_live_mb") or 0)
                 kernels.add((r or {}).get("conv_kernels") or "?")
+                elementwise.add((r or {}).get("elementwise") or "?")
                 common = ["--threads", str(th), "--steps", str(steps), "--warmup", str(args.warmup),
                           "--batch", str(batch), *dev]
                 amp = ["--amp", prec, *ck_torch]
@@ -406,7 +407,8 @@ def bench_models(args):
           f"{args.steps} steps and {args.min_seconds:g} s (steps: per run and side); images/s at the median; "
           "precision: gm's train.precision, PyTorch's AMP"
           + ("; gradient checkpointing on both sides" if args.grad_checkpointing else "")
-          + f"; gm's convolution kernels: {', '.join(sorted(kernels))}")
+          + f"; gm's convolution kernels: {', '.join(sorted(kernels))}"
+          + f"; gm's element-wise loops: {', '.join(sorted(elementwise))}")
     print("peak memory: gm MB and torch MB the processes' peak RSS, gm live MB the most heap gm held at once "
           "during a timed step")
     print(f"{'preset':<26}{'prec':>5}{'thr':>4}{'batch':>6}{'steps':>6}{'gm ms':>10}{'torch ms':>10}{'torch/gm':>10}{'gm img/s':>10}{'torch img/s':>12}{'gm MB':>8}{'gm live MB':>11}{'torch MB':>9}")

@@ -40,6 +40,9 @@ pub struct BenchReport {
     /// On the CPU, what ran the f32 convolutions ([`gm_core::kernels::conv::cpu_kernels`]:
     /// `avx512`, `avx2`, `gemm`, …); `None` on other devices.
     pub conv_kernels: Option<String>,
+    /// On the CPU, the vector instructions the element-wise loops (fused ops, norms, Adam) ran
+    /// with ([`gm_core::kernels::simd::chosen`]: `avx512`, `avx2` or `baseline`).
+    pub elementwise: Option<String>,
 }
 
 /// `n` random binary images of the model's shape with labels `0, 1, …, 9, 0, …` (the benchmarks'
@@ -163,6 +166,9 @@ pub fn bench_train_step(
         conv_kernels: device
             .is_cpu()
             .then(|| gm_core::kernels::conv::cpu_kernels().to_string()),
+        elementwise: device
+            .is_cpu()
+            .then(|| gm_core::kernels::simd::chosen().name().to_string()),
     })
 }
 

@@ -4,6 +4,7 @@
 //! The optimizer that owns the moments (gm-train's `optim::Adam`) calls [`update_moment`] twice
 //! and [`apply`] once per parameter; elsewhere it writes the same update with tensor ops.
 
+use crate::kernels::cpu::Transcendental;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
 /// The scalars of one Adam update of a parameter.
@@ -61,14 +62,7 @@ macro_rules! adam_kernels {
             let (b, a) = (op.beta as $t, (1.0 - op.beta) as $t);
             let square = op.square;
             super::par::chunks_mut(s, CHUNK, move |i, s| {
-                let g = &g[i * CHUNK..][..s.len()];
-                if square {
-                    s.iter_mut()
-                        .zip(g)
-                        .for_each(|(s, g)| *s = b * *s + a * *g * *g);
-                } else {
-                    s.iter_mut().zip(g).for_each(|(s, g)| *s = b * *s + a * *g);
-                }
+                moment_chunk(s, &g[i * CHUNK..][..s.len()], (b, a), square)
             });
         }
         fn $apply(op: &AdamStep, p: &mut [$t], m: &[$t], v: &[$t]) {
@@ -78,14 +72,36 @@ macro_rules! adam_kernels {
             let decay = (1.0 - op.lr * op.weight_decay) as $t;
             super::par::chunks_mut(p, CHUNK, move |i, p| {
                 let (m, v) = (&m[i * CHUNK..][..p.len()], &v[i * CHUNK..][..p.len()]);
-                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-                    *p = *p * decay - step * *m / ((*v * inv_bc2).sqrt() + eps);
-                }
+                apply_chunk(p, m, v, [decay, step, inv_bc2, eps])
             });
         }
     };
 }
 adam_kernels!(moment_f32, apply_f32, f32);
+
+crate::simd_fn! {
+    /// `s ← b·s + a·g` (or `a·g²` when `square`) for `ba = (b, a)`.
+    fn moment_chunk<T: Transcendental>(s: &mut [T], g: &[T], ba: (T, T), square: bool) {
+        let (b, a) = ba;
+        if square {
+            s.iter_mut()
+                .zip(g)
+                .for_each(|(s, g)| *s = b * *s + a * *g * *g);
+        } else {
+            s.iter_mut().zip(g).for_each(|(s, g)| *s = b * *s + a * *g);
+        }
+    }
+}
+
+crate::simd_fn! {
+    /// `p ← p·decay − step·m / (√(v·inv_bc2) + ε)` for `k = [decay, step, inv_bc2, ε]`.
+    fn apply_chunk<T: Transcendental>(p: &mut [T], m: &[T], v: &[T], k: [T; 4]) {
+        let [decay, step, inv_bc2, eps] = k;
+        for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+            *p = *p * decay - step * *m / ((*v * inv_bc2).sqrt_() + eps);
+        }
+    }
+}
 adam_kernels!(moment_f64, apply_f64, f64);
 
 impl InplaceOp2 for Moment {

@@ -101,14 +101,18 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `n` sits in the low mantissa bits of `shifted` (|n| ≤ 127 ≪ 2²²): integer arithmetic on
+    // the bits builds 2ⁿ, where a float-to-int cast (saturating in Rust) would not vectorise.
+    let two_n = (shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32 + 127) << 23;
+    er * f32::from_bits(two_n as u32)
 }
 
 /// `ln x` in f32 without a libm call, for positive normal `x`, so that loops over slices
@@ -192,8 +196,10 @@ pub(crate) fn lane_sum2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -
     total
 }
 
-/// `σ(x)` and `tanh(x)` for the fused gate, vectorisable in f32.
+/// `σ(x)`, `tanh(x)`, softplus and `√x` for the fused ops, vectorisable in f32.
 pub(crate) trait Transcendental: WithDType {
+    /// `√x`, correctly rounded (the instruction in every vector width).
+    fn sqrt_(self) -> Self;
     fn sigmoid(self) -> Self;
     fn tanh_(self) -> Self;
     /// `ln(1 + eˣ)`, stable for large `|x|`.
@@ -201,6 +207,10 @@ pub(crate) trait Transcendental: WithDType {
 }
 
 impl Transcendental for f32 {
+    #[inline(always)]
+    fn sqrt_(self) -> Self {
+        self.sqrt()
+    }
     #[inline(always)]
     fn sigmoid(self) -> Self {
         1.0 / (1.0 + exp_f32(-self))
@@ -216,6 +226,10 @@ impl Transcendental for f32 {
 }
 
 impl Transcendental for f64 {
+    #[inline(always)]
+    fn sqrt_(self) -> Self {
+        self.sqrt()
+    }
     fn sigmoid(self) -> Self {
         1.0 / (1.0 + (-self).exp())
     }

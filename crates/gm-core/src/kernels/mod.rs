@@ -15,6 +15,7 @@ pub mod matmul;
 pub mod norm;
 pub mod ops;
 pub mod par;
+pub mod simd;
 
 thread_local! {
     /// candle's own switch, read the way candle reads it (once per thread).

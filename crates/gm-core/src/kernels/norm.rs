@@ -17,6 +17,7 @@ use crate::kernels::for_grad;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 #[derive(Clone, Copy)]
@@ -68,7 +69,9 @@ struct GroupNormGrad {
     silu: bool,
 }
 
-/// Mean and `1/√(var + ε)` of one group (two passes, blocks accumulated in f64).
+/// Mean and `1/√(var + ε)` of one group (two passes, blocks accumulated in f64); inlined into
+/// each vector width's copy of the norms' loops.
+#[inline(always)]
 fn stats<T: WithDType>(x: &[T], eps: f64) -> (f64, f64) {
     let m = x.len() as f64;
     let mean = lane_sum(x, |v| v) / m;
@@ -88,8 +91,24 @@ fn fwd_kernel<T: Transcendental>(
     let span = d.span();
     let mut y = vec![T::zero(); x.len()];
     crate::kernels::par::chunks_mut(&mut y, span, |k, out| {
+        fwd_group(k, out, &x[k * span..][..span], gamma, beta, d, eps, silu)
+    });
+    y
+}
+
+crate::simd_fn! {
+    /// The forward of (sample, group) `k`, whose elements are `xs`.
+    fn fwd_group<T: Transcendental>(
+        k: usize,
+        out: &mut [T],
+        xs: &[T],
+        gamma: &[T],
+        beta: &[T],
+        d: Dims,
+        eps: f64,
+        silu: bool,
+    ) {
         let g = k % d.groups;
-        let xs = &x[k * span..][..span];
         let (mean, rstd) = stats(xs, eps);
         let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
         for cc in 0..d.cg() {
@@ -101,8 +120,7 @@ fn fwd_kernel<T: Transcendental>(
                 *o = if silu { z * z.sigmoid() } else { z };
             }
         }
-    });
-    y
+    }
 }
 
 /// `[dx (x.len()), dγ (C), dβ (C)]` flattened into one vector.
@@ -121,9 +139,38 @@ fn bwd_kernel<T: Transcendental>(
     // Per (sample, channel) partial sums of dγ and dβ, reduced over samples afterwards.
     let mut part = vec![0f64; d.n * d.c * 2];
     crate::kernels::par::chunks2_mut(&mut dx, span, &mut part, cg * 2, |k, out, p| {
+        let (xs, gs) = (&x[k * span..][..span], &dy[k * span..][..span]);
+        bwd_group(k, out, p, xs, gs, gamma, beta, d, eps, silu)
+    });
+    let mut dgamma = vec![0f64; d.c];
+    let mut dbeta = vec![0f64; d.c];
+    for s in 0..d.n {
+        for ch in 0..d.c {
+            dgamma[ch] += part[(s * d.c + ch) * 2];
+            dbeta[ch] += part[(s * d.c + ch) * 2 + 1];
+        }
+    }
+    dx.extend(dgamma.into_iter().map(T::from_f64));
+    dx.extend(dbeta.into_iter().map(T::from_f64));
+    dx
+}
+
+crate::simd_fn! {
+    /// The backward of (sample, group) `k`: `out` its `dx`, `p` its channels' `(dγ, dβ)` parts.
+    fn bwd_group<T: Transcendental>(
+        k: usize,
+        out: &mut [T],
+        p: &mut [f64],
+        xs: &[T],
+        gs: &[T],
+        gamma: &[T],
+        beta: &[T],
+        d: Dims,
+        eps: f64,
+        silu: bool,
+    ) {
+        let (span, cg) = (d.span(), d.cg());
         let g = k % d.groups;
-        let xs = &x[k * span..][..span];
-        let gs = &dy[k * span..][..span];
         let (mean, rstd) = stats(xs, eps);
         let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
         // Pass 1: dz, the sums for dγ, dβ, and the two group means of dx̂ = γ·dz.
@@ -158,18 +205,7 @@ fn bwd_kernel<T: Transcendental>(
             let xh = (*v - mean_t) * rstd_t;
             *o = rstd_t * (*o - m1 - xh * m2);
         }
-    });
-    let mut dgamma = vec![0f64; d.c];
-    let mut dbeta = vec![0f64; d.c];
-    for s in 0..d.n {
-        for ch in 0..d.c {
-            dgamma[ch] += part[(s * d.c + ch) * 2];
-            dbeta[ch] += part[(s * d.c + ch) * 2 + 1];
-        }
     }
-    dx.extend(dgamma.into_iter().map(T::from_f64));
-    dx.extend(dbeta.into_iter().map(T::from_f64));
-    dx
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -305,18 +341,35 @@ struct BatchStats;
 
 fn batch_stats_kernel<T: WithDType>(x: &[T], (n, c, inner): (usize, usize, usize)) -> Vec<f64> {
     let m = (n * inner).max(1) as f64;
-    let per = crate::kernels::par::map(c, |ch| {
-        let rows = || (0..n).map(move |s| &x[(s * c + ch) * inner..][..inner]);
-        let mean = rows().map(|r| lane_sum(r, |v| v)).sum::<f64>() / m;
-        let mt = T::from_f64(mean);
-        let var = rows()
-            .map(|r| lane_sum(r, |v| (v - mt) * (v - mt)))
-            .sum::<f64>()
-            / m;
-        (mean, var)
-    });
+    let per = crate::kernels::par::map(c, |ch| channel_stats(ch, x, (n, c, inner), m));
     let (mean, var): (Vec<f64>, Vec<f64>) = per.into_iter().unzip();
     mean.into_iter().chain(var).collect()
+}
+
+crate::simd_fn! {
+    /// Mean and biased variance of channel `ch` over `m` elements.
+    fn channel_stats<T: WithDType>(
+        ch: usize,
+        x: &[T],
+        dims: (usize, usize, usize),
+        m: f64,
+    ) -> (f64, f64) {
+        let (n, c, inner) = dims;
+        // Plain loops: an iterator adapter's `fold` would be compiled apart from this copy. From
+        // −0, as `Iterator::sum` of floats starts.
+        let row = |s: usize| &x[(s * c + ch) * inner..][..inner];
+        let mut sum = -0f64;
+        for s in 0..n {
+            sum += lane_sum(row(s), |v| v);
+        }
+        let mean = sum / m;
+        let mt = T::from_f64(mean);
+        let mut ss = -0f64;
+        for s in 0..n {
+            ss += lane_sum(row(s), |v| (v - mt) * (v - mt));
+        }
+        (mean, ss / m)
+    }
 }
 
 impl CustomOp1 for BatchStats {
@@ -413,34 +466,9 @@ fn bn_bwd_kernel<T: WithDType>(
     let (stats, eps, relu) = op;
     let (gamma, beta) = gb.split_at(c);
     let (a, b, rstd) = bn_coeffs(stats, gamma, beta, eps);
-    // The ReLU's mask from the forward's own arithmetic, so it is the forward's mask bit for bit.
-    let on = |v: T, ch: usize| !relu || v * a[ch] + b[ch] > T::zero();
     // Pass 1, per channel: Σ dz and Σ dz·(x − μ), where dz is the normalisation's output gradient.
     let sums = crate::kernels::par::map(c, |ch| {
-        let mt = T::from_f64(stats[ch]);
-        let (mut s0, mut s1) = (0f64, 0f64);
-        for s in 0..n {
-            let at = (s * c + ch) * inner..(s * c + ch + 1) * inner;
-            let (xr, gr) = (&x[at.clone()], &dy[at]);
-            if relu {
-                s0 += lane_sum2(gr, xr, |g, v| if on(v, ch) { g } else { T::zero() });
-                s1 += lane_sum2(
-                    gr,
-                    xr,
-                    |g, v| {
-                        if on(v, ch) {
-                            g * (v - mt)
-                        } else {
-                            T::zero()
-                        }
-                    },
-                );
-            } else {
-                s0 += lane_sum(gr, |g| g);
-                s1 += lane_sum2(gr, xr, |g, v| g * (v - mt));
-            }
-        }
-        (s0, s1)
+        bn_sums(ch, x, dy, (a[ch], b[ch]), stats[ch], (n, c, inner), relu)
     });
     let m = (n * inner).max(1) as f64;
     // dx = γ·r·(dz − Σdz/M − x̂·Σ(dz·x̂)/M) with x̂ = (x − μ)·r: k1·dz − k2·(x − μ) − k3.
@@ -461,35 +489,101 @@ fn bn_bwd_kernel<T: WithDType>(
     // SAFETY: every task writes each element of its chunk (whole rows, zipped with x's and dy's).
     let mut out = unsafe {
         crate::kernels::cpu::par_written(x.len(), rows_per_task * row, |t, out| {
-            let row0 = t * rows_per_task;
-            for (r, (or, (xr, gr))) in out
-                .chunks_mut(row)
-                .zip(
-                    x[row0 * row..]
-                        .chunks(row)
-                        .zip(dy[row0 * row..].chunks(row)),
-                )
-                .enumerate()
-            {
-                let ch = (row0 + r) % c;
-                let [k1, k2, k3, mt] = k[ch];
-                if relu {
-                    for ((o, v), g) in or.iter_mut().zip(xr).zip(gr) {
-                        let dz = if on(*v, ch) { *g } else { T::zero() };
-                        o.write(k1 * dz - k2 * (*v - mt) - k3);
-                    }
-                } else {
-                    for ((o, v), g) in or.iter_mut().zip(xr).zip(gr) {
-                        o.write(k1 * *g - k2 * (*v - mt) - k3);
-                    }
-                }
-            }
+            let at = t * rows_per_task * row..;
+            bn_bwd_rows(
+                t * rows_per_task,
+                out,
+                &x[at.clone()],
+                &dy[at],
+                &k,
+                (&a, &b),
+                row,
+                relu,
+            )
         })
     };
     // dγ = Σ dz·x̂ = r·Σ dz·(x − μ), dβ = Σ dz.
     out.extend((0..c).map(|ch| T::from_f64(rstd[ch] * sums[ch].1)));
     out.extend(sums.iter().map(|s| T::from_f64(s.0)));
     out
+}
+
+/// Whether the ReLU after a batch norm (scale and shift `(a, b)` of `v`'s channel) passes `v`:
+/// the forward's own arithmetic, so that the backward's mask is the forward's bit for bit.
+#[inline(always)]
+fn relu_on<T: WithDType>(relu: bool, v: T, (a, b): (T, T)) -> bool {
+    !relu || v * a + b > T::zero()
+}
+
+crate::simd_fn! {
+    /// `(Σ dz, Σ dz·(x − μ))` of channel `ch` (scale and shift `ab`, mean `mean`).
+    fn bn_sums<T: WithDType>(
+        ch: usize,
+        x: &[T],
+        dy: &[T],
+        ab: (T, T),
+        mean: f64,
+        dims: (usize, usize, usize),
+        relu: bool,
+    ) -> (f64, f64) {
+        let (n, c, inner) = dims;
+        let mt = T::from_f64(mean);
+        let (mut s0, mut s1) = (0f64, 0f64);
+        for s in 0..n {
+            let at = (s * c + ch) * inner..(s * c + ch + 1) * inner;
+            let (xr, gr) = (&x[at.clone()], &dy[at]);
+            if relu {
+                s0 += lane_sum2(gr, xr, |g, v| if relu_on(relu, v, ab) { g } else { T::zero() });
+                s1 += lane_sum2(gr, xr, |g, v| {
+                    if relu_on(relu, v, ab) {
+                        g * (v - mt)
+                    } else {
+                        T::zero()
+                    }
+                });
+            } else {
+                s0 += lane_sum(gr, |g| g);
+                s1 += lane_sum2(gr, xr, |g, v| g * (v - mt));
+            }
+        }
+        (s0, s1)
+    }
+}
+
+crate::simd_fn! {
+    /// `dx = k1·dz − k2·(x − μ) − k3` over whole rows of `row` elements, the first being row
+    /// `row0` of the tensor; `k[ch] = [k1, k2, k3, μ]`.
+    fn bn_bwd_rows<T: WithDType>(
+        row0: usize,
+        out: &mut [MaybeUninit<T>],
+        x: &[T],
+        dy: &[T],
+        k: &[[T; 4]],
+        ab: (&[T], &[T]),
+        row: usize,
+        relu: bool,
+    ) {
+        let (c, (a, b)) = (k.len(), ab);
+        for (r, (or, (xr, gr))) in out
+            .chunks_mut(row)
+            .zip(x.chunks(row).zip(dy.chunks(row)))
+            .enumerate()
+        {
+            let ch = (row0 + r) % c;
+            let [k1, k2, k3, mt] = k[ch];
+            if relu {
+                let ab = (a[ch], b[ch]);
+                for ((o, v), g) in or.iter_mut().zip(xr).zip(gr) {
+                    let dz = if relu_on(relu, *v, ab) { *g } else { T::zero() };
+                    o.write(k1 * dz - k2 * (*v - mt) - k3);
+                }
+            } else {
+                for ((o, v), g) in or.iter_mut().zip(xr).zip(gr) {
+                    o.write(k1 * *g - k2 * (*v - mt) - k3);
+                }
+            }
+        }
+    }
 }
 
 impl CustomOp3 for BatchNormOp {

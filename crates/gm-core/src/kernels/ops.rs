@@ -19,6 +19,8 @@
 
 use crate::kernels::cpu::{lane_sum, lane_sum2, Transcendental};
 use crate::kernels::for_grad;
+use std::mem::MaybeUninit;
+
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -126,24 +128,37 @@ pub(crate) fn channel_map<T: WithDType>(
     unsafe {
         crate::kernels::cpu::par_written(x.len(), rows_per_task * row, |t, ys| {
             let row0 = t * rows_per_task;
-            for (r, (yr, xr)) in ys
-                .chunks_mut(row)
-                .zip(x[row0 * row..].chunks(row))
-                .enumerate()
-            {
-                if per_channel {
-                    let k = (row0 + r) % c;
-                    let (ak, bk) = (a[k], b[k]);
-                    for (o, v) in yr.iter_mut().zip(xr) {
-                        o.write(f(*v, ak, bk));
-                    }
-                } else {
-                    for (((o, v), ak), bk) in yr.iter_mut().zip(xr).zip(a).zip(b) {
-                        o.write(f(*v, *ak, *bk));
-                    }
+            channel_rows(row0, ys, &x[row0 * row..], (a, b), row, per_channel, &f)
+        })
+    }
+}
+
+crate::simd_fn! {
+    /// [`channel_map`]'s whole rows of `row` elements, the first being row `row0`.
+    fn channel_rows<T: WithDType>(
+        row0: usize,
+        ys: &mut [MaybeUninit<T>],
+        x: &[T],
+        ab: (&[T], &[T]),
+        row: usize,
+        per_channel: bool,
+        f: &impl Fn(T, T, T) -> T,
+    ) {
+        let (a, b) = ab;
+        let c = a.len();
+        for (r, (yr, xr)) in ys.chunks_mut(row).zip(x.chunks(row)).enumerate() {
+            if per_channel {
+                let k = (row0 + r) % c;
+                let (ak, bk) = (a[k], b[k]);
+                for (o, v) in yr.iter_mut().zip(xr) {
+                    o.write(f(*v, ak, bk));
+                }
+            } else {
+                for (((o, v), ak), bk) in yr.iter_mut().zip(xr).zip(a).zip(b) {
+                    o.write(f(*v, *ak, *bk));
                 }
             }
-        })
+        }
     }
 }
 
@@ -233,21 +248,25 @@ impl CustomOp2 for ActGrad {
     }
 }
 
-fn channel_sum_kernel<T: WithDType>(x: &[T], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
-    let mut acc = vec![0f64; c];
-    if inner <= 1 {
-        // (N, C): sum the rows.
-        for row in x.chunks_exact(c.max(1)) {
-            for (a, v) in acc.iter_mut().zip(row) {
-                *a += v.to_f64();
+crate::simd_fn! {
+    /// `Σ` of `x` `(N, C, inner)` over every axis but 1.
+    fn channel_sum_kernel<T: WithDType>(x: &[T], dims: (usize, usize, usize)) -> Vec<T> {
+        let (_, c, inner) = dims;
+        let mut acc = vec![0f64; c];
+        if inner <= 1 {
+            // (N, C): sum the rows.
+            for row in x.chunks_exact(c.max(1)) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.to_f64();
+                }
             }
+            return acc.into_iter().map(T::from_f64).collect();
         }
-        return acc.into_iter().map(T::from_f64).collect();
+        for (i, chunk) in x.chunks_exact(inner.max(1)).enumerate() {
+            acc[i % c] += lane_sum(chunk, |v| v);
+        }
+        acc.into_iter().map(T::from_f64).collect()
     }
-    for (i, chunk) in x.chunks_exact(inner.max(1)).enumerate() {
-        acc[i % c] += lane_sum(chunk, |v| v);
-    }
-    acc.into_iter().map(T::from_f64).collect()
 }
 
 impl CustomOp1 for ChannelSum {
@@ -428,11 +447,16 @@ fn gate_kernel<T: Transcendental>(x: &[T], dims: (usize, usize, usize)) -> Vec<T
     // that the loop below vectorises, instead of 2C rows of one value.
     let (outer, c2, inner) = dims;
     let dims = if inner <= 1 { (outer, 2, c2 / 2) } else { dims };
-    gate_rows::<T, 1>(x, dims, |_, a, b, o| {
+    gate_rows::<T, 1>(x, dims, |_, a, b, o| gate_row(a, b, o))
+}
+
+crate::simd_fn! {
+    /// `o = tanh(a) ⊙ σ(b)`.
+    fn gate_row<T: Transcendental>(a: &[T], b: &[T], o: &mut [T]) {
         for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
             *o = a.tanh_() * b.sigmoid();
         }
-    })
+    }
 }
 
 /// `dx` of shape `(N, 2C, inner)`, one parallel task per image: its first half is `da`, its
@@ -441,19 +465,34 @@ fn gate_grad_kernel<T: Transcendental>(x: &[T], dy: &[T], dims: (usize, usize, u
     let (outer, c2, inner) = dims;
     let half = c2 / 2 * inner.max(1);
     let mut dx = vec![T::zero(); outer * 2 * half];
-    let one = T::one();
     crate::kernels::par::chunks_mut(&mut dx, 2 * half, |n, out| {
         let (da, db) = out.split_at_mut(half);
         let xa = &x[n * 2 * half..][..half];
         let xb = &x[n * 2 * half + half..][..half];
         let g = &dy[n * half..][..half];
-        for i in 0..half {
+        gate_grad_row(xa, xb, g, da, db);
+    });
+    dx
+}
+
+crate::simd_fn! {
+    /// `da`, `db` of one image from its halves `xa`, `xb` and `dy`.
+    fn gate_grad_row<T: Transcendental>(
+        xa: &[T],
+        xb: &[T],
+        g: &[T],
+        da: &mut [T],
+        db: &mut [T],
+    ) {
+        let one = T::one();
+        let n = da.len();
+        let (xa, xb, g, db) = (&xa[..n], &xb[..n], &g[..n], &mut db[..n]);
+        for i in 0..n {
             let (t, s) = (xa[i].tanh_(), xb[i].sigmoid());
             da[i] = g[i] * s * (one - t * t);
             db[i] = g[i] * t * s * (one - s);
         }
-    });
-    dx
+    }
 }
 
 impl CustomOp1 for Gate {
@@ -512,30 +551,102 @@ pub fn gated_tanh(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gate)
 }
 
+/// A per-element function of the fused loops. Closures are one (LLVM inlines the small ones into
+/// each vector width's copy of a loop); the transcendental ones are unit types whose
+/// `#[inline(always)]` bodies always inline, which a closure or a function item calling them
+/// does not at their size.
+pub(crate) trait Elem<T>: Sync {
+    fn f(&self, x: T) -> T;
+}
+
+impl<T, F: Fn(T) -> T + Sync> Elem<T> for F {
+    #[inline(always)]
+    fn f(&self, x: T) -> T {
+        self(x)
+    }
+}
+
+/// [`Elem`] of two operands.
+pub(crate) trait Elem2<T>: Sync {
+    fn f(&self, a: T, b: T) -> T;
+}
+
+impl<T, F: Fn(T, T) -> T + Sync> Elem2<T> for F {
+    #[inline(always)]
+    fn f(&self, a: T, b: T) -> T {
+        self(a, b)
+    }
+}
+
+/// `ln(1 + eˣ)` as an [`Elem`].
+struct SoftplusFn;
+impl<T: Transcendental> Elem<T> for SoftplusFn {
+    #[inline(always)]
+    fn f(&self, x: T) -> T {
+        x.softplus()
+    }
+}
+
+/// `σ(x)` as an [`Elem`].
+struct SigmoidFn;
+impl<T: Transcendental> Elem<T> for SigmoidFn {
+    #[inline(always)]
+    fn f(&self, x: T) -> T {
+        x.sigmoid()
+    }
+}
+
+/// `dy ⊙ σ(x)` as an [`Elem2`] of `(x, dy)`.
+struct SoftplusGradFn;
+impl<T: Transcendental> Elem2<T> for SoftplusGradFn {
+    #[inline(always)]
+    fn f(&self, x: T, dy: T) -> T {
+        dy * x.sigmoid()
+    }
+}
+
 /// `f(x[i])` for every element, spread over the thread pool.
 #[allow(unsafe_code)]
-fn par_map<T: WithDType>(x: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
+fn par_map<T: WithDType>(x: &[T], f: impl Elem<T>) -> Vec<T> {
     // SAFETY: every task writes each element of its chunk.
     unsafe {
         crate::kernels::cpu::par_written(x.len(), PAR_CHUNK, |t, out| {
-            for (o, v) in out.iter_mut().zip(&x[t * PAR_CHUNK..]) {
-                o.write(f(*v));
-            }
+            map_into(out, &x[t * PAR_CHUNK..], &f)
         })
+    }
+}
+
+crate::simd_fn! {
+    /// `out[i] = f(x[i])` over `out`'s length.
+    fn map_into<T: WithDType>(out: &mut [MaybeUninit<T>], x: &[T], f: &impl Elem<T>) {
+        for (o, v) in out.iter_mut().zip(x) {
+            o.write(f.f(*v));
+        }
     }
 }
 
 /// `f(a[i], b[i])` for every element, spread over the thread pool.
 #[allow(unsafe_code)]
-fn par_map2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> Vec<T> {
+fn par_map2<T: WithDType>(a: &[T], b: &[T], f: impl Elem2<T>) -> Vec<T> {
     // SAFETY: every task writes each element of its chunk.
     unsafe {
         crate::kernels::cpu::par_written(a.len(), PAR_CHUNK, |t, out| {
-            let (a, b) = (&a[t * PAR_CHUNK..], &b[t * PAR_CHUNK..]);
-            for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
-                o.write(f(*a, *b));
-            }
+            map2_into(out, &a[t * PAR_CHUNK..], &b[t * PAR_CHUNK..], &f)
         })
+    }
+}
+
+crate::simd_fn! {
+    /// `out[i] = f(a[i], b[i])` over `out`'s length.
+    fn map2_into<T: WithDType>(
+        out: &mut [MaybeUninit<T>],
+        a: &[T],
+        b: &[T],
+        f: &impl Elem2<T>,
+    ) {
+        for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+            o.write(f.f(*a, *b));
+        }
     }
 }
 
@@ -553,7 +664,7 @@ impl CustomOp1 for Softplus {
         "gm-softplus"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = crate::float1!("gm-softplus", s, l, |x| par_map(x, |v| v.softplus()));
+        let out = crate::float1!("gm-softplus", s, l, |x| par_map(x, SoftplusFn));
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -580,7 +691,7 @@ impl CustomOp2 for SoftplusGrad {
         let out = crate::float2!("gm-softplus-grad", s1, l1, s2, l2, |x, dy| par_map2(
             x,
             dy,
-            |x, g| g * x.sigmoid()
+            SoftplusGradFn
         ));
         Ok((out, l1.shape().clone()))
     }
@@ -591,7 +702,7 @@ impl CustomOp1 for Sigmoid {
         "gm-sigmoid"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = crate::float1!("gm-sigmoid", s, l, |x| par_map(x, |v| v.sigmoid()));
+        let out = crate::float1!("gm-sigmoid", s, l, |x| par_map(x, SigmoidFn));
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -677,24 +788,24 @@ fn channel_affine_kernel<T: WithDType>(
     channel_map(x, scale, shift, dims, |v, a, b| v * a + b)
 }
 
-fn channel_dot_kernel<T: WithDType>(
-    a: &[T],
-    b: &[T],
-    (_, c, inner): (usize, usize, usize),
-) -> Vec<T> {
-    let mut acc = vec![0f64; c];
-    if inner <= 1 {
-        for (ra, rb) in a.chunks_exact(c.max(1)).zip(b.chunks_exact(c.max(1))) {
-            for ((s, x), y) in acc.iter_mut().zip(ra).zip(rb) {
-                *s += (*x * *y).to_f64();
+crate::simd_fn! {
+    /// `Σ` of `a ⊙ b` `(N, C, inner)` over every axis but 1.
+    fn channel_dot_kernel<T: WithDType>(a: &[T], b: &[T], dims: (usize, usize, usize)) -> Vec<T> {
+        let (_, c, inner) = dims;
+        let mut acc = vec![0f64; c];
+        if inner <= 1 {
+            for (ra, rb) in a.chunks_exact(c.max(1)).zip(b.chunks_exact(c.max(1))) {
+                for ((s, x), y) in acc.iter_mut().zip(ra).zip(rb) {
+                    *s += (*x * *y).to_f64();
+                }
+            }
+        } else {
+            for (i, (ra, rb)) in a.chunks_exact(inner).zip(b.chunks_exact(inner)).enumerate() {
+                acc[i % c] += lane_sum2(ra, rb, |x, y| x * y);
             }
         }
-    } else {
-        for (i, (ra, rb)) in a.chunks_exact(inner).zip(b.chunks_exact(inner)).enumerate() {
-            acc[i % c] += lane_sum2(ra, rb, |x, y| x * y);
-        }
+        acc.into_iter().map(T::from_f64).collect()
     }
-    acc.into_iter().map(T::from_f64).collect()
 }
 
 impl CustomOp3 for ChannelAffine {
