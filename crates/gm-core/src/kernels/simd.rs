@@ -91,8 +91,10 @@ pub fn set_chosen(isa: Isa) -> Isa {
 
 /// Defines a function whose body is compiled for the baseline, AVX2 and AVX-512F, and runs the
 /// widest copy [`chosen`] allows. One generic parameter `T` with one bound; closures defined in
-/// the body are compiled with it, and closures passed in are inlined into each copy where LLVM
-/// judges them small (the per-element functions of the fused ops are).
+/// the body are compiled with it. Closures passed in are inlined into each copy only where LLVM
+/// judges them small (the piecewise-linear activations are); larger per-element functions go in
+/// as unit types whose `#[inline(always)]` bodies always inline (the softplus, σ), and functions
+/// the body calls must be `#[inline(always)]` too, or they run at the baseline width.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! simd_fn {
