@@ -56,28 +56,26 @@ fn range_mut<'a, T>(v: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
 /// Elements per parallel task of the in-place updates.
 const CHUNK: usize = 1 << 14;
 
-macro_rules! adam_kernels {
-    ($moment:ident, $apply:ident, $t:ty) => {
-        fn $moment(op: &Moment, s: &mut [$t], g: &[$t]) {
-            let (b, a) = (op.beta as $t, (1.0 - op.beta) as $t);
-            let square = op.square;
-            super::par::chunks_mut(s, CHUNK, move |i, s| {
-                moment_chunk(s, &g[i * CHUNK..][..s.len()], (b, a), square)
-            });
-        }
-        fn $apply(op: &AdamStep, p: &mut [$t], m: &[$t], v: &[$t]) {
-            let step = (op.lr / op.bc1) as $t;
-            let inv_bc2 = (1.0 / op.bc2) as $t;
-            let eps = op.eps as $t;
-            let decay = (1.0 - op.lr * op.weight_decay) as $t;
-            super::par::chunks_mut(p, CHUNK, move |i, p| {
-                let (m, v) = (&m[i * CHUNK..][..p.len()], &v[i * CHUNK..][..p.len()]);
-                apply_chunk(p, m, v, [decay, step, inv_bc2, eps])
-            });
-        }
-    };
+/// `s ← β·s + (1 − β)·g` (or `g²`) over the thread pool.
+fn moment<T: Transcendental>(op: &Moment, s: &mut [T], g: &[T]) {
+    let (b, a) = (T::from_f64(op.beta), T::from_f64(1.0 - op.beta));
+    let square = op.square;
+    super::par::chunks_mut(s, CHUNK, move |i, s| {
+        moment_chunk(s, &g[i * CHUNK..][..s.len()], (b, a), square)
+    });
 }
-adam_kernels!(moment_f32, apply_f32, f32);
+
+/// The parameter update over the thread pool.
+fn apply_step<T: Transcendental>(op: &AdamStep, p: &mut [T], m: &[T], v: &[T]) {
+    let step = T::from_f64(op.lr / op.bc1);
+    let inv_bc2 = T::from_f64(1.0 / op.bc2);
+    let eps = T::from_f64(op.eps);
+    let decay = T::from_f64(1.0 - op.lr * op.weight_decay);
+    super::par::chunks_mut(p, CHUNK, move |i, p| {
+        let (m, v) = (&m[i * CHUNK..][..p.len()], &v[i * CHUNK..][..p.len()]);
+        apply_chunk(p, m, v, [decay, step, inv_bc2, eps])
+    });
+}
 
 crate::simd_fn! {
     /// `s ← b·s + a·g` (or `a·g²` when `square`) for `ba = (b, a)`.
@@ -102,7 +100,6 @@ crate::simd_fn! {
         }
     }
 }
-adam_kernels!(moment_f64, apply_f64, f64);
 
 impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
@@ -111,10 +108,10 @@ impl InplaceOp2 for Moment {
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
         match (s, g) {
             (CpuStorage::F32(s), CpuStorage::F32(g)) => {
-                moment_f32(self, range_mut(s, l)?, range(g, gl)?)
+                moment(self, range_mut(s, l)?, range(g, gl)?)
             }
             (CpuStorage::F64(s), CpuStorage::F64(g)) => {
-                moment_f64(self, range_mut(s, l)?, range(g, gl)?)
+                moment(self, range_mut(s, l)?, range(g, gl)?)
             }
             _ => candle_core::bail!("adam: f32 or f64 moments and gradients of one dtype"),
         }
@@ -137,10 +134,10 @@ impl InplaceOp3 for Apply {
     ) -> Result<()> {
         match (p, m, v) {
             (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                apply_f32(&self.0, range_mut(p, pl)?, range(m, ml)?, range(v, vl)?)
+                apply_step(&self.0, range_mut(p, pl)?, range(m, ml)?, range(v, vl)?)
             }
             (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => {
-                apply_f64(&self.0, range_mut(p, pl)?, range(m, ml)?, range(v, vl)?)
+                apply_step(&self.0, range_mut(p, pl)?, range(m, ml)?, range(v, vl)?)
             }
             _ => candle_core::bail!("adam: f32 or f64 parameters and moments of one dtype"),
         }

@@ -511,8 +511,8 @@ fn bn_bwd_kernel<T: WithDType>(
 /// Whether the ReLU after a batch norm (scale and shift `(a, b)` of `v`'s channel) passes `v`:
 /// the forward's own arithmetic, so that the backward's mask is the forward's bit for bit.
 #[inline(always)]
-fn relu_on<T: WithDType>(relu: bool, v: T, (a, b): (T, T)) -> bool {
-    !relu || v * a + b > T::zero()
+fn relu_on<T: WithDType>(v: T, (a, b): (T, T)) -> bool {
+    v * a + b > T::zero()
 }
 
 crate::simd_fn! {
@@ -533,9 +533,9 @@ crate::simd_fn! {
             let at = (s * c + ch) * inner..(s * c + ch + 1) * inner;
             let (xr, gr) = (&x[at.clone()], &dy[at]);
             if relu {
-                s0 += lane_sum2(gr, xr, |g, v| if relu_on(relu, v, ab) { g } else { T::zero() });
+                s0 += lane_sum2(gr, xr, |g, v| if relu_on(v, ab) { g } else { T::zero() });
                 s1 += lane_sum2(gr, xr, |g, v| {
-                    if relu_on(relu, v, ab) {
+                    if relu_on(v, ab) {
                         g * (v - mt)
                     } else {
                         T::zero()
@@ -574,7 +574,7 @@ crate::simd_fn! {
             if relu {
                 let ab = (a[ch], b[ch]);
                 for ((o, v), g) in or.iter_mut().zip(xr).zip(gr) {
-                    let dz = if relu_on(relu, *v, ab) { *g } else { T::zero() };
+                    let dz = if relu_on(*v, ab) { *g } else { T::zero() };
                     o.write(k1 * dz - k2 * (*v - mt) - k3);
                 }
             } else {
