@@ -145,6 +145,43 @@ fn portable_path_equals_gm_kernels_for_unequal_parameters() -> Result<()> {
         }
     }
     autocast_convolutions()?;
+    resampling()?;
+    Ok(())
+}
+
+/// ×2 nearest upsampling and its adjoint, the 2×2 block sum: candle's composition (what CUDA and
+/// Metal run) gives the bits of gm's one-pass kernels, values and gradients.
+fn resampling() -> Result<()> {
+    use gm_core::kernels::resample::{block_sum2x, upsample_nearest2x};
+    let mut rng = GmRng::new(11);
+    let x = Var::from_tensor(
+        &rng.randn((2, 3, 5, 6), &Device::Cpu)?
+            .to_dtype(DType::F64)?,
+    )?;
+    let r = rng
+        .randn((2, 3, 10, 12), &Device::Cpu)?
+        .to_dtype(DType::F64)?;
+    let run = |portable: bool| -> Result<Vec<Vec<f64>>> {
+        gm_core::set_portable_kernels(portable);
+        let up = upsample_nearest2x(&x);
+        let sum = block_sum2x(&r);
+        gm_core::set_portable_kernels(false);
+        let (up, sum) = (up?, sum?);
+        let g = (&up * &r)?.sum_all()?.backward()?;
+        let dx = g.get(x.as_tensor()).expect("dx");
+        [&up, &sum, dx]
+            .iter()
+            .map(|t| Ok(t.flatten_all()?.to_vec1::<f64>()?))
+            .collect()
+    };
+    let (native, portable) = (run(false)?, run(true)?);
+    for (what, (a, b)) in ["up", "block sum", "dx"]
+        .iter()
+        .zip(native.iter().zip(&portable))
+    {
+        assert!(a.iter().any(|v| *v != 0.0), "{what}: all zero");
+        assert_eq!(a, b, "{what}: portable differs");
+    }
     Ok(())
 }
 

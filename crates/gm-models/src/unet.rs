@@ -6,8 +6,10 @@
 //! "no label" row for classifier-free guidance).
 //!
 //! Written around candle's gradient gaps (see the project's candle notes): attention uses
-//! `candle_nn::ops::softmax` (the fused `softmax_last_dim` has no gradient), and upsampling is a
-//! reshape + broadcast (candle's `upsample_nearest2d` backward overwrites gradients).
+//! `candle_nn::ops::softmax` (the fused `softmax_last_dim` has no gradient), and upsampling is
+//! gm's [`gm_core::kernels::resample::upsample_nearest2x`] (candle's `upsample_nearest2d` backward
+//! overwrites gradients; off the CPU it is a reshape + broadcast, whose gradient candle gets
+//! right).
 //!
 //! Parameter names follow a PyTorch module tree (`down.0.res.0.conv1.weight`, …), so a
 //! safetensors checkpoint maps onto a PyTorch twin one to one.
@@ -266,13 +268,8 @@ impl Attention {
     }
 }
 
-/// Nearest-neighbour ×2 upsampling as a broadcast (whose gradient, a sum, candle gets right).
-pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))
-}
+/// Nearest-neighbour ×2 upsampling (one pass each way on the CPU; its backward the 2×2 block sum).
+pub use gm_core::kernels::resample::upsample_nearest2x;
 
 #[derive(Clone, Debug)]
 struct Level {

@@ -1,5 +1,5 @@
 //! gm's CPU kernels: the convolutions ([`conv`]), matrix products ([`matmul`]), fused
-//! element-wise ops ([`ops`]), group,
+//! element-wise ops ([`ops`]), ×2 upsampling and its adjoint ([`resample`]), group,
 //! layer and batch norms ([`norm`]), the fused Adam update ([`adam`]) and the loops that spread them over
 //! candle's thread pool ([`par`]).
 //!
@@ -15,6 +15,7 @@ pub mod matmul;
 pub mod norm;
 pub mod ops;
 pub mod par;
+pub mod resample;
 pub mod simd;
 
 thread_local! {
