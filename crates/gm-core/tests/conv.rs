@@ -557,7 +557,7 @@ fn f32_kernels_match_f64_on_tiling_edge_cases() -> Result<()> {
             None,
         ),
         // The rest are stride-1 3 × 3 with ≥ 16 channels per group (Winograd F(2×2, 3×3) for
-        // the forward and the data gradient). Odd output sizes (partial tiles), tiles of
+        // the forward and both gradients). Odd output sizes (partial tiles), tiles of
         // several images in one panel.
         (
             false,

@@ -907,6 +907,7 @@ impl<'a> Kernel<'a> {
 /// the output channels, so with few of them it costs more than the products save (batch 64,
 /// 7 × 7, one thread: 96 → 16 channels 1.72 ms against 1.64 direct, and the data gradient of
 /// 16 → 96, from 96 channels to 16, 1.79 against 1.25; 32 → 16 on 14 × 14: 1.77 against 1.98).
+/// The filter gradient goes with the forward's answer.
 fn winograd_fits(g: &Geom, data_gradient: bool) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     let (ins, outs) = if data_gradient {
@@ -1300,11 +1301,25 @@ fn conv_bwd_data_col2im(g: &Geom, plan: &Plan, dy: &[f32], wt: &[f32]) -> Vec<f3
 /// Column-matrix depth from which the filter gradient takes the [`direct`] kernel.
 const FILTER_DIRECT_DEPTH: usize = 64;
 
-/// `dw = conv2d_backward_filter(x, dy)`, summed over the batch: by the [`direct`] kernel
-/// ([`direct::filter`]) with enough output channels and depth, otherwise by dot products along
-/// the pixels.
+/// `dw = conv2d_backward_filter(x, dy)`, summed over the batch: by [`winograd`] where the
+/// forward runs there ([`winograd_fits`]; its products in the [`direct`] filter tiles), by the
+/// [`direct`] kernel ([`direct::filter`]) with enough output channels and depth, otherwise by dot
+/// products along the pixels.
 pub(super) fn conv_bwd_filter(g: &Geom, plan: &Plan, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, pix, cog, in_len, out_len) = (g.k(), g.pix(), g.cog(), g.in_len(), g.out_len());
+    if let Some(tiles) = direct_tiles(cog).filter(|_| winograd_fits(g, false)) {
+        let s = winograd::Shape::of(g, false);
+        let len = winograd::filter_acc_len(&s, tiles.ch());
+        let task = |first: usize, last: usize| {
+            winograd::filter_part(
+                &s,
+                tiles,
+                &x[first * in_len..last * in_len],
+                &dy[first * out_len..last * out_len],
+            )
+        };
+        return winograd::filter_unpack(&s, &sum_tasks(g, plan, len, task), tiles.ch());
+    }
     // The direct kernel transposes dy first; a shallow column matrix (one input channel's 16
     // taps: 1.7 ms against 1.4 for conv 1 → 32 k4s2 on 28 × 28) does too little with it.
     if let Some(tiles) = direct_tiles(cog).filter(|_| k >= FILTER_DIRECT_DEPTH) {

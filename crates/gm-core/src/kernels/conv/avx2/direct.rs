@@ -546,7 +546,7 @@ const FR_FLOATS: usize = 4096;
 /// # Safety
 /// `px` and `dyt` valid for `n` pixels, each `px[p].add(taps[i])` for one float, `acc` for
 /// `PX·ch` floats; `tiles` runnable on this CPU.
-unsafe fn filter_tile(
+pub(super) unsafe fn filter_tile(
     tiles: Tiles,
     n: usize,
     px: *const *const f32,
@@ -724,7 +724,7 @@ pub(super) fn filter_unpack(g: &Geom, acc: &[f32], ch: usize) -> Vec<f32> {
 
 /// `dst[p·ch + i] = src[i·ld + p]` for `chans` channel rows of `len` pixels (`chans ≤ ch`;
 /// the other columns of `dst` are zeroed).
-fn load_t(src: &[f32], ld: usize, chans: usize, len: usize, dst: &mut [f32], ch: usize) {
+pub(super) fn load_t(src: &[f32], ld: usize, chans: usize, len: usize, dst: &mut [f32], ch: usize) {
     assert!(chans <= ch && (chans == 0 || src.len() >= (chans - 1) * ld + len));
     assert!(dst.len() >= len * ch);
     // Whole blocks of 8 channels by 8 × 8 transposes, the rest one by one.

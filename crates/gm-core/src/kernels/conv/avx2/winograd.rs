@@ -9,10 +9,16 @@
 //! in the forward kernel's 4 × 24 register tiles, on panels of 24 tiles whose input transform is
 //! computed just before (so the panel stays in L1/L2) and whose output transform follows.
 //!
+//! The filter gradient runs in the same domain: `dU[ξ] = Σ_tiles (A dY Aᵀ)[ξ] ⊗ V[ξ]` (the
+//! adjoint of the output transform applied to the outputs' gradient, times the forward's input
+//! transform), summed over tiles in the direct filter gradient's register tiles, then carried
+//! back per kernel as `dw = Gᵀ dU G` ([`filter_part`], [`filter_unpack`]).
+//!
 //! Rounding: the transforms have coefficients 1 and ½; in f32 the result differs from a direct
 //! convolution by a few units in the last place of the largest partial sums (the f64 comparison
 //! in the tests bounds it).
 
+use super::direct::{self, Tiles, PX};
 use super::{aligned, tile, Geom, KC, MASK, MR, NR};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -162,6 +168,202 @@ pub(in crate::kernels::conv) fn conv3x3(
     // SAFETY: every tile of every image is in one panel, and the output transform writes the
     // tile's (up to) 2 × 2 outputs of every output channel.
     unsafe { crate::kernels::cpu::par_written(s.n * out_len, images_per_task * out_len, images) }
+}
+
+/// Tiles per panel of the filter gradient.
+const FILTER_PANEL: usize = 96;
+
+/// Length of [`filter_part`]'s accumulator for register tiles of `ch` output channels:
+/// `[ξ][group][block of ch outputs][tile of PX inputs][PX][ch]`.
+pub(in crate::kernels::conv) fn filter_acc_len(s: &Shape, ch: usize) -> usize {
+    let (cig, cog) = (s.ci / s.groups, s.co / s.groups);
+    16 * s.groups * cog.div_ceil(ch) * cig.div_ceil(PX) * PX * ch
+}
+
+/// The transform-domain filter gradient `dU[ξ] = Σ_tiles dM[ξ] ⊗ V[ξ]` of the images `x`
+/// (outputs' gradient `dy`), as [`filter_acc_len`] lays it out; [`filter_unpack`] carries the
+/// sum over all parts back to `dw`.
+///
+/// `V = Bᵀ d B` is the forward's input transform (channel-major rows of a panel of
+/// [`FILTER_PANEL`] tiles); `dM = A dY Aᵀ` is the adjoint of the output transform, computed
+/// from `dy` transposed to pixel-major so that each tile's transform is a few vector adds per
+/// block of output channels. The products run in the direct filter gradient's register tiles:
+/// `PX` input channels broadcast from `V` against `ch` output channels of `dM`, summed along
+/// the panel's tiles — 16 multiply-adds per tile and channel pair instead of 36.
+pub(in crate::kernels::conv) fn filter_part(
+    s: &Shape,
+    tiles: Tiles,
+    x: &[f32],
+    dy: &[f32],
+) -> Vec<f32> {
+    let ch = tiles.ch();
+    let (cig, cog, groups) = (s.ci / s.groups, s.co / s.groups, s.groups);
+    let (blocks, ktiles) = (cog.div_ceil(ch), cig.div_ceil(PX));
+    let gblocks = groups * blocks;
+    let (in_len, out_len, pix) = (s.ci * s.h * s.w, s.co * s.ho * s.wo, s.ho * s.wo);
+    let n = x.len() / in_len;
+    assert!(in_len > 0 && dy.len() == n * out_len);
+    assert!(tiles != Tiles::Avx512 || direct::avx512());
+    let per_img = s.th() * s.tw();
+    let mut acc = vec![0f32; filter_acc_len(s, ch)];
+    // Images per chunk: enough tiles for one panel.
+    let nb = FILTER_PANEL.div_ceil(per_img).clamp(1, 8).min(n.max(1));
+    let mut planes = vec![0f32; nb * s.ci * s.plane_len()];
+    let mut dyt = vec![0f32; nb * gblocks * pix * ch];
+    let vw = FILTER_PANEL + 8;
+    let vx = s.ci * vw + 16;
+    let (mut v, vo) = aligned(16 * vx);
+    let xs = dm_stride(gblocks, ch);
+    let mut dm = vec![0f32; 16 * xs];
+    let mut segs = Vec::new();
+    for first in (0..n).step_by(nb) {
+        let nimg = nb.min(n - first);
+        fill_planes(s, &x[first * in_len..][..nimg * in_len], &mut planes);
+        for img in 0..nimg {
+            for gb in 0..gblocks {
+                let (grp, blk) = (gb / blocks, gb % blocks);
+                let chans = ch.min(cog - blk * ch);
+                let src = &dy[(first + img) * out_len + (grp * cog + blk * ch) * pix..];
+                let dst = &mut dyt[(img * gblocks + gb) * pix * ch..][..pix * ch];
+                direct::load_t(src, pix, chans, pix, dst, ch);
+            }
+        }
+        let ntiles = nimg * per_img;
+        for q0 in (0..ntiles).step_by(FILTER_PANEL) {
+            let width = FILTER_PANEL.min(ntiles - q0);
+            tile_segments(s, q0, width, &mut segs);
+            // SAFETY: as in the forward: `v` holds 16 blocks of vx ≥ ci·vw floats, a segment
+            // writes columns [j, j + len rounded up to 8) ⊂ [0, FILTER_PANEL + 8) of a row.
+            unsafe { input_transform(s, &planes, &segs, v[vo..].as_mut_ptr(), vw, vx) };
+            // SAFETY: the CPU has AVX2 (the tiles run here).
+            unsafe { output_transform_adjoint(s, ch, gblocks, &dyt, &segs, &mut dm) };
+            let base = v[vo..].as_ptr();
+            let px: Vec<*const f32> = (0..width).map(|p| base.wrapping_add(p)).collect();
+            for xi in 0..16 {
+                for gb in 0..gblocks {
+                    let grp = gb / blocks;
+                    let dmt = dm[xi * xs + gb * FILTER_PANEL * ch..].as_ptr();
+                    for kt in 0..ktiles {
+                        let t: [usize; PX] = std::array::from_fn(|i| {
+                            xi * vx + (grp * cig + (kt * PX + i).min(cig - 1)) * vw
+                        });
+                        let a =
+                            &mut acc[((xi * gblocks + gb) * ktiles + kt) * PX * ch..][..PX * ch];
+                        // SAFETY: px[p] + t[i] is V's column p of channel row t[i] (inside the
+                        // 16·vx floats from vo); dmt holds width pixel rows of ch floats; a is
+                        // PX·ch floats; the tiles run on this CPU (asserted for AVX-512).
+                        unsafe {
+                            direct::filter_tile(tiles, width, px.as_ptr(), dmt, &t, a.as_mut_ptr())
+                        };
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Floats between the ξ blocks of [`output_transform_adjoint`]'s `dM`: staggered by a cache
+/// line, so that a tile's 16 stores, one per block, do not fall into one L1 set (a block of 4
+/// output-channel blocks is 24 KiB, a multiple of 4 KiB).
+fn dm_stride(gblocks: usize, ch: usize) -> usize {
+    gblocks * FILTER_PANEL * ch + 16
+}
+
+/// `dM[ξ][block][j][i] = (A dY Aᵀ)[ξ]` (at `ξ·xs + (block·FILTER_PANEL + j)·ch + i`, `xs` from
+/// [`dm_stride`]) of output channel `block·ch + i` for panel tile `j`, from
+/// `dyt` (per image of the chunk and block, pixel-major rows of `ch` channels), with
+/// `A = [[1, 0], [1, 1], [1, −1], [0, −1]]`; outputs past the image's edge are zero.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `ch` a multiple of 8.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_transform_adjoint(
+    s: &Shape,
+    ch: usize,
+    gblocks: usize,
+    dyt: &[f32],
+    segs: &[TileSeg],
+    dm: &mut [f32],
+) {
+    let pix = s.ho * s.wo;
+    let xs = dm_stride(gblocks, ch);
+    assert!(ch % 8 == 0 && dm.len() >= 16 * xs);
+    let zero = _mm256_setzero_ps();
+    for sg in segs {
+        assert!(dyt.len() >= (sg.img + 1) * gblocks * pix * ch);
+        for t in 0..sg.len {
+            let (ty, tx, j) = (sg.ty, sg.tx0 + t, sg.j + t);
+            // Pixel offsets of the tile's four outputs inside an image block, None past the edge.
+            let spot = |a: usize, b: usize| {
+                let (oy, ox) = (2 * ty + a, 2 * tx + b);
+                (oy < s.ho && ox < s.wo).then_some((oy * s.wo + ox) * ch)
+            };
+            let spots = [spot(0, 0), spot(0, 1), spot(1, 0), spot(1, 1)];
+            for gb in 0..gblocks {
+                let img = dyt.as_ptr().add((sg.img * gblocks + gb) * pix * ch);
+                let out = dm.as_mut_ptr().add((gb * FILTER_PANEL + j) * ch);
+                for l in (0..ch).step_by(8) {
+                    let ld = |k: usize| spots[k].map_or(zero, |o| _mm256_loadu_ps(img.add(o + l)));
+                    let (a, b, c, d) = (ld(0), ld(1), ld(2), ld(3));
+                    // Rows (p, q) of A dY, then each row times Aᵀ: p, p + q, p − q, −q.
+                    let rows = [
+                        (a, b),
+                        (_mm256_add_ps(a, c), _mm256_add_ps(b, d)),
+                        (_mm256_sub_ps(a, c), _mm256_sub_ps(b, d)),
+                        (_mm256_sub_ps(zero, c), _mm256_sub_ps(zero, d)),
+                    ];
+                    for (i, (p, q)) in rows.into_iter().enumerate() {
+                        let vals = [
+                            p,
+                            _mm256_add_ps(p, q),
+                            _mm256_sub_ps(p, q),
+                            _mm256_sub_ps(zero, q),
+                        ];
+                        for (jj, v) in vals.into_iter().enumerate() {
+                            _mm256_storeu_ps(out.add((i * 4 + jj) * xs + l), v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dw = Gᵀ dU G` per kernel from the sum of [`filter_part`]'s accumulators: the gradient of
+/// the weight `(C_out, C_in / groups, 3, 3)`, with `Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0],
+/// [0, ½, ½, 1]]` (the adjoint of the forward's `U = G g Gᵀ`).
+pub(in crate::kernels::conv) fn filter_unpack(s: &Shape, acc: &[f32], ch: usize) -> Vec<f32> {
+    let (cig, cog, groups) = (s.ci / s.groups, s.co / s.groups, s.groups);
+    let (blocks, ktiles) = (cog.div_ceil(ch), cig.div_ceil(PX));
+    let gblocks = groups * blocks;
+    // Gᵀ applied to four values (a column or a row of dU): three.
+    let gt = |a: f32, b: f32, c: f32, d: f32| {
+        let (sum, diff) = (0.5 * (b + c), 0.5 * (b - c));
+        [a + sum, diff, sum + d]
+    };
+    let mut dw = vec![0f32; s.co * cig * 9];
+    for grp in 0..groups {
+        for o in 0..cog {
+            let gb = grp * blocks + o / ch;
+            for c in 0..cig {
+                let du = |xi: usize| {
+                    acc[(((xi * gblocks + gb) * ktiles + c / PX) * PX + c % PX) * ch + o % ch]
+                };
+                // Gᵀ dU: three rows of four.
+                let r: [[f32; 4]; 3] = {
+                    let cols: [[f32; 3]; 4] =
+                        std::array::from_fn(|j| gt(du(j), du(4 + j), du(8 + j), du(12 + j)));
+                    std::array::from_fn(|ky| std::array::from_fn(|j| cols[j][ky]))
+                };
+                let k = &mut dw[((grp * cog + o) * cig + c) * 9..][..9];
+                for (ky, row) in r.iter().enumerate() {
+                    k[ky * 3..ky * 3 + 3].copy_from_slice(&gt(row[0], row[1], row[2], row[3]));
+                }
+            }
+        }
+    }
+    dw
 }
 
 /// The 3 × 3 kernels `[group][o][c]` of this convolution (`cog` outputs, `cig` inputs per
