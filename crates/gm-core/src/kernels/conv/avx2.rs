@@ -580,6 +580,178 @@ unsafe fn tile_avx512(
     );
 }
 
+/// Columns of the Winograd products' register tiles where the tiles are wide (AVX-512, or
+/// their plain-Rust stand-in): two 512-bit vectors.
+const NR_WIDE: usize = 32;
+
+/// [`tile`] for 8 rows and [`NR_WIDE`] columns: rows 0–3 from `a` (`[depth][MR]`, as in
+/// [`tile`]), rows 4–7 from `a1` (the next block of MR rows, or zeros past the last one). Every
+/// output is the same sequence of fused multiply-adds over the depth as in [`tile`], so the bits
+/// are the same.
+///
+/// # Safety
+/// As [`tile`], for 8 rows of `c` and NR_WIDE columns of `b`; `a1` holds `depth·MR` floats;
+/// `tiles` runs on this CPU.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_wide(
+    tiles: direct::Tiles,
+    depth: usize,
+    a: *const f32,
+    a1: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    if tiles == direct::Tiles::Avx512 {
+        return tile_avx512_8x32(depth, a, a1, b, ldb, c, ldc, accumulate);
+    }
+    for r in 0..2 * MR {
+        let ar = if r < MR { a.add(r) } else { a1.add(r - MR) };
+        for j in 0..NR_WIDE {
+            let cr = c.add(r * ldc + j);
+            let mut sum = if accumulate { *cr } else { 0.0 };
+            for k in 0..depth {
+                sum = (*ar.add(k * MR)).mul_add(*b.add(k * ldb + j), sum);
+            }
+            *cr = sum;
+        }
+    }
+}
+
+/// [`tile_wide`] in 512-bit vectors: accumulators `zmm4`–`zmm19`, two per row; rows 4–7
+/// broadcast from `a1`.
+///
+/// # Safety
+/// As [`tile_wide`]; the CPU has AVX-512F.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512_8x32(
+    depth: usize,
+    a: *const f32,
+    a1: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    const _: () = assert!(MR == 4 && NR_WIDE == 32);
+    std::arch::asm!(
+        "lea {c3}, [{c} + {l}*2]",
+        "add {c3}, {l}",
+        "lea {c4}, [{c} + {l}*4]",
+        "lea {c7}, [{c3} + {l}*4]",
+        "test {acc}, {acc}",
+        "jz 4f",
+        "vmovups zmm4, [{c}]",
+        "vmovups zmm5, [{c} + 64]",
+        "vmovups zmm6, [{c} + {l}]",
+        "vmovups zmm7, [{c} + {l} + 64]",
+        "vmovups zmm8, [{c} + {l}*2]",
+        "vmovups zmm9, [{c} + {l}*2 + 64]",
+        "vmovups zmm10, [{c3}]",
+        "vmovups zmm11, [{c3} + 64]",
+        "vmovups zmm12, [{c4}]",
+        "vmovups zmm13, [{c4} + 64]",
+        "vmovups zmm14, [{c4} + {l}]",
+        "vmovups zmm15, [{c4} + {l} + 64]",
+        "vmovups zmm16, [{c4} + {l}*2]",
+        "vmovups zmm17, [{c4} + {l}*2 + 64]",
+        "vmovups zmm18, [{c7}]",
+        "vmovups zmm19, [{c7} + 64]",
+        "jmp 5f",
+        "4:",
+        "vpxord zmm4, zmm4, zmm4",
+        "vpxord zmm5, zmm5, zmm5",
+        "vpxord zmm6, zmm6, zmm6",
+        "vpxord zmm7, zmm7, zmm7",
+        "vpxord zmm8, zmm8, zmm8",
+        "vpxord zmm9, zmm9, zmm9",
+        "vpxord zmm10, zmm10, zmm10",
+        "vpxord zmm11, zmm11, zmm11",
+        "vpxord zmm12, zmm12, zmm12",
+        "vpxord zmm13, zmm13, zmm13",
+        "vpxord zmm14, zmm14, zmm14",
+        "vpxord zmm15, zmm15, zmm15",
+        "vpxord zmm16, zmm16, zmm16",
+        "vpxord zmm17, zmm17, zmm17",
+        "vpxord zmm18, zmm18, zmm18",
+        "vpxord zmm19, zmm19, zmm19",
+        "5:",
+        "test {d}, {d}",
+        "jz 3f",
+        "2:",
+        "vmovups zmm0, [{b}]",
+        "vmovups zmm1, [{b} + 64]",
+        "vbroadcastss zmm2, dword ptr [{a}]",
+        "vbroadcastss zmm3, dword ptr [{a} + 4]",
+        "vfmadd231ps zmm4, zmm2, zmm0",
+        "vfmadd231ps zmm5, zmm2, zmm1",
+        "vfmadd231ps zmm6, zmm3, zmm0",
+        "vfmadd231ps zmm7, zmm3, zmm1",
+        "vbroadcastss zmm2, dword ptr [{a} + 8]",
+        "vbroadcastss zmm3, dword ptr [{a} + 12]",
+        "vfmadd231ps zmm8, zmm2, zmm0",
+        "vfmadd231ps zmm9, zmm2, zmm1",
+        "vfmadd231ps zmm10, zmm3, zmm0",
+        "vfmadd231ps zmm11, zmm3, zmm1",
+        "vbroadcastss zmm2, dword ptr [{a1}]",
+        "vbroadcastss zmm3, dword ptr [{a1} + 4]",
+        "vfmadd231ps zmm12, zmm2, zmm0",
+        "vfmadd231ps zmm13, zmm2, zmm1",
+        "vfmadd231ps zmm14, zmm3, zmm0",
+        "vfmadd231ps zmm15, zmm3, zmm1",
+        "vbroadcastss zmm2, dword ptr [{a1} + 8]",
+        "vbroadcastss zmm3, dword ptr [{a1} + 12]",
+        "vfmadd231ps zmm16, zmm2, zmm0",
+        "vfmadd231ps zmm17, zmm2, zmm1",
+        "vfmadd231ps zmm18, zmm3, zmm0",
+        "vfmadd231ps zmm19, zmm3, zmm1",
+        "add {a}, 16",
+        "add {a1}, 16",
+        "add {b}, {lb}",
+        "dec {d}",
+        "jnz 2b",
+        "3:",
+        "vmovups [{c}], zmm4",
+        "vmovups [{c} + 64], zmm5",
+        "vmovups [{c} + {l}], zmm6",
+        "vmovups [{c} + {l} + 64], zmm7",
+        "vmovups [{c} + {l}*2], zmm8",
+        "vmovups [{c} + {l}*2 + 64], zmm9",
+        "vmovups [{c3}], zmm10",
+        "vmovups [{c3} + 64], zmm11",
+        "vmovups [{c4}], zmm12",
+        "vmovups [{c4} + 64], zmm13",
+        "vmovups [{c4} + {l}], zmm14",
+        "vmovups [{c4} + {l} + 64], zmm15",
+        "vmovups [{c4} + {l}*2], zmm16",
+        "vmovups [{c4} + {l}*2 + 64], zmm17",
+        "vmovups [{c7}], zmm18",
+        "vmovups [{c7} + 64], zmm19",
+        "vzeroupper",
+        d = inout(reg) depth => _,
+        a = inout(reg) a => _,
+        b = inout(reg) b => _,
+        c = in(reg) c,
+        acc = in(reg) accumulate as usize,
+        a1 = inout(reg) a1 => _,
+        l = in(reg) ldc * 4,
+        lb = in(reg) ldb * 4,
+        c3 = out(reg) _,
+        c4 = out(reg) _,
+        c7 = out(reg) _,
+        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+        out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
+        out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
+        options(nostack),
+    );
+}
+
 /// Sum of the eight lanes.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn hsum(v: __m256) -> f32 {

@@ -19,7 +19,7 @@
 //! in the tests bounds it).
 
 use super::direct::{self, Tiles, PX};
-use super::{aligned, tile, Geom, KC, MASK, MR, NR};
+use super::{aligned, tile, tile_wide, Geom, KC, MASK, MR, NR, NR_WIDE};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -98,9 +98,14 @@ pub(in crate::kernels::conv) fn conv3x3(
 ) -> Vec<f32> {
     let (cig, cog, groups) = (s.ci / s.groups, s.co / s.groups, s.groups);
     let tiles = s.th() * s.tw();
-    // Images per chunk: the one (up to 8) that wastes least of its last 24-tile panel.
+    // The products' register tiles: 4 × 24 (256-bit, or one 512-bit and one 256-bit vector per
+    // row), or with wide tiles 8 × 32 in 512-bit vectors, on panels of `nr` tiles.
+    let direct = Tiles::chosen();
+    let full = direct.ch() == direct::CH_WIDE;
+    let nr = if full { NR_WIDE } else { NR };
+    // Images per chunk: the one (up to 8) that wastes least of its last panel.
     let nb = (1..=8usize.min(images_per_task))
-        .min_by_key(|&b| ((b * tiles).next_multiple_of(NR) - b * tiles) * 1000 / (b * tiles))
+        .min_by_key(|&b| ((b * tiles).next_multiple_of(nr) - b * tiles) * 1000 / (b * tiles))
         .unwrap_or(1);
     let u = filter_transform(
         groups,
@@ -110,57 +115,68 @@ pub(in crate::kernels::conv) fn conv3x3(
     );
     let in_len = s.ci * s.h * s.w;
     let out_len = s.co * s.ho * s.wo;
-    let (blocks, cop) = (cog.div_ceil(MR), cog.next_multiple_of(MR));
-    let wide = super::wide_panels();
+    // Rows of the products per ξ: whole tiles of 8 with wide tiles (an odd last block of MR
+    // multiplies zeros into rows the output transform does not read).
+    let (blocks, cop) = (
+        cog.div_ceil(MR),
+        cog.next_multiple_of(if full { 2 * MR } else { MR }),
+    );
+    let zeros = vec![0f32; if full { cig * MR } else { 0 }];
     let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
         let mut planes = vec![0f32; nb * s.ci * s.plane_len()];
-        // The panel's transformed input `[ξ][c][NR + 8]` (ξ blocks `vx` apart, staggered by a
+        // The panel's transformed input `[ξ][c][nr + 8]` (ξ blocks `vx` apart, staggered by a
         // cache line so that the 16 stores of a tile do not alias in L1), and its products
-        // `[ξ][o][NR]`.
-        let vw = NR + 8;
+        // `[ξ][o][nr]`.
+        let vw = nr + 8;
         let vx = s.ci * vw + 16;
         let (mut v, vo) = aligned(16 * vx);
-        let (mut m, mo) = aligned(16 * cop * NR);
+        let (mut m, mo) = aligned(16 * cop * nr);
         let mut segs = Vec::new();
         for (sub, ys) in ys.chunks_mut(nb * out_len).enumerate() {
             let first = task * images_per_task + sub * nb;
             let nimg = ys.len() / out_len;
             fill_planes(s, &x[first * in_len..][..nimg * in_len], &mut planes);
             let ntiles = nimg * tiles;
-            for q0 in (0..ntiles).step_by(NR) {
-                let width = NR.min(ntiles - q0);
+            for q0 in (0..ntiles).step_by(nr) {
+                let width = nr.min(ntiles - q0);
                 tile_segments(s, q0, width, &mut segs);
-                // SAFETY: `v` holds 16 blocks of vx ≥ ci·vw floats, rows vw = NR + 8 apart; a
-                // segment writes columns [j, j + len rounded up to 8) ⊂ [0, NR + 8) of a row.
+                // SAFETY: `v` holds 16 blocks of vx ≥ ci·vw floats, rows vw = nr + 8 apart; a
+                // segment writes columns [j, j + len rounded up to 8) ⊂ [0, nr + 8) of a row.
                 // Plane reads stay inside each channel's planes (`plane_cols` leaves a vector of
                 // slack; asserted).
                 unsafe { input_transform(s, &planes, &segs, v[vo..].as_mut_ptr(), vw, vx) };
                 for grp in 0..groups {
                     for xi in 0..16 {
-                        for blk in 0..blocks {
-                            let a =
-                                &u[((xi * groups + grp) * blocks + blk) * cig * MR..][..cig * MR];
+                        for blk in (0..blocks).step_by(if full { 2 } else { 1 }) {
+                            let a = &u[((xi * groups + grp) * blocks + blk) * cig * MR..];
+                            // The next block of MR rows (wide tiles), or zeros past the last.
+                            let a1 = if blk + 1 < blocks {
+                                &a[cig * MR..]
+                            } else {
+                                &zeros
+                            };
                             for kc0 in (0..cig).step_by(KC) {
                                 let kd = KC.min(cig - kc0);
-                                // SAFETY: a holds cig·MR floats; the kd rows of v from
-                                // (ξ, group channel kc0) hold NR floats each, vw apart;
-                                // the MR rows of m from (ξ, blk·MR) NR floats each.
+                                // SAFETY: a and (wide tiles) a1 hold cig·MR floats; the kd rows
+                                // of v from (ξ, group channel kc0) hold nr floats each, vw
+                                // apart; the rows of m from (ξ, blk·MR) nr floats each, 8 of
+                                // them with wide tiles (cop is a multiple of 8); `direct` runs
+                                // on this CPU.
                                 unsafe {
-                                    tile(
-                                        wide,
-                                        kd,
-                                        a.as_ptr().add(kc0 * MR),
-                                        v.as_ptr().add(vo + xi * vx + (grp * cig + kc0) * vw),
-                                        vw,
-                                        m.as_mut_ptr().add(mo + (xi * cop + blk * MR) * NR),
-                                        NR,
-                                        kc0 > 0,
-                                    )
+                                    let (a, a1) = (a.as_ptr().add(kc0 * MR), a1.as_ptr());
+                                    let b = v.as_ptr().add(vo + xi * vx + (grp * cig + kc0) * vw);
+                                    let c = m.as_mut_ptr().add(mo + (xi * cop + blk * MR) * nr);
+                                    if full {
+                                        let a1 = a1.add(kc0 * MR);
+                                        tile_wide(direct, kd, a, a1, b, vw, c, nr, kc0 > 0)
+                                    } else {
+                                        tile(false, kd, a, b, vw, c, nr, kc0 > 0)
+                                    }
                                 };
                             }
                         }
                     }
-                    output_transform(s, grp, &m[mo..], &segs, ys);
+                    output_transform(s, grp, nr, cop * nr, &m[mo..], &segs, ys);
                 }
             }
         }
@@ -616,25 +632,26 @@ unsafe fn input_transform(
     }
 }
 
-/// `Y = Aᵀ M A` with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]` for the panel's tiles, written to the
-/// outputs of group `grp` (the right column or bottom row of a tile is dropped where the
-/// output ends).
+/// `Y = Aᵀ M A` with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]` for the panel's `nr` tiles (`m`:
+/// `[ξ][o][nr]`, ξ blocks `ldo` apart), written to the outputs of group `grp` (the right column
+/// or bottom row of a tile is dropped where the output ends).
 fn output_transform(
     s: &Shape,
     grp: usize,
+    nr: usize,
+    ldo: usize,
     m: &[f32],
     segs: &[TileSeg],
     ys: &mut [MaybeUninit<f32>],
 ) {
     let cog = s.co / s.groups;
-    let ldo = cog.next_multiple_of(MR) * NR;
     let out_len = s.co * s.ho * s.wo;
-    assert!(m.len() >= 15 * ldo + cog * NR);
+    assert!(nr <= NR_WIDE && nr % 8 == 0 && m.len() >= 15 * ldo + cog * nr);
     // The two output rows of each tile, interleaved: `rows[a][2t + b] = Y[a][b]` of tile t.
-    let mut rows = [[0f32; 2 * NR]; 2];
+    let mut rows = [[0f32; 2 * NR_WIDE]; 2];
     for o in 0..cog {
-        // SAFETY: m holds 16 blocks of ldo floats, each with cog rows of NR (asserted).
-        unsafe { transform_back(m.as_ptr().add(o * NR), ldo, &mut rows) };
+        // SAFETY: m holds 16 blocks of ldo floats, each with cog rows of nr (asserted).
+        unsafe { transform_back(m.as_ptr().add(o * nr), ldo, nr, &mut rows) };
         let ch = grp * cog + o;
         for sg in segs {
             let plane = sg.img * out_len + ch * s.ho * s.wo;
@@ -644,7 +661,7 @@ fn output_transform(
                 let oy = 2 * sg.ty + a;
                 if oy < s.ho {
                     let dst = &mut ys[plane + oy * s.wo + ox..][..n];
-                    // SAFETY: both ranges hold n floats (row: 2·(j + len) ≤ 2·NR).
+                    // SAFETY: both ranges hold n floats (row: 2·(j + len) ≤ 2·nr).
                     unsafe {
                         copy_exact(dst.as_mut_ptr().cast(), row[2 * sg.j..][..n].as_ptr(), n)
                     };
@@ -671,14 +688,15 @@ unsafe fn copy_exact(dst: *mut f32, src: *const f32, n: usize) {
     }
 }
 
-/// `rows[a][2t + b] = (Aᵀ M A)[a][b]` of the `NR` tiles of one output channel, `m[ξ·ld + t]`.
+/// `rows[a][2t + b] = (Aᵀ M A)[a][b]` of the `nr` tiles of one output channel, `m[ξ·ld + t]`.
 ///
 /// # Safety
-/// `m` must be valid for 16 rows of `NR` floats, `ld` apart.
+/// `m` must be valid for 16 rows of `nr` floats, `ld` apart; `nr` is a multiple of 8, at most
+/// [`NR_WIDE`].
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // the transform reads best indexed
-unsafe fn transform_back(m: *const f32, ld: usize, rows: &mut [[f32; 2 * NR]; 2]) {
-    for t in (0..NR).step_by(8) {
+unsafe fn transform_back(m: *const f32, ld: usize, nr: usize, rows: &mut [[f32; 2 * NR_WIDE]; 2]) {
+    for t in (0..nr).step_by(8) {
         let at = |xi: usize| _mm256_loadu_ps(m.add(xi * ld + t));
         let mut sv = [[_mm256_setzero_ps(); 4]; 2];
         for j in 0..4 {
