@@ -480,9 +480,11 @@ unsafe fn transform_kernels(
 fn fill_planes(s: &Shape, xs: &[f32], planes: &mut [f32]) {
     let (rows, cols) = (s.plane_rows(), s.plane_cols());
     let [ph, pw] = s.pad;
-    for (xc, pc) in xs
-        .chunks_exact(s.h * s.w)
-        .zip(planes.chunks_exact_mut(s.plane_len()))
+    let plane = s.h * s.w;
+    for (c, pc) in planes
+        .chunks_exact_mut(s.plane_len())
+        .take(xs.len() / plane)
+        .enumerate()
     {
         let (even, odd) = pc.split_at_mut(rows * cols);
         for r in 0..rows {
@@ -493,34 +495,60 @@ fn fill_planes(s: &Shape, xs: &[f32], planes: &mut [f32]) {
                     o.fill(0.0);
                 }
                 // SAFETY: the convolution kernels run on CPUs with AVX2; plane rows are
-                // `cols` floats, a multiple of 8.
-                Some(iy) => unsafe { split_row(&xc[iy * s.w..][..s.w], pw, e, o) },
+                // `cols` floats, a multiple of 8; the row lies inside xs.
+                Some(iy) => unsafe { split_row(xs, c * plane + iy * s.w, s.w, pw, e, o) },
             }
         }
     }
 }
 
-/// `e[c] = P[2c]`, `o[c] = P[2c + 1]` for the row `P` = `pw` zeros, `src`, zeros, sixteen
-/// values of `P` at a time by masked loads straight from `src`. (An earlier version copied the
-/// row into a padded buffer and split that: the loads straddling two of the copy's vector stores
-/// waited for both, 40% of the plane fill's time in `perf`.)
+/// `e[c] = P[2c]`, `o[c] = P[2c + 1]` for the row `P` = `pw` zeros, `xs[at .. at + w]`, zeros,
+/// sixteen values of `P` at a time. Each eight of `P` come from one plain load of eight floats
+/// of `xs` around them (any eight of the images: rows and planes are contiguous), moved into
+/// place by a lane permutation where the row is not aligned to them, the lanes outside the row
+/// zeroed. (Masked loads of just the row's lanes took 4–5× as long per row on an AMD Zen 5
+/// where the input streams from memory — a loop timing both on 64 MB of rows of 28 — and made
+/// the plane fill 12% of the ddpm-mnist step; an earlier version still copied the row into a
+/// padded buffer and split that, and its loads straddling two of the copy's stores waited for
+/// both.)
 ///
 /// # Safety
-/// The CPU must have AVX2; `e` and `o` hold the same multiple of 8 floats.
+/// The CPU must have AVX2; `at + w ≤ xs.len()`; `e` and `o` hold the same multiple of 8 floats.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn split_row(src: &[f32], pw: usize, e: &mut [f32], o: &mut [f32]) {
-    assert!(e.len() == o.len() && e.len() % 8 == 0);
-    let (w, base) = (src.len() as i32, src.as_ptr().wrapping_sub(pw));
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    // The floats of src that P[i .. i + 8] holds: a mask of the lanes with 0 ≤ i + l − pw < w.
+unsafe fn split_row(xs: &[f32], at: usize, w: usize, pw: usize, e: &mut [f32], o: &mut [f32]) {
+    assert!(e.len() == o.len() && e.len() % 8 == 0 && at + w <= xs.len());
+    let (w, lo, hi) = (w as i32, -(at as i32), xs.len() as i32 - at as i32 - 8);
+    let (row, lanes) = (
+        xs.as_ptr().add(at),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    // P[i .. i + 8] = row[k .. k + 8] with k = i − pw, zero outside the row.
     let load = |i: usize| {
-        let at = _mm256_add_epi32(_mm256_set1_epi32(i as i32 - pw as i32), lanes);
+        let k = i as i32 - pw as i32;
+        if k >= w || k <= -8 {
+            return _mm256_setzero_ps();
+        }
+        let pos = _mm256_add_epi32(_mm256_set1_epi32(k), lanes);
+        // The lanes l with 0 ≤ k + l < w.
         let inside = _mm256_andnot_si256(
-            _mm256_cmpgt_epi32(_mm256_setzero_si256(), at),
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(w), at),
+            _mm256_cmpgt_epi32(_mm256_setzero_si256(), pos),
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(w), pos),
         );
-        // SAFETY: only the lanes inside src are read.
-        _mm256_maskload_ps(base.wrapping_add(i), inside)
+        if lo > hi {
+            // Fewer than eight floats in xs: only the lanes inside the row are read.
+            return _mm256_maskload_ps(row.wrapping_offset(k as isize), inside);
+        }
+        if k >= 0 && k + 8 <= w {
+            // SAFETY: the eight floats lie inside the row.
+            return _mm256_loadu_ps(row.add(k as usize));
+        }
+        // row[k2 .. k2 + 8] lies in xs and holds every lane inside the row; lane l takes its
+        // lane k + l − k2 (in 0..8 for those lanes).
+        let k2 = k.clamp(lo, hi);
+        // SAFETY: lo ≤ k2 ≤ hi, so row + k2 .. row + k2 + 8 lies in xs.
+        let v = _mm256_loadu_ps(row.offset(k2 as isize));
+        let moved = _mm256_permutevar8x32_ps(v, _mm256_add_epi32(lanes, _mm256_set1_epi32(k - k2)));
+        _mm256_and_ps(moved, _mm256_castsi256_ps(inside))
     };
     for c in (0..e.len()).step_by(8) {
         let (a, b) = (load(2 * c), load(2 * c + 8));
