@@ -738,7 +738,7 @@ fn sigmoid_grad_kernel<T: WithDType>(y: &[T], dy: &[T]) -> Vec<T> {
 }
 
 /// Whether `x` takes gm's element-wise kernels (f32 or f64 on the CPU's native path).
-fn native_float(x: &Tensor) -> bool {
+pub(crate) fn native_float(x: &Tensor) -> bool {
     crate::native_kernels(x.device())
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }

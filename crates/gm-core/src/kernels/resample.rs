@@ -17,6 +17,7 @@
 //! ```
 
 use crate::kernels::for_grad;
+use crate::kernels::ops::native_float;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
 /// Output elements per parallel task (whole rows).
@@ -28,11 +29,6 @@ fn dims4(shape: &Shape, what: &str) -> Result<(usize, usize, usize, usize)> {
         [b, c, h, w] => Ok((b, c, h, w)),
         ref d => bail!("{what}: expected a (B, C, H, W) tensor, got shape {d:?}"),
     }
-}
-
-fn native(x: &Tensor) -> bool {
-    crate::native_kernels(x.device())
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
 /// `out[p, 2i + a, 2j + b] = x[p, i, j]`.
@@ -130,7 +126,7 @@ impl CustomOp1 for BlockSum2x {
 /// `y[.., 2i + a, 2j + b] = x[.., i, j]`. Its backward is [`block_sum2x`].
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = dims4(x.shape(), "upsample_nearest2x")?;
-    if !native(x) {
+    if !native_float(x) {
         return x
             .reshape((b, c, h, 1, w, 1))?
             .broadcast_as((b, c, h, 2, w, 2))?
@@ -147,7 +143,7 @@ pub fn block_sum2x(x: &Tensor) -> Result<Tensor> {
         bail!("block_sum2x: height and width must be even, got {h2} × {w2}")
     }
     let (h, w) = (h2 / 2, w2 / 2);
-    if !native(x) {
+    if !native_float(x) {
         return x
             .reshape((b, c, h, 2, w, 2))?
             .sum_keepdim((3, 5))?
