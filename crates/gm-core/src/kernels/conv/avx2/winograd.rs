@@ -229,6 +229,12 @@ pub(in crate::kernels::conv) fn filter_part(
     let vw = FILTER_PANEL + 8;
     let vx = s.ci * vw + 16;
     let (mut v, vo) = aligned(16 * vx);
+    // The panel's transformed input, written by the input transform and read by the tiles
+    // through `px` (column p of every channel row at `px[p] + row offset`).
+    let vp = v[vo..].as_mut_ptr();
+    let px: Vec<*const f32> = (0..FILTER_PANEL)
+        .map(|p| vp.wrapping_add(p).cast_const())
+        .collect();
     let xs = dm_stride(gblocks, ch);
     let mut dm = vec![0f32; 16 * xs];
     let mut segs = Vec::new();
@@ -250,11 +256,9 @@ pub(in crate::kernels::conv) fn filter_part(
             tile_segments(s, q0, width, &mut segs);
             // SAFETY: as in the forward: `v` holds 16 blocks of vx ≥ ci·vw floats, a segment
             // writes columns [j, j + len rounded up to 8) ⊂ [0, FILTER_PANEL + 8) of a row.
-            unsafe { input_transform(s, &planes, &segs, v[vo..].as_mut_ptr(), vw, vx) };
+            unsafe { input_transform(s, &planes, &segs, vp, vw, vx) };
             // SAFETY: the CPU has AVX2 (the tiles run here).
             unsafe { output_transform_adjoint(s, ch, gblocks, &dyt, &segs, &mut dm) };
-            let base = v[vo..].as_ptr();
-            let px: Vec<*const f32> = (0..width).map(|p| base.wrapping_add(p)).collect();
             for xi in 0..16 {
                 for gb in 0..gblocks {
                     let grp = gb / blocks;
