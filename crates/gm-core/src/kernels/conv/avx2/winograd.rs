@@ -354,36 +354,61 @@ unsafe fn output_transform_adjoint(
 /// the weight `(C_out, C_in / groups, 3, 3)`, with `Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0],
 /// [0, ½, ½, 1]]` (the adjoint of the forward's `U = G g Gᵀ`).
 pub(in crate::kernels::conv) fn filter_unpack(s: &Shape, acc: &[f32], ch: usize) -> Vec<f32> {
+    let mut dw = vec![0f32; s.co * (s.ci / s.groups) * 9];
+    assert!(ch % 8 == 0 && acc.len() >= filter_acc_len(s, ch));
+    // SAFETY: the convolution kernels run on CPUs with AVX2; the sizes are asserted.
+    unsafe { unpack_kernels(s, acc, ch, &mut dw) };
+    dw
+}
+
+/// [`filter_unpack`] into `dw`, eight output channels at a time: their `dU` are eight
+/// consecutive floats of each ξ block of the accumulator, carried back in vectors (each lane
+/// with the operations of the scalar formula, in its order).
+///
+/// # Safety
+/// The CPU must have AVX2; `ch` a multiple of 8, `acc` at least [`filter_acc_len`] floats.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unpack_kernels(s: &Shape, acc: &[f32], ch: usize, dw: &mut [f32]) {
     let (cig, cog, groups) = (s.ci / s.groups, s.co / s.groups, s.groups);
     let (blocks, ktiles) = (cog.div_ceil(ch), cig.div_ceil(PX));
-    let gblocks = groups * blocks;
-    // Gᵀ applied to four values (a column or a row of dU): three.
-    let gt = |a: f32, b: f32, c: f32, d: f32| {
-        let (sum, diff) = (0.5 * (b + c), 0.5 * (b - c));
-        [a + sum, diff, sum + d]
+    // Floats between the accumulator's ξ blocks.
+    let xs = groups * blocks * ktiles * PX * ch;
+    assert!(acc.len() >= 16 * xs && dw.len() >= s.co * cig * 9);
+    let half = _mm256_set1_ps(0.5);
+    // Gᵀ applied to four vectors (a column or a row of dU): three.
+    let gt = |a: __m256, b: __m256, c: __m256, d: __m256| {
+        let (sum, diff) = (
+            _mm256_mul_ps(half, _mm256_add_ps(b, c)),
+            _mm256_mul_ps(half, _mm256_sub_ps(b, c)),
+        );
+        [_mm256_add_ps(a, sum), diff, _mm256_add_ps(sum, d)]
     };
-    let mut dw = vec![0f32; s.co * cig * 9];
-    for grp in 0..groups {
-        for o in 0..cog {
-            let gb = grp * blocks + o / ch;
+    let mut taps = [[0f32; 8]; 9];
+    for gb in 0..groups * blocks {
+        let (grp, o0) = (gb / blocks, gb % blocks * ch);
+        for l0 in (0..ch.min(cog - o0)).step_by(8) {
+            let lanes = 8.min(cog - o0 - l0);
             for c in 0..cig {
-                let du = |xi: usize| {
-                    acc[(((xi * gblocks + gb) * ktiles + c / PX) * PX + c % PX) * ch + o % ch]
-                };
-                // Gᵀ dU: three rows of four.
-                let r: [[f32; 4]; 3] = {
-                    let cols: [[f32; 3]; 4] =
-                        std::array::from_fn(|j| gt(du(j), du(4 + j), du(8 + j), du(12 + j)));
-                    std::array::from_fn(|ky| std::array::from_fn(|j| cols[j][ky]))
-                };
-                let k = &mut dw[((grp * cog + o) * cig + c) * 9..][..9];
-                for (ky, row) in r.iter().enumerate() {
-                    k[ky * 3..ky * 3 + 3].copy_from_slice(&gt(row[0], row[1], row[2], row[3]));
+                let at = ((gb * ktiles + c / PX) * PX + c % PX) * ch + l0;
+                let du = |xi: usize| _mm256_loadu_ps(acc.as_ptr().add(xi * xs + at));
+                // Gᵀ dU: four columns of three; then each row of four carried to three taps.
+                let cols: [[__m256; 3]; 4] =
+                    std::array::from_fn(|j| gt(du(j), du(4 + j), du(8 + j), du(12 + j)));
+                for ky in 0..3 {
+                    let k = gt(cols[0][ky], cols[1][ky], cols[2][ky], cols[3][ky]);
+                    for (kx, v) in k.into_iter().enumerate() {
+                        _mm256_storeu_ps(taps[ky * 3 + kx].as_mut_ptr(), v);
+                    }
+                }
+                for i in 0..lanes {
+                    let k = &mut dw[((grp * cog + o0 + l0 + i) * cig + c) * 9..][..9];
+                    for (t, tap) in k.iter_mut().enumerate() {
+                        *tap = taps[t][i];
+                    }
                 }
             }
         }
     }
-    dw
 }
 
 /// The 3 × 3 kernels `[group][o][c]` of this convolution (`cog` outputs, `cig` inputs per
