@@ -16,6 +16,7 @@ pub mod norm;
 pub mod ops;
 pub mod par;
 pub mod resample;
+pub(crate) mod reuse;
 pub mod simd;
 
 thread_local! {

@@ -31,6 +31,7 @@
 #![allow(unsafe_code)]
 
 use super::{sum_tasks, Geom, Plan};
+use crate::kernels::reuse::Reused;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -264,6 +265,14 @@ fn segments(g: &Geom, pl: &Planes, q0: usize, width: usize, rows: bool, out: &mu
 /// region of `len` floats starts.
 fn aligned(len: usize) -> (Vec<f32>, usize) {
     let v = vec![0f32; len + SLACK + 8];
+    let off = v.as_ptr().align_offset(32).min(7);
+    (v, off)
+}
+
+/// As [`aligned`], from the thread's [`Reused`] buffers: not zeroed, for working memory that is
+/// written before it is read.
+fn aligned_reused(len: usize) -> (Reused, usize) {
+    let v = Reused::new(len + SLACK + 8);
     let off = v.as_ptr().align_offset(32).min(7);
     (v, off)
 }

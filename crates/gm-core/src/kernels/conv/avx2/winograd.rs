@@ -19,7 +19,8 @@
 //! in the tests bounds it).
 
 use super::direct::{self, Tiles, PX};
-use super::{aligned, tile, tile_wide, Geom, KC, MASK, MR, NR, NR_WIDE};
+use super::{aligned_reused, tile, tile_wide, Geom, KC, MASK, MR, NR, NR_WIDE};
+use crate::kernels::reuse::Reused;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -123,14 +124,14 @@ pub(in crate::kernels::conv) fn conv3x3(
     );
     let zeros = vec![0f32; if full { cig * MR } else { 0 }];
     let images = |task: usize, ys: &mut [MaybeUninit<f32>]| {
-        let mut planes = vec![0f32; nb * s.ci * s.plane_len()];
+        let mut planes = Reused::new(nb * s.ci * s.plane_len());
         // The panel's transformed input `[ξ][c][nr + 8]` (ξ blocks `vx` apart, staggered by a
         // cache line so that the 16 stores of a tile do not alias in L1), and its products
         // `[ξ][o][nr]`.
         let vw = nr + 8;
         let vx = s.ci * vw + 16;
-        let (mut v, vo) = aligned(16 * vx);
-        let (mut m, mo) = aligned(16 * cop * nr);
+        let (mut v, vo) = aligned_reused(16 * vx);
+        let (mut m, mo) = aligned_reused(16 * cop * nr);
         let mut segs = Vec::new();
         for (sub, ys) in ys.chunks_mut(nb * out_len).enumerate() {
             let first = task * images_per_task + sub * nb;
@@ -224,11 +225,11 @@ pub(in crate::kernels::conv) fn filter_part(
     let mut acc = vec![0f32; filter_acc_len(s, ch)];
     // Images per chunk: enough tiles for one panel.
     let nb = FILTER_PANEL.div_ceil(per_img).clamp(1, 8).min(n.max(1));
-    let mut planes = vec![0f32; nb * s.ci * s.plane_len()];
-    let mut dyt = vec![0f32; nb * gblocks * pix * ch];
+    let mut planes = Reused::new(nb * s.ci * s.plane_len());
+    let mut dyt = Reused::new(nb * gblocks * pix * ch);
     let vw = FILTER_PANEL + 8;
     let vx = s.ci * vw + 16;
-    let (mut v, vo) = aligned(16 * vx);
+    let (mut v, vo) = aligned_reused(16 * vx);
     // The panel's transformed input, written by the input transform and read by the tiles
     // through `px` (column p of every channel row at `px[p] + row offset`).
     let vp = v[vo..].as_mut_ptr();
@@ -236,7 +237,7 @@ pub(in crate::kernels::conv) fn filter_part(
         .map(|p| vp.wrapping_add(p).cast_const())
         .collect();
     let xs = dm_stride(gblocks, ch);
-    let mut dm = vec![0f32; 16 * xs];
+    let mut dm = Reused::new(16 * xs);
     let mut segs = Vec::new();
     for first in (0..n).step_by(nb) {
         let nimg = nb.min(n - first);
@@ -433,17 +434,18 @@ fn kernels(groups: usize, cog: usize, cig: usize, w: &[f32], data_gradient: bool
 
 /// `U = G g Gᵀ` of every kernel `k[(group·cog + o)·cig + c]`, packed for [`tile`] as
 /// `[ξ][group][block of MR o][c][MR]`.
-fn filter_transform(groups: usize, cog: usize, cig: usize, k: &[[f32; 9]]) -> Vec<f32> {
+fn filter_transform(groups: usize, cog: usize, cig: usize, k: &[[f32; 9]]) -> Reused {
     let blocks = cog.div_ceil(MR);
-    let mut packed = vec![0f32; 16 * groups * blocks * cig * MR];
+    let mut packed = Reused::new(16 * groups * blocks * cig * MR);
     // SAFETY: `packed` and `k` have the sizes `transform_kernels` requires.
     unsafe { transform_kernels(groups, cog, cig, k, &mut packed) };
     packed
 }
 
-/// [`filter_transform`] into `packed` (`16·groups·⌈cog / MR⌉·cig·MR` floats, zero), eight
+/// [`filter_transform`] into `packed` (`16·groups·⌈cog / MR⌉·cig·MR` floats), eight
 /// (input channel, output channel) pairs at a time: two input channels × the MR output channels
-/// of a block, which are eight consecutive floats of each ξ block of the packed layout.
+/// of a block, which are eight consecutive floats of each ξ block of the packed layout. Every
+/// float of `packed` is written (zero in the rows past `cog`), so it need not start zeroed.
 ///
 /// # Safety
 /// `k` must hold `groups·cog·cig` kernels and `packed` the size above.
