@@ -512,6 +512,8 @@ fn fill_planes(s: &Shape, xs: &[f32], planes: &mut [f32]) {
     let (rows, cols) = (s.plane_rows(), s.plane_cols());
     let [ph, pw] = s.pad;
     let plane = s.h * s.w;
+    // SAFETY: the convolution kernels run on CPUs with AVX2.
+    let pieces = unsafe { Pieces::of(s.w, pw, cols) };
     for (c, pc) in planes
         .chunks_exact_mut(s.plane_len())
         .take(xs.len() / plane)
@@ -525,11 +527,95 @@ fn fill_planes(s: &Shape, xs: &[f32], planes: &mut [f32]) {
                     e.fill(0.0);
                     o.fill(0.0);
                 }
-                // SAFETY: the convolution kernels run on CPUs with AVX2; plane rows are
-                // `cols` floats, a multiple of 8; the row lies inside xs.
-                Some(iy) => unsafe { split_row(xs, c * plane + iy * s.w, s.w, pw, e, o) },
+                Some(iy) => {
+                    let at = c * plane + iy * s.w;
+                    // SAFETY: the convolution kernels run on CPUs with AVX2; plane rows are
+                    // `cols` floats, a multiple of 8; the row lies inside xs, and with the
+                    // plan's reach around it where the plan is used.
+                    unsafe {
+                        if at >= pieces.before && at + pieces.after <= xs.len() {
+                            split_planned(xs.as_ptr().add(at), &pieces.list, e, o)
+                        } else {
+                            split_row(xs, at, s.w, pw, e, o)
+                        }
+                    }
+                }
             }
         }
+    }
+}
+
+/// How [`split_planned`] reads the eight floats `P[8j .. 8j + 8]` of a padded row `P` (`pw` zeros,
+/// the `w` floats of an input row, zeros) of plane rows `cols` floats long.
+struct Pieces {
+    list: Vec<Piece>,
+    /// Floats the loads reach before the row's first and from it past its last.
+    before: usize,
+    after: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Piece {
+    /// All outside the row.
+    Zero,
+    /// The eight floats from row offset `k`, all inside the row.
+    Whole(isize),
+    /// The eight floats from row offset `k`, the lanes outside the row zeroed by the mask.
+    Part(isize, __m256),
+}
+
+impl Pieces {
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn of(w: usize, pw: usize, cols: usize) -> Self {
+        let (w, pw) = (w as isize, pw as isize);
+        let (mut before, mut after) = (0isize, 0isize);
+        let list = (0..2 * cols as isize)
+            .step_by(8)
+            .map(|i| {
+                let k = i - pw;
+                if k >= w || k <= -8 {
+                    Piece::Zero
+                } else if k >= 0 && k + 8 <= w {
+                    Piece::Whole(k)
+                } else {
+                    before = before.max(-k);
+                    after = after.max(k + 8);
+                    let m: [i32; 8] = std::array::from_fn(|l| {
+                        let p = k + l as isize;
+                        -i32::from(p >= 0 && p < w)
+                    });
+                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i));
+                    Piece::Part(k, m)
+                }
+            })
+            .collect();
+        Self {
+            list,
+            before: before as usize,
+            after: after.max(w) as usize,
+        }
+    }
+}
+
+/// [`split_row`] for a row at `row` by its [`Pieces`]: plain loads (the ones that reach outside
+/// the row masked after loading), no per-vector lane arithmetic.
+///
+/// # Safety
+/// The CPU must have AVX2; `row − before .. row + after` (the pieces') must be readable; `e`
+/// and `o` hold `list.len() / 2 · 8` floats.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn split_planned(row: *const f32, list: &[Piece], e: &mut [f32], o: &mut [f32]) {
+    assert!(e.len() == o.len() && list.len() == e.len() / 4);
+    let load = |p: Piece| match p {
+        Piece::Zero => _mm256_setzero_ps(),
+        Piece::Whole(k) => _mm256_loadu_ps(row.offset(k)),
+        Piece::Part(k, m) => _mm256_and_ps(_mm256_loadu_ps(row.offset(k)), m),
+    };
+    for (c, pair) in (0..e.len()).step_by(8).zip(list.chunks_exact(2)) {
+        let (a, b) = (load(pair[0]), load(pair[1]));
+        deinterleave(a, b, e.as_mut_ptr().add(c), o.as_mut_ptr().add(c));
     }
 }
 
@@ -537,11 +623,12 @@ fn fill_planes(s: &Shape, xs: &[f32], planes: &mut [f32]) {
 /// sixteen values of `P` at a time. Each eight of `P` come from one plain load of eight floats
 /// of `xs` around them (any eight of the images: rows and planes are contiguous), moved into
 /// place by a lane permutation where the row is not aligned to them, the lanes outside the row
-/// zeroed. (Masked loads of just the row's lanes took 4–5× as long per row on an AMD Zen 5
-/// where the input streams from memory — a loop timing both on 64 MB of rows of 28 — and made
-/// the plane fill 12% of the ddpm-mnist step; an earlier version still copied the row into a
-/// padded buffer and split that, and its loads straddling two of the copy's stores waited for
-/// both.)
+/// zeroed; [`split_planned`] does the same with the per-row work done once per call, and takes
+/// every row but those too near either end of `xs` for its loads. (Masked loads of just the
+/// row's lanes took 4–5× as long per row on an AMD Zen 5 where the input streams from memory —
+/// a loop timing both on 64 MB of rows of 28 — and made the plane fill 12% of the ddpm-mnist
+/// step; an earlier version still copied the row into a padded buffer and split that, and its
+/// loads straddling two of the copy's stores waited for both.)
 ///
 /// # Safety
 /// The CPU must have AVX2; `at + w ≤ xs.len()`; `e` and `o` hold the same multiple of 8 floats.
@@ -583,18 +670,29 @@ unsafe fn split_row(xs: &[f32], at: usize, w: usize, pw: usize, e: &mut [f32], o
     };
     for c in (0..e.len()).step_by(8) {
         let (a, b) = (load(2 * c), load(2 * c + 8));
-        // [a0 a2 b0 b2 | a4 a6 b4 b6] → [a0 a2 a4 a6 b0 b2 b4 b6], and the odd ones alike.
-        let even = _mm256_castpd_ps(_mm256_permute4x64_pd(
-            _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)),
-            0xD8,
-        ));
-        let odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
-            _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)),
-            0xD8,
-        ));
-        _mm256_storeu_ps(e.as_mut_ptr().add(c), even);
-        _mm256_storeu_ps(o.as_mut_ptr().add(c), odd);
+        deinterleave(a, b, e.as_mut_ptr().add(c), o.as_mut_ptr().add(c));
     }
+}
+
+/// Stores the even floats of `a`, `b` (sixteen consecutive values) to `e[..8]` and the odd ones
+/// to `o[..8]`.
+///
+/// # Safety
+/// The CPU must have AVX2; `e` and `o` must be valid for 8 floats.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn deinterleave(a: __m256, b: __m256, e: *mut f32, o: *mut f32) {
+    // [a0 a2 b0 b2 | a4 a6 b4 b6] → [a0 a2 a4 a6 b0 b2 b4 b6], and the odd ones alike.
+    let even = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)),
+        0xD8,
+    ));
+    let odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)),
+        0xD8,
+    ));
+    _mm256_storeu_ps(e, even);
+    _mm256_storeu_ps(o, odd);
 }
 
 /// A run of panel columns `[j, j + len)`: tiles `tx0 .. tx0 + len` of tile row `ty` of image
