@@ -216,7 +216,9 @@ impl Coupling {
         };
         let st = self.net.forward(&input)?;
         let c = st.dim(1)? / 2;
-        let s = st.narrow(1, 0, c)?.tanh()?.broadcast_mul(&self.scale)?;
+        // One pass each way (the bound's gradient a contiguous reduction, not candle's
+        // broadcast reduce).
+        let s = ops::channel_affine(&st.narrow(1, 0, c)?.tanh()?, &self.scale, None)?;
         Ok((s, st.narrow(1, c, c)?))
     }
 
@@ -296,9 +298,9 @@ impl ActNorm {
 
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, _, h, w) = x.dims4()?;
-        let y = x
-            .broadcast_add(&self.bias)?
-            .broadcast_mul(&self.log_scale.exp()?)?;
+        // (x + bias) ⊙ e as x ⊙ e + bias ⊙ e: one pass over x each way.
+        let e = self.log_scale.exp()?;
+        let y = ops::channel_affine(x, &e, Some(&(&self.bias * &e)?))?;
         let ld = (self.log_scale.sum_all()? * (h * w) as f64)?;
         Ok((y, ld.to_dtype(x.dtype())?.broadcast_as(b)?.contiguous()?))
     }
@@ -306,9 +308,7 @@ impl ActNorm {
     /// `(x, log|det ∂x/∂y| = −H·W·Σ log_scale)`.
     fn inverse(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, _, h, w) = y.dims4()?;
-        let x = y
-            .broadcast_mul(&self.log_scale.neg()?.exp()?)?
-            .broadcast_sub(&self.bias)?;
+        let x = ops::channel_affine(y, &self.log_scale.neg()?.exp()?, Some(&self.bias.neg()?))?;
         let ld = (self.log_scale.sum_all()? * -((h * w) as f64))?;
         Ok((x, ld.to_dtype(y.dtype())?.broadcast_as(b)?.contiguous()?))
     }
