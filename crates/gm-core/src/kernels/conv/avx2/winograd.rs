@@ -514,6 +514,9 @@ fn fill_planes(s: &Shape, xs: &[f32], planes: &mut [f32]) {
     let plane = s.h * s.w;
     // SAFETY: the convolution kernels run on CPUs with AVX2.
     let pieces = unsafe { Pieces::of(s.w, pw, cols) };
+    // A row too near either end of `xs` for the plan's loads is split from a copy with the
+    // plan's reach around it (zeros: the loads' lanes outside the row are masked anyway).
+    let mut edge = Vec::new();
     for (c, pc) in planes
         .chunks_exact_mut(s.plane_len())
         .take(xs.len() / plane)
@@ -529,16 +532,20 @@ fn fill_planes(s: &Shape, xs: &[f32], planes: &mut [f32]) {
                 }
                 Some(iy) => {
                     let at = c * plane + iy * s.w;
+                    let row = if at >= pieces.before && at + pieces.after <= xs.len() {
+                        xs[at - pieces.before..].as_ptr()
+                    } else {
+                        edge.clear();
+                        edge.resize(pieces.before, 0.0);
+                        edge.extend_from_slice(&xs[at..at + s.w]);
+                        edge.resize(pieces.before + pieces.after, 0.0);
+                        edge.as_ptr()
+                    };
                     // SAFETY: the convolution kernels run on CPUs with AVX2; plane rows are
-                    // `cols` floats, a multiple of 8; the row lies inside xs, and with the
-                    // plan's reach around it where the plan is used.
-                    unsafe {
-                        if at >= pieces.before && at + pieces.after <= xs.len() {
-                            split_planned(xs.as_ptr().add(at), &pieces.list, e, o)
-                        } else {
-                            split_row(xs, at, s.w, pw, e, o)
-                        }
-                    }
+                    // `cols` floats, a multiple of 8; `row` starts `before` floats ahead of
+                    // the row, with `after` floats from the row's first readable (in xs or in
+                    // the copy).
+                    unsafe { split_planned(row.add(pieces.before), &pieces.list, e, o) }
                 }
             }
         }
@@ -599,8 +606,16 @@ impl Pieces {
     }
 }
 
-/// [`split_row`] for a row at `row` by its [`Pieces`]: plain loads (the ones that reach outside
-/// the row masked after loading), no per-vector lane arithmetic.
+/// `e[c] = P[2c]`, `o[c] = P[2c + 1]` for the padded row `P` of the input row at `row`, sixteen
+/// values of `P` at a time, by its [`Pieces`]: each eight of `P` one plain load of the eight row
+/// floats under them (masked after loading where they reach outside the row), or zeros. The
+/// pieces depend only on the row width and padding, so they are worked out once per fill, not
+/// per vector (as an earlier version did, with a clamped load and a lane permutation per vector:
+/// 10.6% of the realnvp-mnist step on an AMD Zen 5, 7.0% now). Masked loads of just the row's
+/// lanes took 4–5× as long per row on the Zen 5 where the input streams from memory — a loop
+/// timing both on 64 MB of rows of 28 — and made the plane fill 12% of the ddpm-mnist step; a
+/// version that copied every row into a padded buffer and split that made its loads straddle
+/// two of the copy's stores and wait for both.
 ///
 /// # Safety
 /// The CPU must have AVX2; `row − before .. row + after` (the pieces') must be readable; `e`
@@ -615,61 +630,6 @@ unsafe fn split_planned(row: *const f32, list: &[Piece], e: &mut [f32], o: &mut 
     };
     for (c, pair) in (0..e.len()).step_by(8).zip(list.chunks_exact(2)) {
         let (a, b) = (load(pair[0]), load(pair[1]));
-        deinterleave(a, b, e.as_mut_ptr().add(c), o.as_mut_ptr().add(c));
-    }
-}
-
-/// `e[c] = P[2c]`, `o[c] = P[2c + 1]` for the row `P` = `pw` zeros, `xs[at .. at + w]`, zeros,
-/// sixteen values of `P` at a time. Each eight of `P` come from one plain load of eight floats
-/// of `xs` around them (any eight of the images: rows and planes are contiguous), moved into
-/// place by a lane permutation where the row is not aligned to them, the lanes outside the row
-/// zeroed; [`split_planned`] does the same with the per-row work done once per call, and takes
-/// every row but those too near either end of `xs` for its loads. (Masked loads of just the
-/// row's lanes took 4–5× as long per row on an AMD Zen 5 where the input streams from memory —
-/// a loop timing both on 64 MB of rows of 28 — and made the plane fill 12% of the ddpm-mnist
-/// step; an earlier version still copied the row into a padded buffer and split that, and its
-/// loads straddling two of the copy's stores waited for both.)
-///
-/// # Safety
-/// The CPU must have AVX2; `at + w ≤ xs.len()`; `e` and `o` hold the same multiple of 8 floats.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn split_row(xs: &[f32], at: usize, w: usize, pw: usize, e: &mut [f32], o: &mut [f32]) {
-    assert!(e.len() == o.len() && e.len() % 8 == 0 && at + w <= xs.len());
-    let (w, lo, hi) = (w as i32, -(at as i32), xs.len() as i32 - at as i32 - 8);
-    let (row, lanes) = (
-        xs.as_ptr().add(at),
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-    );
-    // P[i .. i + 8] = row[k .. k + 8] with k = i − pw, zero outside the row.
-    let load = |i: usize| {
-        let k = i as i32 - pw as i32;
-        if k >= w || k <= -8 {
-            return _mm256_setzero_ps();
-        }
-        let pos = _mm256_add_epi32(_mm256_set1_epi32(k), lanes);
-        // The lanes l with 0 ≤ k + l < w.
-        let inside = _mm256_andnot_si256(
-            _mm256_cmpgt_epi32(_mm256_setzero_si256(), pos),
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(w), pos),
-        );
-        if lo > hi {
-            // Fewer than eight floats in xs: only the lanes inside the row are read.
-            return _mm256_maskload_ps(row.wrapping_offset(k as isize), inside);
-        }
-        if k >= 0 && k + 8 <= w {
-            // SAFETY: the eight floats lie inside the row.
-            return _mm256_loadu_ps(row.add(k as usize));
-        }
-        // row[k2 .. k2 + 8] lies in xs and holds every lane inside the row; lane l takes its
-        // lane k + l − k2 (in 0..8 for those lanes).
-        let k2 = k.clamp(lo, hi);
-        // SAFETY: lo ≤ k2 ≤ hi, so row + k2 .. row + k2 + 8 lies in xs.
-        let v = _mm256_loadu_ps(row.offset(k2 as isize));
-        let moved = _mm256_permutevar8x32_ps(v, _mm256_add_epi32(lanes, _mm256_set1_epi32(k - k2)));
-        _mm256_and_ps(moved, _mm256_castsi256_ps(inside))
-    };
-    for c in (0..e.len()).step_by(8) {
-        let (a, b) = (load(2 * c), load(2 * c + 8));
         deinterleave(a, b, e.as_mut_ptr().add(c), o.as_mut_ptr().add(c));
     }
 }
